@@ -1,0 +1,56 @@
+"""The `llmops` command line (also `python -m llmops`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmops import __version__
+from llmops.manifests import ManifestError, load_manifests
+
+
+def _cmd_version(_: argparse.Namespace) -> int:
+    print(__version__)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        documents = load_manifests([Path(p) for p in args.filename])
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for doc in documents:
+        print(f"found {doc.get('kind')}/{doc.get('metadata', {}).get('name')}")
+    print(
+        "error: the local runtime (running these resources as local processes) is not part "
+        "of this version yet; the manifests above were read but nothing was run.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("version", help="print the version").set_defaults(func=_cmd_version)
+
+    run = sub.add_parser("run", help="run manifests on this machine (the local runtime)")
+    run.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="a manifest file or a folder of them (repeatable)",
+    )
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,171 @@
+"""Build the test control plane from upstream Go modules, cached by version.
+
+Each folder under components/ is a Go module pinning one tool:
+kube (kube-apiserver, kube-controller-manager, kube-scheduler from k8s.io/kubernetes),
+etcd (an embedded etcd server), kwok (simulated nodes) and helm.
+Binaries go to $LLMOPS_CACHE/cluster-bin/<component>-<key>/ where the key hashes the module's
+go.mod, go.sum, Go sources and the Go version, so a rebuild happens only when a pin changes.
+
+Run as a script to build what is missing (with progress); import `component_bin_dirs()`
+to find the binaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
+MINIMUM_GO = (1, 26)
+
+# component -> files it provides
+BINARIES = {
+    "etcd": ["etcd"],
+    "kube": ["kube-apiserver", "kube-controller-manager", "kube-scheduler"],
+    "kwok": ["kwok", "kwok-stages.yaml"],
+    "helm": ["helm"],
+}
+
+# kwok's own stage definitions, taken from the pinned module: nodes become Ready and keep a
+# lease; pods become Ready; pods owned by a Job complete; deleted pods go away.
+KWOK_STAGE_FILES = [
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+]
+
+
+def _write_kwok_stages(module: Path, staging: Path) -> None:
+    out = subprocess.run(
+        ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
+        cwd=module,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    source = Path(out.stdout.strip())
+    documents = [(source / name).read_text().strip() for name in KWOK_STAGE_FILES]
+    (staging / "kwok-stages.yaml").write_text("\n---\n".join(documents) + "\n")
+
+
+def cache_root() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmops"
+    return Path(os.environ.get("LLMOPS_CACHE", default)) / "cluster-bin"
+
+
+def go_version() -> str:
+    if shutil.which("go") is None:
+        raise SystemExit(
+            "error: the Go toolchain (1.26 or newer) is needed to build the test control plane; "
+            "install it from your distribution or golang.org and put `go` on PATH"
+        )
+    out = subprocess.run(["go", "env", "GOVERSION"], check=True, capture_output=True, text=True)
+    version = out.stdout.strip()  # e.g. go1.26.8
+    parts = tuple(int(x) for x in version.removeprefix("go").split(".")[:2])
+    if parts < MINIMUM_GO:
+        raise SystemExit(f"error: Go {MINIMUM_GO[0]}.{MINIMUM_GO[1]}+ is needed, found {version}")
+    return version
+
+
+def component_key(component: str, go: str) -> str:
+    module = COMPONENTS_DIR / component
+    digest = hashlib.sha256(go.encode())
+    for path in sorted(module.rglob("*")):
+        if path.is_file() and (path.suffix == ".go" or path.name in ("go.mod", "go.sum")):
+            digest.update(str(path.relative_to(module)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def component_dir(component: str, go: str) -> Path:
+    return cache_root() / f"{component}-{component_key(component, go)}"
+
+
+def is_built(component: str, go: str) -> bool:
+    target = component_dir(component, go)
+    return all((target / name).is_file() for name in BINARIES[component])
+
+
+def _build_targets(module: Path) -> list[str]:
+    """Main packages of this module, or the module's `tool` entries (kwok, helm)."""
+    if (module / "cmd").is_dir() or any(module.glob("*.go")):
+        return ["./..."]
+    tools = [
+        line.split()[1]
+        for line in (module / "go.mod").read_text().splitlines()
+        if line.startswith("tool ")
+    ]
+    if not tools:
+        raise SystemExit(f"error: {module}/go.mod has neither main packages nor tool lines")
+    return tools
+
+
+def build(component: str, go: str) -> Path:
+    module = COMPONENTS_DIR / component
+    target = component_dir(component, go)
+    if is_built(component, go):
+        print(f"[{component}] cached in {target}", flush=True)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{component}-", dir=target.parent))
+    command = ["go", "build", "-v", "-o", str(staging) + "/", *_build_targets(module)]
+    print(f"[{component}] building {', '.join(BINARIES[component])} ...", flush=True)
+    started = time.monotonic()
+    compiled = 0
+    with subprocess.Popen(command, cwd=module, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        errors: list[str] = []
+        for line in process.stderr:
+            # `go build -v` names each package as it is compiled: that is our progress.
+            compiled += 1
+            errors.append(line)
+            if compiled % 200 == 0:
+                elapsed = time.monotonic() - started
+                print(f"[{component}] {compiled} packages, {elapsed:.0f}s", flush=True)
+    if process.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        sys.stderr.writelines(errors[-40:])
+        raise SystemExit(f"error: building {component} failed")
+    if component == "kwok":
+        _write_kwok_stages(module, staging)
+    missing = [name for name in BINARIES[component] if not (staging / name).is_file()]
+    if missing:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SystemExit(f"error: building {component} produced no {', '.join(missing)}")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # publish atomically: a half-built folder is never used
+    print(f"[{component}] built in {time.monotonic() - started:.0f}s -> {target}", flush=True)
+    return target
+
+
+def component_bin_dirs() -> dict[str, Path]:
+    """Where each built binary lives; raises if something is not built yet."""
+    go = go_version()
+    found: dict[str, Path] = {}
+    for component, names in BINARIES.items():
+        if not is_built(component, go):
+            raise RuntimeError(
+                f"{component} is not built: run `python tests/cluster/build_components.py`"
+            )
+        for name in names:
+            found[name] = component_dir(component, go) / name
+    return found
+
+
+def main() -> int:
+    go = go_version()
+    for component in BINARIES:
+        build(component, go)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

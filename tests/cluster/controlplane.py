@@ -1,0 +1,357 @@
+"""A real Kubernetes control plane on loopback for tests: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kwok (simulated nodes), built from upstream Go
+modules by build_components.py. No containers, no downloads.
+
+    with ControlPlane.start(workdir) as cp:
+        ... cp.kubeconfig ...
+
+Every process runs in its own process group, logs to workdir/logs/, and is stopped on exit,
+whatever happened inside the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from build_components import component_bin_dirs
+from pki import CertificateAuthority, KeyPair, write_kubeconfig, write_service_account_key
+
+SERVICE_CIDR = "10.0.0.0/24"
+POD_CIDR = "10.244.0.0/16"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+START_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it if the test process dies, so even
+    a SIGKILLed pytest leaves no control plane process behind."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], timeout: float, alive: Callable[[], None] | None = None
+) -> None:
+    """Poll `check` until true; `alive` raises if a process we wait on has died."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if alive is not None:
+            alive()
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            if check():
+                return
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self.popen.returncode}; last log lines:\n" + self.tail()
+            )
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self.log.close()
+
+
+@dataclass
+class ControlPlane:
+    workdir: Path
+    bins: dict[str, Path]
+    processes: list[Process] = field(default_factory=list)
+    server: str = ""
+    kubeconfig: Path = Path()
+    ca: Path = Path()
+    admin: KeyPair | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(cls, workdir: Path, nodes: int = 2) -> Iterator[ControlPlane]:
+        plane = cls(workdir=workdir, bins=component_bin_dirs())
+        try:
+            plane._start(nodes)
+            yield plane
+        finally:
+            plane.stop()
+
+    def stop(self) -> None:
+        # Reverse start order: clients of the API server go first, etcd last.
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+    def _spawn(self, name: str, args: list[str]) -> Process:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        log = log_path.open("wb")
+        popen = subprocess.Popen(
+            [str(self.bins[name]), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: stop() kills it and its children
+            preexec_fn=_die_with_parent,
+        )
+        process = Process(name, popen, log_path, log)
+        self.processes.append(process)
+        return process
+
+    def _start(self, nodes: int) -> None:
+        pki_dir = self.workdir / "pki"
+        pki_dir.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority(pki_dir)
+        self.ca = ca.cert_path
+        serving = ca.issue(
+            "apiserver",
+            "kube-apiserver",
+            server_names=[
+                "127.0.0.1",
+                "localhost",
+                "10.0.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+            ],
+        )
+        sa_key = write_service_account_key(pki_dir / "service-account.key")
+        self.admin = ca.issue("admin", "llmops-test-admin", "system:masters")
+
+        etcd_port = free_port()
+        etcd = self._spawn(
+            "etcd",
+            [
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-url=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-url=http://127.0.0.1:{free_port()}",
+            ],
+        )
+        wait_for(
+            "etcd",
+            lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"),
+            START_TIMEOUT,
+            etcd.check_alive,
+        )
+
+        api_port = free_port()
+        self.server = f"https://127.0.0.1:{api_port}"
+        apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                f"--client-ca-file={ca.cert_path}",
+                f"--service-account-key-file={sa_key}",
+                f"--service-account-signing-key-file={sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                # The loopback address cannot be a Service endpoint; nothing here needs it.
+                "--endpoint-reconciler-type=none",
+                f"--cert-dir={pki_dir}",
+                "--profiling=false",
+            ],
+        )
+        self.kubeconfig = write_kubeconfig(
+            self.workdir / "admin.kubeconfig", self.server, ca.cert_path, self.admin, "admin"
+        )
+        context = ssl.create_default_context(cafile=str(ca.cert_path))
+        context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
+        wait_for(
+            "kube-apiserver /readyz",
+            lambda: _http_ok(f"{self.server}/readyz", context),
+            START_TIMEOUT,
+            apiserver.check_alive,
+        )
+
+        # The controller manager and scheduler use their own well-known identities, so the
+        # bootstrap RBAC roles apply to them exactly as in a kubeadm cluster.
+        cm_kubeconfig = write_kubeconfig(
+            self.workdir / "controller-manager.kubeconfig",
+            self.server,
+            ca.cert_path,
+            ca.issue("controller-manager", "system:kube-controller-manager"),
+            "system:kube-controller-manager",
+        )
+        cm_port = free_port()
+        controller_manager = self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={cm_kubeconfig}",
+                f"--authentication-kubeconfig={cm_kubeconfig}",
+                f"--authorization-kubeconfig={cm_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+                f"--service-account-private-key-file={sa_key}",
+                f"--root-ca-file={ca.cert_path}",
+                "--use-service-account-credentials=true",
+                f"--cluster-cidr={POD_CIDR}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        )
+        scheduler_kubeconfig = write_kubeconfig(
+            self.workdir / "scheduler.kubeconfig",
+            self.server,
+            ca.cert_path,
+            ca.issue("scheduler", "system:kube-scheduler"),
+            "system:kube-scheduler",
+        )
+        scheduler_port = free_port()
+        scheduler = self._spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={scheduler_kubeconfig}",
+                f"--authentication-kubeconfig={scheduler_kubeconfig}",
+                f"--authorization-kubeconfig={scheduler_kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={scheduler_port}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        )
+        kwok = self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                f"--config={self.bins['kwok-stages.yaml']}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                f"--cidr={POD_CIDR}",
+                "--node-ip=10.244.0.1",
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{free_port()}",
+            ],
+        )
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE  # their serving certs are self-signed
+        wait_for(
+            "kube-controller-manager /healthz",
+            lambda: _http_ok(f"https://127.0.0.1:{cm_port}/healthz", insecure),
+            START_TIMEOUT,
+            controller_manager.check_alive,
+        )
+        wait_for(
+            "kube-scheduler /healthz",
+            lambda: _http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", insecure),
+            START_TIMEOUT,
+            scheduler.check_alive,
+        )
+        kwok.check_alive()
+        self._create_nodes(nodes, context)
+        for process in self.processes:
+            process.check_alive()
+
+    def _create_nodes(self, count: int, context: ssl.SSLContext) -> None:
+        """Simulated nodes with GPUs, managed by kwok, that every pod may run on."""
+        import json
+
+        for index in range(count):
+            node = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": f"kwok-node-{index}",
+                    "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                    "labels": {
+                        "type": "kwok",
+                        "kubernetes.io/hostname": f"kwok-node-{index}",
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                    },
+                },
+                "status": {
+                    "capacity": {
+                        "cpu": "64",
+                        "memory": "512Gi",
+                        "pods": "110",
+                        "nvidia.com/gpu": "8",
+                    },
+                    "allocatable": {
+                        "cpu": "64",
+                        "memory": "512Gi",
+                        "pods": "110",
+                        "nvidia.com/gpu": "8",
+                    },
+                },
+            }
+            request = urllib.request.Request(
+                f"{self.server}/api/v1/nodes",
+                data=json.dumps(node).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(request, context=context, timeout=10).close()
+
+        def all_ready() -> bool:
+            with urllib.request.urlopen(
+                f"{self.server}/api/v1/nodes", context=context, timeout=10
+            ) as response:
+                items = json.load(response)["items"]
+            ready = [
+                n
+                for n in items
+                for c in n.get("status", {}).get("conditions", [])
+                if c["type"] == "Ready" and c["status"] == "True"
+            ]
+            return len(ready) >= count
+
+        wait_for("kwok nodes Ready", all_ready, START_TIMEOUT, self.processes[-1].check_alive)
+
+    def logs_tail(self) -> str:
+        return "\n\n".join(f"== {p.name} ==\n{p.tail()}" for p in self.processes)
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(url, context=context, timeout=5) as response:
+        return bool(response.status == 200)

@@ -1,0 +1,1 @@
+"""The workload side of llmops: preprocessing, training and serving processes run in pods."""
