@@ -32,11 +32,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    # Imported here: the other commands must not pay for kopf and the controllers.
+    import kopf
+    from prometheus_client import start_http_server
+
+    import llmops.controllers  # noqa: F401  (registers the handlers)
+
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,  # one replica (Recreate), so no peering between operators
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("version", help="print the version").set_defaults(func=_cmd_version)
+
+    operator = sub.add_parser("operator", help="run the operator (the kopf controllers)")
+    scope = operator.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        help="watch this namespace (repeatable; globs allowed)",
+    )
+    operator.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8000,
+        help="port of the Prometheus /metrics endpoint (0 disables it)",
+    )
+    operator.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        help="URL of the liveness endpoint kopf serves",
+    )
+    operator.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    operator.set_defaults(func=_cmd_operator)
 
     run = sub.add_parser("run", help="run manifests on this machine (the local runtime)")
     run.add_argument(

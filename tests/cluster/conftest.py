@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, wait_for
 from kubernetes import client, config, utils
 from kubernetes.client.rest import ApiException
+
+from controlplane import ControlPlane, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"

@@ -1,0 +1,1 @@
+"""Pure functions from a custom resource to the manifests of its children (plain dicts)."""

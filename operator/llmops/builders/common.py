@@ -1,0 +1,67 @@
+"""Names, labels and owner references every child object carries."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmops import GROUP
+
+# The label each kind uses to point children at their owner.
+OWNER_LABEL = {
+    "Dataset": f"{GROUP}/dataset",
+    "TrainingRun": f"{GROUP}/training-run",
+    "ModelDeployment": f"{GROUP}/model-deployment",
+}
+MAX_NAME = 63  # DNS label: the strictest rule a child name may meet (Services, pod hostnames)
+
+
+def child_name(owner_name: str, role: str) -> str:
+    """Deterministic `<owner>-<role>`, so a restarted operator finds what it created."""
+    name = f"{owner_name}-{role}"
+    if len(name) > MAX_NAME:
+        raise ValueError(
+            f"child name {name!r} is longer than {MAX_NAME} characters; "
+            f"shorten metadata.name ({owner_name!r})"
+        )
+    return name
+
+
+def child_labels(
+    owner: Mapping[str, Any], component: str, role: str | None = None
+) -> dict[str, str]:
+    kind = owner["kind"]
+    name = owner["metadata"]["name"]
+    labels = {
+        "app.kubernetes.io/name": kind.lower(),
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "llmops",
+        OWNER_LABEL[kind]: name,
+    }
+    if role is not None:
+        labels[f"{GROUP}/role"] = role
+    return labels
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """A controller owner reference: deleting the owner cascades to the child."""
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(
+    owner: Mapping[str, Any], role: str, component: str, **labels: str
+) -> dict[str, Any]:
+    return {
+        "name": child_name(owner["metadata"]["name"], role),
+        "namespace": owner["metadata"]["namespace"],
+        "labels": {**child_labels(owner, component, role), **labels},
+        "ownerReferences": [owner_reference(owner)],
+    }

@@ -1,0 +1,122 @@
+"""The one module through which controllers talk to the Kubernetes API.
+
+`ensure` is the idempotent "make this child exist as built" path every controller uses:
+create; on 409 read what is there, refuse to touch an object this owner does not control, and
+otherwise converge it with server-side apply. Since child names are deterministic, an operator
+killed between two creates and restarted finds the first child and creates only the second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+import kubernetes
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+
+FIELD_MANAGER = "llmops"
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object the owner does not control."""
+
+
+class ChildTerminating(Exception):
+    """A child with this name is being deleted; creating it again must wait."""
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            uid: str = ref["uid"]
+            return uid
+    return None
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
+        self.api_client = api_client or kubernetes.client.ApiClient()
+        self.dynamic = DynamicClient(self.api_client)
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def ensure(self, manifest: Mapping[str, Any], *, update: bool = True) -> dict[str, Any]:
+        """Create the child, or converge the existing one (unless `update` is False, for
+        objects whose spec is immutable, such as Jobs). Returns the live object."""
+        resource = self._resource(manifest["apiVersion"], manifest["kind"])
+        meta = manifest["metadata"]
+        try:
+            created = resource.create(
+                body=dict(manifest), namespace=meta.get("namespace"), field_manager=FIELD_MANAGER
+            )
+            return dict(created.to_dict())
+        except ConflictError:
+            pass
+        existing = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        wanted_owner = _controller_uid(manifest)
+        if wanted_owner is not None and _controller_uid(existing) != wanted_owner:
+            raise ChildConflict(
+                f"{manifest['kind']} {meta['name']!r} already exists and is not controlled by "
+                f"this resource; delete or rename it"
+            )
+        if existing["metadata"].get("deletionTimestamp"):
+            raise ChildTerminating(f"{manifest['kind']} {meta['name']!r} is being deleted")
+        if not update:
+            return dict(existing)
+        applied = resource.server_side_apply(
+            body=dict(manifest),
+            name=meta["name"],
+            namespace=meta.get("namespace"),
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+        return dict(applied.to_dict())
+
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            found = self._resource(api_version, kind).get(name=name, namespace=namespace)
+        except NotFoundError:
+            return None
+        return dict(found.to_dict())
+
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        found = self._resource(api_version, kind).get(
+            namespace=namespace, label_selector=label_selector
+        )
+        return [dict(item.to_dict()) for item in found.items]
+
+    def delete(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        namespace: str | None = None,
+        *,
+        propagation: str = "Background",
+    ) -> bool:
+        """Delete if present; True when something was deleted."""
+        try:
+            self._resource(api_version, kind).delete(
+                name=name, namespace=namespace, propagation_policy=propagation
+            )
+        except NotFoundError:
+            return False
+        return True
+
+
+@cache
+def default_kube() -> Kube:
+    """The process-wide client: in-cluster credentials, else the local kubeconfig."""
+    kubernetes.config.load_config()
+    return Kube()

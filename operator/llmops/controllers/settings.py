@@ -1,0 +1,31 @@
+"""kopf settings for the llmops operator (applied at start-up)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from llmops import GROUP
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Ask the server to end watches regularly and give up on silent connections, so a
+    # network hiccup never leaves the operator watching nothing.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    # kopf's own bookkeeping lives in annotations under our group, never in status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.reporting_component = "llmops-operator"
+    settings.posting.level = logging.INFO
+    settings.posting.event_name_prefix = "llmops-"
+    # Retry transient errors with a capped exponential backoff.
+    settings.batching.error_delays = (1, 2, 4, 8, 15, 30, 60)
+    settings.execution.max_workers = 16

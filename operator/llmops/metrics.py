@@ -1,0 +1,48 @@
+"""Operator metrics (prometheus-client); names follow the project's metric conventions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILE_SECONDS = Histogram(
+    "llmops_operator_reconcile_duration_seconds",
+    "Time spent in one reconcile of a resource.",
+    ["kind"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE_ERRORS = Counter(
+    "llmops_operator_reconcile_errors_total",
+    "Reconciles that ended in an error, by kind and error class.",
+    ["kind", "error"],
+)
+RESOURCES = Gauge(
+    "llmops_operator_resources",
+    "Custom resources known to the operator, by kind and phase.",
+    ["kind", "phase"],
+)
+CHILDREN_CREATED = Counter(
+    "llmops_operator_children_created_total",
+    "Child objects created by the operator, by owner kind and child kind.",
+    ["kind", "child_kind"],
+)
+RESTARTS_TRIGGERED = Counter(
+    "llmops_operator_restarts_triggered_total",
+    "Workload restarts the operator started (e.g. a training gang after a failure).",
+    ["kind"],
+)
+
+
+@contextmanager
+def observe_reconcile(kind: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as error:
+        RECONCILE_ERRORS.labels(kind=kind, error=type(error).__name__).inc()
+        raise
+    finally:
+        RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - started)
