@@ -43,6 +43,48 @@ KWOK_STAGE_FILES = [
 ]
 
 
+# Bumped when the way a component is built changes (flags, extra files), to rebuild the cache.
+RECIPE = "2"
+
+
+def _module_version(module: Path, path: str) -> str:
+    out = subprocess.run(
+        ["go", "list", "-m", "-f", "{{.Version}}", path],
+        cwd=module,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def _ldflags(component: str, module: Path) -> list[str]:
+    """Version stamps the upstream Makefiles set: without them kube-apiserver reports
+    v0.0.0-master and helm assumes Kubernetes 1.20, and charts' kubeVersion checks fail."""
+    flags: list[str] = []
+    if component == "kube":
+        version = _module_version(module, "k8s.io/kubernetes")  # e.g. v1.36.3
+        major, minor = version.removeprefix("v").split(".")[:2]
+        for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+            flags += [
+                f"-X {package}.gitVersion={version}",
+                f"-X {package}.gitMajor={major}",
+                f"-X {package}.gitMinor={minor}",
+                f"-X {package}.gitTreeState=clean",
+            ]
+    elif component == "helm":
+        version = _module_version(module, "helm.sh/helm/v3")
+        # client-go v0.N.x belongs to Kubernetes 1.N, as helm's Makefile computes it.
+        kube_minor = _module_version(module, "k8s.io/client-go").split(".")[1]
+        flags.append(f"-X helm.sh/helm/v3/internal/version.version={version}")
+        for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+            flags += [
+                f"-X {package}.k8sVersionMajor=1",
+                f"-X {package}.k8sVersionMinor={kube_minor}",
+            ]
+    return ["-ldflags", " ".join(flags)] if flags else []
+
+
 def _write_kwok_stages(module: Path, staging: Path) -> None:
     out = subprocess.run(
         ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
@@ -77,7 +119,7 @@ def go_version() -> str:
 
 def component_key(component: str, go: str) -> str:
     module = COMPONENTS_DIR / component
-    digest = hashlib.sha256(go.encode())
+    digest = hashlib.sha256(f"{go}/{RECIPE}".encode())
     for path in sorted(module.rglob("*")):
         if path.is_file() and (path.suffix == ".go" or path.name in ("go.mod", "go.sum")):
             digest.update(str(path.relative_to(module)).encode())
@@ -115,8 +157,16 @@ def build(component: str, go: str) -> Path:
         print(f"[{component}] cached in {target}", flush=True)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{component}-", dir=target.parent))
-    command = ["go", "build", "-v", "-o", str(staging) + "/", *_build_targets(module)]
+    staging = Path(tempfile.mkdtemp(prefix=f"{component}-tmp", dir=target.parent))
+    command = [
+        "go",
+        "build",
+        "-v",
+        *_ldflags(component, module),
+        "-o",
+        str(staging) + "/",
+        *_build_targets(module),
+    ]
     print(f"[{component}] building {', '.join(BINARIES[component])} ...", flush=True)
     started = time.monotonic()
     compiled = 0
@@ -142,6 +192,9 @@ def build(component: str, go: str) -> Path:
         raise SystemExit(f"error: building {component} produced no {', '.join(missing)}")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)  # publish atomically: a half-built folder is never used
+    for stale in target.parent.glob(f"{component}-*"):
+        if stale != target and not stale.name.startswith(f"{component}-tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # builds of older pins
     print(f"[{component}] built in {time.monotonic() - started:.0f}s -> {target}", flush=True)
     return target
 

@@ -1,0 +1,202 @@
+"""The on-disk format of a prepared dataset: token shards plus a JSON manifest.
+
+Written by the preprocessing engine (llmops_trainer.data), read by the trainer; this module is
+the only place either side touches the format.
+
+    <root>/manifest.json
+    <root>/tokenizer.json                  HF `tokenizers` file
+    <root>/<split>/shard-00000.bin         tokens, little-endian uint16 or uint32
+    <root>/<split>/shard-00000.mask        supervised data only: one uint8 per token,
+                                           1 where the token counts towards the loss
+
+Inside a shard, documents are concatenated, each followed by the end-of-sequence token, so
+a shard is a plain token stream that `numpy.memmap` maps without reading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation", "test")
+TokenDtype = Literal["uint16", "uint32"]
+
+
+def dtype_for_vocab(vocab_size: int) -> TokenDtype:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset root
+    tokens: int
+    documents: int
+    sha256: str
+    mask: str | None = None  # relative path of the loss mask (supervised data)
+    mask_sha256: str | None = None
+
+
+@dataclass
+class SplitInfo:
+    tokens: int = 0
+    documents: int = 0
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    fingerprint: str  # hash of the inputs and the processing config
+    dtype: TokenDtype
+    vocab_size: int
+    eos_token_id: int
+    tokenizer: str = "tokenizer.json"
+    supervised: bool = False
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest version {data.get('version')!r}")
+        splits = {
+            name: SplitInfo(
+                tokens=split["tokens"],
+                documents=split["documents"],
+                shards=[ShardInfo(**shard) for shard in split["shards"]],
+            )
+            for name, split in data["splits"].items()
+        }
+        return cls(**{**data, "splits": splits})
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Atomically: a reader never sees a half-written manifest."""
+    target = root / MANIFEST
+    partial = root / f".{MANIFEST}.partial"
+    partial.write_text(manifest.to_json())
+    os.replace(partial, target)
+    return target
+
+
+def read_manifest(root: Path) -> Manifest:
+    return Manifest.from_dict(json.loads((root / MANIFEST).read_text()))
+
+
+class ShardWriter:
+    """Appends documents to numbered shards of about `tokens_per_shard` tokens each."""
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        dtype: TokenDtype,
+        eos_token_id: int,
+        tokens_per_shard: int,
+        supervised: bool = False,
+    ) -> None:
+        self.root = root
+        self.split = split
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.eos = eos_token_id
+        self.tokens_per_shard = tokens_per_shard
+        self.supervised = supervised
+        self.info = SplitInfo()
+        self._tokens: list[npt.NDArray[Any]] = []
+        self._masks: list[npt.NDArray[np.uint8]] = []
+        self._pending_tokens = 0
+        self._pending_documents = 0
+        (root / split).mkdir(parents=True, exist_ok=True)
+
+    def add(
+        self, tokens: list[int] | npt.NDArray[Any], mask: list[int] | npt.NDArray[Any] | None = None
+    ) -> None:
+        array = np.asarray(tokens, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"token id out of range for {self.dtype.name}")
+        self._tokens.append(np.append(array, self.eos).astype(self.dtype))
+        if self.supervised:
+            if mask is None or len(mask) != len(array):
+                raise ValueError("supervised shards need a loss mask as long as the tokens")
+            # The end-of-sequence token after a response is learned too.
+            self._masks.append(np.append(np.asarray(mask, dtype=np.uint8), 1).astype(np.uint8))
+        self._pending_tokens += array.size + 1
+        self._pending_documents += 1
+        if self._pending_tokens >= self.tokens_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending_tokens:
+            return
+        index = len(self.info.shards)
+        relative = f"{self.split}/shard-{index:05d}.bin"
+        path = self.root / relative
+        np.concatenate(self._tokens).tofile(path)
+        shard = ShardInfo(
+            relative, self._pending_tokens, self._pending_documents, sha256_file(path)
+        )
+        if self.supervised:
+            mask_relative = f"{self.split}/shard-{index:05d}.mask"
+            np.concatenate(self._masks).tofile(self.root / mask_relative)
+            shard.mask = mask_relative
+            shard.mask_sha256 = sha256_file(self.root / mask_relative)
+        self.info.shards.append(shard)
+        self.info.tokens += shard.tokens
+        self.info.documents += shard.documents
+        self._tokens, self._masks = [], []
+        self._pending_tokens = self._pending_documents = 0
+
+    def close(self) -> SplitInfo:
+        self.flush()
+        return self.info
+
+
+def open_tokens(root: Path, manifest: Manifest, shard: ShardInfo) -> npt.NDArray[Any]:
+    """The shard's tokens, memory-mapped (read-only, nothing loaded up front)."""
+    return np.memmap(root / shard.path, dtype=np.dtype(manifest.dtype).newbyteorder("<"), mode="r")
+
+
+def open_mask(root: Path, shard: ShardInfo) -> npt.NDArray[np.uint8] | None:
+    if shard.mask is None:
+        return None
+    return np.memmap(root / shard.mask, dtype=np.uint8, mode="r")
+
+
+def verify(root: Path, manifest: Manifest) -> list[str]:
+    """Problems found (missing files, wrong sizes, checksum mismatches); empty when sound."""
+    problems: list[str] = []
+    itemsize = np.dtype(manifest.dtype).itemsize
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            files = [(shard.path, shard.sha256, shard.tokens * itemsize)]
+            if shard.mask:
+                files.append((shard.mask, shard.mask_sha256 or "", shard.tokens))
+            for relative, checksum, size in files:
+                path = root / relative
+                if not path.is_file():
+                    problems.append(f"{relative}: missing")
+                elif path.stat().st_size != size:
+                    problems.append(f"{relative}: {path.stat().st_size} bytes, expected {size}")
+                elif sha256_file(path) != checksum:
+                    problems.append(f"{relative}: checksum mismatch")
+    return problems
