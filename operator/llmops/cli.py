@@ -32,6 +32,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1
 
 
+def _source_root() -> Path:
+    """The repository root when running from a source checkout, else the working folder."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from llmops.crdgen import write_all
+
+    for path in write_all(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     # Imported here: the other commands must not pay for kopf and the controllers.
     import kopf
@@ -56,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("version", help="print the version").set_defaults(func=_cmd_version)
+
+    crds = sub.add_parser("crds", help="generate the CustomResourceDefinitions from the API models")
+    crds.add_argument(
+        "--output",
+        "-o",
+        default=str(_source_root() / "crds"),
+        help="folder to write one YAML file per kind into (default: crds/ of the source tree)",
+    )
+    crds.set_defaults(func=_cmd_crds)
 
     operator = sub.add_parser("operator", help="run the operator (the kopf controllers)")
     scope = operator.add_mutually_exclusive_group(required=True)

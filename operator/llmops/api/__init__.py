@@ -1,0 +1,46 @@
+"""The llmops API: spec and status of Dataset, TrainingRun and ModelDeployment.
+
+These pydantic models are the single source of truth: the CRDs in crds/ are generated from
+them (`llmops crds`), the operator and the local runtime parse resources with them, and the
+trainer image reads its job configuration through them. This package imports nothing heavier
+than pydantic, so every one of those can import it.
+"""
+
+from llmops import GROUP, VERSION
+from llmops.api.base import ApiModel, Rule
+from llmops.api.common import Condition, ObjectMeta
+from llmops.api.dataset import Dataset, DatasetSpec, DatasetStatus
+from llmops.api.modeldeployment import (
+    ModelDeployment,
+    ModelDeploymentSpec,
+    ModelDeploymentStatus,
+)
+from llmops.api.trainingrun import TrainingRun, TrainingRunSpec, TrainingRunStatus
+
+API_VERSION = f"{GROUP}/{VERSION}"
+
+KINDS: dict[str, type[Dataset] | type[TrainingRun] | type[ModelDeployment]] = {
+    "Dataset": Dataset,
+    "TrainingRun": TrainingRun,
+    "ModelDeployment": ModelDeployment,
+}
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KINDS",
+    "VERSION",
+    "ApiModel",
+    "Condition",
+    "Dataset",
+    "DatasetSpec",
+    "DatasetStatus",
+    "ModelDeployment",
+    "ModelDeploymentSpec",
+    "ModelDeploymentStatus",
+    "ObjectMeta",
+    "Rule",
+    "TrainingRun",
+    "TrainingRunSpec",
+    "TrainingRunStatus",
+]

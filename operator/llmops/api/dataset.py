@@ -1,0 +1,475 @@
+"""Dataset: collect text, clean, dedupe, filter, augment, tokenize, shard and split it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, StringConstraints, field_validator
+
+from llmops.api.base import (
+    ApiModel,
+    Rule,
+    StatusModel,
+    cel_exactly_one,
+    distinct,
+    exactly_one,
+    nested,
+)
+from llmops.api.common import (
+    Condition,
+    LocalObjectReference,
+    Name,
+    ObjectMeta,
+    Path,
+    Resources,
+    S3Location,
+    Storage,
+    conditions_field,
+)
+
+MAX_SOURCES = 64
+MAX_URLS = 100
+SourceFormat = Literal["text", "jsonl", "parquet"]
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
+LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
+SpecialToken = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class VolumeSource(ApiModel):
+    """Files on an existing PersistentVolumeClaim."""
+
+    claim_name: Name = Field(description="Name of the PersistentVolumeClaim.")
+    path: str = Field(
+        default="",
+        description="File or folder inside the volume; empty means the volume root.",
+        max_length=4096,
+    )
+
+
+class DataSource(ApiModel):
+    """One input of the corpus: where it is, how it is encoded, and how much of it to mix in."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("path", "volume", "urls", "s3"),
+            message="exactly one of path, volume, urls or s3 must be set",
+            check=lambda s: exactly_one(s, "path", "volume", "urls", "s3"),
+        ),
+        Rule(
+            cel="has(self.promptField) == has(self.responseField)",
+            message="promptField and responseField must be set together",
+            check=lambda s: (s.prompt_field is None) == (s.response_field is None),
+            field_path=".promptField",
+        ),
+        Rule(
+            cel="!has(self.promptField) || self.format != 'text'",
+            message="prompt/response fields need format jsonl or parquet",
+            check=lambda s: s.prompt_field is None or s.format != "text",
+            field_path=".format",
+        ),
+    )
+
+    name: Name = Field(description="Name of the source, unique in the Dataset (used in stats).")
+    path: Path | None = Field(
+        default=None,
+        description=(
+            "A file or folder inside the preprocessing image; a relative path starts at the "
+            "image's working folder (the repository root for `llmops run`)."
+        ),
+    )
+    volume: VolumeSource | None = Field(
+        default=None, description="Files on an existing PersistentVolumeClaim."
+    )
+    urls: list[Url] | None = Field(
+        default=None,
+        description="HTTP(S) URLs of files to download.",
+        min_length=1,
+        max_length=MAX_URLS,
+    )
+    s3: S3Location | None = Field(
+        default=None, description="All objects under a prefix of an S3-compatible bucket."
+    )
+    format: SourceFormat = Field(
+        default="text",
+        description=(
+            "`text`: plain text files, one document per file (blank-line separated documents "
+            "with `documentSeparator`); `jsonl`: one JSON object per line; `parquet`: a table."
+        ),
+    )
+    text_field: str = Field(
+        default="text",
+        description="Field holding the document text (jsonl and parquet).",
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
+    prompt_field: str | None = Field(
+        default=None,
+        description="Field holding the prompt of a supervised pair; with responseField.",
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
+    response_field: str | None = Field(
+        default=None,
+        description="Field holding the response of a supervised pair; with promptField.",
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
+    document_separator: Literal["file", "blank-line", "line"] = Field(
+        default="blank-line",
+        description="How plain text splits into documents: per file, per blank line, per line.",
+    )
+    weight: float = Field(
+        default=1.0,
+        description="Mixing weight: sources are sampled in proportion to their weights.",
+        gt=0,
+        le=1000,
+    )
+
+
+class Normalization(ApiModel):
+    """Text normalization, applied first."""
+
+    unicode: Literal["NFC", "NFKC", "none"] = Field(
+        default="NFKC", description="Unicode normalization form."
+    )
+    lowercase: bool = Field(default=False, description="Lowercase every document.")
+    collapse_whitespace: bool = Field(
+        default=True, description="Collapse runs of spaces and tabs; strip line ends."
+    )
+
+
+class NearDuplicates(ApiModel):
+    """MinHash LSH near-duplicate removal."""
+
+    cel_rules = (
+        Rule(
+            cel="self.numPermutations % self.bands == 0",
+            message="numPermutations must be a multiple of bands (rows per band = their ratio)",
+            check=lambda s: s.num_permutations % s.bands == 0,
+            field_path=".bands",
+        ),
+    )
+
+    enabled: bool = Field(default=True, description="Remove near-duplicate documents.")
+    num_permutations: int = Field(
+        default=128, description="MinHash signature length.", ge=16, le=1024
+    )
+    bands: int = Field(
+        default=16, description="LSH bands (signature split into bands).", ge=1, le=1024
+    )
+    shingle_size: int = Field(default=5, description="Words per shingle.", ge=1, le=32)
+    threshold: float = Field(
+        default=0.8,
+        description="Estimated Jaccard similarity above which two documents are duplicates.",
+        gt=0,
+        le=1,
+    )
+
+
+class Deduplication(ApiModel):
+    """Duplicate removal: exact (content hash), then near-duplicate (MinHash)."""
+
+    exact: bool = Field(default=True, description="Remove documents with identical content.")
+    near: NearDuplicates = nested(NearDuplicates, "Near-duplicate removal with MinHash LSH.")
+
+
+class QualityFilters(ApiModel):
+    """Heuristic quality filters (Gopher/C4 style); a document failing any is dropped."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.maxWords) || self.minWords <= self.maxWords",
+            message="minWords must not exceed maxWords",
+            check=lambda s: s.max_words is None or s.min_words <= s.max_words,
+            field_path=".minWords",
+        ),
+    )
+
+    min_words: int = Field(default=5, description="Fewest words a document may have.", ge=0)
+    max_words: int | None = Field(
+        default=None, description="Most words a document may have; unset means no limit.", ge=1
+    )
+    max_symbol_ratio: float = Field(
+        default=0.3, description="Largest share of non-alphanumeric characters.", ge=0, le=1
+    )
+    min_alpha_word_ratio: float = Field(
+        default=0.6, description="Smallest share of words with at least one letter.", ge=0, le=1
+    )
+    max_duplicate_line_ratio: float = Field(
+        default=0.3, description="Largest share of lines repeated inside the document.", ge=0, le=1
+    )
+
+
+class LanguageFilter(ApiModel):
+    """Keep documents in the listed languages."""
+
+    allow: Annotated[list[LanguageCode], AfterValidator(distinct)] = Field(
+        default_factory=list,
+        description="ISO 639-1 codes to keep (e.g. `en`); empty keeps every language.",
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    min_confidence: float = Field(
+        default=0.5, description="Smallest detector confidence to accept a language.", ge=0, le=1
+    )
+
+
+AugmentationMethod = Literal["word-dropout", "word-swap", "sentence-shuffle"]
+PiiKind = Literal["email", "phone", "ip-address", "credit-card"]
+DEFAULT_PII: tuple[PiiKind, ...] = ("email", "phone", "ip-address")
+
+
+class PiiScrubbing(ApiModel):
+    """Replace personal data with placeholder tokens."""
+
+    enabled: bool = Field(default=True, description="Scrub personal data.")
+    kinds: Annotated[list[PiiKind], AfterValidator(distinct)] = Field(
+        default_factory=lambda: list(DEFAULT_PII),
+        description="What to scrub.",
+        max_length=4,
+        json_schema_extra={
+            "default": list(DEFAULT_PII),
+            "x-kubernetes-list-type": "set",
+        },
+    )
+
+
+class Augmentation(ApiModel):
+    """Extra noisy copies of documents (robustness for small corpora)."""
+
+    cel_rules = (
+        Rule(
+            cel="!self.enabled || size(self.methods) > 0",
+            message="augmentation needs at least one method when enabled",
+            check=lambda s: not s.enabled or len(s.methods) > 0,
+            field_path=".methods",
+        ),
+    )
+
+    enabled: bool = Field(default=False, description="Add augmented copies.")
+    methods: Annotated[list[AugmentationMethod], AfterValidator(distinct)] = Field(
+        default_factory=list,
+        description="Perturbations applied to each copy.",
+        max_length=3,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    copies: int = Field(default=1, description="Augmented copies per document.", ge=1, le=10)
+    probability: float = Field(
+        default=0.1, description="Per-word (or per-sentence) perturbation probability.", ge=0, le=1
+    )
+
+
+class Processing(ApiModel):
+    """The cleaning pipeline, in order: normalize, deduplicate, filter, language, PII, augment."""
+
+    normalization: Normalization = nested(Normalization, "Text normalization.")
+    deduplication: Deduplication = nested(Deduplication, "Exact and near-duplicate removal.")
+    filters: QualityFilters = nested(QualityFilters, "Heuristic quality filters.")
+    languages: LanguageFilter = nested(LanguageFilter, "Language allow-list.")
+    pii: PiiScrubbing = nested(PiiScrubbing, "Personal data scrubbing.")
+    augmentation: Augmentation = nested(Augmentation, "Optional data augmentation.")
+
+
+class TokenizerTraining(ApiModel):
+    """Train a byte-level BPE tokenizer on the training split."""
+
+    vocab_size: int = Field(default=8192, description="Vocabulary size.", ge=256, le=1048576)
+    min_frequency: int = Field(
+        default=2, description="Fewest occurrences for a merge.", ge=1, le=1000000
+    )
+    special_tokens: list[SpecialToken] = Field(
+        default_factory=lambda: ["<|endoftext|>", "<|pad|>"],
+        description="Special tokens added to the vocabulary (end of text first).",
+        max_length=64,
+        json_schema_extra={"default": ["<|endoftext|>", "<|pad|>"]},
+    )
+
+
+class Tokenizer(ApiModel):
+    """Which tokenizer to use: exactly one of train, path or datasetRef."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("train", "path", "datasetRef"),
+            message="exactly one of train, path or datasetRef must be set",
+            check=lambda s: exactly_one(s, "train", "path", "dataset_ref"),
+        ),
+    )
+
+    train: TokenizerTraining | None = Field(
+        default=None, description="Train a new byte-level BPE tokenizer on this data."
+    )
+    path: Path | None = Field(
+        default=None, description="A `tokenizer.json` file inside the preprocessing image."
+    )
+    dataset_ref: LocalObjectReference | None = Field(
+        default=None, description="Reuse the tokenizer of another (succeeded) Dataset."
+    )
+
+
+class Split(ApiModel):
+    """Train/validation/test split by document."""
+
+    cel_rules = (
+        Rule(
+            cel="self.train + self.validation + self.test > 0.999 && "
+            "self.train + self.validation + self.test < 1.001",
+            message="train, validation and test ratios must sum to 1",
+            check=lambda s: abs(s.train + s.validation + s.test - 1) < 0.001,
+        ),
+    )
+
+    train: float = Field(default=0.98, description="Share for training.", gt=0, le=1)
+    validation: float = Field(default=0.01, description="Share for validation.", ge=0, lt=1)
+    test: float = Field(default=0.01, description="Share for the final test.", ge=0, lt=1)
+    seed: int = Field(default=1234, description="Seed of the split.", ge=0, le=4294967295)
+
+
+class Sharding(ApiModel):
+    """How token files are cut."""
+
+    tokens_per_shard: int = Field(
+        default=100_000_000, description="Tokens per shard file.", ge=1024, le=10_000_000_000
+    )
+    token_dtype: Literal["auto", "uint16", "uint32"] = Field(
+        default="auto",
+        description=(
+            "Integer type of stored tokens; `auto` picks uint16 for vocabularies up to 65536."
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    """Desired state of a Dataset."""
+
+    cel_rules = (
+        Rule(
+            cel="self.sources.all(s, has(s.promptField)) || "
+            "self.sources.all(s, !has(s.promptField))",
+            message="sources must be all supervised (promptField/responseField) or all plain text",
+            check=lambda s: len({x.prompt_field is None for x in s.sources}) <= 1,
+            field_path=".sources",
+        ),
+        Rule(
+            cel="self.sharding.tokenDtype != 'uint16' || !has(self.tokenizer.train) || "
+            "self.tokenizer.train.vocabSize <= 65536",
+            message="tokenDtype uint16 holds at most 65536 token ids; use uint32 or auto",
+            check=lambda s: (
+                s.sharding.token_dtype != "uint16"
+                or s.tokenizer.train is None
+                or s.tokenizer.train.vocab_size <= 65536
+            ),
+            field_path=".sharding.tokenDtype",
+        ),
+    )
+
+    sources: list[DataSource] = Field(
+        description="Inputs of the corpus, mixed by weight.",
+        min_length=1,
+        max_length=MAX_SOURCES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    processing: Processing = nested(Processing, "The cleaning pipeline.")
+    tokenizer: Tokenizer = Field(description="Tokenizer to train or reuse.")
+    split: Split = nested(Split, "Train/validation/test split.")
+    sharding: Sharding = nested(Sharding, "Token shard files.")
+    output: Storage | None = Field(
+        default=None,
+        description=(
+            "Where shards, tokenizer and stats go; unset means a new 10Gi claim "
+            "`<name>-data` with the default StorageClass."
+        ),
+    )
+    parallelism: int = Field(
+        default=1, description="Worker pods processing sources in parallel.", ge=1, le=256
+    )
+    resources: Resources = nested(Resources, "Compute for each worker pod.")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[DataSource]) -> list[DataSource]:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return sources
+
+
+class StepStats(StatusModel):
+    """Documents in and out of one pipeline step."""
+
+    name: str = Field(description="Step name (normalize, dedup-exact, dedup-near, filter, ...).")
+    documents_in: int = Field(default=0, description="Documents entering the step.", ge=0)
+    documents_out: int = Field(default=0, description="Documents leaving the step.", ge=0)
+
+
+class TokenCounts(StatusModel):
+    """Tokens per split."""
+
+    train: int = Field(default=0, description="Tokens in the training split.", ge=0)
+    validation: int = Field(default=0, description="Tokens in the validation split.", ge=0)
+    test: int = Field(default=0, description="Tokens in the test split.", ge=0)
+
+
+class DatasetStatus(StatusModel):
+    """Observed state of a Dataset."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = Field(
+        default=None, description="Coarse lifecycle phase."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation last acted on.", ge=0
+    )
+    conditions: list[Condition] = conditions_field()
+    steps: list[StepStats] = Field(
+        default_factory=list,
+        description="Per-step document counts, in pipeline order.",
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    documents: int | None = Field(default=None, description="Documents in the final corpus.", ge=0)
+    tokens: TokenCounts | None = Field(default=None, description="Tokens per split.")
+    total_tokens: int | None = Field(default=None, description="Tokens over all splits.", ge=0)
+    exact_duplicate_ratio: float | None = Field(
+        default=None, description="Share of documents removed as exact duplicates.", ge=0, le=1
+    )
+    near_duplicate_ratio: float | None = Field(
+        default=None, description="Share of documents removed as near duplicates.", ge=0, le=1
+    )
+    languages: dict[str, float] = Field(
+        default_factory=dict, description="Share of kept documents per detected language."
+    )
+    vocab_size: int | None = Field(default=None, description="Vocabulary size of the tokenizer.")
+    output_uri: str | None = Field(
+        default=None, description="Where the shards are (`pvc://claim/path` or `s3://...`)."
+    )
+    tokenizer_uri: str | None = Field(default=None, description="Where `tokenizer.json` is.")
+    fingerprint: str | None = Field(
+        default=None,
+        description="Content hash of the output (sha256): the version of the data a run used.",
+    )
+    start_time: datetime | None = Field(default=None, description="When processing started.")
+    completion_time: datetime | None = Field(default=None, description="When processing ended.")
+
+
+class Dataset(ApiModel):
+    """A Dataset custom resource."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.spec.tokenizer.datasetRef) || "
+            "self.spec.tokenizer.datasetRef.name != self.metadata.name",
+            message="a Dataset cannot reuse its own tokenizer",
+            check=lambda d: (
+                d.spec.tokenizer.dataset_ref is None
+                or d.spec.tokenizer.dataset_ref.name != d.metadata.name
+            ),
+            field_path=".spec.tokenizer.datasetRef.name",
+        ),
+    )
+
+    api_version: Literal["llmops.dev/v1alpha1"] = Field(description="API version.")
+    kind: Literal["Dataset"] = Field(description="Kind.")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: DatasetSpec = Field(description="Desired state.")
+    status: DatasetStatus = Field(default_factory=DatasetStatus, description="Observed state.")

@@ -1,0 +1,306 @@
+"""ModelDeployment: serve a trained model through an OpenAI-compatible API, autoscaled."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from llmops.api.base import ApiModel, Rule, StatusModel, cel_exactly_one, exactly_one, nested
+from llmops.api.common import (
+    Condition,
+    Name,
+    ObjectMeta,
+    Resources,
+    Scheduling,
+    SecretKeySelector,
+    conditions_field,
+)
+
+INT_OR_PERCENT = r"^[0-9]+%?$"
+
+
+class TrainingRunModel(ApiModel):
+    """A checkpoint of a TrainingRun in the same namespace."""
+
+    cel_rules = (
+        Rule(
+            cel="(self.policy == 'pinned') == has(self.checkpoint)",
+            message="checkpoint is required with policy pinned and not allowed otherwise",
+            check=lambda s: (s.policy == "pinned") == (s.checkpoint is not None),
+            field_path=".checkpoint",
+        ),
+    )
+
+    name: Name = Field(description="Name of the TrainingRun.")
+    policy: Literal["latest", "best", "pinned"] = Field(
+        default="latest",
+        description=(
+            "`latest`: follow the newest checkpoint (rolls out as training goes on); `best`: "
+            "follow the lowest validation loss; `pinned`: serve `checkpoint` only."
+        ),
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        description="Checkpoint to serve with policy pinned (`step-1200`).",
+        max_length=32,
+        pattern=r"^step-[0-9]+$",
+    )
+
+
+class ModelSource(ApiModel):
+    """What to serve: exactly one of trainingRun or uri."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("trainingRun", "uri"),
+            message="exactly one of trainingRun or uri must be set",
+            check=lambda s: exactly_one(s, "training_run", "uri"),
+        ),
+    )
+
+    training_run: TrainingRunModel | None = Field(
+        default=None, description="Serve a checkpoint of a TrainingRun."
+    )
+    uri: str | None = Field(
+        default=None,
+        description=(
+            "Serve a model folder: an absolute path in the image, `pvc://<claim>/<path>` "
+            "or `s3://<bucket>/<prefix>`."
+        ),
+        max_length=4096,
+        pattern=r"^(/|pvc://|s3://)[^\s]*$",
+    )
+    served_name: str | None = Field(
+        default=None,
+        description=(
+            "Model name clients send in the OpenAI `model` field; unset means the resource name."
+        ),
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+    )
+
+
+class ScalingPolicy(ApiModel):
+    """How fast replicas may change (an HPA scaling policy)."""
+
+    type: Literal["Pods", "Percent"] = Field(description="Change by a number or a percentage.")
+    value: int = Field(description="Replicas (Pods) or percent (Percent) per period.", ge=1)
+    period_seconds: int = Field(
+        default=60, description="Window the change is allowed in.", ge=1, le=1800
+    )
+
+
+class ScalingRules(ApiModel):
+    """Scale-up or scale-down behaviour."""
+
+    stabilization_window_seconds: int | None = Field(
+        default=None,
+        description="Look-back window against flapping; unset means 0 up, 300 down.",
+        ge=0,
+        le=3600,
+    )
+    select_policy: Literal["Max", "Min", "Disabled"] = Field(
+        default="Max", description="Which policy wins when several apply; Disabled never scales."
+    )
+    policies: list[ScalingPolicy] = Field(
+        default_factory=list,
+        description="Limits on the rate of change.",
+        max_length=10,
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+
+
+class Autoscaling(ApiModel):
+    """Replica autoscaling on a serving metric."""
+
+    cel_rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must not exceed maxReplicas",
+            check=lambda s: s.min_replicas <= s.max_replicas,
+            field_path=".minReplicas",
+        ),
+        Rule(
+            cel="self.metric != 'cpu' || self.target <= 100.0",
+            message="a cpu target is a utilization percentage, at most 100",
+            check=lambda s: s.metric != "cpu" or s.target <= 100,
+            field_path=".target",
+        ),
+        Rule(
+            cel="self.minReplicas > 0 || self.metric != 'cpu'",
+            message="scaling to zero needs a request metric (cpu is not measured at zero replicas)",
+            check=lambda s: s.min_replicas > 0 or s.metric != "cpu",
+            field_path=".minReplicas",
+        ),
+    )
+
+    min_replicas: int = Field(
+        default=1, description="Fewest replicas; 0 scales to zero.", ge=0, le=1000
+    )
+    max_replicas: int = Field(description="Most replicas.", ge=1, le=1000)
+    metric: Literal["cpu", "in-flight-requests", "queue-depth", "tokens-per-second"] = Field(
+        default="in-flight-requests",
+        description=(
+            "Scaling signal: `cpu` utilization percent, `in-flight-requests` or `queue-depth` "
+            "per replica, or generated `tokens-per-second` per replica."
+        ),
+    )
+    target: float = Field(description="Target value of the metric per replica.", gt=0)
+    scale_up: ScalingRules | None = Field(default=None, description="Scale-up behaviour.")
+    scale_down: ScalingRules | None = Field(default=None, description="Scale-down behaviour.")
+
+
+class Server(ApiModel):
+    """The inference server."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.contextLength) || self.maxNewTokens < self.contextLength",
+            message="maxNewTokens must be smaller than contextLength",
+            check=lambda s: s.context_length is None or s.max_new_tokens < s.context_length,
+            field_path=".maxNewTokens",
+        ),
+        Rule(
+            cel="self.maxConcurrency >= self.maxBatchSize",
+            message="maxConcurrency must be at least maxBatchSize",
+            check=lambda s: s.max_concurrency >= s.max_batch_size,
+            field_path=".maxConcurrency",
+        ),
+    )
+
+    max_batch_size: int = Field(
+        default=8, description="Sequences decoded together in one batch.", ge=1, le=1024
+    )
+    max_new_tokens: int = Field(
+        default=256, description="Upper bound on generated tokens per request.", ge=1, le=1048576
+    )
+    context_length: int | None = Field(
+        default=None,
+        description="Prompt plus generated tokens; unset means the model's context length.",
+        ge=2,
+        le=1048576,
+    )
+    max_concurrency: int = Field(
+        default=64,
+        description=(
+            "Requests admitted at once per replica; more wait in the queue (429 when full)."
+        ),
+        ge=1,
+        le=100000,
+    )
+    port: int = Field(default=8000, description="HTTP port of the API.", ge=1024, le=65535)
+    auth_token_secret: SecretKeySelector | None = Field(
+        default=None,
+        description="Secret key holding the bearer token clients must send; unset means no auth.",
+    )
+
+
+class ServingResources(Resources):
+    """Compute per replica."""
+
+    gpus: int = Field(default=0, description="GPUs (`nvidia.com/gpu`) per replica.", ge=0, le=16)
+
+
+class Rollout(ApiModel):
+    """How a new model version or spec replaces running replicas."""
+
+    cel_rules = (
+        Rule(
+            cel="self.strategy == 'RollingUpdate' || "
+            "(!has(self.maxSurge) && !has(self.maxUnavailable))",
+            message="maxSurge and maxUnavailable apply only to RollingUpdate",
+            check=lambda s: (
+                s.strategy == "RollingUpdate" or (s.max_surge is None and s.max_unavailable is None)
+            ),
+            field_path=".strategy",
+        ),
+        Rule(
+            cel="!has(self.maxSurge) || !has(self.maxUnavailable) || "
+            "self.maxSurge.replace('%', '') != '0' || self.maxUnavailable.replace('%', '') != '0'",
+            message="maxSurge and maxUnavailable cannot both be zero",
+            check=lambda s: (
+                s.max_surge is None
+                or s.max_unavailable is None
+                or s.max_surge.rstrip("%") != "0"
+                or s.max_unavailable.rstrip("%") != "0"
+            ),
+            field_path=".maxUnavailable",
+        ),
+    )
+
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        default="RollingUpdate", description="Deployment strategy."
+    )
+    max_surge: str | None = Field(
+        default=None,
+        description="Extra replicas during a rollout (`1` or `25%`); unset means 25%.",
+        max_length=8,
+        pattern=INT_OR_PERCENT,
+    )
+    max_unavailable: str | None = Field(
+        default=None,
+        description="Replicas that may be down during a rollout (`0` or `25%`); unset means 25%.",
+        max_length=8,
+        pattern=INT_OR_PERCENT,
+    )
+
+
+class ModelDeploymentSpec(ApiModel):
+    """Desired state of a ModelDeployment."""
+
+    model: ModelSource = Field(description="The model to serve.")
+    replicas: int = Field(
+        default=1,
+        description="Replicas when autoscaling is off (also the `kubectl scale` target).",
+        ge=0,
+        le=1000,
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Autoscaling; when set it owns the replica count."
+    )
+    server: Server = nested(Server, "Inference server settings.")
+    resources: ServingResources = nested(ServingResources, "Compute per replica.")
+    rollout: Rollout = nested(Rollout, "Rollout strategy.")
+    scheduling: Scheduling = nested(Scheduling, "Placement and priority of the replicas.")
+
+
+class ModelDeploymentStatus(StatusModel):
+    """Observed state of a ModelDeployment."""
+
+    phase: Literal["Pending", "Deploying", "Ready", "Failed"] | None = Field(
+        default=None, description="Coarse lifecycle phase."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation last acted on.", ge=0
+    )
+    conditions: list[Condition] = conditions_field()
+    replicas: int = Field(
+        default=0, description="Replicas that exist (the scale subresource).", ge=0
+    )
+    ready_replicas: int = Field(default=0, description="Replicas ready to serve.", ge=0)
+    updated_replicas: int = Field(
+        default=0, description="Replicas running the current spec and model.", ge=0
+    )
+    selector: str | None = Field(
+        default=None, description="Label selector of the replicas (the scale subresource)."
+    )
+    model: str | None = Field(default=None, description="Model name served.")
+    checkpoint: str | None = Field(
+        default=None, description="Checkpoint being served (`<run>/step-<N>` or the uri)."
+    )
+    url: str | None = Field(
+        default=None, description="In-cluster URL of the OpenAI-compatible API."
+    )
+
+
+class ModelDeployment(ApiModel):
+    """A ModelDeployment custom resource."""
+
+    api_version: Literal["llmops.dev/v1alpha1"] = Field(description="API version.")
+    kind: Literal["ModelDeployment"] = Field(description="Kind.")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: ModelDeploymentSpec = Field(description="Desired state.")
+    status: ModelDeploymentStatus = Field(
+        default_factory=ModelDeploymentStatus, description="Observed state."
+    )

@@ -1,0 +1,476 @@
+"""TrainingRun: pre-train or fine-tune a model with DeepSpeed ZeRO on a gang of pods."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+
+from llmops.api.base import ApiModel, Rule, StatusModel, distinct, nested
+from llmops.api.common import (
+    Condition,
+    FreeForm,
+    LocalObjectReference,
+    Name,
+    ObjectMeta,
+    Resources,
+    Scheduling,
+    Storage,
+    conditions_field,
+)
+
+Objective = Literal["causal-lm", "masked-lm", "sft"]
+EvalMetric = Literal["perplexity", "accuracy", "bleu"]
+DEFAULT_METRICS: tuple[EvalMetric, ...] = ("perplexity",)
+CHECKPOINT_NAME = r"^(latest|best|step-[0-9]+)$"
+
+
+class ModelArchitecture(ApiModel):
+    """A GPT-style transformer; the vocabulary size comes from the Dataset's tokenizer."""
+
+    cel_rules = (
+        Rule(
+            cel="self.hiddenSize % self.numHeads == 0",
+            message="hiddenSize must be divisible by numHeads",
+            check=lambda s: s.hidden_size % s.num_heads == 0,
+            field_path=".hiddenSize",
+        ),
+    )
+
+    objective: Objective = Field(
+        default="causal-lm",
+        description=(
+            "`causal-lm`: next-token prediction; `masked-lm`: predict masked tokens "
+            "(bidirectional); `sft`: supervised fine-tuning on prompt/response pairs "
+            "(loss on the response only)."
+        ),
+    )
+    num_layers: int = Field(default=6, description="Transformer blocks.", ge=1, le=256)
+    num_heads: int = Field(default=6, description="Attention heads per block.", ge=1, le=256)
+    hidden_size: int = Field(default=384, description="Embedding width.", ge=8, le=65536)
+    context_length: int = Field(
+        default=256, description="Tokens per training sequence.", ge=8, le=1048576
+    )
+    dropout: float = Field(default=0.0, description="Dropout probability.", ge=0, lt=1)
+
+
+class CheckpointRef(ApiModel):
+    """A checkpoint of another TrainingRun."""
+
+    name: Name = Field(description="Name of the TrainingRun, in the same namespace.")
+    checkpoint: str = Field(
+        default="latest",
+        description="`latest`, `best` (lowest validation loss) or a step (`step-1200`).",
+        max_length=32,
+        pattern=CHECKPOINT_NAME,
+    )
+
+
+class Initialization(ApiModel):
+    """Where the weights start: unset fields mean from scratch (random initialization)."""
+
+    cel_rules = (
+        Rule(
+            cel="!(has(self.trainingRun) && has(self.path))",
+            message="set at most one of trainingRun or path",
+            check=lambda s: s.training_run is None or s.path is None,
+        ),
+    )
+
+    training_run: CheckpointRef | None = Field(
+        default=None, description="Continue from a checkpoint of another TrainingRun."
+    )
+    path: str | None = Field(
+        default=None,
+        description=(
+            "Fine-tune from a checkpoint folder: an absolute path in the image, "
+            "`pvc://<claim>/<path>` or `s3://<bucket>/<prefix>`."
+        ),
+        max_length=4096,
+        pattern=r"^(/|pvc://|s3://)[^\s]*$",
+    )
+
+
+class Hyperparameters(ApiModel):
+    """Optimization settings (AdamW)."""
+
+    cel_rules = (
+        Rule(
+            cel="has(self.maxSteps) != has(self.maxTokens)",
+            message="set exactly one of maxSteps or maxTokens",
+            check=lambda s: (s.max_steps is None) != (s.max_tokens is None),
+            field_path=".maxSteps",
+        ),
+        Rule(
+            cel="!has(self.maxSteps) || self.warmupSteps < self.maxSteps",
+            message="warmupSteps must be smaller than maxSteps",
+            check=lambda s: s.max_steps is None or s.warmup_steps < s.max_steps,
+            field_path=".warmupSteps",
+        ),
+        Rule(
+            cel="self.minLearningRate <= self.learningRate",
+            message="minLearningRate must not exceed learningRate",
+            check=lambda s: s.min_learning_rate <= s.learning_rate,
+            field_path=".minLearningRate",
+        ),
+    )
+
+    learning_rate: float = Field(default=3e-4, description="Peak learning rate.", gt=0, le=10)
+    min_learning_rate: float = Field(
+        default=0.0, description="Learning rate at the end of the schedule.", ge=0, le=10
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="Decay after warmup, down to minLearningRate."
+    )
+    warmup_steps: int = Field(
+        default=0, description="Steps of linear warmup from 0.", ge=0, le=100_000_000
+    )
+    micro_batch_size: int = Field(
+        default=8, description="Sequences per process per forward pass.", ge=1, le=65536
+    )
+    global_batch_size: int | None = Field(
+        default=None,
+        description=(
+            "Sequences per optimizer step over all processes; must be a multiple of "
+            "microBatchSize x numNodes x procsPerNode. Unset means "
+            "microBatchSize x gradientAccumulationSteps x world size."
+        ),
+        ge=1,
+        le=100_000_000,
+    )
+    gradient_accumulation_steps: int | None = Field(
+        default=None,
+        description=(
+            "Micro-batches per optimizer step; unset means derived from globalBatchSize (or 1)."
+        ),
+        ge=1,
+        le=65536,
+    )
+    max_steps: int | None = Field(
+        default=None, description="Stop after this many optimizer steps.", ge=1, le=100_000_000
+    )
+    max_tokens: int | None = Field(
+        default=None, description="Stop after this many training tokens.", ge=1
+    )
+    weight_decay: float = Field(default=0.1, description="AdamW weight decay.", ge=0, le=10)
+    gradient_clipping: float = Field(
+        default=1.0, description="Clip the global gradient norm to this; 0 disables.", ge=0
+    )
+    seed: int = Field(default=1234, description="Random seed.", ge=0, le=4294967295)
+
+
+class DeepSpeed(ApiModel):
+    """DeepSpeed ZeRO settings."""
+
+    cel_rules = (
+        Rule(
+            cel="self.offloadParameters == 'none' || self.zeroStage == 3",
+            message="parameter offload needs zeroStage 3",
+            check=lambda s: s.offload_parameters == "none" or s.zero_stage == 3,
+            field_path=".offloadParameters",
+        ),
+        Rule(
+            cel="self.offloadOptimizer == 'none' || self.zeroStage >= 1",
+            message="optimizer offload needs zeroStage 1 or higher",
+            check=lambda s: s.offload_optimizer == "none" or s.zero_stage >= 1,
+            field_path=".offloadOptimizer",
+        ),
+    )
+
+    zero_stage: int = Field(
+        default=1,
+        description="0: data parallel; 1: shard optimizer state; 2: + gradients; 3: + parameters.",
+        ge=0,
+        le=3,
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="Keep optimizer state in CPU memory."
+    )
+    offload_parameters: Literal["none", "cpu"] = Field(
+        default="none", description="Keep parameters in CPU memory (ZeRO-3)."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Training precision (mixed precision for bf16/fp16)."
+    )
+    config: FreeForm | None = Field(
+        default=None,
+        description=(
+            "Raw DeepSpeed config merged over the generated one, for experts; keys here win."
+        ),
+    )
+
+
+class TrainingResources(Resources):
+    """The gang: nodes, processes and accelerators, and compute per pod."""
+
+    cel_rules = (
+        Rule(
+            cel="self.gpusPerNode == 0 || self.procsPerNode == self.gpusPerNode",
+            message="procsPerNode must equal gpusPerNode (one process per GPU)",
+            check=lambda s: s.gpus_per_node == 0 or s.procs_per_node == s.gpus_per_node,
+            field_path=".procsPerNode",
+        ),
+    )
+
+    num_nodes: int = Field(default=1, description="Worker pods (one per node).", ge=1, le=1024)
+    procs_per_node: int = Field(default=1, description="Training processes per pod.", ge=1, le=64)
+    gpus_per_node: int = Field(
+        default=0, description="GPUs (`nvidia.com/gpu`) per pod; 0 trains on CPU.", ge=0, le=16
+    )
+
+
+class Checkpointing(ApiModel):
+    """When and where checkpoints are written; training resumes from the latest one."""
+
+    interval_steps: int = Field(
+        default=100, description="Steps between checkpoints.", ge=1, le=100_000_000
+    )
+    keep_last: int = Field(
+        default=3, description="Checkpoints kept (the best one is always kept too).", ge=1, le=1000
+    )
+    storage: Storage | None = Field(
+        default=None,
+        description="Where checkpoints go; unset means a new 10Gi claim `<name>-checkpoints`.",
+    )
+
+
+class EarlyStopping(ApiModel):
+    """Stop when the validation metric stops improving."""
+
+    metric: Literal["loss", "perplexity", "accuracy", "bleu"] = Field(
+        default="loss", description="Validation metric to watch (`loss` is always computed)."
+    )
+    patience: int = Field(
+        default=5, description="Evaluations without improvement before stopping.", ge=1, le=1000
+    )
+    min_delta: float = Field(
+        default=0.0, description="Smallest change that counts as improvement.", ge=0
+    )
+
+
+class Evaluation(ApiModel):
+    """Periodic evaluation on the validation split, and a final one on the test split."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.earlyStopping) || self.earlyStopping.metric == 'loss' || "
+            "self.earlyStopping.metric in self.metrics",
+            message="earlyStopping.metric must be loss or one of metrics",
+            check=lambda s: (
+                s.early_stopping is None
+                or s.early_stopping.metric == "loss"
+                or s.early_stopping.metric in s.metrics
+            ),
+            field_path=".earlyStopping.metric",
+        ),
+    )
+
+    interval_steps: int = Field(
+        default=100, description="Steps between evaluations.", ge=1, le=100_000_000
+    )
+    batches: int = Field(
+        default=20, description="Validation batches per evaluation.", ge=1, le=100000
+    )
+    metrics: Annotated[list[EvalMetric], AfterValidator(distinct)] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        description="Metrics besides loss: `perplexity`, token `accuracy`, `bleu` (sft only).",
+        max_length=3,
+        json_schema_extra={"default": list(DEFAULT_METRICS), "x-kubernetes-list-type": "set"},
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop early when the validation metric stalls."
+    )
+
+
+def _world(spec: TrainingRunSpec) -> int:
+    return spec.resources.num_nodes * spec.resources.procs_per_node
+
+
+def _batch_ok(spec: TrainingRunSpec) -> bool:
+    hp = spec.hyperparameters
+    if hp.global_batch_size is None:
+        return True
+    per_step = hp.micro_batch_size * _world(spec)
+    if hp.gradient_accumulation_steps is not None:
+        return hp.global_batch_size == per_step * hp.gradient_accumulation_steps
+    return hp.global_batch_size % per_step == 0
+
+
+_WORLD = (
+    "self.hyperparameters.microBatchSize * self.resources.numNodes * self.resources.procsPerNode"
+)
+
+
+class TrainingRunSpec(ApiModel):
+    """Desired state of a TrainingRun."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.hyperparameters.globalBatchSize) || "
+            "(has(self.hyperparameters.gradientAccumulationSteps) ? "
+            f"self.hyperparameters.globalBatchSize == {_WORLD} * "
+            "self.hyperparameters.gradientAccumulationSteps : "
+            f"self.hyperparameters.globalBatchSize % ({_WORLD}) == 0)",
+            message=(
+                "globalBatchSize must equal microBatchSize x gradientAccumulationSteps x "
+                "numNodes x procsPerNode (a multiple of microBatchSize x numNodes x procsPerNode)"
+            ),
+            check=_batch_ok,
+            field_path=".hyperparameters.globalBatchSize",
+        ),
+        Rule(
+            cel="!('bleu' in self.evaluation.metrics) || self.model.objective == 'sft'",
+            message="the bleu metric needs objective sft (reference responses)",
+            check=lambda s: "bleu" not in s.evaluation.metrics or s.model.objective == "sft",
+            field_path=".evaluation.metrics",
+        ),
+    )
+
+    dataset_ref: LocalObjectReference = Field(
+        description="The Dataset to train on (its tokenizer fixes the vocabulary).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "datasetRef is immutable"}
+            ]
+        },
+    )
+    model: ModelArchitecture = nested(
+        ModelArchitecture,
+        "Model architecture and objective.",
+        **{
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "model is immutable; create a new TrainingRun instead",
+                }
+            ]
+        },
+    )
+    init: Initialization | None = Field(
+        default=None, description="Starting weights; unset means from scratch."
+    )
+    hyperparameters: Hyperparameters = Field(description="Optimization settings.")
+    deepspeed: DeepSpeed = nested(DeepSpeed, "DeepSpeed ZeRO settings.")
+    resources: TrainingResources = nested(TrainingResources, "The gang of worker pods.")
+    scheduling: Scheduling = nested(Scheduling, "Placement and priority of the worker pods.")
+    checkpointing: Checkpointing = nested(Checkpointing, "Checkpoint interval and retention.")
+    evaluation: Evaluation = nested(Evaluation, "Evaluation interval, metrics, early stopping.")
+    max_restarts: int = Field(
+        default=3,
+        description="Restarts of the gang after a failure (preemption does not count).",
+        ge=0,
+        le=100,
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, description="Fail the run after this long, wherever it is.", ge=1
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Stop the pods, keeping checkpoints; unsuspend to resume from the latest.",
+    )
+
+
+class TrainingMetrics(StatusModel):
+    """The latest training and validation metrics."""
+
+    train_loss: float | None = Field(default=None, description="Training loss (latest step).")
+    validation_loss: float | None = Field(default=None, description="Latest validation loss.")
+    perplexity: float | None = Field(default=None, description="Latest validation perplexity.")
+    accuracy: float | None = Field(default=None, description="Latest validation token accuracy.")
+    bleu: float | None = Field(default=None, description="Latest validation BLEU (sft).")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Training throughput over all processes."
+    )
+    mfu: float | None = Field(
+        default=None, description="Model FLOPs utilization, a ratio from 0 to 1."
+    )
+
+
+class CheckpointInfo(StatusModel):
+    """A written checkpoint."""
+
+    name: str = Field(description="Checkpoint name (`step-<N>`).")
+    step: int = Field(description="Optimizer step it was taken at.", ge=0)
+    uri: str = Field(description="Where it is (`pvc://...` or `s3://...`).")
+    validation_loss: float | None = Field(
+        default=None, description="Validation loss at that step, if evaluated."
+    )
+
+
+class Checkpoints(StatusModel):
+    """The checkpoints a ModelDeployment or another TrainingRun can start from."""
+
+    latest: CheckpointInfo | None = Field(default=None, description="The newest checkpoint.")
+    best: CheckpointInfo | None = Field(
+        default=None, description="The checkpoint with the lowest validation loss."
+    )
+
+
+class FinalEvaluation(StatusModel):
+    """Evaluation on the test split after training."""
+
+    loss: float | None = Field(default=None, description="Test loss.")
+    perplexity: float | None = Field(default=None, description="Test perplexity.")
+    accuracy: float | None = Field(default=None, description="Test token accuracy.")
+    bleu: float | None = Field(default=None, description="Test BLEU (sft).")
+
+
+class TrainingRunStatus(StatusModel):
+    """Observed state of a TrainingRun."""
+
+    phase: (
+        Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None
+    ) = Field(default=None, description="Coarse lifecycle phase.")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation last acted on.", ge=0
+    )
+    conditions: list[Condition] = conditions_field()
+    step: int | None = Field(default=None, description="Optimizer steps done.", ge=0)
+    total_steps: int | None = Field(default=None, description="Optimizer steps planned.", ge=0)
+    progress: int | None = Field(
+        default=None, description="Percentage of totalSteps done.", ge=0, le=100
+    )
+    estimated_remaining_seconds: int | None = Field(
+        default=None, description="Estimated seconds until training ends.", ge=0
+    )
+    metrics: TrainingMetrics | None = Field(default=None, description="The latest metrics.")
+    checkpoints: Checkpoints | None = Field(
+        default=None, description="Latest and best checkpoints."
+    )
+    restart_count: int = Field(default=0, description="Restarts after failures so far.", ge=0)
+    start_time: datetime | None = Field(default=None, description="When training started.")
+    completion_time: datetime | None = Field(default=None, description="When training ended.")
+    final_evaluation: FinalEvaluation | None = Field(
+        default=None, description="Evaluation on the test split."
+    )
+    model_uri: str | None = Field(
+        default=None, description="Where the final model is (`pvc://...` or `s3://...`)."
+    )
+
+
+class TrainingRun(ApiModel):
+    """A TrainingRun custom resource."""
+
+    cel_rules = (
+        Rule(
+            cel="!has(self.spec.init) || !has(self.spec.init.trainingRun) || "
+            "self.spec.init.trainingRun.name != self.metadata.name",
+            message="a TrainingRun cannot start from its own checkpoints",
+            check=lambda r: (
+                r.spec.init is None
+                or r.spec.init.training_run is None
+                or r.spec.init.training_run.name != r.metadata.name
+            ),
+            field_path=".spec.init.trainingRun.name",
+        ),
+    )
+
+    api_version: Literal["llmops.dev/v1alpha1"] = Field(description="API version.")
+    kind: Literal["TrainingRun"] = Field(description="Kind.")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: TrainingRunSpec = Field(description="Desired state.")
+    status: TrainingRunStatus = Field(
+        default_factory=TrainingRunStatus, description="Observed state."
+    )
