@@ -14,7 +14,7 @@ from typing import Any, ClassVar, NamedTuple, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, to_jsonable_python
 
 T = TypeVar("T")
 
@@ -56,6 +56,15 @@ class ApiModel(BaseModel):
         cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         schema = handler.resolve_ref_schema(handler(core_schema))
+        # pydantic leaves default_factory out of the schema; the CRD needs the value so that
+        # the API server defaults (and checks CEL rules against) exactly what pydantic would.
+        properties = schema.get("properties", {})
+        for name, info in cls.model_fields.items():
+            prop = properties.get(info.alias or name)
+            if prop is not None and info.default_factory is not None and "default" not in prop:
+                prop["default"] = to_jsonable_python(
+                    info.get_default(call_default_factory=True), by_alias=True, exclude_none=True
+                )
         if cls.cel_rules:
             schema["x-kubernetes-validations"] = [_cel(rule) for rule in cls.cel_rules]
         return schema
@@ -79,15 +88,10 @@ def _cel(rule: Rule) -> dict[str, str]:
 
 
 def nested(model: type[ApiModel], description: str, **extra: Any) -> Any:
-    """A sub-object whose fields all have defaults. The CRD gets the fully defaulted object as
-    its default (the API server checks CEL rules against a default as written, without
-    filling in nested defaults first), so server and pydantic default the same way."""
-    default = model().to_dict()
-    return Field(
-        default_factory=model,
-        description=description,
-        json_schema_extra={"default": default, **extra},
-    )
+    """A sub-object whose fields all have defaults. Its CRD default is the fully defaulted
+    object (the API server checks CEL rules against a default as written, without filling in
+    nested defaults first), so server and pydantic default the same way."""
+    return Field(default_factory=model, description=description, json_schema_extra=extra or None)
 
 
 def exactly_one(obj: object, *attributes: str) -> bool:

@@ -228,10 +228,7 @@ class PiiScrubbing(ApiModel):
         default_factory=lambda: list(DEFAULT_PII),
         description="What to scrub.",
         max_length=4,
-        json_schema_extra={
-            "default": list(DEFAULT_PII),
-            "x-kubernetes-list-type": "set",
-        },
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
 
 
@@ -282,7 +279,6 @@ class TokenizerTraining(ApiModel):
         default_factory=lambda: ["<|endoftext|>", "<|pad|>"],
         description="Special tokens added to the vocabulary (end of text first).",
         max_length=64,
-        json_schema_extra={"default": ["<|endoftext|>", "<|pad|>"]},
     )
 
 

@@ -276,7 +276,7 @@ class Evaluation(ApiModel):
         default_factory=lambda: list(DEFAULT_METRICS),
         description="Metrics besides loss: `perplexity`, token `accuracy`, `bleu` (sft only).",
         max_length=3,
-        json_schema_extra={"default": list(DEFAULT_METRICS), "x-kubernetes-list-type": "set"},
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     early_stopping: EarlyStopping | None = Field(
         default=None, description="Stop early when the validation metric stalls."
