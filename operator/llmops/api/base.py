@@ -32,12 +32,14 @@ class Rule(NamedTuple):
 
 class ApiModel(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown fields are errors, as with
-    `kubectl apply` (whose server-side field validation is strict by default)."""
+    `kubectl apply` (whose server-side field validation is strict by default), and types are
+    strict as in the API server's JSON schema ("yes" is no boolean, "4" no integer)."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        strict=True,
         protected_namespaces=(),
     )
 
@@ -75,9 +77,10 @@ class ApiModel(BaseModel):
 
 
 class StatusModel(ApiModel):
-    """Status is written by the operator; a newer operator's extra fields are ignored."""
+    """Status is written by the operator; a newer operator's extra fields are ignored, and
+    timestamps arrive as RFC 3339 strings."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=False)
 
 
 def _cel(rule: Rule) -> dict[str, str]:
