@@ -172,3 +172,35 @@ def test_printer_columns_read_the_status(api_client: client.ApiClient, namespace
     assert row["Phase"] == "Running"
     assert row["Progress"] == 40
     assert row["Loss"] == 2.5
+
+
+def test_conditions_are_metav1_shaped(api_client: client.ApiClient, namespace: str) -> None:
+    """`kubectl wait --for=condition=Complete` reads status.conditions; the schema keeps them
+    in metav1.Condition shape, one per type."""
+    doc = yaml.safe_load(next(p for p in INVALID if p.name == "tr-no-stop.yaml").read_text())
+    doc["spec"]["hyperparameters"]["maxSteps"] = 10
+    _create(api_client, namespace, doc)
+    objects = client.CustomObjectsApi(api_client)
+    name = doc["metadata"]["name"]
+    complete = {
+        "type": "Complete",
+        "status": "True",
+        "reason": "TrainingSucceeded",
+        "message": "reached maxSteps",
+        "lastTransitionTime": "2025-01-01T00:00:00Z",
+        "observedGeneration": 1,
+    }
+    updated = objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "trainingruns", name, {"status": {"conditions": [complete]}}
+    )
+    assert updated["status"]["conditions"] == [complete]
+    for bad, field in (
+        ({**complete, "status": "Yes"}, "status.conditions[0].status"),
+        ({**complete, "reason": "not a reason"}, "status.conditions[0].reason"),
+    ):
+        with pytest.raises(ApiException) as raised:
+            objects.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "trainingruns", name, {"status": {"conditions": [bad]}}
+            )
+        assert raised.value.status == 422
+        assert field in json.loads(raised.value.body)["message"]
