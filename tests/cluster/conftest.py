@@ -5,19 +5,23 @@ Set LLMOPS_TEST_KUBECONFIG to run against an existing cluster instead of startin
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config, utils
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from controlplane import ControlPlane, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
+# Reconcile often in tests; read when the controllers are imported.
+os.environ.setdefault("LLMOPS_RECONCILE_SECONDS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +33,8 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     workdir = tmp_path_factory.mktemp("control-plane")
     with ControlPlane.start(workdir) as plane:
         try:
+            # The in-process operator and the llmops client find the cluster here.
+            os.environ["KUBECONFIG"] = str(plane.kubeconfig)
             yield plane.kubeconfig
         except BaseException:
             print(plane.logs_tail())
@@ -44,20 +50,22 @@ def api_client(kubeconfig: Path) -> Iterator[client.ApiClient]:
 
 
 def _apply_crds(api: client.ApiClient) -> None:
-    """Install the generated CRDs (if any) and wait until they are served."""
-    files = sorted(CRDS.glob("*.yaml")) if CRDS.is_dir() else []
-    extensions = client.ApiextensionsV1Api(api)
-    for file in files:
-        try:
-            utils.create_from_yaml(api, str(file))
-        except utils.FailToCreateError as error:
-            if not all(e.status == 409 for e in error.api_exceptions):
-                raise
-    for file in files:
-        import yaml
+    """Install the generated CRDs with server-side apply (so an existing cluster gets the
+    current schema, not whatever an older run left) and wait until they are served."""
+    import yaml
+    from kubernetes.dynamic import DynamicClient
 
+    crds = DynamicClient(api).resources.get(
+        api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"
+    )
+    extensions = client.ApiextensionsV1Api(api)
+    files = sorted(CRDS.glob("*.yaml")) if CRDS.is_dir() else []
+    for file in files:
         for doc in yaml.safe_load_all(file.read_text()):
             name = doc["metadata"]["name"]
+            crds.server_side_apply(
+                body=doc, name=name, field_manager="llmops-tests", force_conflicts=True
+            )
 
             def established(crd_name: str = name) -> bool:
                 crd = extensions.read_custom_resource_definition(crd_name)
@@ -88,3 +96,46 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     wait_for(f"default ServiceAccount in {name}", has_default_sa, 30)
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def volumes(api_client: client.ApiClient) -> None:
+    """Statically provisioned PersistentVolumes, so claims bind as in a cluster without a
+    provisioner (kwok nodes never mount them)."""
+    core = client.CoreV1Api(api_client)
+    for index in range(40):
+        core.create_persistent_volume(
+            client.V1PersistentVolume(
+                metadata=client.V1ObjectMeta(name=f"test-pv-{index}"),
+                spec=client.V1PersistentVolumeSpec(
+                    capacity={"storage": "100Gi"},
+                    access_modes=["ReadWriteOnce", "ReadWriteMany"],
+                    persistent_volume_reclaim_policy="Delete",
+                    host_path=client.V1HostPathVolumeSource(path=f"/tmp/llmops-pv-{index}"),
+                ),
+            )
+        )
+
+
+@pytest.fixture
+def operator(kubeconfig: Path, api_client: client.ApiClient, namespace: str) -> Iterator[str]:
+    """The llmops operator, in this process, watching the test's namespace."""
+    import kopf
+
+    import llmops.controllers  # noqa: F401  (registers the handlers)
+
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def run() -> None:
+        asyncio.run(
+            kopf.operator(standalone=True, namespaces=[namespace], ready_flag=ready, stop_flag=stop)
+        )
+
+    thread = threading.Thread(target=run, name="llmops-operator", daemon=True)
+    thread.start()
+    assert ready.wait(30), "the operator did not start"
+    yield namespace
+    stop.set()
+    thread.join(30)

@@ -26,12 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import yaml
+
 from build_components import component_bin_dirs
 from pki import CertificateAuthority, KeyPair, write_kubeconfig, write_service_account_key
 
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Two simulated node pools. On `kwok-node-*` a Job's pods complete as soon as they run (kwok's
+# own stages). `kwok-hold-*` is tainted; pods that tolerate it and select it keep running
+# until a test ends them by writing their status, as a kubelet would (success, crash, ...).
+HOLD_POOL_LABEL = "llmops.dev/kwok-pool"
+HOLD_TOLERATION = {
+    "key": HOLD_POOL_LABEL,
+    "operator": "Equal",
+    "value": "hold",
+    "effect": "NoSchedule",
+}
 START_TIMEOUT = 120.0
 
 
@@ -263,7 +275,7 @@ class ControlPlane:
             "kwok",
             [
                 f"--kubeconfig={self.kubeconfig}",
-                f"--config={self.bins['kwok-stages.yaml']}",
+                f"--config={self._kwok_stages(nodes)}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
                 f"--cidr={POD_CIDR}",
@@ -292,38 +304,47 @@ class ControlPlane:
         for process in self.processes:
             process.check_alive()
 
+    def _kwok_stages(self, nodes: int) -> Path:
+        """kwok's stages, except that Job pods on the hold pool do not complete by themselves."""
+        documents = list(yaml.safe_load_all(self.bins["kwok-stages.yaml"].read_text()))
+        for stage in documents:
+            if stage["metadata"]["name"] == "pod-complete":
+                stage["spec"]["selector"]["matchExpressions"].append(
+                    {
+                        "key": ".spec.nodeName",
+                        "operator": "NotIn",
+                        "values": [f"kwok-hold-{i}" for i in range(nodes)],
+                    }
+                )
+        path = self.workdir / "kwok-stages.yaml"
+        path.write_text(yaml.safe_dump_all(documents))
+        return path
+
     def _create_nodes(self, count: int, context: ssl.SSLContext) -> None:
-        """Simulated nodes with GPUs, managed by kwok, that every pod may run on."""
+        """Simulated nodes with 8 GPUs each, managed by kwok: `count` in each pool."""
         import json
 
-        for index in range(count):
+        names = [f"kwok-node-{i}" for i in range(count)] + [f"kwok-hold-{i}" for i in range(count)]
+        capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
+        for name in names:
+            hold = name.startswith("kwok-hold")
+            taint = {k: v for k, v in HOLD_TOLERATION.items() if k != "operator"}
             node = {
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {
-                    "name": f"kwok-node-{index}",
+                    "name": name,
                     "annotations": {KWOK_NODE_ANNOTATION: "fake"},
                     "labels": {
                         "type": "kwok",
-                        "kubernetes.io/hostname": f"kwok-node-{index}",
+                        "kubernetes.io/hostname": name,
                         "kubernetes.io/os": "linux",
                         "kubernetes.io/arch": "amd64",
+                        HOLD_POOL_LABEL: "hold" if hold else "complete",
                     },
                 },
-                "status": {
-                    "capacity": {
-                        "cpu": "64",
-                        "memory": "512Gi",
-                        "pods": "110",
-                        "nvidia.com/gpu": "8",
-                    },
-                    "allocatable": {
-                        "cpu": "64",
-                        "memory": "512Gi",
-                        "pods": "110",
-                        "nvidia.com/gpu": "8",
-                    },
-                },
+                "spec": {"taints": [taint] if hold else []},
+                "status": {"capacity": capacity, "allocatable": capacity},
             }
             request = urllib.request.Request(
                 f"{self.server}/api/v1/nodes",
@@ -344,7 +365,7 @@ class ControlPlane:
                 for c in n.get("status", {}).get("conditions", [])
                 if c["type"] == "Ready" and c["status"] == "True"
             ]
-            return len(ready) >= count
+            return len(ready) >= len(names)
 
         wait_for("kwok nodes Ready", all_ready, START_TIMEOUT, self.processes[-1].check_alive)
 

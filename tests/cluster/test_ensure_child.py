@@ -49,11 +49,13 @@ def test_restarted_operator_creates_only_what_is_missing(
     api_client: client.ApiClient, namespace: str
 ):
     config, service = _children(_owner(api_client, namespace))
-    first = Kube(api_client).ensure(config)
+    first, created = Kube(api_client).ensure(config)
+    assert created
     # The operator dies here, before the Service; a new process reconciles from scratch.
     restarted = Kube(api_client)
-    again = restarted.ensure(config)
-    restarted.ensure(service)
+    again, created_again = restarted.ensure(config)
+    assert not created_again
+    assert restarted.ensure(service).created
 
     assert again["metadata"]["uid"] == first["metadata"]["uid"]
     assert again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
@@ -76,9 +78,9 @@ def test_drifted_child_is_converged_unless_immutable(api_client: client.ApiClien
     core = client.CoreV1Api(api_client)
     core.patch_namespaced_config_map("demo-config", namespace, {"data": {"config.json": "drift"}})
 
-    untouched = kube.ensure(config, update=False)
+    untouched = kube.ensure(config, update=False).object
     assert untouched["data"] == {"config.json": "drift"}
-    converged = kube.ensure(config)
+    converged = kube.ensure(config).object
     assert converged["data"] == {"config.json": "{}"}
 
 

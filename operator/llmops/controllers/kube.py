@@ -1,20 +1,20 @@
 """The one module through which controllers talk to the Kubernetes API.
 
-`ensure` is the idempotent "make this child exist as built" path every controller uses:
-create; on 409 read what is there, refuse to touch an object this owner does not control, and
-otherwise converge it with server-side apply. Since child names are deterministic, an operator
-killed between two creates and restarted finds the first child and creates only the second.
+`ensure` is the idempotent "make this child exist as built" path every controller uses: read
+what is there, refuse to touch an object this owner does not control, and otherwise create or
+converge it with server-side apply. Since child names are deterministic, an operator killed
+between two creates and restarted finds the first child and creates only the second.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import kubernetes
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError
 
 FIELD_MANAGER = "llmops"
 
@@ -25,6 +25,11 @@ class ChildConflict(Exception):
 
 class ChildTerminating(Exception):
     """A child with this name is being deleted; creating it again must wait."""
+
+
+class Ensured(NamedTuple):
+    object: dict[str, Any]
+    created: bool
 
 
 def _controller_uid(obj: Mapping[str, Any]) -> str | None:
@@ -43,29 +48,28 @@ class Kube:
     def _resource(self, api_version: str, kind: str) -> Any:
         return self.dynamic.resources.get(api_version=api_version, kind=kind)
 
-    def ensure(self, manifest: Mapping[str, Any], *, update: bool = True) -> dict[str, Any]:
+    def ensure(self, manifest: Mapping[str, Any], *, update: bool = True) -> Ensured:
         """Create the child, or converge the existing one (unless `update` is False, for
         objects whose spec is immutable, such as Jobs). Returns the live object."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         meta = manifest["metadata"]
         try:
-            created = resource.create(
-                body=dict(manifest), namespace=meta.get("namespace"), field_manager=FIELD_MANAGER
-            )
-            return dict(created.to_dict())
-        except ConflictError:
-            pass
-        existing = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
-        wanted_owner = _controller_uid(manifest)
-        if wanted_owner is not None and _controller_uid(existing) != wanted_owner:
-            raise ChildConflict(
-                f"{manifest['kind']} {meta['name']!r} already exists and is not controlled by "
-                f"this resource; delete or rename it"
-            )
-        if existing["metadata"].get("deletionTimestamp"):
-            raise ChildTerminating(f"{manifest['kind']} {meta['name']!r} is being deleted")
-        if not update:
-            return dict(existing)
+            existing = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
+        except NotFoundError:
+            existing = None
+        if existing is not None:
+            wanted_owner = _controller_uid(manifest)
+            if wanted_owner is not None and _controller_uid(existing) != wanted_owner:
+                raise ChildConflict(
+                    f"{manifest['kind']} {meta['name']!r} already exists and is not controlled "
+                    f"by this resource; delete or rename it"
+                )
+            if existing["metadata"].get("deletionTimestamp"):
+                raise ChildTerminating(f"{manifest['kind']} {meta['name']!r} is being deleted")
+            if not update:
+                return Ensured(dict(existing), created=False)
+        # Server-side apply creates or converges under one field manager, and is a no-op
+        # (no new resourceVersion) when nothing differs.
         applied = resource.server_side_apply(
             body=dict(manifest),
             name=meta["name"],
@@ -73,7 +77,29 @@ class Kube:
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
         )
-        return dict(applied.to_dict())
+        return Ensured(dict(applied.to_dict()), created=existing is None)
+
+    def patch(
+        self, api_version: str, kind: str, name: str, namespace: str | None, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch of selected fields (e.g. a Job's spec.suspend)."""
+        patched = self._resource(api_version, kind).patch(
+            body=dict(body),
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+            field_manager=FIELD_MANAGER,
+        )
+        return dict(patched.to_dict())
+
+    def pod_log_tail(self, name: str, namespace: str, lines: int = 100) -> str | None:
+        """The end of a pod's log, or None where the node serves no logs."""
+        core = kubernetes.client.CoreV1Api(self.api_client)
+        try:
+            text: str = core.read_namespaced_pod_log(name, namespace, tail_lines=lines)
+        except (kubernetes.client.ApiException, OSError):
+            return None
+        return text
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None

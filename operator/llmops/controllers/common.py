@@ -1,0 +1,123 @@
+"""What every controller does the same way: parse the resource, keep status and conditions,
+tell the story in events, count resources by phase, pick the reconcile interval."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import kopf
+from pydantic import BaseModel, ValidationError
+
+from llmops import conditions as cond
+from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
+from llmops.metrics import CHILDREN_CREATED, RESOURCES
+
+M = TypeVar("M", bound=BaseModel)
+
+# How often each resource is compared with its children (level-triggered reconcile).
+RECONCILE_SECONDS = float(os.environ.get("LLMOPS_RECONCILE_SECONDS", "5"))
+
+_phases: dict[tuple[str, str], str] = {}  # (kind, uid) -> phase, for the RESOURCES gauge
+
+
+def kube() -> Kube:
+    return default_kube()
+
+
+def parse(model: type[M], body: Mapping[str, Any]) -> M:
+    """The resource as its API model. The CRD schema already rejected invalid input at
+    admission, so a failure here is permanent (e.g. a field the schema could not express)."""
+    try:
+        return model.model_validate(
+            {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+        )
+    except ValidationError as error:
+        raise kopf.PermanentError(f"invalid {body.get('kind')}: {error}") from error
+
+
+@dataclass
+class StatusWriter:
+    """Collects status changes of one reconcile and writes them once, with events for
+    condition transitions."""
+
+    body: Mapping[str, Any]
+    kind: str
+    status: dict[str, Any] = field(init=False)
+    changed_conditions: list[dict[str, Any]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.status = dict(self.body.get("status") or {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def set(self, **fields: Any) -> None:
+        self.status.update(fields)
+
+    def condition(
+        self, type_: str, status: cond.ConditionStatus, reason: str, message: str = ""
+    ) -> None:
+        before = cond.get_condition(self.status.get("conditions"), type_)
+        self.status["conditions"] = cond.set_condition(
+            self.status.get("conditions"),
+            type_,
+            status,
+            reason,
+            message,
+            generation=self.body["metadata"].get("generation"),
+        )
+        if before is None or before.get("status") != status or before.get("reason") != reason:
+            self.changed_conditions.append(
+                {"type": type_, "status": status, "reason": reason, "message": message}
+            )
+
+    def write(self, patch: kopf.Patch) -> None:
+        self.status["observedGeneration"] = self.body["metadata"].get("generation")
+        old = self.body.get("status") or {}
+        for key, value in self.status.items():
+            if old.get(key) != value:
+                patch.status[key] = value
+        for change in self.changed_conditions:
+            if change["status"] == "True":
+                warning = change["type"] in ("Failed", "Degraded", "Restarting")
+                kopf.event(
+                    cast(kopf.Body, self.body),
+                    type="Warning" if warning else "Normal",
+                    reason=change["reason"],
+                    message=change["message"] or f"{change['type']}",
+                )
+        uid = self.body["metadata"]["uid"]
+        previous = _phases.get((self.kind, uid))
+        if self.phase and previous != self.phase:
+            if previous:
+                RESOURCES.labels(kind=self.kind, phase=previous).dec()
+            RESOURCES.labels(kind=self.kind, phase=self.phase).inc()
+            _phases[(self.kind, uid)] = self.phase
+
+
+def forget(kind: str, uid: str) -> None:
+    """A deleted resource leaves the phase gauge."""
+    phase = _phases.pop((kind, uid), None)
+    if phase:
+        RESOURCES.labels(kind=kind, phase=phase).dec()
+
+
+def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True) -> dict[str, Any]:
+    """kube().ensure with the errors mapped to kopf's retry semantics."""
+    try:
+        ensured = kube().ensure(manifest, update=update)
+    except ChildTerminating as error:
+        raise kopf.TemporaryError(str(error), delay=5) from error
+    except ChildConflict as error:
+        raise kopf.PermanentError(str(error)) from error
+    if ensured.created:
+        CHILDREN_CREATED.labels(kind=kind, child_kind=manifest["kind"]).inc()
+    return ensured.object
+
+
+def is_complete(obj: Mapping[str, Any] | None, type_: str = "Complete") -> bool:
+    return obj is not None and cond.is_true((obj.get("status") or {}).get("conditions"), type_)

@@ -1,0 +1,293 @@
+"""TrainingRun controller: keeps a gang of DeepSpeed workers running until training ends.
+
+Level-triggered: every few seconds the children are compared with what the spec wants and the
+status is computed from what is observed, so a restarted operator simply carries on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from llmops import GROUP, VERSION
+from llmops.api import API_VERSION
+from llmops.api.dataset import Dataset
+from llmops.api.trainingrun import TrainingRun
+from llmops.builders import storage
+from llmops.builders import trainingrun as build
+from llmops.controllers import common
+from llmops.metrics import RESTARTS_TRIGGERED, observe_reconcile
+
+KIND = "TrainingRun"
+PROGRESS_PREFIX = "LLMOPS_PROGRESS "
+TERMINAL = ("Succeeded", "Failed")
+
+
+def parse_progress(log: str | None) -> dict[str, Any] | None:
+    """The last progress record the trainer's rank 0 printed."""
+    for line in reversed((log or "").splitlines()):
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                record = json.loads(line[len(PROGRESS_PREFIX) :])
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                return record
+    return None
+
+
+def progress_status(
+    record: Mapping[str, Any], started: datetime.datetime | None, now: datetime.datetime
+) -> dict[str, Any]:
+    """Status fields from a progress record: step, percentage, ETA, latest metrics."""
+    step = int(record.get("step", 0))
+    total = int(record.get("totalSteps", 0)) or None
+    fields: dict[str, Any] = {"step": step}
+    if total:
+        fields["totalSteps"] = total
+        fields["progress"] = min(100, int(100 * step / total))
+        elapsed = (now - started).total_seconds() if started else 0
+        if step and elapsed > 0:
+            fields["estimatedRemainingSeconds"] = int(elapsed / step * max(0, total - step))
+    metric_keys = {
+        "trainLoss": "trainLoss",
+        "valLoss": "validationLoss",
+        "perplexity": "perplexity",
+        "accuracy": "accuracy",
+        "learningRate": "learningRate",
+        "tokensPerSecond": "tokensPerSecond",
+        "mfu": "mfu",
+    }
+    metrics = {
+        ours: record[theirs_key]
+        for theirs_key, ours in metric_keys.items()
+        if record.get(theirs_key) is not None
+    }
+    if metrics:
+        fields["metrics"] = metrics
+    return fields
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _timestamp(value: datetime.datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _job_failure(job: Mapping[str, Any]) -> str | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
+    return None
+
+
+def _init_uri(run: TrainingRun) -> tuple[str | None, str | None]:
+    """(uri of the starting weights, why we must wait for them)."""
+    init = run.spec.init
+    if init is None:
+        return None, None
+    if init.path:
+        return init.path, None
+    assert init.training_run is not None
+    parent = common.kube().get(API_VERSION, KIND, init.training_run.name, run.metadata.namespace)
+    if parent is None:
+        return None, f"TrainingRun {init.training_run.name!r} not found"
+    checkpoints = (parent.get("status") or {}).get("checkpoints") or {}
+    wanted = init.training_run.checkpoint
+    chosen = checkpoints.get(wanted) if wanted in ("latest", "best") else None
+    if chosen is None and wanted.startswith("step-"):
+        latest = checkpoints.get("latest") or {}
+        base = latest.get("uri", "").rsplit("/", 1)[0]
+        return (
+            f"{base}/{wanted}" if base else None,
+            None if base else f"TrainingRun {init.training_run.name!r} has no checkpoints",
+        )
+    if chosen is None:
+        return None, f"TrainingRun {init.training_run.name!r} has no {wanted} checkpoint yet"
+    return chosen["uri"], None
+
+
+def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
+    run = common.parse(TrainingRun, body)
+    status = common.StatusWriter(body, KIND)
+    if status.phase in TERMINAL:
+        return
+    try:
+        _reconcile(body, run, status)
+    finally:
+        status.write(patch)
+
+
+def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusWriter) -> None:
+    spec = run.spec
+    namespace: str = body["metadata"]["namespace"]
+    kube = common.kube()
+
+    dataset_body = kube.get(API_VERSION, "Dataset", spec.dataset_ref.name, namespace)
+    if dataset_body is None or not common.is_complete(dataset_body):
+        why = "DatasetNotFound" if dataset_body is None else "WaitingForDataset"
+        status.set(phase="Pending")
+        status.condition("Created", "False", why, f"Dataset {spec.dataset_ref.name!r} is not ready")
+        return
+    dataset = common.parse(Dataset, dataset_body)
+    init_uri, waiting = _init_uri(run)
+    if waiting:
+        status.set(phase="Pending")
+        status.condition("Created", "False", "WaitingForInitCheckpoint", waiting)
+        return
+
+    common.ensure_child(KIND, build.config_map(body))
+    common.ensure_child(KIND, build.headless_service(body))
+    claim = build.checkpoint_claim(body, run)
+    if claim is not None:
+        common.ensure_child(KIND, claim, update=False)  # a bound claim's spec is immutable
+    attempt = int(status.status.get("restartCount") or 0)
+    manifest = build.worker_job(
+        body, run, attempt, dataset.metadata.name, dataset.spec.output, init_uri
+    )
+    job = common.ensure_child(KIND, manifest, update=False)
+    job_name = manifest["metadata"]["name"]
+    status.condition(
+        "Created", "True", "GangCreated", f"Job {job_name} with {spec.resources.num_nodes} pod(s)"
+    )
+    now = _now()
+    if not status.status.get("startTime"):
+        status.set(startTime=_timestamp(now))
+
+    if bool(job["spec"].get("suspend")) != spec.suspend:
+        # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates them.
+        kube.patch("batch/v1", "Job", job_name, namespace, {"spec": {"suspend": spec.suspend}})
+
+    started = _parse_time(status.status.get("startTime"))
+    deadline = spec.active_deadline_seconds
+    if deadline and started and (now - started).total_seconds() > deadline and not spec.suspend:
+        kube.delete("batch/v1", "Job", job_name, namespace)
+        _finish(
+            status,
+            "Failed",
+            "DeadlineExceeded",
+            f"running longer than activeDeadlineSeconds={deadline}",
+            now,
+        )
+        return
+
+    if common.is_complete(job):
+        _finish(status, "Succeeded", "TrainingComplete", "training finished", now)
+        status.set(
+            modelUri=storage.uri(run.metadata.name, "checkpoints", spec.checkpointing.storage)
+            + f"/{build.OUTPUT_SUBDIR}"
+        )
+        return
+    failure = _job_failure(job)
+    if failure:
+        _restart_or_fail(run, status, job_name, failure, attempt, now)
+        return
+
+    if spec.suspend:
+        status.set(phase="Suspended")
+        status.condition("Suspended", "True", "Suspended", "pods stopped; checkpoints kept")
+        status.condition("Running", "False", "Suspended")
+        return
+    status.condition("Suspended", "False", "Resumed")
+    pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if len(running) == spec.resources.num_nodes:
+        status.set(phase="Running")
+        status.condition(
+            "Running",
+            "True",
+            "GangRunning",
+            f"{len(running)}/{spec.resources.num_nodes} pods running",
+        )
+        status.condition("Restarting", "False", "GangRunning")
+        rank0 = next(
+            (
+                p
+                for p in running
+                if p["metadata"]
+                .get("annotations", {})
+                .get("batch.kubernetes.io/job-completion-index")
+                == "0"
+            ),
+            None,
+        )
+        if rank0 is not None:
+            record = parse_progress(kube.pod_log_tail(rank0["metadata"]["name"], namespace))
+            if record:
+                status.set(**progress_status(record, started, now))
+    else:
+        if status.phase not in ("Restarting",):
+            status.set(phase="Pending")
+        status.condition(
+            "Running",
+            "False",
+            "WaitingForGang",
+            f"{len(running)}/{spec.resources.num_nodes} pods running",
+        )
+
+
+def _restart_or_fail(
+    run: TrainingRun,
+    status: common.StatusWriter,
+    job_name: str,
+    failure: str,
+    attempt: int,
+    now: datetime.datetime,
+) -> None:
+    if attempt >= run.spec.max_restarts:
+        _finish(
+            status,
+            "Failed",
+            "MaxRestartsExceeded",
+            f"gang failed after {attempt} restart(s): {failure}",
+            now,
+        )
+        return
+    # Count the restart first: if the operator dies right after, the next reconcile still
+    # creates attempt N+1 exactly once (the Job name carries the attempt).
+    status.set(phase="Restarting", restartCount=attempt + 1)
+    status.condition(
+        "Restarting",
+        "True",
+        "GangMemberFailed",
+        f"restart {attempt + 1}/{run.spec.max_restarts} from the latest checkpoint: {failure}",
+    )
+    status.condition("Running", "False", "GangMemberFailed")
+    common.kube().delete("batch/v1", "Job", job_name, run.metadata.namespace)
+    RESTARTS_TRIGGERED.labels(kind=KIND).inc()
+
+
+def _finish(
+    status: common.StatusWriter, phase: str, reason: str, message: str, now: datetime.datetime
+) -> None:
+    status.set(phase=phase, completionTime=_timestamp(now))
+    status.condition("Running", "False", reason)
+    if phase == "Succeeded":
+        status.condition("Complete", "True", reason, message)
+        status.set(progress=100)
+    else:
+        status.condition("Failed", "True", reason, message)
+    status.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+
+
+@kopf.timer(GROUP, VERSION, "trainingruns", interval=common.RECONCILE_SECONDS, initial_delay=0)
+def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    with observe_reconcile(KIND):
+        reconcile(body, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, "trainingruns", optional=True)
+def forget(body: kopf.Body, **_: Any) -> None:
+    common.forget(KIND, body["metadata"]["uid"])
