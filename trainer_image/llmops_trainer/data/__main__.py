@@ -1,0 +1,79 @@
+"""Entrypoint of the preprocessing Job's containers.
+
+    python -m llmops_trainer.data --config /etc/llmops/dataset.json --stage slice|merge
+
+Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-slice results; default
+<output>/.work), JOB_COMPLETION_INDEX (slice index, set by an Indexed Job) and
+LLMOPS_NUM_SLICES (slice count; default spec.parallelism). On failure the step and reason
+go to /dev/termination-log, where Kubernetes shows them in the pod status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmops.api.dataset import Dataset
+from llmops_trainer.data.collect import ChecksumError
+from llmops_trainer.data.pipeline import run_merge, run_slice
+
+TERMINATION_LOG = Path(os.environ.get("LLMOPS_TERMINATION_LOG", "/dev/termination-log"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmops_trainer.data")
+    parser.add_argument("--config", required=True, type=Path, help="the Dataset object as JSON")
+    parser.add_argument("--stage", required=True, choices=("slice", "merge"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LLMOPS_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        dataset = Dataset.model_validate(json.loads(args.config.read_text()))
+        output = Path(os.environ.get("LLMOPS_OUTPUT_DIR", "/data"))
+        work = Path(os.environ.get("LLMOPS_WORK_DIR", str(output / ".work")))
+        count = int(os.environ.get("LLMOPS_NUM_SLICES", dataset.spec.parallelism))
+        if args.stage == "slice":
+            index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+            if not 0 <= index < count:
+                raise ValueError(f"JOB_COMPLETION_INDEX {index} outside 0..{count - 1}")
+            run_slice(dataset, work, index, count)
+        else:
+            manifest = run_merge(dataset, output, work, count)
+            print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))
+    except Exception as error:
+        reason = _reason(error)
+        logging.getLogger("llmops.data").exception("%s stage failed: %s", args.stage, reason)
+        _terminate(args.stage, reason, str(error))
+        return 1
+    return 0
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ChecksumError):
+        return "ChecksumMismatch"
+    if isinstance(error, FileNotFoundError):
+        return "InputNotFound"
+    if isinstance(error, ValueError):
+        return "InvalidConfig"
+    if isinstance(error, OSError):
+        return "InputUnavailable"
+    return "ProcessingFailed"
+
+
+def _terminate(stage: str, reason: str, message: str) -> None:
+    with contextlib.suppress(OSError):
+        TERMINATION_LOG.write_text(
+            json.dumps({"stage": stage, "reason": reason, "message": message[:3000]})
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Collect: list a Dataset's inputs, stream their bytes and parse them into documents.
+
+Inputs are listed in one deterministic order (sources in spec order, files sorted), so every
+slice of an Indexed Job agrees on which inputs are its own without talking to the others.
+Compression is recognised by magic bytes, not by file name.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from llmops.api.dataset import DatasetSpec, DataSource
+
+# Where the controller mounts each `volume` source's claim: <root>/<claimName>.
+VOLUMES_DIR_ENV = "LLMOPS_VOLUMES_DIR"
+DEFAULT_VOLUMES_DIR = "/mnt/llmops/volumes"
+HTTP_ATTEMPTS = 5
+CHUNK = 1 << 20
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded input does not match the checksum its URL names."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document; supervised pairs keep prompt (`text`) and `response` apart."""
+
+    text: str
+    response: str | None = None
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One file-like input: a local file, a URL or an object in a bucket."""
+
+    source: int  # index into spec.sources
+    kind: Literal["file", "url", "s3"]
+    location: str
+
+
+def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[InputRef]:
+    volumes = volumes_dir or Path(os.environ.get(VOLUMES_DIR_ENV, DEFAULT_VOLUMES_DIR))
+    inputs: list[InputRef] = []
+    for index, source in enumerate(spec.sources):
+        if source.path is not None:
+            inputs += _local(index, Path(source.path))
+        elif source.volume is not None:
+            inputs += _local(index, volumes / source.volume.claim_name / source.volume.path)
+        elif source.urls is not None:
+            inputs += [InputRef(index, "url", url) for url in source.urls]
+        elif source.s3 is not None:
+            inputs += [InputRef(index, "s3", key) for key in _s3_keys(source)]
+    return inputs
+
+
+def slice_inputs(inputs: list[InputRef], index: int, count: int) -> list[int]:
+    """Input indices owned by slice `index` of `count` (round-robin keeps slices even)."""
+    return list(range(index, len(inputs), count))
+
+
+def _local(source: int, root: Path) -> list[InputRef]:
+    if root.is_file():
+        return [InputRef(source, "file", str(root))]
+    if not root.is_dir():
+        raise FileNotFoundError(f"source path {root} does not exist")
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return [InputRef(source, "file", str(p)) for p in files]
+
+
+def _s3_client(source: DataSource) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    assert source.s3 is not None
+    # Credentials come from the standard AWS variables (the controller maps the Secret).
+    return boto3.client(
+        "s3",
+        endpoint_url=source.s3.endpoint,
+        region_name=source.s3.region or os.environ.get("AWS_REGION", "us-east-1"),
+        config=Config(retries={"max_attempts": HTTP_ATTEMPTS, "mode": "standard"}),
+    )
+
+
+def _s3_keys(source: DataSource) -> list[str]:
+    assert source.s3 is not None
+    client = _s3_client(source)
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=source.s3.bucket, Prefix=source.s3.prefix
+    ):
+        keys += [obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    return sorted(keys)
+
+
+class _Hashing(io.RawIOBase):
+    """Passes bytes through, hashing them (the input's identity in the fingerprint)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
+
+
+class _HttpStream(io.RawIOBase):
+    """An HTTP(S) body that reconnects with a Range request where a transfer broke off,
+    and checks length and (when the URL names one: `#sha256=<hex>`) the checksum at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.url, _, fragment = url.partition("#")
+        self.expected = fragment[len("sha256=") :] if fragment.startswith("sha256=") else None
+        self.digest = hashlib.sha256()
+        self.offset = 0
+        self.length: int | None = None
+        self.response: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        for attempt in range(HTTP_ATTEMPTS):
+            try:
+                request = urllib.request.Request(self.url)
+                if self.offset:
+                    request.add_header("Range", f"bytes={self.offset}-")
+                self.response = urllib.request.urlopen(request, timeout=60)
+                if self.offset and self.response.status != 206:
+                    raise OSError("server ignored the Range request")
+                if self.length is None and self.response.headers.get("Content-Length"):
+                    self.length = int(self.response.headers["Content-Length"])
+                return
+            except urllib.error.HTTPError as error:
+                if error.code < 500 and error.code != 429:
+                    raise
+                last: Exception = error
+            except OSError as error:
+                last = error
+            time.sleep(min(2**attempt * 0.2, 10))
+        raise OSError(f"{self.url}: giving up after {HTTP_ATTEMPTS} attempts: {last}")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        for _ in range(HTTP_ATTEMPTS):
+            try:
+                data = self.response.read(len(buffer))
+                break
+            except OSError:
+                self._connect()
+        else:
+            raise OSError(f"{self.url}: transfer kept failing at byte {self.offset}")
+        if not data:
+            self._finish()
+            return 0
+        n = len(data)
+        buffer[:n] = data
+        self.digest.update(data)
+        self.offset += n
+        return n
+
+    def _finish(self) -> None:
+        if self.length is not None and self.offset != self.length:
+            raise OSError(f"{self.url}: got {self.offset} of {self.length} bytes")
+        if self.expected and self.digest.hexdigest() != self.expected.lower():
+            raise ChecksumError(f"{self.url}: sha256 {self.digest.hexdigest()} != {self.expected}")
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+        super().close()
+
+
+def _decompress(raw: IO[bytes]) -> IO[bytes]:
+    buffered = io.BufferedReader(raw, CHUNK)  # type: ignore[type-var]
+    magic = buffered.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered)  # type: ignore[return-value]
+    if magic[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(buffered)
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(buffered)
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(buffered)
+    return buffered
+
+
+@contextmanager
+def open_input(spec: DatasetSpec, ref: InputRef) -> Iterator[tuple[IO[bytes], _Hashing]]:
+    """The decompressed byte stream of an input, and the hasher of its raw bytes."""
+    source = spec.sources[ref.source]
+    raw: IO[bytes]
+    if ref.kind == "file":
+        raw = open(ref.location, "rb")  # noqa: SIM115 - closed below
+    elif ref.kind == "url":
+        raw = _HttpStream(ref.location)  # type: ignore[assignment]
+    else:
+        assert source.s3 is not None
+        body = _s3_client(source).get_object(Bucket=source.s3.bucket, Key=ref.location)["Body"]
+        raw = body
+    hashing = _Hashing(raw)
+    try:
+        yield _decompress(hashing), hashing  # type: ignore[arg-type]
+    finally:
+        raw.close()
+
+
+def read_documents(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
+    if source.format == "parquet":
+        yield from _parquet(stream, source)
+        return
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None)
+    if source.format == "jsonl":
+        yield from _jsonl(text, source)
+    elif source.document_separator == "file":
+        yield Document(text.read())
+    elif source.document_separator == "line":
+        for line in text:
+            if line.strip():
+                yield Document(line.rstrip("\n"))
+    else:
+        paragraph: list[str] = []
+        for line in text:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield Document("".join(paragraph))
+                paragraph = []
+        if paragraph:
+            yield Document("".join(paragraph))
+
+
+def _field(record: Any, name: str) -> Any:
+    """`a.b` reaches into nested objects when no flat key of that name exists."""
+    if isinstance(record, dict) and name in record:
+        return record[name]
+    for part in name.split("."):
+        if not isinstance(record, dict):
+            return None
+        record = record.get(part)
+    return record
+
+
+def _make(record: Any, source: DataSource) -> Document | None:
+    if source.prompt_field is not None and source.response_field is not None:
+        prompt, response = (
+            _field(record, source.prompt_field),
+            _field(record, source.response_field),
+        )
+        if isinstance(prompt, str) and isinstance(response, str):
+            return Document(prompt, response)
+        return None
+    text = _field(record, source.text_field)
+    return Document(text) if isinstance(text, str) else None
+
+
+def _jsonl(lines: IO[str], source: DataSource) -> Iterator[Document]:
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line is dropped, not fatal; counted as unreadable upstream
+        document = _make(record, source)
+        if document is not None:
+            yield document
+
+
+def _parquet(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    # Parquet needs random access: spool non-seekable streams to a temporary file.
+    with tempfile.TemporaryFile() as spool:
+        while block := stream.read(CHUNK):
+            spool.write(block)
+        spool.seek(0)
+        table = pq.ParquetFile(spool)
+        if source.prompt_field is not None and source.response_field is not None:
+            columns = [source.prompt_field, source.response_field]
+        else:
+            columns = [source.text_field]
+        for batch in table.iter_batches(batch_size=4096, columns=columns):
+            for record in batch.to_pylist():
+                document = _make(record, source)
+                if document is not None:
+                    yield document

@@ -1,0 +1,179 @@
+"""Report: per-step statistics (in the camelCase shape of DatasetStatus) and the dataset card."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from llmops.api.dataset import Dataset
+
+# Pipeline steps in order, and which step each drop reason belongs to.
+STEPS = (
+    "normalize",
+    "dedup-exact",
+    "filter-quality",
+    "filter-repetition",
+    "filter-lines",
+    "language",
+    "pii",
+    "dedup-near",
+    "augment",
+    "tokenize",
+)
+
+
+def step_of(reason: str) -> str:
+    if reason == "empty":
+        return "normalize"
+    if reason == "exact-duplicate":
+        return "dedup-exact"
+    if reason == "near-duplicate":
+        return "dedup-near"
+    if reason == "language":
+        return "language"
+    if reason.startswith("gopher_"):
+        return "filter-quality"
+    if reason.startswith("c4_"):
+        return "filter-lines"
+    return "filter-repetition"
+
+
+def step_stats(
+    documents: int, raw_bytes: int, dropped: list[tuple[str, int, int]], kept_bytes: int
+) -> list[dict[str, Any]]:
+    """Steps with documents and bytes in/out and drop reasons, from the count and size of
+    the documents read and (reason, documents, bytes) of every drop."""
+    by_step: dict[str, Counter[str]] = {s: Counter() for s in STEPS}
+    bytes_by_step: Counter[str] = Counter()
+    for reason, count, size in dropped:
+        by_step[step_of(reason)][reason] += count
+        bytes_by_step[step_of(reason)] += size
+    steps = []
+    docs, size = documents, raw_bytes
+    for name in STEPS[:-2]:
+        out = docs - sum(by_step[name].values())
+        out_size = size - bytes_by_step[name]
+        if name == "normalize":
+            # Normalization changes sizes: what leaves it is the sum of what follows.
+            out_size = kept_bytes + sum(b for s, b in bytes_by_step.items() if s != "normalize")
+        steps.append(
+            {
+                "name": name,
+                "documentsIn": docs,
+                "documentsOut": out,
+                "bytesIn": size,
+                "bytesOut": out_size,
+                "dropped": dict(sorted(by_step[name].items())),
+            }
+        )
+        docs, size = out, out_size
+    return steps
+
+
+def _table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _source_location(dataset: Dataset, index: int) -> str:
+    source = dataset.spec.sources[index]
+    if source.path is not None:
+        return f"path `{source.path}`"
+    if source.volume is not None:
+        return f"volume `{source.volume.claim_name}:{source.volume.path or '/'}`"
+    if source.urls is not None:
+        return f"{len(source.urls)} URL(s), first `{source.urls[0]}`"
+    assert source.s3 is not None
+    return f"`s3://{source.s3.bucket}/{source.s3.prefix}`"
+
+
+def _license(dataset: Dataset, index: int) -> str:
+    source = dataset.spec.sources[index]
+    given = getattr(source, "license", None)
+    if given:
+        return str(given)
+    annotations = dataset.metadata.annotations
+    return annotations.get(
+        f"llmops.dev/license.{source.name}", annotations.get("llmops.dev/license", "not given")
+    )
+
+
+def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> str:
+    spec = dataset.spec
+    processing = spec.processing
+    near = processing.deduplication.near
+    sources = [["source", "location", "format", "weight", "licence", "documents kept"]]
+    for i, source in enumerate(spec.sources):
+        kept = stats.get("sources", {}).get(source.name, {}).get("documents", 0)
+        kind = source.format + (" (prompt/response pairs)" if source.prompt_field else "")
+        sources.append(
+            [
+                source.name,
+                _source_location(dataset, i),
+                kind,
+                f"{source.weight:g}",
+                _license(dataset, i),
+                str(kept),
+            ]
+        )
+    steps = [["step", "documents in", "documents out", "MB in", "MB out", "dropped"]]
+    for step in stats.get("steps", []):
+        dropped = ", ".join(f"{k}: {v}" for k, v in step.get("dropped", {}).items()) or "-"
+        steps.append(
+            [
+                step["name"],
+                str(step["documentsIn"]),
+                str(step["documentsOut"]),
+                f"{step.get('bytesIn', 0) / 1e6:.2f}",
+                f"{step.get('bytesOut', 0) / 1e6:.2f}",
+                dropped,
+            ]
+        )
+    tokens = stats.get("tokens", {})
+    languages = ", ".join(f"{k} {v:.1%}" for k, v in stats.get("languages", {}).items()) or "-"
+    allow = ", ".join(processing.languages.allow) or "any"
+    pii = ", ".join(processing.pii.kinds) if processing.pii.enabled else "off"
+    augmentation = processing.augmentation
+    augmentation_text = ", ".join(augmentation.methods) if augmentation.enabled else "off"
+    lines = [
+        f"# Dataset card: {dataset.metadata.name}",
+        "",
+        f"Fingerprint `{fingerprint}`; {stats.get('documents', 0)} documents, "
+        f"{stats.get('totalTokens', 0)} tokens, vocabulary of {stats.get('vocabSize', 0)}.",
+        "",
+        "## Sources",
+        "",
+        _table(sources),
+        "",
+        "## Processing",
+        "",
+        f"1. Normalization: Unicode {processing.normalization.unicode}, "
+        f"lowercase {processing.normalization.lowercase}, "
+        f"whitespace collapsed {processing.normalization.collapse_whitespace}.",
+        f"2. Exact deduplication: {processing.deduplication.exact}.",
+        f"3. Quality filters (Gopher quality and repetition): at least "
+        f"{processing.filters.min_words} words, symbol ratio at most "
+        f"{processing.filters.max_symbol_ratio}, alphabetic words at least "
+        f"{processing.filters.min_alpha_word_ratio}, duplicate lines at most "
+        f"{processing.filters.max_duplicate_line_ratio}.",
+        f"4. Languages allowed: {allow} (confidence at least "
+        f"{processing.languages.min_confidence}).",
+        f"5. PII scrubbing: {pii}.",
+        f"6. Near-duplicate removal: {near.enabled} (MinHash, {near.num_permutations} "
+        f"permutations in {near.bands} bands, {near.shingle_size}-word shingles, "
+        f"Jaccard threshold {near.threshold}).",
+        f"7. Augmentation: {augmentation_text}.",
+        "",
+        "## Statistics",
+        "",
+        _table(steps),
+        "",
+        f"Tokens: train {tokens.get('train', 0)}, validation {tokens.get('validation', 0)}, "
+        f"test {tokens.get('test', 0)} (split seed {spec.split.seed}).",
+        "",
+        f"Languages of the kept documents: {languages}.",
+        "",
+    ]
+    return "\n".join(lines)
