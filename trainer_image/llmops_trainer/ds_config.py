@@ -1,0 +1,141 @@
+"""The DeepSpeed config of a TrainingRun: generated from the spec, raw overlay applied last.
+
+A pure function of the spec and the batch plan, so the operator can render the same config
+into the job's ConfigMap and tests can check it without DeepSpeed installed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from llmops.api.trainingrun import TrainingRunSpec
+from llmops_trainer.plan import BatchPlan, total_steps
+
+# Keeps DeepSpeed's own periodic printing out of the way; the trainer reports progress itself.
+_QUIET_STEPS = 1_000_000_000
+
+
+def deepspeed_config(spec: TrainingRunSpec, plan: BatchPlan) -> dict[str, Any]:
+    hp = spec.hyperparameters
+    ds = spec.deepspeed
+    config: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": hp.gradient_clipping,
+        "optimizer": _optimizer(spec),
+        "zero_optimization": _zero(spec),
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": _fp16(ds.precision == "fp16"),
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    scheduler = lr_scheduler(spec, plan)
+    if scheduler is not None:
+        config["scheduler"] = scheduler
+    return merge(config, ds.config or {})
+
+
+def _optimizer(spec: TrainingRunSpec) -> dict[str, Any]:
+    hp = spec.hyperparameters
+    params: dict[str, Any] = {
+        "lr": hp.learning_rate,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": hp.weight_decay,
+    }
+    if spec.deepspeed.offload_optimizer == "none":
+        # torch's AdamW needs no compiled extension (DeepSpeed's FusedAdam is built at first
+        # use, which needs a compiler the image does not ship). Offload keeps DeepSpeed's
+        # CPU Adam, which is much faster there.
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def _zero(spec: TrainingRunSpec) -> dict[str, Any]:
+    ds = spec.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=False)
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_parameters == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3:
+        # Lets the final export gather a full 16-bit state dict on rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return zero
+
+
+def _fp16(enabled: bool) -> dict[str, Any]:
+    if not enabled:
+        return {"enabled": False}
+    # Dynamic loss scaling (loss_scale 0), starting at 2^16.
+    return {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
+
+
+def lr_scheduler(spec: TrainingRunSpec, plan: BatchPlan) -> dict[str, Any] | None:
+    """DeepSpeed's scheduler for the spec's schedule; None for a linear decay to a non-zero
+    floor, which DeepSpeed has no scheduler for (the trainer then runs `linear_lr` itself)."""
+    hp = spec.hyperparameters
+    steps = total_steps(spec, plan)
+    # DeepSpeed's warmup lasts at least 2 steps; "no warmup" is a warmup from the peak.
+    warmup = max(hp.warmup_steps, 1)
+    warmup_min_ratio = 0.0 if hp.warmup_steps else 1.0
+    if hp.schedule == "cosine":
+        return {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": warmup_min_ratio,
+                "cos_min_ratio": hp.min_learning_rate / hp.learning_rate,
+                "warmup_type": "linear",
+            },
+        }
+    if hp.schedule == "constant":
+        return {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": hp.learning_rate * warmup_min_ratio,
+                "warmup_max_lr": hp.learning_rate,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+            },
+        }
+    if hp.min_learning_rate == 0:
+        return {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": steps,
+                "warmup_min_lr": hp.learning_rate * warmup_min_ratio,
+                "warmup_max_lr": hp.learning_rate,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+            },
+        }
+    return None
+
+
+def linear_lr(spec: TrainingRunSpec, plan: BatchPlan, step: int) -> float:
+    """Learning-rate factor (of the peak) at `step` for linear warmup then linear decay to
+    minLearningRate: the schedule DeepSpeed lacks."""
+    hp = spec.hyperparameters
+    steps = total_steps(spec, plan)
+    if step < hp.warmup_steps:
+        return step / hp.warmup_steps
+    floor = hp.min_learning_rate / hp.learning_rate
+    progress = min(1.0, (step - hp.warmup_steps) / max(1, steps - hp.warmup_steps))
+    return floor + (1.0 - floor) * (1.0 - progress)
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested objects merge key by key, anything else in `overlay` replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

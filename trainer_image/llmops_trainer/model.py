@@ -1,0 +1,197 @@
+"""A GPT-style transformer, small enough to read in one sitting.
+
+One model serves the three objectives: `causal-lm` and `sft` use causal attention (sft only
+changes which tokens count towards the loss), `masked-lm` uses bidirectional attention and
+predicts masked positions. Parameter names follow GPT-2's (`transformer.h.0.attn.c_attn`, ...),
+so exporting to the Hugging Face layout is a matter of transposing a few matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of positions that do not count towards the loss
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    context_length: int = 256
+    num_layers: int = 6
+    num_heads: int = 6
+    hidden_size: int = 384
+    dropout: float = 0.0
+    causal: bool = True  # False for masked-lm (an encoder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.causal = config.causal
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.c_attn(x).split(width, dim=2)
+        # (batch, heads, length, head_dim) as scaled_dot_product_attention expects.
+        q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
+        )
+        y = y.transpose(1, 2).contiguous().view(batch, length, width)
+        out: torch.Tensor = self.resid_dropout(self.c_proj(y))
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        # GPT-2's "gelu_new" is the tanh approximation; matching it keeps the export exact.
+        self.act = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.hidden_size)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.hidden_size),
+                "wpe": nn.Embedding(config.context_length, config.hidden_size),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+                "ln_f": nn.LayerNorm(config.hidden_size),
+            }
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Weight tying: the output projection is the token embedding (fewer parameters, and
+        # what GPT-2 does, so the export needs no separate head).
+        self.lm_head.weight = self.transformer["wte"].weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections keeps the residual stream's variance
+        # independent of depth.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameters, counting the tied head once; without position embeddings by default
+        (they do no matmul work, which is what the count is used for)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.transformer["wpe"].weight.numel()
+        return total
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, length, vocab) for token ids (batch, length)."""
+        length = idx.shape[1]
+        if length > self.config.context_length:
+            raise ValueError(f"sequence of {length} exceeds context {self.config.context_length}")
+        positions = torch.arange(length, device=idx.device)
+        x = self.transformer["drop"](self.transformer["wte"](idx) + self.transformer["wpe"](positions))
+        for block in self.transformer["h"]:
+            x = block(x)
+        logits: torch.Tensor = self.lm_head(self.transformer["ln_f"](x))
+        return logits
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation; always runs exactly `new_tokens` forward passes, so that under
+        ZeRO-3 every rank takes part in the same number of (parameter-gathering) forwards."""
+        for _ in range(new_tokens):
+            window = idx[:, -self.config.context_length :]
+            next_token = self(window)[:, -1, :].argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose label is not IGNORE_INDEX."""
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(summed loss, counted tokens, correctly predicted tokens) for aggregation across ranks."""
+    flat_logits = logits.float().view(-1, logits.shape[-1])
+    flat_labels = labels.view(-1)
+    counted = flat_labels != IGNORE_INDEX
+    loss_sum = F.cross_entropy(
+        flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    ).item()
+    correct = ((flat_logits.argmax(dim=-1) == flat_labels) & counted).sum().item()
+    return float(loss_sum), int(counted.sum().item()), int(correct)
+
+
+def mask_tokens(
+    tokens: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    probability: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: pick `probability` of the positions as targets; of those, 80% become the
+    mask token, 10% a random token and 10% stay as they are. Returns (inputs, labels)."""
+    labels = tokens.clone()
+    targets = torch.rand(tokens.shape, generator=generator) < probability
+    labels[~targets] = IGNORE_INDEX
+    inputs = tokens.clone()
+    draw = torch.rand(tokens.shape, generator=generator)
+    inputs[targets & (draw < 0.8)] = mask_token_id
+    randomize = targets & (draw >= 0.8) & (draw < 0.9)
+    random_tokens = torch.randint(vocab_size, tokens.shape, generator=generator)
+    inputs[randomize] = random_tokens[randomize]
+    return inputs, labels
+
+
+def flops_per_token(config: GPTConfig, num_parameters: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N) plus
+    12 * layers * width * context for attention scores (PaLM appendix B, as nanoGPT)."""
+    return 6.0 * num_parameters + 12.0 * config.num_layers * config.hidden_size * (
+        config.context_length
+    )

@@ -1,0 +1,103 @@
+"""The model card: a markdown page with what was trained, on what, how, and how well."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """A one-line curve, so the card shows the shape of training without images."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_BARS[round((v - low) / span * (len(_BARS) - 1))] for v in values)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def render(
+    name: str,
+    spec: dict[str, Any],
+    dataset: dict[str, Any],
+    model: dict[str, Any],
+    history: list[dict[str, Any]],
+    final: dict[str, Any],
+    worst: list[dict[str, Any]],
+    examples: list[dict[str, str]],
+) -> str:
+    train = [h for h in history if h.get("trainLoss") is not None]
+    val = [h for h in history if h.get("valLoss") is not None]
+    lines = [
+        f"# {name}",
+        "",
+        f"A {model['num_layers']}-layer, {model['hidden_size']}-wide transformer "
+        f"({model['parameters']:,} parameters) trained with the `{spec['model']['objective']}` "
+        "objective by llmops.",
+        "",
+        "## Data",
+        "",
+        f"- Dataset: `{dataset['name']}`, fingerprint `{dataset['fingerprint']}`",
+        f"- Vocabulary: {dataset['vocab_size']} tokens; supervised: {dataset['supervised']}",
+        f"- Training tokens seen: {_fmt(final.get('tokensSeen'))}",
+        "",
+        "## Training curves",
+        "",
+    ]
+    if train:
+        lines += [
+            f"Training loss, step {train[0]['step']} to {train[-1]['step']}: "
+            f"`{sparkline([h['trainLoss'] for h in train])}` "
+            f"({_fmt(train[0]['trainLoss'])} -> {_fmt(train[-1]['trainLoss'])})",
+            "",
+        ]
+    if val:
+        lines += [
+            "| step | validation loss | perplexity | accuracy |",
+            "|---:|---:|---:|---:|",
+            *(
+                f"| {h['step']} | {_fmt(h['valLoss'])} | {_fmt(h.get('perplexity'))} "
+                f"| {_fmt(h.get('accuracy'))} |"
+                for h in val
+            ),
+            "",
+        ]
+    lines += ["## Final evaluation", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in final.items()]
+    lines.append("")
+    if examples:
+        lines += ["## Generation examples", ""]
+        for example in examples:
+            lines += [
+                f"- prompt: `{example['prompt'][:200]}`",
+                f"  - generated: `{example['generated'][:200]}`",
+                f"  - reference: `{example['reference'][:200]}`",
+            ]
+        lines.append("")
+    if worst:
+        lines += ["## Worst-predicted held-out passages", "", "| loss | passage |", "|---:|---|"]
+        for item in worst:
+            text = item["text"].replace("|", "\\|").replace("\n", " ")[:200]
+            lines.append(f"| {_fmt(item['loss'])} | {text} |")
+        lines.append("")
+    lines += [
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(spec, indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Limitations",
+        "",
+        "Trained only on the dataset above; it reproduces its biases and knows nothing else. "
+        "Metrics are on held-out splits of the same data, not on an independent benchmark.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,582 @@
+"""The training pods' entrypoint: one process per accelerator, started by `torchrun`.
+
+    torchrun ... -m llmops_trainer.train --config /etc/llmops/trainingrun.json
+
+The config is the TrainingRun object as JSON. Paths come from the environment:
+LLMOPS_DATA_DIR (the prepared Dataset), LLMOPS_CHECKPOINT_DIR, LLMOPS_OUTPUT_DIR (final
+model, model card, reports, progress.json) and optionally LLMOPS_INIT_CHECKPOINT (weights to
+fine-tune from). The process resumes from the newest valid checkpoint it finds, saves every
+`checkpointing.intervalSteps` steps and when it receives SIGTERM, and exits 143 after a
+SIGTERM checkpoint so the controller can tell preemption from completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
+from llmops_trainer import checkpoint, evaluate, hf_export, model_card
+from llmops_trainer.batches import Objective, SampleOrder, Windows, eval_indices, make_batch
+from llmops_trainer.batches import rank_positions
+from llmops_trainer.ds_config import deepspeed_config, linear_lr
+from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
+from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
+from llmops_trainer.progress import Reporter
+from llmops_trainer.shards import Manifest, read_manifest
+from llmops_trainer.weights import consolidated_state_dict
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a killed process would have returned
+BLEU_EXAMPLES = 16
+WORST_PASSAGES = 10
+log = logging.getLogger("llmops_trainer")
+
+# Dense peak FLOP/s per accelerator in 16-bit, for MFU when LLMOPS_PEAK_FLOPS is not set.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path
+    checkpoints: Path
+    output: Path
+    init: Path | None
+
+    @classmethod
+    def from_env(cls, spec: TrainingRunSpec) -> Paths:
+        output = Path(os.environ.get("LLMOPS_OUTPUT_DIR", "output"))
+        init = os.environ.get("LLMOPS_INIT_CHECKPOINT")
+        if not init and spec.init is not None and spec.init.path and spec.init.path[0] == "/":
+            init = spec.init.path  # a path inside the image needs no help from the operator
+        return cls(
+            data=Path(os.environ["LLMOPS_DATA_DIR"]),
+            checkpoints=Path(os.environ.get("LLMOPS_CHECKPOINT_DIR", str(output / "checkpoints"))),
+            output=output,
+            init=Path(init) if init else None,
+        )
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only, not on biases, norms (nanoGPT, GPT-3)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def load_weights(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
+    state_dict = dict(state_dict)
+    # The tied head may be stored once, under the embedding's name.
+    state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of all gradients (already averaged over ranks at the accumulation boundary)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if "LLMOPS_PEAK_FLOPS" in os.environ:
+        return float(os.environ["LLMOPS_PEAK_FLOPS"])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+class Stop:
+    """Set by SIGTERM; checked (and agreed on by all ranks) at every step boundary."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            cls.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+class Trainer:
+    def __init__(self, run: TrainingRun, paths: Paths) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.run = run
+        self.spec = spec = run.spec
+        self.paths = paths
+        accelerator = get_accelerator()
+        backend = "gloo" if accelerator.device_name() == "cpu" else "nccl"
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if accelerator.device_name() == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            accelerator.set_device(local_rank)
+            self.device = torch.device(accelerator.device_name(local_rank))
+        self.reporter = Reporter(
+            self.rank == 0, paths.output, int(os.environ.get("LLMOPS_METRICS_PORT", "9400"))
+        )
+        self.log_interval = int(os.environ.get("LLMOPS_LOG_INTERVAL", "10"))
+        self.sample_log = os.environ.get("LLMOPS_SAMPLE_LOG") == "1"
+
+        self.manifest: Manifest = read_manifest(paths.data)
+        hp = spec.hyperparameters
+        self.objective = Objective(spec.model.objective, self.manifest.vocab_size, hp.seed)
+        self.plan: BatchPlan = batch_plan(spec, self.world)
+        self.total_steps = total_steps(spec, self.plan)
+        self.ds_config = deepspeed_config(spec, self.plan)
+        self.train_windows = Windows(paths.data, self.manifest, "train", spec.model.context_length)
+        self.order = SampleOrder(len(self.train_windows), hp.seed)
+        self.model_config = GPTConfig(
+            vocab_size=self.objective.model_vocab_size,
+            context_length=spec.model.context_length,
+            num_layers=spec.model.num_layers,
+            num_heads=spec.model.num_heads,
+            hidden_size=spec.model.hidden_size,
+            dropout=spec.model.dropout,
+            causal=spec.model.objective != "masked-lm",
+        )
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "consumedSamples": 0,
+            "history": [],
+            "bestCheckpoint": None,
+            "bestValLoss": None,
+            "bestMetric": None,
+            "evalsWithoutImprovement": 0,
+            "lastValLoss": None,
+        }
+        self.engine: Any = None
+        # DeepSpeed reports the gradient norm except without ZeRO in fp32; then we compute it.
+        self._plain_fp32 = spec.deepspeed.zero_stage == 0 and spec.deepspeed.precision == "fp32"
+        self._grad_norm: float | None = None
+        self._step_lr = 0.0
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _pick_checkpoint(self) -> Path | None:
+        """Rank 0 finds the newest valid checkpoint and tells the others (verification reads
+        every byte, so it is done once)."""
+        choice: list[str | None] = [None]
+        if self.rank == 0:
+            checkpoint.clean_partials(self.paths.checkpoints)
+            skipped: list[str] = []
+            folder = checkpoint.find_resumable(self.paths.checkpoints, skipped)
+            for problem in skipped:
+                log.warning("skipping damaged checkpoint: %s", problem)
+            choice = [str(folder) if folder else None]
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+    def setup(self) -> None:
+        import deepspeed
+
+        resume = self._pick_checkpoint()
+        torch.manual_seed(self.spec.hyperparameters.seed)
+        model = GPT(self.model_config)
+        exact = False
+        if resume is not None:
+            saved = checkpoint.read_state(resume)
+            # DeepSpeed's sharded optimizer state only loads into the same layout; otherwise
+            # continue from the consolidated fp32 weights with fresh optimizer moments.
+            exact = (saved["worldSize"], saved["zeroStage"]) == (
+                self.world,
+                self.spec.deepspeed.zero_stage,
+            )
+            if not exact:
+                load_weights(model, consolidated_state_dict(resume))
+            self.state.update({k: v for k, v in saved.items() if k in self.state})
+            self._info(
+                f"resuming from {resume.name} at step {saved['step']}"
+                + ("" if exact else f" (world size {saved['worldSize']} -> {self.world})")
+            )
+        elif self.paths.init is not None:
+            source = checkpoint.resolve(self.paths.init)
+            load_weights(model, consolidated_state_dict(source))
+            self._info(f"initialised weights from {source}")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, self.spec.hyperparameters.weight_decay),
+            config=self.ds_config,
+        )
+        if exact and resume is not None:
+            self.engine.load_checkpoint(
+                str(resume.parent), tag=resume.name, load_module_strict=False
+            )
+        # DeepSpeed's schedulers start before step 0; point them at the next step to take.
+        if self.engine.lr_scheduler is not None and not exact:
+            self.engine.lr_scheduler.step(self.state["step"])
+        self.engine.global_steps = self.state["step"]
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Train until the planned step, early stopping or SIGTERM; returns why it stopped."""
+        spec = self.spec
+        plan = self.plan
+        tokens_per_step = plan.global_batch_size * spec.model.context_length
+        flops = flops_per_token(self.model_config, self.engine.module.num_parameters())
+        peak = peak_flops(self.device)
+        window_start, window_steps = time.perf_counter(), 0
+        last_saved = self.state["step"]
+        self._report("Training")
+        while self.state["step"] < self.total_steps:
+            step = self.state["step"]
+            if self.engine.lr_scheduler is None:
+                factor = linear_lr(spec, plan, step)
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = spec.hyperparameters.learning_rate * factor
+            self._step_lr = self.engine.get_lr()[0]
+            loss = self._step(step)
+            # One collective agrees on the step's mean loss and on whether anyone got SIGTERM.
+            agreed = torch.tensor([loss, float(Stop.requested)], dtype=torch.float64)
+            dist.all_reduce(agreed)
+            mean_loss, stop = agreed[0].item() / self.world, agreed[1].item() > 0
+            self.state["step"] = step = step + 1
+            self.state["consumedSamples"] += plan.global_batch_size
+            window_steps += 1
+            if step % self.log_interval == 0 or step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_second = window_steps * tokens_per_step / elapsed
+                mfu = None if peak is None else tokens_per_second * flops / (peak * self.world)
+                self._log_step(mean_loss, tokens_per_second, mfu, window_steps * tokens_per_step)
+                window_start, window_steps = time.perf_counter(), 0
+            stopped_early = False
+            if step % spec.evaluation.interval_steps == 0 and "validation" in self.manifest.splits:
+                stopped_early = self._validate()
+            if stop:
+                self._save("SIGTERM")
+                return "Interrupted"
+            if step % spec.checkpointing.interval_steps == 0 or stopped_early:
+                self._save("interval")
+                last_saved = step
+            if stopped_early:
+                return "EarlyStopped"
+        if last_saved != self.state["step"]:
+            self._save("final")
+        return "Completed"
+
+    def _step(self, step: int) -> float:
+        plan = self.plan
+        positions = rank_positions(
+            self.state["consumedSamples"], plan.global_batch_size, self.world, self.rank
+        )
+        indices = [self.order.index(p) for p in positions]
+        if self.sample_log:
+            with (self.paths.output / f"samples-rank{self.rank}.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, "samples": indices}) + "\n")
+        total = 0.0
+        self.engine.train()
+        for m in range(plan.accumulation):
+            chunk = indices[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
+            inputs, labels = make_batch(self.train_windows, chunk, self.objective)
+            logits = self.engine(inputs.to(self.device))
+            loss = lm_loss(logits, labels.to(self.device))
+            self.engine.backward(loss)
+            if m == plan.accumulation - 1 and self._plain_fp32:
+                self._grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()
+            total += loss.item()
+        return total / plan.accumulation
+
+    def _log_step(
+        self, loss: float, tokens_per_second: float, mfu: float | None, tokens: int
+    ) -> None:
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self._grad_norm
+        entry = {
+            "step": self.state["step"],
+            "trainLoss": loss,
+            "learningRate": self._step_lr,
+            "gradNorm": None if grad_norm is None else float(grad_norm),
+            "tokensPerSecond": tokens_per_second,
+            "mfu": mfu,
+        }
+        self.state["history"].append(entry)
+        if self.rank == 0:
+            with (self.paths.output / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            m = self.reporter.metrics
+            m.tokens.inc(tokens)
+            if self.device.type == "cuda":
+                m.memory.set(torch.cuda.max_memory_allocated(self.device))
+        self._report("Training", entry)
+
+    def _validate(self) -> bool:
+        """Evaluate on the validation split; True when early stopping says stop."""
+        spec = self.spec
+        scores = self._score("validation", spec.evaluation.batches)
+        entry: dict[str, Any] = {
+            "step": self.state["step"],
+            "valLoss": scores.loss,
+            "perplexity": scores.perplexity,
+            "accuracy": scores.accuracy,
+        }
+        if "bleu" in spec.evaluation.metrics:
+            entry["bleu"], _ = self._bleu("validation")
+        self.state["history"].append(entry)
+        self.state["lastValLoss"] = scores.loss
+        if self.rank == 0:
+            with (self.paths.output / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        self._report("Training")
+        stopping = spec.evaluation.early_stopping
+        if stopping is None:
+            return False
+        metric = {"loss": "valLoss"}.get(stopping.metric, stopping.metric)
+        value = entry.get(metric)
+        if value is None:
+            return False
+        sign = 1.0 if stopping.metric in ("accuracy", "bleu") else -1.0
+        best = self.state["bestMetric"]
+        if best is None or sign * (value - best) > stopping.min_delta:
+            self.state["bestMetric"] = value
+            self.state["evalsWithoutImprovement"] = 0
+            return False
+        self.state["evalsWithoutImprovement"] += 1
+        if self.state["evalsWithoutImprovement"] >= stopping.patience:
+            self._info(f"early stopping: {stopping.metric} did not improve for {stopping.patience}")
+            return True
+        return False
+
+    def _score(
+        self, split: str, batches: int, keep_per_sample: bool = False
+    ) -> evaluate.SplitScores:
+        windows = Windows(
+            self.paths.data, self.manifest, split, self.spec.model.context_length
+        )
+        count = batches * self.plan.micro_batch_size * self.world
+        indices = eval_indices(
+            len(windows), count, self.spec.hyperparameters.seed, self.world, self.rank
+        )
+        self.engine.eval()
+        scores = evaluate.score_split(
+            self.engine,
+            windows,
+            indices,
+            self.objective,
+            self.plan.micro_batch_size,
+            self.device,
+            keep_per_sample,
+        )
+        self.engine.train()
+        return scores
+
+    def _bleu(self, split: str) -> tuple[float | None, list[dict[str, str]]]:
+        if not self.model_config.causal:
+            return None, []
+        task = evaluate.generation_task(
+            self.paths.data, self.manifest, split, self.spec.model.context_length, BLEU_EXAMPLES
+        )
+        self.engine.eval()
+        result = evaluate.bleu(
+            self.engine.module,
+            task,
+            self.manifest.eos_token_id,
+            evaluate.decoder(self.paths.data / self.manifest.tokenizer),
+            self.device,
+        )
+        self.engine.train()
+        return result
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _save(self, reason: str) -> Path:
+        start = time.perf_counter()
+        step = self.state["step"]
+        root = self.paths.checkpoints
+        partial = root / checkpoint.partial_name(step)
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            checkpoint.clean_partials(root)
+        dist.barrier()
+        self.engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+        dist.barrier()  # every rank's shards are on disk
+        name = checkpoint.name_for(step)
+        if self.rank == 0:
+            val = self.state["lastValLoss"]
+            best = self.state["bestValLoss"]
+            if val is not None and (best is None or val < best):
+                self.state.update(bestCheckpoint=name, bestValLoss=val)
+            checkpoint.write_state(
+                partial,
+                {
+                    **self.state,
+                    "worldSize": self.world,
+                    "zeroStage": self.spec.deepspeed.zero_stage,
+                    "validationLoss": val,
+                    "model": self.model_config.to_dict(),
+                    "reason": reason,
+                },
+            )
+            checkpoint.seal(partial)
+            found = checkpoint.problems(partial)
+            if found:
+                raise RuntimeError(f"checkpoint {name} failed verification: {found}")
+            checkpoint.publish(root, step)
+            if self.state["bestCheckpoint"] == name:
+                checkpoint.write_pointer(root, checkpoint.BEST, name)
+            checkpoint.retain(root, self.spec.checkpointing.keep_last)
+            seconds = time.perf_counter() - start
+            self.reporter.metrics.checkpoint_seconds.observe(seconds)
+            self._info(f"checkpoint {name} ({reason}) in {seconds:.1f}s")
+        dist.barrier()
+        self.state["latestCheckpoint"] = name
+        self._report("Training")
+        return root / name
+
+    # -- the end --------------------------------------------------------------------------
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        """Test-split evaluation, generation, export, reports and the model card."""
+        self._report("Evaluating")
+        split = "test" if "test" in self.manifest.splits else "validation"
+        final: dict[str, Any] = {"stopReason": reason, "steps": self.state["step"]}
+        worst: list[dict[str, Any]] = []
+        examples: list[dict[str, str]] = []
+        decode = evaluate.decoder(self.paths.data / self.manifest.tokenizer)
+        if split in self.manifest.splits:
+            scores = self._score(split, self.spec.evaluation.batches, keep_per_sample=True)
+            final.update(
+                loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy
+            )
+            windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
+            worst = evaluate.worst_passages(scores, windows, decode, WORST_PASSAGES)
+            final["bleu"], examples = self._bleu(split)
+            final["bleuTask"] = "responses" if self.manifest.supervised else "continuation"
+        final["tokensSeen"] = self.state["consumedSamples"] * self.spec.model.context_length
+        if self.rank == 0:
+            self._write_outputs(final, worst, examples)
+        dist.barrier()
+        return final
+
+    def _write_outputs(
+        self, final: dict[str, Any], worst: list[dict[str, Any]], examples: list[dict[str, str]]
+    ) -> None:
+        out = self.paths.output
+        latest = checkpoint.read_pointer(self.paths.checkpoints, checkpoint.LATEST)
+        assert latest is not None
+        weights = consolidated_state_dict(self.paths.checkpoints / latest)
+        model_dir = out / "model"
+        tokenizer = self.paths.data / self.manifest.tokenizer
+        if self.model_config.causal:
+            hf_export.export(
+                weights, self.model_config, self.manifest.eos_token_id, model_dir, tokenizer
+            )
+        else:  # an encoder has no GPT-2 equivalent; keep our own layout
+            from safetensors.torch import save_file
+
+            model_dir.mkdir(parents=True, exist_ok=True)
+            tensors = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+            save_file(tensors, str(model_dir / "model.safetensors"))
+        (model_dir / "llmops_model.json").write_text(
+            json.dumps(self.model_config.to_dict(), indent=2)
+        )
+        report = {
+            "final": final,
+            "worstPassages": worst,
+            "generationExamples": examples,
+            "bestCheckpoint": self.state["bestCheckpoint"],
+            "latestCheckpoint": latest,
+        }
+        (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+        parameters = sum(t.numel() for k, t in weights.items() if k != "lm_head.weight")
+        card = model_card.render(
+            self.run.metadata.name or "model",
+            self.spec.to_dict(),
+            {
+                "name": self.spec.dataset_ref.name,
+                "fingerprint": self.manifest.fingerprint,
+                "vocab_size": self.manifest.vocab_size,
+                "supervised": self.manifest.supervised,
+            },
+            {**self.model_config.to_dict(), "parameters": parameters},
+            self.state["history"],
+            final,
+            worst,
+            examples,
+        )
+        (out / "model_card.md").write_text(card)
+        (model_dir / "README.md").write_text(card)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _report(self, phase: str, entry: dict[str, Any] | None = None) -> None:
+        last = entry or next(
+            (h for h in reversed(self.state["history"]) if "trainLoss" in h), {}
+        )
+        val = self.state["lastValLoss"]
+        self.reporter.report(
+            {
+                "phase": phase,
+                "step": self.state["step"],
+                "totalSteps": self.total_steps,
+                "epoch": self.state["consumedSamples"] / self.order.num_samples,
+                "trainLoss": last.get("trainLoss"),
+                "valLoss": val,
+                "perplexity": None if val is None else math.exp(min(val, 80.0)),
+                "tokensPerSecond": last.get("tokensPerSecond"),
+                "mfu": last.get("mfu"),
+                "learningRate": last.get("learningRate"),
+                "gradNorm": last.get("gradNorm"),
+                "latestCheckpoint": self.state.get("latestCheckpoint"),
+                "bestCheckpoint": self.state["bestCheckpoint"],
+            }
+        )
+
+    def _info(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"llmops_trainer: {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmops_trainer.train")
+    parser.add_argument("--config", required=True, type=Path, help="TrainingRun as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    run = TrainingRun.model_validate_json(args.config.read_text())
+    Stop.install()
+    trainer = Trainer(run, Paths.from_env(run.spec))
+    try:
+        trainer.setup()
+        reason = trainer.train()
+        if reason == "Interrupted":
+            trainer._report("Interrupted")
+            return EXIT_PREEMPTED
+        trainer.finish(reason)
+        trainer._report("Completed")
+        return 0
+    except BaseException:
+        trainer._report("Failed")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
