@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from helpers import Job, make_dataset, training_run  # noqa: E402
+from helpers import Job, make_dataset, training_run
 
 REFERENCE_STEPS = 40
 

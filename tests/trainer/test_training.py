@@ -188,9 +188,7 @@ OBJECTIVES = {
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-def test_other_objectives_learn(
-    objective: str, tmp_path: Path, job: Callable[..., Job]
-) -> None:
+def test_other_objectives_learn(objective: str, tmp_path: Path, job: Callable[..., Job]) -> None:
     data = make_dataset(tmp_path / "data", supervised=objective == "sft")
     metrics = ["perplexity", "accuracy", "bleu"] if objective == "sft" else ["accuracy"]
     model, hyperparameters = OBJECTIVES[objective]

@@ -51,7 +51,7 @@ class Windows:
         span = slice(offset, offset + self.context + 1)
         tokens = np.asarray(self.tokens[shard][span], dtype=np.int64)
         mask = self.masks[shard]
-        return tokens, None if mask is None else np.asarray(mask[span], dtype=np.uint8)
+        return tokens, None if mask is None else np.array(mask[span], dtype=np.uint8)
 
 
 class SampleOrder:
@@ -127,9 +127,7 @@ def make_batch(
     return torch.stack(inputs), torch.stack(labels)
 
 
-def eval_indices(
-    num_samples: int, count: int, seed: int, world_size: int, rank: int
-) -> list[int]:
+def eval_indices(num_samples: int, count: int, seed: int, world_size: int, rank: int) -> list[int]:
     """A fixed spread-out subset of `count` samples of an evaluation split, this rank's share.
 
     Every rank gets the same number, because under ZeRO-3 every forward pass is collective.

@@ -90,9 +90,10 @@ def export(
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, folder / "tokenizer.json")
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": (
-            config.context_length
-        )}
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": (config.context_length),
+        }
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return folder
 

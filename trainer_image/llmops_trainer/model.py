@@ -82,26 +82,39 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        out: torch.Tensor = x + self.mlp(self.ln_2(x))
+        return out
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks and the final norm (GPT-2's `transformer` submodule)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.context_length, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x: torch.Tensor = self.drop(self.wte(idx) + self.wpe(positions))
+        for block in self.h:
+            x = block(x)
+        out: torch.Tensor = self.ln_f(x)
+        return out
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(config.vocab_size, config.hidden_size),
-                "wpe": nn.Embedding(config.context_length, config.hidden_size),
-                "drop": nn.Dropout(config.dropout),
-                "h": nn.ModuleList(Block(config) for _ in range(config.num_layers)),
-                "ln_f": nn.LayerNorm(config.hidden_size),
-            }
-        )
+        self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Weight tying: the output projection is the token embedding (fewer parameters, and
         # what GPT-2 does, so the export needs no separate head).
-        self.lm_head.weight = self.transformer["wte"].weight
+        self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections keeps the residual stream's variance
         # independent of depth.
@@ -123,19 +136,16 @@ class GPT(nn.Module):
         (they do no matmul work, which is what the count is used for)."""
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            total -= self.transformer["wpe"].weight.numel()
+            total -= self.transformer.wpe.weight.numel()
         return total
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length)."""
-        length = idx.shape[1]
-        if length > self.config.context_length:
-            raise ValueError(f"sequence of {length} exceeds context {self.config.context_length}")
-        positions = torch.arange(length, device=idx.device)
-        x = self.transformer["drop"](self.transformer["wte"](idx) + self.transformer["wpe"](positions))
-        for block in self.transformer["h"]:
-            x = block(x)
-        logits: torch.Tensor = self.lm_head(self.transformer["ln_f"](x))
+        if idx.shape[1] > self.config.context_length:
+            raise ValueError(
+                f"sequence of {idx.shape[1]} exceeds context {self.config.context_length}"
+            )
+        logits: torch.Tensor = self.lm_head(self.transformer(idx))
         return logits
 
     @torch.no_grad()

@@ -30,8 +30,14 @@ import torch.distributed as dist
 
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
 from llmops_trainer import checkpoint, evaluate, hf_export, model_card
-from llmops_trainer.batches import Objective, SampleOrder, Windows, eval_indices, make_batch
-from llmops_trainer.batches import rank_positions
+from llmops_trainer.batches import (
+    Objective,
+    SampleOrder,
+    Windows,
+    eval_indices,
+    make_batch,
+    rank_positions,
+)
 from llmops_trainer.ds_config import deepspeed_config, linear_lr
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
@@ -365,9 +371,7 @@ class Trainer:
     def _score(
         self, split: str, batches: int, keep_per_sample: bool = False
     ) -> evaluate.SplitScores:
-        windows = Windows(
-            self.paths.data, self.manifest, split, self.spec.model.context_length
-        )
+        windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
         count = batches * self.plan.micro_batch_size * self.world
         indices = eval_indices(
             len(windows), count, self.spec.hyperparameters.seed, self.world, self.rank
@@ -460,9 +464,7 @@ class Trainer:
         decode = evaluate.decoder(self.paths.data / self.manifest.tokenizer)
         if split in self.manifest.splits:
             scores = self._score(split, self.spec.evaluation.batches, keep_per_sample=True)
-            final.update(
-                loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy
-            )
+            final.update(loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy)
             windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
             worst = evaluate.worst_passages(scores, windows, decode, WORST_PASSAGES)
             final["bleu"], examples = self._bleu(split)
@@ -525,9 +527,7 @@ class Trainer:
     # -- reporting ------------------------------------------------------------------------
 
     def _report(self, phase: str, entry: dict[str, Any] | None = None) -> None:
-        last = entry or next(
-            (h for h in reversed(self.state["history"]) if "trainLoss" in h), {}
-        )
+        last = entry or next((h for h in reversed(self.state["history"]) if "trainLoss" in h), {})
         val = self.state["lastValLoss"]
         self.reporter.report(
             {
