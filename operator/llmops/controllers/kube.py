@@ -8,6 +8,7 @@ between two creates and restarted finds the first child and creates only the sec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import cache
 from typing import Any, NamedTuple
@@ -143,6 +144,10 @@ class Kube:
 
 @cache
 def default_kube() -> Kube:
-    """The process-wide client: in-cluster credentials, else the local kubeconfig."""
-    kubernetes.config.load_config()
+    """The process-wide client: in-cluster credentials, else the kubeconfig ($KUBECONFIG, read
+    now rather than when the kubernetes package was imported)."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        kubernetes.config.load_incluster_config()
+    else:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     return Kube()

@@ -27,5 +27,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.posting.event_name_prefix = "llmops-"
     # Retry transient errors with a capped exponential backoff.
-    settings.batching.error_delays = (1, 2, 4, 8, 15, 30, 60)
+    settings.queueing.error_delays = (1, 2, 4, 8, 15, 30, 60)
     settings.execution.max_workers = 16
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: its ServiceAccount token; elsewhere: the kubeconfig ($KUBECONFIG)."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+        **kwargs
+    ) or kopf.login_with_kubeconfig(**kwargs)
+    return info

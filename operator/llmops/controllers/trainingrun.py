@@ -282,7 +282,14 @@ def _finish(
     status.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
 
 
-@kopf.timer(GROUP, VERSION, "trainingruns", interval=common.RECONCILE_SECONDS, initial_delay=0)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "trainingruns",
+    interval=common.RECONCILE_SECONDS,
+    initial_delay=0,
+    backoff=common.RECONCILE_SECONDS * 2,
+)
 def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     with observe_reconcile(KIND):
         reconcile(body, patch)

@@ -1,0 +1,150 @@
+"""Test helpers that play the parts kwok leaves to the test: a finished Dataset, and pods
+that end (succeed or crash) when the test says so, written as a kubelet would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client
+
+from controlplane import HOLD_POOL_LABEL, HOLD_TOLERATION, wait_for
+
+GROUP, VERSION = "llmops.dev", "v1alpha1"
+# Scheduling that puts workers on the hold pool, where pods run until a test ends them.
+HOLD_SCHEDULING = {"nodeSelector": {HOLD_POOL_LABEL: "hold"}, "tolerations": [HOLD_TOLERATION]}
+
+
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+def create(api_client: client.ApiClient, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+    plural = obj["kind"].lower() + "s"
+    created: dict[str, Any] = custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, obj
+    )
+    return created
+
+
+def get(api_client: client.ApiClient, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = custom(api_client).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, kind.lower() + "s", name
+    )
+    return found
+
+
+def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    """A Dataset whose processing is done: its output claim and the status its controller
+    would write."""
+    client.CoreV1Api(api_client).create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": f"{name}-data"},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Dataset",
+            "metadata": {"name": name},
+            "spec": {
+                "sources": [{"name": "local", "path": "data/corpus.txt"}],
+                "tokenizer": {"train": {"vocabSize": 512}},
+            },
+        },
+    )
+    status = {
+        "status": {
+            "phase": "Succeeded",
+            "conditions": [
+                {
+                    "type": "Complete",
+                    "status": "True",
+                    "reason": "Processed",
+                    "message": "",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+            ],
+            "outputUri": f"pvc://{name}-data",
+        }
+    }
+    patched: dict[str, Any] = custom(api_client).patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "datasets", name, status
+    )
+    return patched
+
+
+def end_pod(core: client.CoreV1Api, namespace: str, name: str, exit_code: int) -> None:
+    """The pod's container exits with `exit_code` (0 succeeds, anything else fails it)."""
+    pod = core.read_namespaced_pod(name, namespace)
+    now = "2026-01-01T00:00:00Z"
+    statuses = [
+        {
+            "name": c.name,
+            "image": c.image,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "started": False,
+            "state": {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "startedAt": now,
+                    "finishedAt": now,
+                }
+            },
+        }
+        for c in pod.spec.containers
+    ]
+    core.patch_namespaced_pod_status(
+        name,
+        namespace,
+        {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": statuses,
+                "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+            }
+        },
+    )
+
+
+def wait_phase(
+    api_client: client.ApiClient,
+    namespace: str,
+    kind: str,
+    name: str,
+    phase: str,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    def reached() -> bool:
+        return (get(api_client, namespace, kind, name).get("status") or {}).get("phase") == phase
+
+    wait_for(f"{kind} {name} phase {phase}", reached, timeout)
+    return get(api_client, namespace, kind, name)
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None
+    )
+
+
+def wait_status(
+    api_client: client.ApiClient, namespace: str, kind: str, name: str, what: str, **expected: Any
+) -> dict[str, Any]:
+    """Wait until every `expected` status field has its value."""
+
+    def matches() -> bool:
+        status = get(api_client, namespace, kind, name).get("status") or {}
+        return all(status.get(k) == v for k, v in expected.items())
+
+    wait_for(f"{kind} {name}: {what}", matches, 60)
+    return get(api_client, namespace, kind, name)

@@ -1,0 +1,204 @@
+"""The TrainingRun controller on the real control plane: the gang's objects and wiring, gang
+restart after a pod failure, suspend and resume, completion, deadline, restart budget."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubelet import (
+    HOLD_SCHEDULING,
+    condition,
+    create,
+    end_pod,
+    finished_dataset,
+    get,
+    wait_phase,
+    wait_status,
+)
+from kubernetes import client
+
+from controlplane import wait_for
+
+RUN = "gpt"
+
+
+def training_run(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": RUN},
+        "spec": {
+            "datasetRef": {"name": "corpus"},
+            "model": {"numLayers": 2, "numHeads": 2, "hiddenSize": 64, "contextLength": 64},
+            "hyperparameters": {"maxSteps": 100, "microBatchSize": 4},
+            "resources": {
+                "numNodes": 2,
+                "procsPerNode": 8,
+                "gpusPerNode": 8,
+                "cpu": "8",
+                "memory": "64Gi",
+            },
+            "scheduling": {**HOLD_SCHEDULING, "queueName": "research"},
+            **spec,
+        },
+    }
+
+
+def gang_pods(core: client.CoreV1Api, namespace: str, job: str) -> list[client.V1Pod]:
+    pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+    return sorted(
+        pods, key=lambda p: p.metadata.annotations["batch.kubernetes.io/job-completion-index"]
+    )
+
+
+def wait_gang_running(core: client.CoreV1Api, namespace: str, job: str) -> list[client.V1Pod]:
+    wait_for(
+        f"{job} pods running",
+        lambda: [p.status.phase for p in gang_pods(core, namespace, job)] == ["Running", "Running"],
+        60,
+    )
+    return gang_pods(core, namespace, job)
+
+
+def env_of(job: client.V1Job) -> dict[str, Any]:
+    container = job.spec.template.spec.containers[0]
+    return {
+        e.name: e.value if e.value is not None else e.value_from.field_ref.field_path
+        for e in container.env
+    }
+
+
+def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    run = create(api_client, namespace, training_run())
+
+    running = wait_phase(api_client, namespace, "TrainingRun", RUN, "Running")
+    assert condition(running, "Created")["status"] == "True"
+    assert condition(running, "Running")["reason"] == "GangRunning"
+    assert running["status"]["observedGeneration"] == run["metadata"]["generation"]
+
+    config = core.read_namespaced_config_map(f"{RUN}-config", namespace)
+    mounted = json.loads(config.data["trainingrun.json"])
+    assert mounted["spec"]["resources"]["numNodes"] == 2
+    service = core.read_namespaced_service(f"{RUN}-headless", namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    claim = core.read_namespaced_persistent_volume_claim(f"{RUN}-checkpoints", namespace)
+    assert claim.status.phase == "Bound"
+
+    job = batch.read_namespaced_job(f"{RUN}-workers-0", namespace)
+    assert (
+        job.spec.completion_mode,
+        job.spec.completions,
+        job.spec.parallelism,
+        job.spec.backoff_limit,
+    ) == ("Indexed", 2, 2, 0)
+    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "research"
+    env = env_of(job)
+    assert env["MASTER_ADDR"] == f"{RUN}-workers-0-0.{RUN}-headless.{namespace}.svc"
+    assert (env["WORLD_SIZE"], env["NNODES"], env["NPROC_PER_NODE"]) == ("16", "2", "8")
+    assert (
+        env["NODE_RANK"]
+        == env["RANK"]
+        == env["PET_NODE_RANK"]
+        == ("metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    )
+    assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"]
+    assert "DS_ACCELERATOR" not in env  # GPUs requested
+    container = job.spec.template.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "8"
+    assert container.command[:2] == ["torchrun", "--nnodes=$(NNODES)"]
+
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
+    assert [p.spec.hostname for p in pods] == [f"{RUN}-workers-0-0", f"{RUN}-workers-0-1"]
+    assert {p.spec.subdomain for p in pods} == {f"{RUN}-headless"}
+    assert all(p.spec.node_name.startswith("kwok-hold-") for p in pods)
+    for obj in (config, service, claim, job):
+        (owner,) = obj.metadata.owner_references
+        assert (owner.kind, owner.name, owner.controller) == ("TrainingRun", RUN, True)
+
+    # A worker crashes: the whole gang restarts as attempt 1, from the latest checkpoint.
+    end_pod(core, namespace, pods[1].metadata.name, exit_code=137)
+    restarting = wait_status(
+        api_client, namespace, "TrainingRun", RUN, "gang restarted", phase="Running", restartCount=1
+    )
+    assert condition(restarting, "Restarting")["status"] == "False"
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={RUN}")
+    assert "GangMemberFailed" in {e.reason for e in events.items}
+    wait_for(
+        "old gang deleted",
+        lambda: (
+            not batch.list_namespaced_job(
+                namespace, label_selector="llmops.dev/role=workers-0"
+            ).items
+        ),
+        60,
+    )
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-1")
+    assert {
+        e["name"]: e.get("value")
+        for e in batch.read_namespaced_job(f"{RUN}-workers-1", namespace).to_dict()["spec"][
+            "template"
+        ]["spec"]["containers"][0]["env"]
+    }["LLMOPS_ATTEMPT"] == "1"
+
+    # Suspend stops the pods; resuming brings the gang back.
+    client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", RUN, {"spec": {"suspend": True}}
+    )
+    suspended = wait_phase(api_client, namespace, "TrainingRun", RUN, "Suspended")
+    assert condition(suspended, "Suspended")["status"] == "True"
+    wait_for("pods stopped", lambda: not gang_pods(core, namespace, f"{RUN}-workers-1"), 60)
+    client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", RUN, {"spec": {"suspend": False}}
+    )
+    wait_phase(api_client, namespace, "TrainingRun", RUN, "Running")
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-1")
+
+    # Every worker exits 0: the run is complete.
+    for pod in pods:
+        end_pod(core, namespace, pod.metadata.name, exit_code=0)
+    done = wait_phase(api_client, namespace, "TrainingRun", RUN, "Succeeded")
+    assert condition(done, "Complete")["status"] == "True"
+    assert done["status"]["progress"] == 100
+    assert done["status"]["modelUri"] == f"pvc://{RUN}-checkpoints/model"
+    assert done["status"]["restartCount"] == 1
+
+
+def test_restart_budget_exhausted_fails_the_run(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, training_run(maxRestarts=0))
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
+    end_pod(core, namespace, pods[0].metadata.name, exit_code=1)
+    failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
+    assert condition(failed, "Failed")["reason"] == "MaxRestartsExceeded"
+    assert "restartCount" not in failed["status"] or failed["status"]["restartCount"] == 0
+
+
+def test_deadline_ends_the_run(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, training_run(activeDeadlineSeconds=2))
+    failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
+    assert condition(failed, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(
+        "gang deleted",
+        lambda: not client.BatchV1Api(api_client).list_namespaced_job(namespace).items,
+        60,
+    )
+
+
+def test_waits_for_its_dataset(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    create(api_client, namespace, training_run())
+    pending = wait_phase(api_client, namespace, "TrainingRun", RUN, "Pending")
+    assert condition(pending, "Created")["reason"] == "DatasetNotFound"
+    finished_dataset(api_client, namespace, "corpus")
+    wait_phase(api_client, namespace, "TrainingRun", RUN, "Running")
+    assert get(api_client, namespace, "TrainingRun", RUN)["status"]["startTime"]
