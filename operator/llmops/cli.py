@@ -60,7 +60,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         standalone=True,  # one replica (Recreate), so no peering between operators
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
-        liveness_endpoint=args.liveness,
+        liveness_endpoint=args.liveness or None,
     )
     return 0
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
-        help="URL of the liveness endpoint kopf serves",
+        help="URL of the liveness endpoint kopf serves (empty disables it)",
     )
     operator.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     operator.set_defaults(func=_cmd_operator)

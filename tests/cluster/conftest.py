@@ -9,7 +9,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -118,24 +118,42 @@ def volumes(api_client: client.ApiClient) -> None:
 
 
 @pytest.fixture
-def operator(kubeconfig: Path, api_client: client.ApiClient, namespace: str) -> Iterator[str]:
-    """The llmops operator, in this process, watching the test's namespace."""
+def start_operator(
+    kubeconfig: Path, api_client: client.ApiClient, namespace: str
+) -> Iterator[Callable[[], None]]:
+    """Starts the llmops operator in this process, watching the test's namespace; stopped
+    at the end of the test."""
     import kopf
 
     import llmops.controllers  # noqa: F401  (registers the handlers)
 
     os.environ["KUBECONFIG"] = str(kubeconfig)
-    ready = threading.Event()
     stop = threading.Event()
+    threads: list[threading.Thread] = []
 
-    def run() -> None:
-        asyncio.run(
-            kopf.operator(standalone=True, namespaces=[namespace], ready_flag=ready, stop_flag=stop)
-        )
+    def start() -> None:
+        ready = threading.Event()
 
-    thread = threading.Thread(target=run, name="llmops-operator", daemon=True)
-    thread.start()
-    assert ready.wait(30), "the operator did not start"
-    yield namespace
+        def run() -> None:
+            asyncio.run(
+                kopf.operator(
+                    standalone=True, namespaces=[namespace], ready_flag=ready, stop_flag=stop
+                )
+            )
+
+        thread = threading.Thread(target=run, name="llmops-operator", daemon=True)
+        thread.start()
+        threads.append(thread)
+        assert ready.wait(30), "the operator did not start"
+
+    yield start
     stop.set()
-    thread.join(30)
+    for thread in threads:
+        thread.join(30)
+
+
+@pytest.fixture
+def operator(start_operator: Callable[[], None], namespace: str) -> str:
+    """The llmops operator, running in this process for the test's namespace."""
+    start_operator()
+    return namespace
