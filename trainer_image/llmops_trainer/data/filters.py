@@ -189,10 +189,14 @@ def gopher_repetition(text: str, rules: QualityRules) -> str | None:
     ids = np.fromiter(
         (vocabulary.setdefault(t, len(vocabulary)) for t in tokens), np.uint64, len(tokens)
     )
-    if len(vocabulary) == len(tokens):
-        return None  # no token repeats, so no n-gram does
     lengths = np.fromiter(map(len, tokens), np.int64, len(tokens))
     cumulative = np.concatenate(([0], np.cumsum(lengths)))
+    if len(vocabulary) == len(tokens):
+        # No token repeats, so no n-gram does: the top n-gram is the first, counted once.
+        for n, fraction in rules.top_n_grams:
+            if len(tokens) >= n and (int(cumulative[n]) + n - 1) / length > fraction:
+                return f"top_{n}_gram"
+        return None
     for n, fraction in rules.top_n_grams:
         if len(tokens) < n:
             continue

@@ -17,10 +17,10 @@ def detect(text: str) -> tuple[str, float]:
     sample = text[:_MAX_CHARS]
     try:
         reliable, _, details = pycld2.detect(sample)
-    except pycld2.error:
+    except (pycld2.error, ValueError):  # invalid UTF-8 (lone surrogates) among them
         try:
             reliable, _, details = pycld2.detect(_UNPRINTABLE.sub(" ", sample))
-        except pycld2.error:
+        except (pycld2.error, ValueError):
             return UNKNOWN, 0.0
     _, code, percent, _ = details[0]
     if code in ("un", "xx", "xxx"):

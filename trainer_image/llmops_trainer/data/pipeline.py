@@ -314,6 +314,7 @@ class _Corpus:
     slices: list[Path]
     slice_of: npt.NDArray[np.int64]
     input_of: npt.NDArray[np.int64]
+    position_of: npt.NDArray[np.int64]
     rows: npt.NDArray[np.int64]
     reasons: list[str]
     codes: npt.NDArray[np.int64]
@@ -358,6 +359,7 @@ def _load(work_dir: Path, count: int, key: str) -> _Corpus:
         slices=folders,
         slice_of=joined["slice"][order].astype(np.int64),
         input_of=joined["inp"][order].astype(np.int64),
+        position_of=joined["pos"][order].astype(np.int64),
         rows=joined["rows"][order],
         reasons=sorted(names, key=names.__getitem__),
         codes=joined["code"][order].astype(np.int64),
@@ -523,6 +525,14 @@ def run_merge(
     _cross_slice_exact(corpus)
     _near(corpus, spec)
 
+    # Every document's fate, for audits and for comparing engines (benchmarks/).
+    np.savez(
+        work_dir / "decisions.npz",
+        inputs=corpus.input_of,
+        positions=corpus.position_of,
+        codes=corpus.codes,
+        reasons=np.array(corpus.reasons),
+    )
     kept = np.flatnonzero(corpus.codes == 0)
     split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
     split_of[kept] = _splits(corpus, spec, kept)
