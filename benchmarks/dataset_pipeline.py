@@ -68,7 +68,7 @@ def ensure_packages() -> None:
 class _Text(HTMLParser):
     """Visible text of an HTML page (scripts, styles and navigation left out)."""
 
-    SKIP = {"script", "style", "nav", "head"}
+    SKIP = frozenset({"script", "style", "nav", "head"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -271,8 +271,8 @@ def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     from datatrove.pipeline.tokens import DocumentTokenizer
     from datatrove.pipeline.writers import JsonlWriter
 
-    def content(doc: Any) -> str:
-        return str(doc.text)
+    def content(doc: Any) -> bytes:  # datatrove's xxhash path hashes bytes
+        return str(doc.text).encode("utf-8")
 
     exact = ExactDedupConfig(content_getter=content)
     minhash = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)

@@ -22,8 +22,6 @@ from llmops.api.dataset import Dataset
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.pipeline import run_merge, run_slice
 
-TERMINATION_LOG = Path(os.environ.get("LLMOPS_TERMINATION_LOG", "/dev/termination-log"))
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmops_trainer.data")
@@ -70,7 +68,7 @@ def _reason(error: Exception) -> str:
 
 def _terminate(stage: str, reason: str, message: str) -> None:
     with contextlib.suppress(OSError):
-        TERMINATION_LOG.write_text(
+        Path(os.environ.get("LLMOPS_TERMINATION_LOG", "/dev/termination-log")).write_text(
             json.dumps({"stage": stage, "reason": reason, "message": message[:3000]})
         )
 

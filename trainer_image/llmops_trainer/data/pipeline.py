@@ -84,7 +84,7 @@ def config_key(spec: DatasetSpec) -> str:
     """Hash of everything that shapes the output; parallelism, resources and the output
     location do not, so changing them reuses finished work."""
     relevant = spec.to_dict()
-    for name in ("parallelism", "resources", "output"):
+    for name in ("parallelism", "resources", "output", "scheduling", "retainPolicy"):
         relevant.pop(name, None)
     payload = json.dumps({"engine": ENGINE_VERSION, "spec": relevant}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from data_corpus import document, near_copy
+
+from llmops.api.dataset import Dataset, DatasetStatus
+from llmops_trainer.data import run_local
+from llmops_trainer.data.__main__ import main
+from llmops_trainer.shards import open_mask, open_tokens, read_manifest, verify
+
+
+def _dataset(sources: list[dict[str, Any]], **spec: Any) -> Dataset:
+    return Dataset.model_validate(
+        {
+            "apiVersion": "llmops.dev/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": "t"},
+            "spec": {
+                "sources": sources,
+                "tokenizer": {"train": {"vocabSize": 300}},
+                "split": {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 3},
+                "sharding": {"tokensPerShard": 2048},
+                **spec,
+            },
+        }
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    rng = random.Random(9)
+    docs = [document(rng, 8) for _ in range(40)]
+    docs += [docs[0], near_copy(docs[1], rng, 1), "Too short."]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text("\n\n".join(docs[i::3]) + "\n")
+    return folder
+
+
+def test_slices_do_not_change_the_output(corpus: Path, tmp_path: Path) -> None:
+    dataset = _dataset([{"name": "s", "path": str(corpus)}])
+    one = run_local(dataset, tmp_path / "one", 1)
+    three = run_local(dataset, tmp_path / "three", 3)
+    assert one.fingerprint == three.fingerprint
+    assert one.splits == three.splits
+    steps = {s["name"]: s for s in one.stats["steps"]}
+    assert steps["dedup-exact"]["dropped"] == {"exact-duplicate": 1}
+    assert steps["dedup-near"]["dropped"] == {"near-duplicate": 1}
+    assert steps["filter-quality"]["dropped"] == {"gopher_short_doc": 1}
+    assert one.stats["documents"] == 40
+    assert all(one.splits[s].documents > 0 for s in ("train", "validation", "test"))
+    assert verify(tmp_path / "one", one) == []
+    status = DatasetStatus.model_validate(one.stats)  # the controller copies these fields
+    assert status.tokens is not None and status.total_tokens == one.stats["totalTokens"]
+    assert status.steps[0].name == "normalize"
+    assert "# Dataset card: t" in (tmp_path / "one" / "README.md").read_text()
+
+
+def test_rerun_skips_finished_work(corpus: Path, tmp_path: Path) -> None:
+    dataset = _dataset([{"name": "s", "path": str(corpus)}])
+    first = run_local(dataset, tmp_path / "o", 2)
+    marker = tmp_path / "o" / ".work" / "slice-00000" / "DONE"
+    stamp = marker.stat().st_mtime_ns
+    again = run_local(dataset, tmp_path / "o", 2)
+    assert marker.stat().st_mtime_ns == stamp
+    assert again.fingerprint == first.fingerprint
+    changed = _dataset([{"name": "s", "path": str(corpus)}], split={"seed": 4})
+    assert run_local(changed, tmp_path / "o", 2).fingerprint != first.fingerprint
+
+
+def test_supervised_pairs_get_a_loss_mask(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    rows = [
+        {"prompt": f"Question {i}: {document(rng, 1)}", "response": document(rng, 2)}
+        for i in range(30)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = _dataset(
+        [
+            {
+                "name": "qa",
+                "path": str(path),
+                "format": "jsonl",
+                "promptField": "prompt",
+                "responseField": "response",
+            }
+        ],
+        processing={"filters": {"minWords": 3}},
+    )
+    manifest = run_local(dataset, tmp_path / "o", 1)
+    assert manifest.supervised
+    shard = manifest.splits["train"].shards[0]
+    tokens = open_tokens(tmp_path / "o", manifest, shard)
+    mask = open_mask(tmp_path / "o", shard)
+    assert mask is not None and len(mask) == len(tokens)
+    assert 0 < mask.mean() < 1
+    assert mask[tokens == manifest.eos_token_id].all()
+
+
+def test_weights_and_augmentation_grow_the_training_split(corpus: Path, tmp_path: Path) -> None:
+    plain = run_local(_dataset([{"name": "s", "path": str(corpus)}]), tmp_path / "a", 1)
+    heavy = run_local(
+        _dataset(
+            [{"name": "s", "path": str(corpus), "weight": 2}],
+            processing={"augmentation": {"enabled": True, "methods": ["word-swap"]}},
+        ),
+        tmp_path / "b",
+        1,
+    )
+    assert heavy.splits["train"].documents == 3 * plain.splits["train"].documents
+    assert heavy.splits["validation"].documents == plain.splits["validation"].documents
+
+
+def test_language_allow_list_and_pii(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    english = [document(rng, 6) + " Write to ann@example.org today." for _ in range(5)]
+    french = [
+        "Le gardien du phare montait chaque matin les marches de la tour et notait "
+        "le temps dans un petit carnet vert avec beaucoup de soin et de patience."
+    ] * 1
+    (tmp_path / "in.txt").write_text("\n\n".join(english + french))
+    dataset = _dataset(
+        [{"name": "s", "path": str(tmp_path / "in.txt")}],
+        processing={"filters": {"minWords": 3}, "languages": {"allow": ["en"]}},
+        split={"train": 1.0, "validation": 0.0, "test": 0.0},
+    )
+    manifest = run_local(dataset, tmp_path / "o", 1)
+    steps = {s["name"]: s for s in manifest.stats["steps"]}
+    assert steps["language"]["dropped"] == {"language": 1}
+    assert manifest.stats["languages"] == {"en": 1.0}
+    assert steps["pii"]["replaced"]["email"] == 5
+    docs = (tmp_path / "o" / ".work" / "slice-00000" / "docs.jsonl").read_text()
+    assert "ann@example.org" not in docs and "<EMAIL>" in docs
+
+
+def test_cli_stages(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "dataset.json"
+    config.write_text(json.dumps(_dataset([{"name": "s", "path": str(corpus)}]).to_dict()))
+    monkeypatch.setenv("LLMOPS_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("LLMOPS_NUM_SLICES", "2")
+    monkeypatch.setenv("LLMOPS_TERMINATION_LOG", str(tmp_path / "termination"))
+    assert main(["--config", str(config), "--stage", "merge"]) == 1  # slices not done yet
+    assert json.loads((tmp_path / "termination").read_text())["stage"] == "merge"
+    for index in ("1", "0"):
+        monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+        assert main(["--config", str(config), "--stage", "slice"]) == 0
+    assert main(["--config", str(config), "--stage", "merge"]) == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.stats["documents"] == 40
+    tokens = np.concatenate(
+        [open_tokens(tmp_path / "out", manifest, s) for s in manifest.splits["train"].shards]
+    )
+    assert (tokens == manifest.eos_token_id).sum() == manifest.splits["train"].documents
