@@ -71,7 +71,8 @@ def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) ->
                     "lastTransitionTime": "2026-01-01T00:00:00Z",
                 }
             ],
-            "outputUri": f"pvc://{name}-data",
+            "outputUri": f"pvc://{name}-data/g1",
+            "observedGeneration": 1,
         }
     }
     patched: dict[str, Any] = custom(api_client).patch_namespaced_custom_object_status(

@@ -106,6 +106,7 @@ def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: 
         == ("metadata.annotations['batch.kubernetes.io/job-completion-index']")
     )
     assert env["PET_MASTER_ADDR"] == env["MASTER_ADDR"]
+    assert env["LLMOPS_DATA_DIR"] == "/data/g1"  # the Dataset version it trains on
     assert "DS_ACCELERATOR" not in env  # GPUs requested
     container = job.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "8"

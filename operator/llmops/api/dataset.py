@@ -24,6 +24,7 @@ from llmops.api.common import (
     Path,
     Resources,
     S3Location,
+    Scheduling,
     Storage,
     conditions_field,
 )
@@ -381,6 +382,14 @@ class DatasetSpec(ApiModel):
         default=1, description="Worker pods processing sources in parallel.", ge=1, le=256
     )
     resources: Resources = nested(Resources, "Compute for each worker pod.")
+    scheduling: Scheduling = nested(Scheduling, "Placement and priority of the worker pods.")
+    retain_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description=(
+            "What happens to an output claim the operator created when the Dataset is deleted: "
+            "`Retain` keeps it (and the data) for later use, `Delete` removes it with the Dataset."
+        ),
+    )
 
     @field_validator("sources")
     @classmethod

@@ -25,9 +25,15 @@ def claim_name(owner_name: str, role: str, storage: Storage | None) -> str | Non
 
 
 def owned_claim(
-    owner: Mapping[str, Any], role: str, component: str, storage: Storage | None
+    owner: Mapping[str, Any],
+    role: str,
+    component: str,
+    storage: Storage | None,
+    *,
+    retain: bool = False,
 ) -> dict[str, Any] | None:
-    """The PersistentVolumeClaim the operator creates, if the spec asks for a new one."""
+    """The PersistentVolumeClaim the operator creates, if the spec asks for a new one. A
+    retained claim carries no owner reference, so deleting the owner leaves it (and the data)."""
     volume = effective_storage(storage).volume
     if volume is None or volume.claim_name is not None:
         return None
@@ -37,12 +43,19 @@ def owned_claim(
     }
     if volume.storage_class_name:
         spec["storageClassName"] = volume.storage_class_name
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": child_metadata(owner, role, component),
-        "spec": spec,
-    }
+    metadata = child_metadata(owner, role, component)
+    if retain:
+        del metadata["ownerReferences"]
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": spec}
+
+
+def parse_uri(value: str) -> tuple[str, str, str]:
+    """`pvc://claim/path` -> ("pvc", "claim", "path"); `s3://bucket/prefix` likewise."""
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("pvc", "s3") or not rest:
+        raise ValueError(f"not a pvc:// or s3:// URI: {value!r}")
+    location, _, path = rest.partition("/")
+    return scheme, location, path
 
 
 def uri(owner_name: str, role: str, storage: Storage | None) -> str:

@@ -105,6 +105,19 @@ def gang_env(run: TrainingRun, job: str) -> list[dict[str, Any]]:
     return env
 
 
+def dataset_volume(
+    uri: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, mounts and env through which the workers read the prepared dataset."""
+    scheme, location, path = storage.parse_uri(uri)
+    if scheme == "s3":
+        return [], [], [{"name": "LLMOPS_DATA_URI", "value": uri}]
+    volume = {"name": "data", "persistentVolumeClaim": {"claimName": location, "readOnly": True}}
+    mount = {"name": "data", "mountPath": DATA_DIR, "readOnly": True}
+    data_dir = f"{DATA_DIR}/{path}".rstrip("/")
+    return [volume], [mount], [{"name": "LLMOPS_DATA_DIR", "value": data_dir}]
+
+
 def torchrun_command() -> list[str]:
     """One torchrun per pod; Kubernetes expands $(VAR) from the container's env."""
     return [
@@ -125,10 +138,11 @@ def worker_job(
     body: Mapping[str, Any],
     run: TrainingRun,
     attempt: int,
-    dataset_name: str,
-    dataset_storage: Any,
+    dataset_uri: str,
     init_uri: str | None = None,
 ) -> dict[str, Any]:
+    """The gang. `dataset_uri` is the Dataset's status.outputUri: the version of the data
+    this attempt trains on."""
     spec = run.spec
     name = run.metadata.name
     job = job_name(name, attempt)
@@ -136,15 +150,13 @@ def worker_job(
     worker_labels = {"llmops.dev/role": "worker"}
 
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
-    data_volumes, data_mounts = storage.mount(
-        "data", dataset_name, "data", dataset_storage, DATA_DIR, read_only=True
-    )
+    data_volumes, data_mounts, data_env = dataset_volume(dataset_uri)
     ckpt_volumes, ckpt_mounts = storage.mount(
         "checkpoints", name, "checkpoints", spec.checkpointing.storage, CHECKPOINT_DIR
     )
     env = gang_env(run, job)
     env += [
-        {"name": "LLMOPS_DATA_DIR", "value": DATA_DIR},
+        *data_env,
         {"name": "LLMOPS_CHECKPOINT_DIR", "value": CHECKPOINT_DIR},
         {"name": "LLMOPS_OUTPUT_DIR", "value": f"{CHECKPOINT_DIR}/{OUTPUT_SUBDIR}"},
         {"name": "LLMOPS_METRICS_PORT", "value": str(METRICS_PORT)},

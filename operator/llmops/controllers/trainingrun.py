@@ -15,7 +15,6 @@ import kopf
 
 from llmops import GROUP, VERSION
 from llmops.api import API_VERSION
-from llmops.api.dataset import Dataset
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import storage
 from llmops.builders import trainingrun as build
@@ -141,7 +140,16 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
         status.set(phase="Pending")
         status.condition("Created", "False", why, f"Dataset {spec.dataset_ref.name!r} is not ready")
         return
-    dataset = common.parse(Dataset, dataset_body)
+    dataset_uri = (dataset_body.get("status") or {}).get("outputUri")
+    if not dataset_uri:
+        status.set(phase="Pending")
+        status.condition(
+            "Created",
+            "False",
+            "WaitingForDataset",
+            f"Dataset {spec.dataset_ref.name!r} reports no output",
+        )
+        return
     init_uri, waiting = _init_uri(run)
     if waiting:
         status.set(phase="Pending")
@@ -154,9 +162,7 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
     if claim is not None:
         common.ensure_child(KIND, claim, update=False)  # a bound claim's spec is immutable
     attempt = int(status.status.get("restartCount") or 0)
-    manifest = build.worker_job(
-        body, run, attempt, dataset.metadata.name, dataset.spec.output, init_uri
-    )
+    manifest = build.worker_job(body, run, attempt, dataset_uri, init_uri)
     job = common.ensure_child(KIND, manifest, update=False)
     job_name = manifest["metadata"]["name"]
     status.condition(

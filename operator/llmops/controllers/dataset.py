@@ -1,0 +1,160 @@
+"""Dataset controller: runs the slice and merge Jobs of the current spec version and reports
+their outcome, with the merge step's statistics, in the Dataset status."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from llmops import GROUP, VERSION
+from llmops.api.dataset import Dataset
+from llmops.builders import dataset as build
+from llmops.controllers import common
+from llmops.metrics import observe_reconcile
+
+KIND = "Dataset"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _job_failure(job: Mapping[str, Any]) -> str | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
+    return None
+
+
+def termination_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The JSON report a succeeded pod left as its termination message."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        for container in pod["status"].get("containerStatuses") or []:
+            message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+            if not message:
+                continue
+            try:
+                report = json.loads(message)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(report, dict):
+                return report
+    return None
+
+
+def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
+    dataset = common.parse(Dataset, body)
+    status = common.StatusWriter(body, KIND)
+    generation = int(body["metadata"].get("generation") or 1)
+    processed = status.status.get("observedGeneration") == generation
+    if status.phase in ("Succeeded", "Failed") and processed:
+        return  # this version is done; a spec change starts the next one
+    try:
+        _reconcile(body, dataset, generation, status)
+    finally:
+        status.write(patch)
+
+
+def _reconcile(
+    body: Mapping[str, Any], dataset: Dataset, generation: int, status: common.StatusWriter
+) -> None:
+    namespace: str = body["metadata"]["namespace"]
+    kube = common.kube()
+    name = dataset.metadata.name
+
+    # Jobs of older versions are stale: the spec they processed is gone. Their output stays.
+    for job in kube.list("batch/v1", "Job", namespace, label_selector=f"llmops.dev/dataset={name}"):
+        if job["metadata"]["labels"].get("llmops.dev/generation") != str(generation):
+            kube.delete("batch/v1", "Job", job["metadata"]["name"], namespace)
+
+    common.ensure_child(KIND, build.config_map(body))
+    claim = build.output_claim(body, dataset)
+    if claim is not None:
+        common.ensure_child(KIND, claim, update=False)
+    if status.status.get("startTime") is None or status.phase in ("Succeeded", "Failed"):
+        status.set(startTime=_now(), completionTime=None)
+        status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
+        status.condition("Failed", "False", "Processing")
+    slices = common.ensure_child(KIND, build.slices_job(body, dataset, generation), update=False)
+    status.condition(
+        "Created",
+        "True",
+        "JobsCreated",
+        f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
+    )
+
+    failure = _job_failure(slices)
+    if failure:
+        _fail(status, "SliceFailed", failure)
+        return
+    if not common.is_complete(slices):
+        active = (slices.get("status") or {}).get("active", 0)
+        done = (slices.get("status") or {}).get("succeeded", 0)
+        status.set(phase="Running" if active or done else "Pending")
+        status.condition(
+            "Running",
+            "True" if active else "False",
+            "Slicing",
+            f"{done}/{dataset.spec.parallelism} slices done",
+        )
+        return
+
+    merge = common.ensure_child(KIND, build.merge_job(body, dataset, generation), update=False)
+    failure = _job_failure(merge)
+    if failure:
+        _fail(status, "MergeFailed", failure)
+        return
+    if not common.is_complete(merge):
+        status.set(phase="Running")
+        status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
+        return
+
+    pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={merge['metadata']['name']}")
+    report = termination_report(pods) or {}
+    status.set(**build.status_from_report(report))
+    status.set(
+        phase="Succeeded",
+        completionTime=_now(),
+        outputUri=build.output_uri(dataset, generation),
+        tokenizerUri=f"{build.output_uri(dataset, generation)}/tokenizer.json",
+    )
+    status.condition("Running", "False", "Processed")
+    status.condition(
+        "Complete",
+        "True",
+        "Processed",
+        f"version {build.version(generation)} ready"
+        + ("" if report else " (the merge step reported no statistics)"),
+    )
+    status.condition("Ready", "True", "Processed")
+
+
+def _fail(status: common.StatusWriter, reason: str, message: str) -> None:
+    status.set(phase="Failed", completionTime=_now())
+    status.condition("Running", "False", reason)
+    status.condition("Failed", "True", reason, message)
+    status.condition("Ready", "False", reason, message)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "datasets",
+    interval=common.RECONCILE_SECONDS,
+    initial_delay=0,
+    backoff=common.RECONCILE_SECONDS * 2,
+)
+def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    with observe_reconcile(KIND):
+        reconcile(body, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, "datasets", optional=True)
+def forget(body: kopf.Body, **_: Any) -> None:
+    common.forget(KIND, body["metadata"]["uid"])

@@ -1,0 +1,180 @@
+"""The Dataset controller on the real control plane: slice and merge Jobs, status from the
+merge step's report, versions on spec change, failure reporting, retain policy."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubelet import HOLD_SCHEDULING, condition, create, end_pod, get, wait_phase, wait_status
+from kubernetes import client
+
+from controlplane import wait_for
+
+NAME = "corpus"
+
+
+def dataset(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": NAME},
+        "spec": {
+            "sources": [{"name": "books", "path": "data/books.txt"}],
+            "tokenizer": {"train": {"vocabSize": 1024}},
+            "parallelism": 3,
+            **spec,
+        },
+    }
+
+
+def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset())
+
+    done = wait_phase(api_client, namespace, "Dataset", NAME, "Succeeded")
+    assert condition(done, "Complete")["status"] == "True"
+    assert done["status"]["outputUri"] == f"pvc://{NAME}-data/g1"
+    assert done["status"]["tokenizerUri"] == f"pvc://{NAME}-data/g1/tokenizer.json"
+    slices = batch.read_namespaced_job(f"{NAME}-slices-g1", namespace)
+    assert (slices.spec.completion_mode, slices.spec.completions) == ("Indexed", 3)
+    assert slices.status.succeeded == 3
+    merge = batch.read_namespaced_job(f"{NAME}-merge-g1", namespace)
+    container = merge.spec.template.spec.containers[0]
+    assert container.command[-2:] == ["--stage", "merge"]
+    env = {e.name: e.value for e in container.env}
+    assert env["LLMOPS_OUTPUT_DIR"] == "/output/g1"
+    assert env["LLMOPS_NUM_SLICES"] == "3"
+    config = json.loads(
+        core.read_namespaced_config_map(f"{NAME}-config", namespace).data["dataset.json"]
+    )
+    assert config["spec"]["parallelism"] == 3
+    claim = core.read_namespaced_persistent_volume_claim(f"{NAME}-data", namespace)
+    assert not claim.metadata.owner_references  # retainPolicy Retain (the default)
+
+    # A spec change makes version 2, in its own folder; version 1's output is left alone.
+    client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "datasets", NAME, {"spec": {"parallelism": 2}}
+    )
+    second = wait_status(
+        api_client,
+        namespace,
+        "Dataset",
+        NAME,
+        "version 2 done",
+        phase="Succeeded",
+        observedGeneration=2,
+    )
+    assert second["status"]["outputUri"] == f"pvc://{NAME}-data/g2"
+    wait_for(
+        "version 1 jobs removed",
+        lambda: (
+            {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
+            == {f"{NAME}-slices-g2", f"{NAME}-merge-g2"}
+        ),
+        60,
+    )
+
+
+def test_merge_report_becomes_status(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset(parallelism=1))
+    wait_for(
+        "merge pod",
+        lambda: (
+            core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-merge-g1").items
+        ),
+        60,
+    )
+    # kwok completes the pod without a message; write the one the engine leaves.
+    pod = core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-merge-g1").items[0]
+    report = {
+        "documents": 900,
+        "totalTokens": 123456,
+        "fingerprint": "ab" * 32,
+        "tokens": {"train": 111111, "validation": 6000, "test": 6345},
+        "steps": [{"name": "dedup-exact", "documentsIn": 1000, "documentsOut": 950}],
+        "exactDuplicateRatio": 0.05,
+        "languages": {"en": 1.0},
+        "vocabSize": 1024,
+        "somethingNew": "dropped",
+    }
+    statuses = [
+        {
+            "name": "merge",
+            "image": "x",
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {
+                "terminated": {
+                    "exitCode": 0,
+                    "reason": "Completed",
+                    "message": json.dumps(report),
+                    "startedAt": "2026-01-01T00:00:00Z",
+                    "finishedAt": "2026-01-01T00:00:00Z",
+                }
+            },
+        }
+    ]
+    core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        namespace,
+        {"status": {"phase": "Succeeded", "containerStatuses": statuses}},
+    )
+
+    done = wait_phase(api_client, namespace, "Dataset", NAME, "Succeeded")
+    status = done["status"]
+    assert (status["documents"], status["totalTokens"], status["vocabSize"]) == (900, 123456, 1024)
+    assert status["tokens"]["validation"] == 6000
+    assert status["steps"] == [{"name": "dedup-exact", "documentsIn": 1000, "documentsOut": 950}]
+    assert status["fingerprint"] == "ab" * 32
+    assert "somethingNew" not in status
+
+
+def test_failed_slice_fails_the_dataset_with_the_reason(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset(parallelism=2, scheduling=HOLD_SCHEDULING))
+
+    def fail_running_slices() -> bool:
+        # Every try of every slice crashes, as a broken input would make it.
+        for pod in core.list_namespaced_pod(
+            namespace, label_selector="llmops.dev/stage=slice"
+        ).items:
+            if pod.status.phase == "Running":
+                end_pod(core, namespace, pod.metadata.name, exit_code=1)
+        return (get(api_client, namespace, "Dataset", NAME).get("status") or {}).get(
+            "phase"
+        ) == "Failed"
+
+    wait_for("Dataset failed", fail_running_slices, 90)
+    failed = get(api_client, namespace, "Dataset", NAME)
+    assert condition(failed, "Failed")["reason"] == "SliceFailed"
+    assert failed["status"]["conditions"]
+
+
+def test_delete_policy_removes_the_claim_with_the_dataset(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset(retainPolicy="Delete", parallelism=1))
+    wait_phase(api_client, namespace, "Dataset", NAME, "Succeeded")
+    claim = core.read_namespaced_persistent_volume_claim(f"{NAME}-data", namespace)
+    assert claim.metadata.owner_references[0].kind == "Dataset"
+    client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "datasets", NAME
+    )
+
+    def claim_gone() -> bool:
+        claims = core.list_namespaced_persistent_volume_claim(namespace).items
+        return all(
+            c.metadata.name != f"{NAME}-data" or c.metadata.deletion_timestamp for c in claims
+        )
+
+    wait_for("claim deleted", claim_gone, 60)
