@@ -1,0 +1,161 @@
+"""Pure builders of the workload children: gang wiring, data versions, storage, scheduling."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+
+from llmops.api.dataset import Dataset
+from llmops.api.trainingrun import TrainingRun
+from llmops.builders import dataset as ds_build
+from llmops.builders import storage
+from llmops.builders import trainingrun as tr_build
+from llmops.controllers.dataset import termination_report
+from llmops.controllers.trainingrun import parse_progress, progress_status
+
+RUN = {
+    "apiVersion": "llmops.dev/v1alpha1",
+    "kind": "TrainingRun",
+    "metadata": {"name": "gpt", "namespace": "ml", "uid": "u1", "generation": 2},
+    "spec": {
+        "datasetRef": {"name": "corpus"},
+        "hyperparameters": {"maxSteps": 10},
+        "resources": {"numNodes": 3, "procsPerNode": 2},
+        "scheduling": {"spot": True, "nodeSelector": {"pool": "cpu"}},
+        "checkpointing": {"storage": {"volume": {"claimName": "shared", "subPath": "runs/gpt"}}},
+    },
+}
+DATASET = {
+    "apiVersion": "llmops.dev/v1alpha1",
+    "kind": "Dataset",
+    "metadata": {"name": "corpus", "namespace": "ml", "uid": "u2", "generation": 4},
+    "spec": {
+        "sources": [{"name": "a", "path": "a.txt"}],
+        "tokenizer": {"train": {"vocabSize": 512}},
+        "parallelism": 4,
+        "retainPolicy": "Delete",
+    },
+}
+
+
+def test_cpu_gang_gets_rendezvous_env_data_version_and_existing_claim():
+    run = TrainingRun.model_validate(RUN)
+    job = tr_build.worker_job(RUN, run, attempt=2, dataset_uri="pvc://corpus-data/g4")
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert job["metadata"]["name"] == "gpt-workers-2"
+    assert env["MASTER_ADDR"] == "gpt-workers-2-0.gpt-headless.ml.svc"
+    assert (env["WORLD_SIZE"], env["NNODES"], env["NPROC_PER_NODE"]) == ("6", "3", "2")
+    assert env["DS_ACCELERATOR"] == "cpu"  # no GPUs asked for
+    assert env["LLMOPS_DATA_DIR"] == "/data/g4"
+    assert env["LLMOPS_ATTEMPT"] == "2"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {
+        "claimName": "corpus-data",
+        "readOnly": True,
+    }
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "shared"
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["checkpoints"]["subPath"] == "runs/gpt"
+    assert mounts["data"]["readOnly"]
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert any(t["key"] == "cloud.google.com/gke-spot" for t in pod["tolerations"])
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+    # The existing claim is the user's: nothing to create.
+    assert tr_build.checkpoint_claim(RUN, run) is None
+
+
+def test_s3_dataset_is_read_from_the_uri():
+    volumes, mounts, env = tr_build.dataset_volume("s3://bucket/prefix/g1")
+    assert (volumes, mounts) == ([], [])
+    assert env == [{"name": "LLMOPS_DATA_URI", "value": "s3://bucket/prefix/g1"}]
+
+
+def test_config_map_carries_the_resource_for_the_trainer():
+    config = json.loads(tr_build.config_map(RUN)["data"]["trainingrun.json"])
+    assert TrainingRun.model_validate(config).spec.resources.num_nodes == 3
+    assert config["metadata"]["generation"] == 2
+
+
+def test_dataset_jobs_are_versioned_by_generation_and_claim_follows_retain_policy():
+    dataset = Dataset.model_validate(DATASET)
+    slices = ds_build.slices_job(DATASET, dataset, 4)
+    merge = ds_build.merge_job(DATASET, dataset, 4)
+    assert slices["metadata"]["name"] == "corpus-slices-g4"
+    assert (slices["spec"]["completionMode"], slices["spec"]["completions"]) == ("Indexed", 4)
+    assert merge["metadata"]["name"] == "corpus-merge-g4" and merge["spec"]["completions"] == 1
+    env = {e["name"]: e["value"] for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLMOPS_OUTPUT_DIR"] == "/output/g4"
+    assert ds_build.output_uri(dataset, 4) == "pvc://corpus-data/g4"
+    claim = ds_build.output_claim(DATASET, dataset)
+    assert claim is not None and claim["metadata"]["ownerReferences"][0]["uid"] == "u2"
+    retained = Dataset.model_validate(
+        {**DATASET, "spec": {**DATASET["spec"], "retainPolicy": "Retain"}}
+    )
+    claim = ds_build.output_claim(DATASET, retained)
+    assert claim is not None and "ownerReferences" not in claim["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "parts"),
+    [
+        ("pvc://claim/a/b", ("pvc", "claim", "a/b")),
+        ("pvc://claim", ("pvc", "claim", "")),
+        ("s3://bucket/prefix", ("s3", "bucket", "prefix")),
+    ],
+)
+def test_storage_uris_parse(uri: str, parts: tuple[str, str, str]):
+    assert storage.parse_uri(uri) == parts
+
+
+def test_storage_uri_rejects_other_schemes():
+    with pytest.raises(ValueError, match="not a pvc"):
+        storage.parse_uri("http://x/y")
+
+
+def test_progress_is_read_from_the_last_record_in_the_log():
+    log = "\n".join(
+        [
+            'LLMOPS_PROGRESS {"step": 10, "totalSteps": 100, "trainLoss": 5.0}',
+            "some other line",
+            'LLMOPS_PROGRESS {"step": 40, "totalSteps": 100, "trainLoss": 3.5, "valLoss": 3.7,'
+            ' "tokensPerSecond": 1234.5, "mfu": 0.41}',
+            "LLMOPS_PROGRESS {truncated",
+        ]
+    )
+    record = parse_progress(log)
+    assert record is not None and record["step"] == 40
+    started = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    fields = progress_status(record, started, started + datetime.timedelta(seconds=400))
+    assert fields == {
+        "step": 40,
+        "totalSteps": 100,
+        "progress": 40,
+        "estimatedRemainingSeconds": 600,
+        "metrics": {
+            "trainLoss": 3.5,
+            "validationLoss": 3.7,
+            "tokensPerSecond": 1234.5,
+            "mfu": 0.41,
+        },
+    }
+    assert parse_progress(None) is None and parse_progress("nothing here") is None
+
+
+def test_termination_report_comes_from_a_succeeded_pod_only():
+    def pod(phase: str, message: str) -> dict:
+        return {
+            "status": {
+                "phase": phase,
+                "containerStatuses": [{"state": {"terminated": {"message": message}}}],
+            }
+        }
+
+    assert termination_report([pod("Failed", '{"documents": 1}')]) is None
+    assert termination_report(
+        [pod("Succeeded", "not json"), pod("Succeeded", '{"documents": 7}')]
+    ) == {"documents": 7}
