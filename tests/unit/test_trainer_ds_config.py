@@ -137,3 +137,10 @@ def test_merge_does_not_mutate() -> None:
     base = {"a": {"b": 1}}
     assert merge(base, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
     assert base == {"a": {"b": 1}}
+
+
+def test_cpu_runs_all_reduce_instead_of_reduce_scatter() -> None:
+    cpu = spec(deepspeed={"zeroStage": 2}, resources={"gpusPerNode": 0, "procsPerNode": 2})
+    assert deepspeed_config(cpu, BatchPlan(4, 8, 1))["zero_optimization"]["reduce_scatter"] is False
+    gpu = deepspeed_config(spec(deepspeed={"zeroStage": 2}), BatchPlan(8, 8, 1))
+    assert "reduce_scatter" not in gpu["zero_optimization"]
