@@ -133,6 +133,29 @@ class Autoscaling(ApiModel):
             check=lambda s: s.min_replicas > 0 or s.metric != "cpu",
             field_path=".minReplicas",
         ),
+        Rule(
+            cel="self.minReplicas > 0 || self.engine == 'keda'",
+            message="scaling to zero needs engine keda (the HorizontalPodAutoscaler stops at 1)",
+            check=lambda s: s.min_replicas > 0 or s.engine == "keda",
+            field_path=".minReplicas",
+        ),
+    )
+
+    engine: Literal["hpa", "keda"] = Field(
+        default="hpa",
+        description=(
+            "`hpa`: a HorizontalPodAutoscaler (request metrics through the custom metrics API, "
+            "e.g. prometheus-adapter); `keda`: a KEDA ScaledObject querying Prometheus, which "
+            "can scale to zero and back on the first request."
+        ),
+    )
+    prometheus_address: str | None = Field(
+        default=None,
+        description=(
+            "Prometheus URL KEDA queries; unset means the address the operator was configured with."
+        ),
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
     )
 
     min_replicas: int = Field(

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import kubernetes
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 FIELD_MANAGER = "llmops"
 
@@ -132,12 +132,13 @@ class Kube:
         *,
         propagation: str = "Background",
     ) -> bool:
-        """Delete if present; True when something was deleted."""
+        """Delete if present; True when something was deleted. A kind the cluster does not
+        serve (an uninstalled CRD) has nothing to delete either."""
         try:
             self._resource(api_version, kind).delete(
                 name=name, namespace=namespace, propagation_policy=propagation
             )
-        except NotFoundError:
+        except (NotFoundError, ResourceNotFoundError):
             return False
         return True
 

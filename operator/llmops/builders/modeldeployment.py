@@ -1,0 +1,322 @@
+"""ModelDeployment -> its children: config, Deployment, Service, PodDisruptionBudget and an
+autoscaler (HorizontalPodAutoscaler or KEDA ScaledObject).
+
+The autoscaler targets the ModelDeployment's own scale subresource, so spec.replicas stays the
+single source of truth and the controller copies it to the Deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from llmops.api.modeldeployment import Autoscaling, ModelDeployment, ScalingRules
+from llmops.builders import pods, storage
+from llmops.builders.common import child_labels, child_metadata, child_name
+
+COMPONENT = "serving"
+CONFIG_DIR = "/etc/llmops"
+CONFIG_FILE = "modeldeployment.json"
+MODEL_DIR = "/model"
+AUTH_DIR = "/var/run/llmops/auth"
+# Loading weights can take minutes; the startup probe allows for it before liveness counts.
+STARTUP_SECONDS = 600
+PROBE_PERIOD = 5
+METRICS_PORT = 9400
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+# Metrics the servers export (llmops_trainer.serve), per replica.
+METRIC_QUERIES = {
+    "in-flight-requests": "llmops_serving_requests_running",
+    "queue-depth": "llmops_serving_requests_waiting",
+    "tokens-per-second": "rate(llmops_serving_generation_tokens_total[1m])",
+}
+
+
+def selector_labels(body: Mapping[str, Any]) -> dict[str, str]:
+    labels = child_labels(body, COMPONENT, "server")
+    return {
+        k: labels[k]
+        for k in ("app.kubernetes.io/instance", "llmops.dev/model-deployment", "llmops.dev/role")
+    }
+
+
+def selector_string(body: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(body).items()))
+
+
+def served_name(md: ModelDeployment) -> str:
+    return md.spec.model.served_name or md.metadata.name
+
+
+def url(md: ModelDeployment, namespace: str) -> str:
+    return f"http://{md.metadata.name}.{namespace}.svc:{md.spec.server.port}/v1"
+
+
+def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
+    config = {k: body[k] for k in ("apiVersion", "kind", "spec")}
+    config["metadata"] = {k: body["metadata"][k] for k in ("name", "namespace", "uid")}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(body, "config", COMPONENT),
+        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+    }
+
+
+def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Volumes, mounts and the model folder inside the container."""
+    if model_uri.startswith("/"):
+        return [], [], model_uri  # baked into the image
+    scheme, location, path = storage.parse_uri(model_uri)
+    if scheme == "s3":
+        raise ValueError("serving from s3:// needs a model download step, not supported yet")
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": location, "readOnly": True}}
+    mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    return [volume], [mount], f"{MODEL_DIR}/{path}".rstrip("/")
+
+
+def deployment(
+    body: Mapping[str, Any], md: ModelDeployment, replicas: int, model_uri: str
+) -> dict[str, Any]:
+    spec = md.spec
+    name = md.metadata.name
+    port = spec.server.port
+    model_volumes, model_mounts, model_dir = _model_volume(model_uri)
+    scratch_volumes, scratch_mounts = pods.scratch_volumes()
+    env = [
+        {"name": "LLMOPS_MODEL_DIR", "value": model_dir},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    auth_volumes: list[dict[str, Any]] = []
+    auth_mounts: list[dict[str, Any]] = []
+    secret = spec.server.auth_token_secret
+    if secret is not None:
+        # Mounted as a file, never an env var: env values show up in `kubectl describe`.
+        auth_volumes = [
+            {
+                "name": "auth",
+                "secret": {
+                    "secretName": secret.name,
+                    "items": [{"key": secret.key, "path": "token"}],
+                },
+            }
+        ]
+        auth_mounts = [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
+        env.append({"name": "LLMOPS_AUTH_TOKEN_FILE", "value": f"{AUTH_DIR}/token"})
+    labels = {**child_labels(body, COMPONENT, "server"), **selector_labels(body)}
+    http_get = {"port": "http"}
+    rollout: dict[str, Any] = {"type": spec.rollout.strategy}
+    if spec.rollout.strategy == "RollingUpdate":
+        rollout["rollingUpdate"] = {
+            "maxSurge": _int_or_percent(spec.rollout.max_surge or "25%"),
+            "maxUnavailable": _int_or_percent(spec.rollout.max_unavailable or "25%"),
+        }
+    container = {
+        "name": "server",
+        "image": pods.trainer_image(spec.resources),
+        "command": [
+            "python",
+            "-m",
+            "llmops_trainer.serve",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_FILE}",
+        ],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": port}],
+        "startupProbe": {
+            "httpGet": {**http_get, "path": "/healthz"},
+            "periodSeconds": PROBE_PERIOD,
+            "failureThreshold": STARTUP_SECONDS // PROBE_PERIOD,
+        },
+        "readinessProbe": {
+            "httpGet": {**http_get, "path": "/readyz"},
+            "periodSeconds": PROBE_PERIOD,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {**http_get, "path": "/healthz"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        # Endpoints drop the pod before SIGTERM lands; the server then finishes in-flight work.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "resources": pods.container_resources(spec.resources, spec.resources.gpus),
+        "securityContext": pods.container_security_context(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            *scratch_mounts,
+            *model_mounts,
+            *auth_mounts,
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": child_metadata(body, "server", COMPONENT),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(body)},
+            "strategy": rollout,
+            "template": {
+                # A new model changes this annotation, which rolls the Deployment.
+                "metadata": {"labels": labels, "annotations": {"llmops.dev/model-uri": model_uri}},
+                "spec": {
+                    "securityContext": pods.pod_security_context(),
+                    "terminationGracePeriodSeconds": 60,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": child_name(name, "config")}},
+                        *scratch_volumes,
+                        *model_volumes,
+                        *auth_volumes,
+                    ],
+                    **pods.scheduling_fields(spec.scheduling),
+                },
+            },
+        },
+    }
+
+
+def _int_or_percent(value: str) -> int | str:
+    return value if value.endswith("%") else int(value)
+
+
+def service(body: Mapping[str, Any], md: ModelDeployment) -> dict[str, Any]:
+    metadata = child_metadata(body, "server", COMPONENT)
+    metadata["name"] = md.metadata.name  # clients use the resource's own name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "selector": selector_labels(body),
+            "ports": [
+                {"name": "http", "port": md.spec.server.port, "targetPort": "http"},
+                # Same listener; a named port for ServiceMonitors.
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "http"},
+            ],
+        },
+    }
+
+
+def disruption_budget(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(body, "server", COMPONENT),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(body)}},
+    }
+
+
+def _scale_target(body: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": body["metadata"]["name"],
+    }
+
+
+def _behavior(rules: ScalingRules | None) -> dict[str, Any] | None:
+    if rules is None:
+        return None
+    out: dict[str, Any] = {"selectPolicy": rules.select_policy}
+    if rules.stabilization_window_seconds is not None:
+        out["stabilizationWindowSeconds"] = rules.stabilization_window_seconds
+    if rules.policies:
+        out["policies"] = [p.model_dump(by_alias=True) for p in rules.policies]
+    return out
+
+
+def autoscaler(body: Mapping[str, Any], md: ModelDeployment) -> dict[str, Any] | None:
+    scaling = md.spec.autoscaling
+    if scaling is None:
+        return None
+    if scaling.engine == "keda":
+        return _scaled_object(body, md, scaling)
+    if scaling.metric == "cpu":
+        metric: dict[str, Any] = {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": int(scaling.target)},
+            },
+        }
+    else:
+        name = METRIC_QUERIES[scaling.metric].removeprefix("rate(").split("[")[0]
+        metric = {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": name},
+                "target": {"type": "AverageValue", "averageValue": _quantity(scaling.target)},
+            },
+        }
+    spec: dict[str, Any] = {
+        "scaleTargetRef": _scale_target(body),
+        "minReplicas": scaling.min_replicas,
+        "maxReplicas": scaling.max_replicas,
+        "metrics": [metric],
+    }
+    behavior = {
+        k: v
+        for k, v in (
+            ("scaleUp", _behavior(scaling.scale_up)),
+            ("scaleDown", _behavior(scaling.scale_down)),
+        )
+        if v
+    }
+    if behavior:
+        spec["behavior"] = behavior
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": child_metadata(body, "autoscaler", COMPONENT),
+        "spec": spec,
+    }
+
+
+def _scaled_object(
+    body: Mapping[str, Any], md: ModelDeployment, scaling: Autoscaling
+) -> dict[str, Any]:
+    namespace = body["metadata"]["namespace"]
+    selector = f'namespace="{namespace}",llmops_model_deployment="{md.metadata.name}"'
+    if scaling.metric == "cpu":
+        trigger: dict[str, Any] = {
+            "type": "cpu",
+            "metricType": "Utilization",
+            "metadata": {"value": str(int(scaling.target))},
+        }
+    else:
+        series = METRIC_QUERIES[scaling.metric]
+        query = (
+            f"sum({series.replace('[1m]', '{' + selector + '}[1m]')})"
+            if series.startswith("rate(")
+            else f"sum({series}{{{selector}}})"
+        )
+        trigger = {
+            "type": "prometheus",
+            "metadata": {
+                "serverAddress": scaling.prometheus_address
+                or os.environ.get("LLMOPS_PROMETHEUS_URL", DEFAULT_PROMETHEUS),
+                "query": query,
+                "threshold": _quantity(scaling.target),
+                # One request wakes a deployment scaled to zero.
+                "activationThreshold": "0",
+            },
+        }
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": child_metadata(body, "autoscaler", COMPONENT),
+        "spec": {
+            "scaleTargetRef": _scale_target(body),
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "triggers": [trigger],
+        },
+    }
+
+
+def _quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{int(value * 1000)}m"

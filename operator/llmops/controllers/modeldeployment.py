@@ -1,0 +1,182 @@
+"""ModelDeployment controller: resolves which model to serve, keeps the Deployment, Service,
+PodDisruptionBudget and autoscaler in line with the spec, and reports availability."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from llmops import GROUP, VERSION
+from llmops.api import API_VERSION
+from llmops.api.modeldeployment import ModelDeployment
+from llmops.builders import modeldeployment as build
+from llmops.controllers import common
+from llmops.metrics import observe_reconcile
+
+KIND = "ModelDeployment"
+
+
+def resolve_model(md: ModelDeployment, run: Mapping[str, Any] | None) -> tuple[str | None, str]:
+    """(model uri, what to call it in status), or (None, why not yet) for a TrainingRun
+    that has nothing to serve."""
+    source = md.spec.model
+    if source.uri:
+        return source.uri, source.uri
+    assert source.training_run is not None
+    ref = source.training_run
+    if run is None:
+        return None, f"TrainingRun {ref.name!r} not found"
+    status = run.get("status") or {}
+    checkpoints = status.get("checkpoints") or {}
+    if ref.policy == "pinned":
+        latest = (checkpoints.get("latest") or {}).get("uri") or status.get("modelUri")
+        if not latest:
+            return None, f"TrainingRun {ref.name!r} has no checkpoints yet"
+        base = latest.rsplit("/", 1)[0]
+        return f"{base}/{ref.checkpoint}", f"{ref.name}/{ref.checkpoint}"
+    if ref.policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
+        return status["modelUri"], f"{ref.name}/final"
+    chosen = checkpoints.get(ref.policy)
+    if not chosen:
+        return None, f"TrainingRun {ref.name!r} has no {ref.policy} checkpoint yet"
+    return chosen["uri"], f"{ref.name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
+
+
+def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> dict[str, Any]:
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
+
+
+def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
+    md = common.parse(ModelDeployment, body)
+    status = common.StatusWriter(body, KIND)
+    try:
+        _reconcile(body, md, status)
+    finally:
+        status.write(patch)
+
+
+def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.StatusWriter) -> None:
+    namespace: str = body["metadata"]["namespace"]
+    kube = common.kube()
+    run = None
+    if md.spec.model.training_run is not None:
+        run = kube.get(API_VERSION, "TrainingRun", md.spec.model.training_run.name, namespace)
+    model_uri, described = resolve_model(md, run)
+    status.set(
+        selector=build.selector_string(body),
+        model=build.served_name(md),
+        url=build.url(md, namespace),
+    )
+    if model_uri is None:
+        if status.status.get("checkpoint") is None:
+            status.set(phase="Pending")
+            status.condition("Available", "False", "WaitingForModel", described)
+            status.condition("Progressing", "False", "WaitingForModel", described)
+            return
+        # Already serving something: keep it until the new model shows up.
+        model_uri = _current_model(namespace, md)
+        if model_uri is None:
+            return
+
+    common.ensure_child(KIND, build.config_map(body))
+    try:
+        manifest = build.deployment(body, md, md.spec.replicas, model_uri)
+    except ValueError as error:
+        status.set(phase="Failed")
+        status.condition("Degraded", "True", "UnsupportedModelSource", str(error))
+        return
+    deployment = common.ensure_child(KIND, manifest)
+    common.ensure_child(KIND, build.service(body, md))
+    common.ensure_child(KIND, build.disruption_budget(body))
+    scaler = build.autoscaler(body, md)
+    for kind, api_version in (
+        ("HorizontalPodAutoscaler", "autoscaling/v2"),
+        ("ScaledObject", "keda.sh/v1alpha1"),
+    ):
+        if scaler is None or scaler["kind"] != kind:
+            common.kube().delete(api_version, kind, f"{md.metadata.name}-autoscaler", namespace)
+    if scaler is not None:
+        common.ensure_child(KIND, scaler)
+
+    observed = deployment.get("status") or {}
+    desired = md.spec.replicas
+    ready = int(observed.get("readyReplicas") or 0)
+    updated = int(observed.get("updatedReplicas") or 0)
+    status.set(
+        replicas=int(observed.get("replicas") or 0),
+        readyReplicas=ready,
+        updatedReplicas=updated,
+        checkpoint=described if model_uri else None,
+    )
+    available = _deployment_condition(deployment, "Available").get("status") == "True"
+    progressing = _deployment_condition(deployment, "Progressing")
+    rolled_out = (
+        updated == desired
+        and ready == desired
+        and observed.get("observedGeneration") == deployment["metadata"]["generation"]
+    )
+    if progressing.get("reason") == "ProgressDeadlineExceeded":
+        status.condition(
+            "Degraded", "True", "ProgressDeadlineExceeded", progressing.get("message", "")
+        )
+    elif desired and ready < desired and available:
+        status.condition("Degraded", "True", "ReplicasUnavailable", f"{ready}/{desired} ready")
+    else:
+        status.condition("Degraded", "False", "AsExpected")
+    if rolled_out:
+        status.condition("Progressing", "False", "RolloutComplete", f"serving {described}")
+    else:
+        status.condition(
+            "Progressing",
+            "True",
+            "RollingOut",
+            f"{updated}/{desired} updated, {ready}/{desired} ready",
+        )
+    if desired == 0:
+        status.set(phase="Ready")
+        status.condition("Available", "True", "ScaledToZero", "no replicas requested")
+    elif available and ready > 0:
+        status.set(phase="Ready" if rolled_out else "Deploying")
+        status.condition(
+            "Available", "True", "MinimumReplicasAvailable", f"{ready}/{desired} replicas ready"
+        )
+    else:
+        status.set(phase="Deploying")
+        status.condition("Available", "False", "WaitingForReplicas", f"{ready}/{desired} ready")
+    status.condition(
+        "Ready",
+        "True" if status.phase == "Ready" else "False",
+        "Ready" if status.phase == "Ready" else "NotReady",
+    )
+
+
+def _current_model(namespace: str, md: ModelDeployment) -> str | None:
+    deployment = common.kube().get("apps/v1", "Deployment", f"{md.metadata.name}-server", namespace)
+    if deployment is None:
+        return None
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    uri: str | None = annotations.get("llmops.dev/model-uri")
+    return uri
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "modeldeployments",
+    interval=common.RECONCILE_SECONDS,
+    initial_delay=0,
+    backoff=common.RECONCILE_SECONDS * 2,
+)
+def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    with observe_reconcile(KIND):
+        reconcile(body, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, "modeldeployments", optional=True)
+def forget(body: kopf.Body, **_: Any) -> None:
+    common.forget(KIND, body["metadata"]["uid"])

@@ -1,0 +1,282 @@
+"""The ModelDeployment controller on the real control plane: serving objects, the scale
+subresource, autoscalers, rollout to a new checkpoint, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubelet import condition, create, custom, wait_phase, wait_status
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from controlplane import wait_for
+
+NAME = "chat"
+GROUP, VERSION = "llmops.dev", "v1alpha1"
+
+
+def model_deployment(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": NAME},
+        "spec": {"model": {"uri": "pvc://models/gpt/final"}, "replicas": 2, **spec},
+    }
+
+
+def claim(api_client: client.ApiClient, namespace: str, name: str) -> None:
+    client.CoreV1Api(api_client).create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+
+
+def test_serving_objects_scale_subresource_and_status(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    claim(api_client, namespace, "models")
+    create(
+        api_client,
+        namespace,
+        model_deployment(server={"authTokenSecret": {"name": "api-token", "key": "token"}}),
+    )
+
+    ready = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Ready")
+    status = ready["status"]
+    assert (status["replicas"], status["readyReplicas"], status["updatedReplicas"]) == (2, 2, 2)
+    assert status["url"] == f"http://{NAME}.{namespace}.svc:8000/v1"
+    assert status["model"] == NAME and status["checkpoint"] == "pvc://models/gpt/final"
+    assert condition(ready, "Available")["status"] == "True"
+    assert condition(ready, "Degraded")["status"] == "False"
+
+    deployment = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+    container = deployment.spec.template.spec.containers[0]
+    env = {e.name: e.value for e in container.env}
+    assert env["LLMOPS_MODEL_DIR"] == "/model/gpt/final"
+    assert env["LLMOPS_AUTH_TOKEN_FILE"] == "/var/run/llmops/auth/token"
+    assert "api-token" not in str(container.env)  # the secret is a file, not an env value
+    assert container.startup_probe.http_get.path == "/healthz"
+    assert container.readiness_probe.http_get.path == "/readyz"
+    assert container.lifecycle.pre_stop.sleep.seconds == 5
+    assert deployment.spec.template.spec.security_context.run_as_non_root
+    service = core.read_namespaced_service(NAME, namespace)
+    assert {p.name for p in service.spec.ports} == {"http", "metrics"}
+    pdb = client.PolicyV1Api(api_client).read_namespaced_pod_disruption_budget(
+        f"{NAME}-server", namespace
+    )
+    assert pdb.spec.max_unavailable == 1
+
+    # `kubectl scale modeldeployment chat --replicas=3` goes through the scale subresource.
+    custom(api_client).patch_namespaced_custom_object_scale(
+        GROUP, VERSION, namespace, "modeldeployments", NAME, {"spec": {"replicas": 3}}
+    )
+    scaled = wait_status(
+        api_client,
+        namespace,
+        "ModelDeployment",
+        NAME,
+        "3 replicas ready",
+        readyReplicas=3,
+        phase="Ready",
+    )
+    scale = custom(api_client).get_namespaced_custom_object_scale(
+        GROUP, VERSION, namespace, "modeldeployments", NAME
+    )
+    assert scale["status"]["replicas"] == 3
+    assert scale["status"]["selector"] == scaled["status"]["selector"]
+    pods = core.list_namespaced_pod(namespace, label_selector=scale["status"]["selector"])
+    assert len(pods.items) == 3
+
+
+def test_hpa_targets_the_scale_subresource_and_keda_replaces_it(
+    api_client: client.ApiClient, operator: str, volumes, keda_crd: None
+):
+    namespace = operator
+    claim(api_client, namespace, "models")
+    autoscaling = {
+        "minReplicas": 1,
+        "maxReplicas": 5,
+        "metric": "in-flight-requests",
+        "target": 8,
+        "scaleDown": {"stabilizationWindowSeconds": 120},
+    }
+    create(api_client, namespace, model_deployment(autoscaling=autoscaling))
+    hpas = client.AutoscalingV2Api(api_client)
+    wait_for("hpa", lambda: hpas.list_namespaced_horizontal_pod_autoscaler(namespace).items, 30)
+    hpa = hpas.read_namespaced_horizontal_pod_autoscaler(f"{NAME}-autoscaler", namespace)
+    assert (hpa.spec.scale_target_ref.kind, hpa.spec.scale_target_ref.name) == (
+        "ModelDeployment",
+        NAME,
+    )
+    assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (1, 5)
+    (metric,) = hpa.spec.metrics
+    assert metric.pods.metric.name == "llmops_serving_requests_running"
+    assert metric.pods.target.average_value == "8"
+    assert hpa.spec.behavior.scale_down.stabilization_window_seconds == 120
+
+    # Scale to zero needs KEDA; the HPA goes away and a ScaledObject takes over.
+    custom(api_client).patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "modeldeployments",
+        NAME,
+        {
+            "spec": {
+                "autoscaling": {
+                    "engine": "keda",
+                    "minReplicas": 0,
+                    "prometheusAddress": "http://prometheus.monitoring:9090",
+                }
+            }
+        },
+    )
+
+    def scaled_object() -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = custom(api_client).get_namespaced_custom_object(
+                "keda.sh", "v1alpha1", namespace, "scaledobjects", f"{NAME}-autoscaler"
+            )
+        except ApiException:
+            return None
+        return found
+
+    wait_for("ScaledObject", lambda: scaled_object() is not None, 30)
+    wait_for(
+        "hpa removed",
+        lambda: not hpas.list_namespaced_horizontal_pod_autoscaler(namespace).items,
+        30,
+    )
+    spec = scaled_object()["spec"]  # type: ignore[index]
+    assert spec["scaleTargetRef"]["kind"] == "ModelDeployment"
+    assert spec["minReplicaCount"] == 0
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
+    assert f'llmops_model_deployment="{NAME}"' in trigger["metadata"]["query"]
+
+
+def test_policy_latest_rolls_to_the_new_checkpoint(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    apps = client.AppsV1Api(api_client)
+    claim(api_client, namespace, "gpt-checkpoints")
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainingRun",
+            "metadata": {"name": "gpt"},
+            "spec": {"datasetRef": {"name": "absent"}, "hyperparameters": {"maxSteps": 10}},
+        },
+    )
+
+    def checkpoint(step: int) -> None:
+        info = {"name": f"step-{step}", "step": step, "uri": f"pvc://gpt-checkpoints/step-{step}"}
+        custom(api_client).patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            "trainingruns",
+            "gpt",
+            {"status": {"checkpoints": {"latest": info}}},
+        )
+
+    create(
+        api_client,
+        namespace,
+        model_deployment(model={"trainingRun": {"name": "gpt", "policy": "latest"}}, replicas=1),
+    )
+    pending = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Pending")
+    assert condition(pending, "Available")["reason"] == "WaitingForModel"
+
+    checkpoint(100)
+    wait_status(
+        api_client,
+        namespace,
+        "ModelDeployment",
+        NAME,
+        "serving step 100",
+        phase="Ready",
+        checkpoint="gpt/step-100",
+    )
+    checkpoint(200)
+    wait_status(
+        api_client,
+        namespace,
+        "ModelDeployment",
+        NAME,
+        "serving step 200",
+        phase="Ready",
+        checkpoint="gpt/step-200",
+    )
+    deployment = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+    assert deployment.spec.template.metadata.annotations["llmops.dev/model-uri"] == (
+        "pvc://gpt-checkpoints/step-200"
+    )
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert env["LLMOPS_MODEL_DIR"] == "/model/step-200"
+    replica_sets = apps.list_namespaced_replica_set(namespace).items
+    assert len(replica_sets) == 2  # a rolling update happened
+
+
+@pytest.fixture
+def keda_crd(api_client: client.ApiClient) -> None:
+    """Stands in for an installed KEDA: its ScaledObject kind, schema left open."""
+    extensions = client.ApiextensionsV1Api(api_client)
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scaledobjects.keda.sh"},
+        "spec": {
+            "group": "keda.sh",
+            "scope": "Namespaced",
+            "names": {
+                "plural": "scaledobjects",
+                "singular": "scaledobject",
+                "kind": "ScaledObject",
+            },
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    try:
+        extensions.create_custom_resource_definition(crd)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    wait_for(
+        "KEDA CRD served",
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in (
+                extensions.read_custom_resource_definition(
+                    "scaledobjects.keda.sh"
+                ).status.conditions
+                or []
+            )
+        ),
+        30,
+    )
