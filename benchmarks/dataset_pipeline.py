@@ -270,12 +270,16 @@ def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens import DocumentTokenizer
     from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
 
     def content(doc: Any) -> bytes:  # datatrove's xxhash path hashes bytes
         return str(doc.text).encode("utf-8")
 
     exact = ExactDedupConfig(content_getter=content)
-    minhash = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+    # datatrove's xxhash shingle path is handed str and fails; its sha1 path works.
+    minhash = MinhashConfig(
+        n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(hash_fc="sha1")
+    )
     w = str(work)
 
     def reader(folder: str) -> JsonlReader:
