@@ -27,3 +27,20 @@ app.kubernetes.io/component: operator
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The operator's arguments: the watch scope, metrics and liveness endpoints. */}}
+{{- define "llmops.operatorArgs" -}}
+- operator
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+- --metrics-port={{ .Values.operator.metricsPort }}
+- --liveness=http://0.0.0.0:{{ .Values.operator.healthPort }}/healthz
+{{- if .Values.operator.verbose }}
+- --verbose
+{{- end }}
+{{- end -}}

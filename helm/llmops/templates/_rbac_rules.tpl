@@ -1,0 +1,45 @@
+{{/*
+What the operator does, verb by verb (tests/cluster/test_security.py runs the controllers
+with exactly these rules):
+- kopf: list/watch the three kinds, patch them (its progress annotations and finalizer) and
+  their status; create Events on them.
+- controllers: read the kinds they reference (a TrainingRun's Dataset, a ModelDeployment's
+  TrainingRun); get + create + patch (server-side apply) every child; list and delete Jobs
+  (stale Dataset versions, gang restarts); list Pods and read rank 0's log; delete the
+  autoscaler kind not in use.
+*/}}
+{{- define "llmops.rules" -}}
+- apiGroups: ["llmops.dev"]
+  resources: ["datasets", "trainingruns", "modeldeployments"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["llmops.dev"]
+  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["configmaps", "services", "persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end -}}
