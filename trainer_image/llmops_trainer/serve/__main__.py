@@ -1,0 +1,180 @@
+"""The server process.
+
+    python -m llmops_trainer.serve --config /etc/llmops/modeldeployment.json
+    python -m llmops_trainer.serve --model-dir DIR [--port P]
+
+With --config (the ModelDeployment as JSON) the model folder is LLMOPS_MODEL_DIR and the bearer
+token, if any, is in the file LLMOPS_AUTH_TOKEN_FILE. On SIGTERM the server stops accepting
+connections, reports not ready and finishes what it admitted within the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from llmops.api.modeldeployment import ModelDeployment
+from llmops_trainer.model import GPT
+from llmops_trainer.serve import loading
+from llmops_trainer.serve.api import ServerState, create_app
+from llmops_trainer.serve.engine import Engine, KVCacheModel
+from llmops_trainer.serve.metrics import ServingMetrics
+from llmops_trainer.serve.settings import AUTH_TOKEN_FILE_ENV, MODEL_DIR_ENV, ServeSettings
+
+log = logging.getLogger("llmops_trainer.serve")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llmops_trainer.serve", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the ModelDeployment object as JSON")
+    source.add_argument("--model-dir", type=Path, help="serve this folder (local use)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: spec.server.port, 8000)")
+    parser.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
+    parser.add_argument("--served-name", help="model name clients send (default: folder name)")
+    parser.add_argument("--max-batch-size", type=int, help="sequences decoded together")
+    parser.add_argument("--max-concurrency", type=int, help="requests running plus queued")
+    parser.add_argument("--max-new-tokens", type=int, help="upper bound on max_tokens")
+    parser.add_argument("--context-length", type=int, help="prompt plus completion tokens")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto)")
+    parser.add_argument("--grace-seconds", type=float, help="drain time after SIGTERM")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> ServeSettings:
+    if args.config is not None:
+        md = ModelDeployment.model_validate_json(args.config.read_text())
+        model_dir = os.environ.get(MODEL_DIR_ENV)
+        if not model_dir:
+            raise SystemExit(f"--config needs {MODEL_DIR_ENV}, the folder of the model to serve")
+        settings = ServeSettings.from_deployment(md, Path(model_dir))
+    else:
+        auth = os.environ.get(AUTH_TOKEN_FILE_ENV)
+        settings = ServeSettings(
+            model_dir=args.model_dir,
+            served_name=args.served_name or loading.model_folder(args.model_dir).name,
+            auth_token_file=Path(auth) if auth else None,
+        )
+    overrides = {
+        "port": args.port,
+        "host": args.host,
+        "served_name": args.served_name,
+        "max_batch_size": args.max_batch_size,
+        "max_concurrency": args.max_concurrency,
+        "max_new_tokens": args.max_new_tokens,
+        "context_length": args.context_length,
+        "grace_seconds": args.grace_seconds,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(settings, name, value)
+    settings.device, settings.dtype = args.device, args.dtype
+    settings.max_concurrency = max(settings.max_concurrency, settings.max_batch_size)
+    return settings
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # Half precision on accelerators; float32 on CPUs, where it is the fast path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"unknown dtype {name!r}")
+    return dtype
+
+
+def build_engine(
+    loaded: loading.LoadedModel, settings: ServeSettings, metrics: ServingMetrics
+) -> Engine:
+    context = loaded.config.context_length
+    if settings.context_length is not None:
+        if settings.context_length > context:
+            raise loading.ModelFolderError(
+                f"contextLength {settings.context_length} exceeds the model's {context}"
+            )
+        context = settings.context_length
+    device = pick_device(settings.device)
+    model = GPT(loaded.config)
+    model.load_state_dict(loaded.state_dict, strict=False)  # the tied head may be absent
+    runner = KVCacheModel(
+        model, settings.max_batch_size, context, device, pick_dtype(settings.dtype, device)
+    )
+    return Engine(runner, loaded.tokenizer, loaded.eos_token_id, metrics, settings.max_concurrency)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app when draining starts (readiness goes to 503 at once,
+    before uvicorn waits for the in-flight requests)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.state.draining = True
+        if self.state.engine is not None:
+            self.state.engine.scheduler.close()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def serve(settings: ServeSettings) -> int:
+    metrics = ServingMetrics(CollectorRegistry())
+    state = ServerState(
+        served_name=settings.served_name,
+        label=str(settings.model_dir),
+        context_length=settings.context_length or 0,
+        max_new_tokens=settings.max_new_tokens,
+        metrics=metrics,
+        auth_token_file=settings.auth_token_file,
+    )
+    server: Server | None = None
+
+    def load() -> Engine:
+        loaded = loading.load(settings.model_dir)
+        engine = build_engine(loaded, settings, metrics)
+        context = engine.context_length
+        state.label = loaded.label
+        state.context_length = context
+        state.max_new_tokens = min(settings.max_new_tokens, context - 1)
+        metrics.model_info.labels(settings.served_name, loaded.label, str(context)).set(1)
+        return engine
+
+    def fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(state, load, settings.max_body_bytes, on_fatal=fatal),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(settings.grace_seconds),
+        access_log=False,
+    )
+    server = Server(config, state)
+    server.run()
+    return 1 if state.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = settings_from(parse_args(argv))
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

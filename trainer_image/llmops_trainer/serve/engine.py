@@ -1,0 +1,359 @@
+"""Generation with a KV cache and continuous batching.
+
+`KVCacheModel` runs the trainer's GPT weights incrementally: the keys and values of every
+position already processed stay in a preallocated cache of `max_batch` slots, so a decoding
+step feeds one token per sequence instead of the whole sequence again (the trainer's
+`GPT.forward` has no cache). Running sequences occupy slots 0..B-1 contiguously, so a step
+reads the cache as a slice, never a gather; when a sequence finishes, the last one moves into
+its slot.
+
+`Engine` owns the model on one thread: between steps it drops cancelled sequences, admits
+queued requests (one batched prefill), then decodes one token for every running sequence.
+Request handlers talk to it through `Stream`s on their event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+
+from llmops_trainer.model import GPT, Block, GPTConfig
+from llmops_trainer.serve.batching import Scheduler
+from llmops_trainer.serve.metrics import ServingMetrics
+from llmops_trainer.serve.protocol import SamplingParams
+from llmops_trainer.serve.sampling import sample
+from llmops_trainer.serve.text import IncrementalDecoder, StopMatcher, TextTokenizer
+
+log = logging.getLogger("llmops_trainer.serve")
+
+
+class KVCacheModel:
+    """Prefill and single-token decoding over a GPT's weights with a slot-based KV cache."""
+
+    def __init__(
+        self,
+        model: GPT,
+        max_batch: int,
+        context_length: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config: GPTConfig = model.config
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.blocks = [cast(Block, block) for block in self.model.transformer.h]
+        self.max_batch = max_batch
+        self.context_length = context_length
+        c = self.config
+        shape = (c.num_layers, max_batch, c.num_heads, context_length, c.hidden_size // c.num_heads)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = t.shape
+        return t.view(batch, length, self.config.num_heads, -1).transpose(1, 2)
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Process whole prompts into slots first_slot.. (right-padded to the longest);
+        returns the logits (n, vocab) of each prompt's last position."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        positions = torch.arange(longest, device=self.device)
+        mask: torch.Tensor | None = None
+        if n > 1:  # padding keys are invisible; causality as usual
+            causal = positions[None, :] <= positions[:, None]
+            mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
+        t = self.model.transformer
+        x = t.wte(ids) + t.wpe(positions)
+        slots = slice(first_slot, first_slot + n)
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(self.config.hidden_size, dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)
+            self.keys[layer, slots, :, :longest] = k
+            self.values[layer, slots, :, :longest] = v
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
+            x = x + block.mlp(block.ln_2(x))
+        last = t.ln_f(x[torch.arange(n, device=self.device), lengths - 1])
+        logits: torch.Tensor = self.model.lm_head(last)
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of the sequences in slots 0..len(tokens)-1, at their positions;
+        returns the logits (batch, vocab) of the next token."""
+        batch = len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        span = max(positions) + 1
+        rows = torch.arange(batch, device=self.device)
+        mask: torch.Tensor | None = None
+        if batch > 1:  # shorter sequences must not see the stale cache beyond their length
+            mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        t = self.model.transformer
+        x = t.wte(ids) + t.wpe(pos)[:, None]
+        for layer, block in enumerate(self.blocks):
+            q, k, v = block.attn.c_attn(block.ln_1(x)).split(self.config.hidden_size, dim=2)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)
+            self.keys[layer, rows, :, pos] = k[:, :, 0]
+            self.values[layer, rows, :, pos] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(
+                q,
+                self.keys[layer, :batch, :, :span],
+                self.values[layer, :batch, :, :span],
+                attn_mask=mask,
+            )
+            x = x + block.attn.c_proj(y.transpose(1, 2).reshape(x.shape))
+            x = x + block.mlp(block.ln_2(x))
+        logits: torch.Tensor = self.model.lm_head(t.ln_f(x[:, 0]))
+        return logits.float()
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # stop, length, cancelled, error
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = Delta | Done
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request's state, owned by the engine thread once admitted."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    decoder: IncrementalDecoder
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    cached: int = 0  # positions whose keys and values are in the cache
+    slot: int = -1
+    cancelled: bool = False
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+    stopper: StopMatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stopper = StopMatcher(self.params.stop)
+
+
+class Stream:
+    """The event-loop side of a generation: events arrive from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.generation: Generation | None = None
+
+    def put(self, event: Event) -> None:  # engine thread
+        # A closed loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Done):
+                return
+
+
+class Engine:
+    def __init__(
+        self,
+        model: KVCacheModel,
+        tokenizer: TextTokenizer,
+        eos_token_id: int | None,
+        metrics: ServingMetrics,
+        capacity: int,
+        prefill_budget: int = 4096,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.metrics = metrics
+        self.context_length = model.context_length
+        self.scheduler: Scheduler[Generation] = Scheduler(
+            model.max_batch, capacity, prefill_budget, cost=lambda g: len(g.prompt_ids)
+        )
+        metrics.track_queue(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
+        self._running: list[Generation] = []  # index == cache slot
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="llmops-engine", daemon=True)
+
+    # -- the event-loop side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream | None:
+        """Queue a generation; None when the queue is full or the engine is draining."""
+        stream = Stream(asyncio.get_running_loop())
+        generation = Generation(
+            prompt_ids, params, stream.put, IncrementalDecoder(self.tokenizer.decode)
+        )
+        if params.seed is not None and not params.greedy:
+            generation.generator = torch.Generator(device=self.model.device)
+            generation.generator.manual_seed(params.seed)
+        if not self.scheduler.submit(generation):
+            return None
+        stream.generation = generation
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """The client went away: drop the request now if queued, at the next step if running."""
+        generation = stream.generation
+        if generation is None:
+            return
+        generation.cancelled = True
+        if self.scheduler.withdraw(generation):
+            self._finish_metrics(generation, "cancelled")
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests and wait for the admitted ones; False if some were still busy."""
+        self.scheduler.close()
+        return self.scheduler.wait_idle(timeout)
+
+    def stop(self) -> None:
+        self.scheduler.close()
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.wait_for_work(0.1):
+                continue
+            try:
+                self.step()
+            except Exception as error:
+                log.exception("generation step failed")
+                for generation in list(self._running):
+                    self._release(generation)
+                    self._send_done(generation, "error", f"generation failed: {error}")
+        for generation in list(self._running):  # stopped without draining
+            self._release(generation)
+            self._send_done(generation, "cancelled", "the server is shutting down")
+
+    def step(self) -> None:
+        for generation in [g for g in self._running if g.cancelled]:
+            self._release(generation)
+            self._finish_metrics(generation, "cancelled")
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._running:
+            self._decode()
+
+    def _prefill(self, admitted: list[Generation]) -> None:
+        first = len(self._running)
+        for offset, generation in enumerate(admitted):
+            generation.slot = first + offset
+            self._running.append(generation)
+        logits = self.model.prefill(first, [g.prompt_ids for g in admitted])
+        for generation in admitted:
+            generation.cached = len(generation.prompt_ids)
+            self.metrics.prompt_tokens.inc(generation.cached)
+        self._accept(admitted, logits)
+
+    def _decode(self) -> None:
+        batch = list(self._running)
+        self.metrics.batch_size.observe(len(batch))
+        logits = self.model.decode([g.output_ids[-1] for g in batch], [g.cached for g in batch])
+        for generation in batch:
+            generation.cached += 1
+        self._accept(batch, logits)
+
+    def _accept(self, batch: list[Generation], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [g.params for g in batch], [g.generator for g in batch])
+        now = time.perf_counter()
+        for generation, token in zip(batch, tokens, strict=True):
+            if generation.cancelled:
+                continue  # released at the start of the next step
+            self._append(generation, token, now)
+
+    def _append(self, g: Generation, token: int, now: float) -> None:
+        g.output_ids.append(token)
+        self.metrics.generation_tokens.inc()
+        if g.last_token_at is None:
+            self.metrics.time_to_first_token.observe(now - g.arrival)
+        else:
+            self.metrics.inter_token_latency.observe(now - g.last_token_at)
+        g.last_token_at = now
+        reason: str | None = None
+        text = ""
+        end_of_text = token == self.eos_token_id and not g.params.ignore_eos
+        if end_of_text:
+            reason = "stop"
+        else:
+            text, hit = g.stopper.push(g.decoder.push(token))
+            if hit:
+                reason = "stop"
+            elif (
+                len(g.output_ids) >= g.params.max_tokens
+                or len(g.prompt_ids) + len(g.output_ids) >= self.context_length
+            ):
+                reason = "length"
+        if end_of_text or reason == "length":
+            # No more tokens come: what the decoder and the stop matcher held back is final.
+            tail, hit = g.stopper.push(g.decoder.flush())
+            text += tail if hit else tail + g.stopper.flush()
+            reason = "stop" if hit else reason
+        if text:
+            g.emit(Delta(text))
+        if reason is not None:
+            self._release(g)
+            self._send_done(g, reason)
+
+    def _release(self, generation: Generation) -> None:
+        slot = generation.slot
+        last = self._running[-1]
+        if last is not generation:
+            self.model.move(last.slot, slot, last.cached)
+            last.slot = slot
+            self._running[slot] = last
+        self._running.pop()
+        generation.slot = -1
+        self.scheduler.finish(generation)
+
+    def _send_done(self, g: Generation, reason: str, error: str | None = None) -> None:
+        self._finish_metrics(g, reason)
+        g.emit(Done(reason, len(g.prompt_ids), len(g.output_ids), error))
+
+    def _finish_metrics(self, g: Generation, reason: str) -> None:
+        self.metrics.requests.labels(finish_reason=reason).inc()
+        if reason in ("stop", "length"):
+            self.metrics.e2e_latency.observe(time.perf_counter() - g.arrival)

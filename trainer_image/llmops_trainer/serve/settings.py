@@ -1,0 +1,47 @@
+"""What the server process is configured with: the ModelDeployment's `spec.server` when run by
+the controller, command-line flags when run by hand."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmops.api.modeldeployment import ModelDeployment
+
+MODEL_DIR_ENV = "LLMOPS_MODEL_DIR"
+AUTH_TOKEN_FILE_ENV = "LLMOPS_AUTH_TOKEN_FILE"
+# The controller gives pods 60 s to terminate, of which a 5 s preStop sleep; drain in the rest.
+DEFAULT_GRACE_SECONDS = 50.0
+
+
+@dataclass
+class ServeSettings:
+    model_dir: Path
+    served_name: str
+    port: int = 8000
+    host: str = "0.0.0.0"
+    max_batch_size: int = 8
+    max_concurrency: int = 64
+    max_new_tokens: int = 256
+    context_length: int | None = None  # None: the model's
+    auth_token_file: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    max_body_bytes: int = 1 << 20
+
+    @classmethod
+    def from_deployment(cls, md: ModelDeployment, model_dir: Path) -> ServeSettings:
+        server = md.spec.server
+        auth = os.environ.get(AUTH_TOKEN_FILE_ENV)
+        return cls(
+            model_dir=model_dir,
+            served_name=md.spec.model.served_name or md.metadata.name or model_dir.name,
+            port=server.port,
+            max_batch_size=server.max_batch_size,
+            max_concurrency=server.max_concurrency,
+            max_new_tokens=server.max_new_tokens,
+            context_length=server.context_length,
+            auth_token_file=Path(auth) if auth else None,
+        )

@@ -1,0 +1,124 @@
+"""Text around the token stream: tokenizers, incremental detokenization, stop strings and the
+chat template. No torch here, so all of it is unit-tested as plain functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+# Chat messages are rendered as `role: content` lines and the model continues after
+# `assistant:`; a model fine-tuned on this layout learns to stop before the next turn, and the
+# server stops there anyway, so an untuned model cannot speak for the user.
+
+CHAT_STOPS = ("\nuser:", "\nsystem:")
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json, used the way the preprocessing engine used it."""
+
+    def __init__(self, tokenizer: object) -> None:
+        from tokenizers import Tokenizer
+
+        assert isinstance(tokenizer, Tokenizer)
+        self._tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class NumericTokenizer:
+    """Token ids written as space-separated numbers: what a model without a tokenizer.json (a
+    dataset tokenized elsewhere) can still be served with."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for word in text.split():
+            if not word.isdecimal() or int(word) >= self.vocab_size:
+                raise ValueError(
+                    f"this model has no tokenizer: the prompt must be token ids below "
+                    f"{self.vocab_size} separated by spaces, got {word[:20]!r}"
+                )
+            ids.append(int(word))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+class IncrementalDecoder:
+    """Text deltas of a growing token sequence.
+
+    Decoding token by token breaks multi-byte characters and merges that depend on neighbours,
+    so each step decodes a short window ending at the new token and emits only what the new
+    token added, holding back while the window ends in an incomplete character (the same
+    scheme as TGI's and vLLM's detokenizers).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window
+        self._read = 0  # tokens up to here have been emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before) :]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text. Text that may be the beginning of a stop string is
+    held back until it is clear, so a client never receives part of a stop sequence."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        buffer = self._pending + text
+        hits = [i for i in (buffer.find(stop) for stop in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return buffer[: min(hits)], True
+        hold = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(buffer)), hold, -1):
+                if buffer.endswith(stop[:size]):
+                    hold = size
+                    break
+        self._pending = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+
+def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """The prompt for (role, content) messages."""
+    lines = [f"{role}: {content}" for role, content in messages]
+    return "\n".join([*lines, "assistant:"])
