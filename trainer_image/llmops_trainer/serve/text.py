@@ -100,10 +100,12 @@ class StopMatcher:
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
         buffer = self._pending + text
-        hits = [i for i in (buffer.find(stop) for stop in self._stops) if i >= 0]
+        # The stop string that is complete first wins (the one a token-by-token stream would
+        # meet first), whatever the size of the pieces pushed.
+        hits = [(i + len(s), i) for s in self._stops if (i := buffer.find(s)) >= 0]
         if hits:
             self._pending = ""
-            return buffer[: min(hits)], True
+            return buffer[: min(hits)[1]], True
         hold = 0
         for stop in self._stops:
             for size in range(min(len(stop) - 1, len(buffer)), hold, -1):
