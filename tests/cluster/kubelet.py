@@ -81,8 +81,11 @@ def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) ->
     return patched
 
 
-def end_pod(core: client.CoreV1Api, namespace: str, name: str, exit_code: int) -> None:
-    """The pod's container exits with `exit_code` (0 succeeds, anything else fails it)."""
+def end_pod(
+    core: client.CoreV1Api, namespace: str, name: str, exit_code: int, message: str = ""
+) -> None:
+    """The pod's container exits with `exit_code` (0 succeeds, anything else fails it),
+    leaving `message` as its termination message."""
     pod = core.read_namespaced_pod(name, namespace)
     now = "2026-01-01T00:00:00Z"
     statuses = [
@@ -99,6 +102,7 @@ def end_pod(core: client.CoreV1Api, namespace: str, name: str, exit_code: int) -
                     "reason": "Completed" if exit_code == 0 else "Error",
                     "startedAt": now,
                     "finishedAt": now,
+                    "message": message,
                 }
             },
         }

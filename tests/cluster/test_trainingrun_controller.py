@@ -110,7 +110,12 @@ def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: 
     assert "DS_ACCELERATOR" not in env  # GPUs requested
     container = job.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "8"
-    assert container.command[:2] == ["torchrun", "--nnodes=$(NNODES)"]
+    assert container.command[:4] == [
+        "torchrun",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--node-rank=$(NODE_RANK)",
+    ]
 
     pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
     assert [p.spec.hostname for p in pods] == [f"{RUN}-workers-0-0", f"{RUN}-workers-0-1"]
@@ -159,12 +164,26 @@ def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: 
     pods = wait_gang_running(core, namespace, f"{RUN}-workers-1")
 
     # Every worker exits 0: the run is complete.
+    summary = {
+        "step": 100,
+        "finalEvaluation": {"loss": 2.5, "perplexity": 12.18},
+        "latestCheckpoint": "step-100",
+        "bestCheckpoint": "step-80",
+    }
     for pod in pods:
-        end_pod(core, namespace, pod.metadata.name, exit_code=0)
+        message = json.dumps(summary) if pod is pods[0] else ""  # rank 0 reports
+        end_pod(core, namespace, pod.metadata.name, exit_code=0, message=message)
     done = wait_phase(api_client, namespace, "TrainingRun", RUN, "Succeeded")
+    assert done["status"]["finalEvaluation"] == {"loss": 2.5, "perplexity": 12.18}
+    assert done["status"]["checkpoints"]["best"] == {
+        "name": "step-80",
+        "step": 80,
+        "uri": f"pvc://{RUN}-checkpoints/step-80",
+    }
+    assert done["status"]["step"] == 100
     assert condition(done, "Complete")["status"] == "True"
     assert done["status"]["progress"] == 100
-    assert done["status"]["modelUri"] == f"pvc://{RUN}-checkpoints/model"
+    assert done["status"]["modelUri"] == f"pvc://{RUN}-checkpoints/output/model"
     assert done["status"]["restartCount"] == 1
 
 

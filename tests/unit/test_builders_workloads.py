@@ -13,7 +13,7 @@ from llmops.builders import dataset as ds_build
 from llmops.builders import storage
 from llmops.builders import trainingrun as tr_build
 from llmops.controllers.dataset import termination_report
-from llmops.controllers.trainingrun import parse_progress, progress_status
+from llmops.controllers.trainingrun import checkpoints_status, parse_progress, progress_status
 
 RUN = {
     "apiVersion": "llmops.dev/v1alpha1",
@@ -159,3 +159,23 @@ def test_termination_report_comes_from_a_succeeded_pod_only():
     assert termination_report(
         [pod("Succeeded", "not json"), pod("Succeeded", '{"documents": 7}')]
     ) == {"documents": 7}
+
+
+def test_checkpoint_names_become_status_entries():
+    record = {"latestCheckpoint": "step-120", "bestCheckpoint": None}
+    assert checkpoints_status(record, "pvc://ckpt/runs") == {
+        "latest": {"name": "step-120", "step": 120, "uri": "pvc://ckpt/runs/step-120"}
+    }
+
+
+def test_fine_tuning_mounts_the_parent_checkpoint_read_only():
+    run = TrainingRun.model_validate(RUN)
+    job = tr_build.worker_job(
+        RUN, run, 0, "pvc://corpus-data/g4", init_uri="pvc://parent-checkpoints/step-50"
+    )
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["LLMOPS_INIT_CHECKPOINT"] == "/init/step-50"
+    init = next(v for v in pod["volumes"] if v["name"] == "init")
+    assert init["persistentVolumeClaim"] == {"claimName": "parent-checkpoints", "readOnly": True}
+    assert pod["containers"][0]["terminationMessagePath"] == env["LLMOPS_TERMINATION_LOG"]

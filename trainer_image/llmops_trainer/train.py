@@ -41,7 +41,7 @@ from llmops_trainer.batches import (
 from llmops_trainer.ds_config import deepspeed_config, linear_lr
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
-from llmops_trainer.progress import Reporter
+from llmops_trainer.progress import Reporter, write_termination_message
 from llmops_trainer.shards import Manifest, read_manifest
 from llmops_trainer.weights import consolidated_state_dict
 
@@ -505,6 +505,18 @@ class Trainer:
             "latestCheckpoint": latest,
         }
         (out / "eval_report.json").write_text(json.dumps(report, indent=2))
+        write_termination_message(
+            {
+                "step": self.state["step"],
+                "finalEvaluation": {
+                    k: final[k]
+                    for k in ("loss", "perplexity", "accuracy", "bleu")
+                    if final.get(k) is not None
+                },
+                "latestCheckpoint": latest,
+                "bestCheckpoint": self.state["bestCheckpoint"],
+            }
+        )
         parameters = sum(t.numel() for k, t in weights.items() if k != "lm_head.weight")
         card = model_card.render(
             self.run.metadata.name or "model",

@@ -82,6 +82,7 @@ def _job(
         {"name": "LLMOPS_OUTPUT_DIR", "value": output_dir},
         {"name": "LLMOPS_WORK_DIR", "value": f"{output_dir}/.work"},
         {"name": "LLMOPS_NUM_SLICES", "value": str(spec.parallelism)},
+        {"name": "LLMOPS_TERMINATION_LOG", "value": TERMINATION_MESSAGE},
         {"name": "HOME", "value": "/tmp"},
     ]
     role = f"{'slices' if stage == 'slice' else 'merge'}-{version(generation)}"

@@ -67,14 +67,10 @@ def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Volumes, mounts and the model folder inside the container."""
-    if model_uri.startswith("/"):
-        return [], [], model_uri  # baked into the image
-    scheme, location, path = storage.parse_uri(model_uri)
-    if scheme == "s3":
+    volumes, mounts, path = storage.read_only_volume("model", model_uri, MODEL_DIR)
+    if path is None:
         raise ValueError("serving from s3:// needs a model download step, not supported yet")
-    volume = {"name": "model", "persistentVolumeClaim": {"claimName": location, "readOnly": True}}
-    mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-    return [volume], [mount], f"{MODEL_DIR}/{path}".rstrip("/")
+    return volumes, mounts, path
 
 
 def deployment(

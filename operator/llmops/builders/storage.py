@@ -86,3 +86,22 @@ def mount(
     if resolved is not None and resolved.sub_path:
         mount_["subPath"] = resolved.sub_path
     return [volume], [mount_]
+
+
+def read_only_volume(
+    volume_name: str, uri: str, mount_path: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Mount what a `pvc://claim/path` URI points at, read-only: (volumes, mounts, the path
+    inside the container). An absolute path is already inside the image; an `s3://` URI has
+    no volume, so the path is None and the pod gets the URI itself."""
+    if uri.startswith("/"):
+        return [], [], uri
+    scheme, location, path = parse_uri(uri)
+    if scheme == "s3":
+        return [], [], None
+    volume = {
+        "name": volume_name,
+        "persistentVolumeClaim": {"claimName": location, "readOnly": True},
+    }
+    mount = {"name": volume_name, "mountPath": mount_path, "readOnly": True}
+    return [volume], [mount], f"{mount_path}/{path}".rstrip("/")

@@ -15,15 +15,18 @@ from typing import Any
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import pods, storage
 from llmops.builders.common import child_metadata, child_name
+from llmops_trainer import launch  # the trainer's own launch command (pure, no torch)
 
 COMPONENT = "training"
 CONFIG_DIR = "/etc/llmops"
 CONFIG_FILE = "trainingrun.json"
 DATA_DIR = "/data"
+INIT_DIR = "/init"
 CHECKPOINT_DIR = "/checkpoints"
-OUTPUT_SUBDIR = "model"
-RENDEZVOUS_PORT = 29500
-METRICS_PORT = 9400
+OUTPUT_SUBDIR = "output"  # progress, reports, cards; the final model in output/model
+TERMINATION_LOG = "/dev/termination-log"
+RENDEZVOUS_PORT = launch.DEFAULT_MASTER_PORT
+METRICS_PORT = launch.METRICS_PORT
 # Time a pod gets between SIGTERM and SIGKILL: enough to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 300
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -105,33 +108,21 @@ def gang_env(run: TrainingRun, job: str) -> list[dict[str, Any]]:
     return env
 
 
+def _read_only_input(
+    volume_name: str, uri: str, mount_path: str, env_path: str, env_uri: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, mounts and env for an input the workers only read (data, initial weights):
+    a local path where the URI can be mounted, else the URI itself."""
+    volumes, mounts, path = storage.read_only_volume(volume_name, uri, mount_path)
+    env = [{"name": env_path, "value": path}] if path else [{"name": env_uri, "value": uri}]
+    return volumes, mounts, env
+
+
 def dataset_volume(
     uri: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Volumes, mounts and env through which the workers read the prepared dataset."""
-    scheme, location, path = storage.parse_uri(uri)
-    if scheme == "s3":
-        return [], [], [{"name": "LLMOPS_DATA_URI", "value": uri}]
-    volume = {"name": "data", "persistentVolumeClaim": {"claimName": location, "readOnly": True}}
-    mount = {"name": "data", "mountPath": DATA_DIR, "readOnly": True}
-    data_dir = f"{DATA_DIR}/{path}".rstrip("/")
-    return [volume], [mount], [{"name": "LLMOPS_DATA_DIR", "value": data_dir}]
-
-
-def torchrun_command() -> list[str]:
-    """One torchrun per pod; Kubernetes expands $(VAR) from the container's env."""
-    return [
-        "torchrun",
-        "--nnodes=$(NNODES)",
-        "--nproc-per-node=$(NPROC_PER_NODE)",
-        "--node-rank=$(NODE_RANK)",
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
-        "-m",
-        "llmops_trainer.train",
-        "--config",
-        f"{CONFIG_DIR}/{CONFIG_FILE}",
-    ]
+    """How the workers read the prepared dataset."""
+    return _read_only_input("data", uri, DATA_DIR, "LLMOPS_DATA_DIR", "LLMOPS_DATA_URI")
 
 
 def worker_job(
@@ -159,14 +150,18 @@ def worker_job(
         *data_env,
         {"name": "LLMOPS_CHECKPOINT_DIR", "value": CHECKPOINT_DIR},
         {"name": "LLMOPS_OUTPUT_DIR", "value": f"{CHECKPOINT_DIR}/{OUTPUT_SUBDIR}"},
-        {"name": "LLMOPS_METRICS_PORT", "value": str(METRICS_PORT)},
         {"name": "LLMOPS_ATTEMPT", "value": str(attempt)},
+        {"name": "LLMOPS_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "HOME", "value": "/tmp"},
     ]
+    init_volumes: list[dict[str, Any]] = []
+    init_mounts: list[dict[str, Any]] = []
     if init_uri:
-        env.append({"name": "LLMOPS_INIT_CHECKPOINT", "value": init_uri})
-    if gpus == 0:
-        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+        init_volumes, init_mounts, init_env = _read_only_input(
+            "init", init_uri, INIT_DIR, "LLMOPS_INIT_CHECKPOINT", "LLMOPS_INIT_CHECKPOINT"
+        )
+        env += init_env
+    env += [{"name": k, "value": v} for k, v in launch.trainer_env(spec).items()]
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -177,7 +172,7 @@ def worker_job(
             {
                 "name": "trainer",
                 "image": pods.trainer_image(spec.resources),
-                "command": torchrun_command(),
+                "command": launch.torchrun_command(spec, f"{CONFIG_DIR}/{CONFIG_FILE}"),
                 "env": env,
                 "ports": [
                     {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
@@ -185,11 +180,15 @@ def worker_job(
                 ],
                 "resources": pods.container_resources(spec.resources, gpus),
                 "securityContext": pods.container_security_context(),
+                # Rank 0 leaves its final evaluation here for the TrainingRun status.
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "File",
                 "volumeMounts": [
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     *scratch_mounts,
                     *data_mounts,
                     *ckpt_mounts,
+                    *init_mounts,
                 ],
             }
         ],
@@ -198,6 +197,7 @@ def worker_job(
             *scratch_volumes,
             *data_volumes,
             *ckpt_volumes,
+            *init_volumes,
         ],
         **pods.scheduling_fields(spec.scheduling),
     }

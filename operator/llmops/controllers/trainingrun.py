@@ -19,24 +19,43 @@ from llmops.api.trainingrun import TrainingRun
 from llmops.builders import storage
 from llmops.builders import trainingrun as build
 from llmops.controllers import common
+from llmops.controllers.dataset import termination_report
 from llmops.metrics import RESTARTS_TRIGGERED, observe_reconcile
+from llmops_trainer.progress import parse_log_line  # the trainer's own log format
 
 KIND = "TrainingRun"
-PROGRESS_PREFIX = "LLMOPS_PROGRESS "
 TERMINAL = ("Succeeded", "Failed")
 
 
 def parse_progress(log: str | None) -> dict[str, Any] | None:
     """The last progress record the trainer's rank 0 printed."""
     for line in reversed((log or "").splitlines()):
-        if line.startswith(PROGRESS_PREFIX):
-            try:
-                record = json.loads(line[len(PROGRESS_PREFIX) :])
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                return record
+        try:
+            record = parse_log_line(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short
+        if isinstance(record, dict):
+            return record
     return None
+
+
+def checkpoint_info(name: str | None, base_uri: str) -> dict[str, Any] | None:
+    """Status entry for a checkpoint folder the trainer named (`step-<N>`)."""
+    if not name:
+        return None
+    digits = name.removeprefix("step-")
+    return {
+        "name": name,
+        "step": int(digits) if digits.isdigit() else 0,
+        "uri": f"{base_uri}/{name}",
+    }
+
+
+def checkpoints_status(record: Mapping[str, Any], base_uri: str) -> dict[str, Any]:
+    checkpoints = {
+        key: checkpoint_info(record.get(f"{key}Checkpoint"), base_uri) for key in ("latest", "best")
+    }
+    return {k: v for k, v in checkpoints.items() if v}
 
 
 def progress_status(
@@ -83,6 +102,12 @@ def _parse_time(value: str | None) -> datetime.datetime | None:
     if not value:
         return None
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _index(pod: Mapping[str, Any]) -> str | None:
+    annotations = pod["metadata"].get("annotations") or {}
+    index: str | None = annotations.get("batch.kubernetes.io/job-completion-index")
+    return index
 
 
 def _job_failure(job: Mapping[str, Any]) -> str | None:
@@ -189,12 +214,19 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
         )
         return
 
+    checkpoint_uri = storage.uri(run.metadata.name, "checkpoints", spec.checkpointing.storage)
     if common.is_complete(job):
         _finish(status, "Succeeded", "TrainingComplete", "training finished", now)
-        status.set(
-            modelUri=storage.uri(run.metadata.name, "checkpoints", spec.checkpointing.storage)
-            + f"/{build.OUTPUT_SUBDIR}"
-        )
+        status.set(modelUri=f"{checkpoint_uri}/{build.OUTPUT_SUBDIR}/model")
+        pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
+        rank0 = [p for p in pods if _index(p) == "0"]
+        summary = termination_report(rank0)
+        if summary:
+            status.set(
+                step=summary.get("step"),
+                finalEvaluation=summary.get("finalEvaluation") or None,
+                checkpoints=checkpoints_status(summary, checkpoint_uri) or None,
+            )
         return
     failure = _job_failure(job)
     if failure:
@@ -218,21 +250,14 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
             f"{len(running)}/{spec.resources.num_nodes} pods running",
         )
         status.condition("Restarting", "False", "GangRunning")
-        rank0 = next(
-            (
-                p
-                for p in running
-                if p["metadata"]
-                .get("annotations", {})
-                .get("batch.kubernetes.io/job-completion-index")
-                == "0"
-            ),
-            None,
-        )
-        if rank0 is not None:
-            record = parse_progress(kube.pod_log_tail(rank0["metadata"]["name"], namespace))
+        leader = next((p for p in running if _index(p) == "0"), None)
+        if leader is not None:
+            record = parse_progress(kube.pod_log_tail(leader["metadata"]["name"], namespace))
             if record:
                 status.set(**progress_status(record, started, now))
+                checkpoints = checkpoints_status(record, checkpoint_uri)
+                if checkpoints:
+                    status.set(checkpoints=checkpoints)
     else:
         if status.phase not in ("Restarting",):
             status.set(phase="Pending")
