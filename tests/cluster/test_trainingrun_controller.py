@@ -222,3 +222,37 @@ def test_waits_for_its_dataset(api_client: client.ApiClient, operator: str, volu
     finished_dataset(api_client, namespace, "corpus")
     wait_phase(api_client, namespace, "TrainingRun", RUN, "Running")
     assert get(api_client, namespace, "TrainingRun", RUN)["status"]["startTime"]
+
+
+def test_preemption_restarts_without_spending_the_restart_budget(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, training_run(maxRestarts=0))
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
+    # A node drain: the pod is marked as a disruption target, then fails.
+    core.patch_namespaced_pod_status(
+        pods[0].metadata.name,
+        namespace,
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": "TerminationByKubelet",
+                        "message": "node drained",
+                    }
+                ]
+            }
+        },
+    )
+    end_pod(core, namespace, pods[0].metadata.name, exit_code=143)
+    restarted = wait_status(
+        api_client, namespace, "TrainingRun", RUN, "gang back", phase="Running", preemptionCount=1
+    )
+    assert restarted["status"].get("restartCount", 0) == 0
+    assert condition(restarted, "Restarting")["reason"] == "GangRunning"
+    wait_gang_running(core, namespace, f"{RUN}-workers-1")

@@ -440,6 +440,11 @@ class TrainingRunStatus(StatusModel):
         default=None, description="Latest and best checkpoints."
     )
     restart_count: int = Field(default=0, description="Restarts after failures so far.", ge=0)
+    preemption_count: int = Field(
+        default=0,
+        description="Restarts after preemption or node drain (not counted against maxRestarts).",
+        ge=0,
+    )
     start_time: datetime | None = Field(default=None, description="When training started.")
     completion_time: datetime | None = Field(default=None, description="When training ended.")
     final_evaluation: FinalEvaluation | None = Field(

@@ -186,7 +186,9 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
     claim = build.checkpoint_claim(body, run)
     if claim is not None:
         common.ensure_child(KIND, claim, update=False)  # a bound claim's spec is immutable
-    attempt = int(status.status.get("restartCount") or 0)
+    restarts = int(status.status.get("restartCount") or 0)
+    preemptions = int(status.status.get("preemptionCount") or 0)
+    attempt = restarts + preemptions  # each gang gets a Job of its own
     manifest = build.worker_job(body, run, attempt, dataset_uri, init_uri)
     job = common.ensure_child(KIND, manifest, update=False)
     job_name = manifest["metadata"]["name"]
@@ -230,7 +232,33 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
         return
     failure = _job_failure(job)
     if failure:
-        _restart_or_fail(run, status, job_name, failure, attempt, now)
+        pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
+        if any(_was_disrupted(p) for p in pods):
+            _restart(
+                run,
+                status,
+                job_name,
+                "Preempted",
+                f"gang member preempted: {failure}",
+                preemptionCount=preemptions + 1,
+            )
+        elif restarts >= spec.max_restarts:
+            _finish(
+                status,
+                "Failed",
+                "MaxRestartsExceeded",
+                f"gang failed after {restarts} restart(s): {failure}",
+                now,
+            )
+        else:
+            _restart(
+                run,
+                status,
+                job_name,
+                "GangMemberFailed",
+                f"restart {restarts + 1}/{spec.max_restarts} from the latest checkpoint: {failure}",
+                restartCount=restarts + 1,
+            )
         return
 
     if spec.suspend:
@@ -269,33 +297,27 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
         )
 
 
-def _restart_or_fail(
+def _was_disrupted(pod: Mapping[str, Any]) -> bool:
+    """Evicted, preempted or drained rather than crashed (the DisruptionTarget condition)."""
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def _restart(
     run: TrainingRun,
     status: common.StatusWriter,
     job_name: str,
-    failure: str,
-    attempt: int,
-    now: datetime.datetime,
+    reason: str,
+    message: str,
+    **counter: int,
 ) -> None:
-    if attempt >= run.spec.max_restarts:
-        _finish(
-            status,
-            "Failed",
-            "MaxRestartsExceeded",
-            f"gang failed after {attempt} restart(s): {failure}",
-            now,
-        )
-        return
     # Count the restart first: if the operator dies right after, the next reconcile still
-    # creates attempt N+1 exactly once (the Job name carries the attempt).
-    status.set(phase="Restarting", restartCount=attempt + 1)
-    status.condition(
-        "Restarting",
-        "True",
-        "GangMemberFailed",
-        f"restart {attempt + 1}/{run.spec.max_restarts} from the latest checkpoint: {failure}",
-    )
-    status.condition("Running", "False", "GangMemberFailed")
+    # creates the next attempt exactly once (the Job name carries the attempt).
+    status.set(phase="Restarting", **counter)
+    status.condition("Restarting", "True", reason, message)
+    status.condition("Running", "False", reason)
     common.kube().delete("batch/v1", "Job", job_name, run.metadata.namespace)
     RESTARTS_TRIGGERED.labels(kind=KIND).inc()
 
