@@ -33,6 +33,23 @@ class Ensured(NamedTuple):
     created: bool
 
 
+def _contains(live: Any, desired: Any) -> bool:
+    """Whether the live object already has every field the manifest sets (the server adds
+    defaults and status, so equality is too strict). Saves an apply call per child and
+    reconcile when nothing drifted."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            key in live and _contains(live[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(_contains(a, b) for a, b in zip(live, desired, strict=True))
+        )
+    return bool(live == desired)
+
+
 def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     for ref in obj.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -67,7 +84,7 @@ class Kube:
                 )
             if existing["metadata"].get("deletionTimestamp"):
                 raise ChildTerminating(f"{manifest['kind']} {meta['name']!r} is being deleted")
-            if not update:
+            if not update or _contains(existing, manifest):
                 return Ensured(dict(existing), created=False)
         # Server-side apply creates or converges under one field manager, and is a no-op
         # (no new resourceVersion) when nothing differs.
