@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 from llmops import __version__
-from llmops.manifests import ManifestError, load_manifests
 
 
 def _cmd_version(_: argparse.Namespace) -> int:
@@ -17,19 +16,22 @@ def _cmd_version(_: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        documents = load_manifests([Path(p) for p in args.filename])
-    except ManifestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for doc in documents:
-        print(f"found {doc.get('kind')}/{doc.get('metadata', {}).get('name')}")
-    print(
-        "error: the local runtime (running these resources as local processes) is not part "
-        "of this version yet; the manifests above were read but nothing was run.",
-        file=sys.stderr,
+    # Imported here: the other commands must not pay for the controllers' imports.
+    from llmops.local.runner import RunOptions, run
+
+    options = RunOptions(
+        files=[Path(p) for p in args.filename],
+        state_dir=Path(args.state_dir),
+        serve=not args.no_serve,
+        detach=args.detach,
     )
-    return 1
+    return run(options)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from llmops.local.status import show
+
+    return show(Path(args.state_dir), args.kind, args.names, args.output)
 
 
 def _source_root() -> Path:
@@ -56,6 +58,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        # kopf logs every successful timer run at INFO; keep the log for what matters.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         standalone=True,  # one replica (Recreate), so no peering between operators
         clusterwide=args.all_namespaces,
@@ -111,7 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a manifest file or a folder of them (repeatable)",
     )
+    run.add_argument(
+        "--state-dir",
+        default=".llmops",
+        help="where volumes, logs and status are kept (default: .llmops)",
+    )
+    serving = run.add_mutually_exclusive_group()
+    serving.add_argument(
+        "--no-serve", action="store_true", help="stop before serving ModelDeployments"
+    )
+    serving.add_argument(
+        "--detach",
+        action="store_true",
+        help="leave the model server running in the background and return",
+    )
     run.set_defaults(func=_cmd_run)
+
+    for command in ("status", "get"):
+        status = sub.add_parser(
+            command, help="show the resources of a local run (status, metrics, conditions)"
+        )
+        status.add_argument("kind", nargs="?", help="ds, tr, md (or a resource name)")
+        status.add_argument("names", nargs="*", help="resource names")
+        status.add_argument("--state-dir", default=".llmops", help="the run's state directory")
+        status.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+        status.set_defaults(func=_cmd_status)
     return parser
 
 

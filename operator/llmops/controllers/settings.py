@@ -24,7 +24,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.reporting_component = "llmops-operator"
-    settings.posting.level = logging.INFO
+    # Handler logs become Events only from WARNING up: a timer every few seconds must not
+    # flood `kubectl describe`; the controllers post the notable transitions themselves.
+    settings.posting.level = logging.WARNING
     settings.posting.event_name_prefix = "llmops-"
     # Retry transient errors with a capped exponential backoff.
     settings.queueing.error_delays = (1, 2, 4, 8, 15, 30, 60)
