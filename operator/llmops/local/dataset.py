@@ -1,0 +1,128 @@
+"""A Dataset, locally: the slice Job (all indexes) then the merge Job, from the operator's
+builders, with the status the Dataset controller would write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmops.api.dataset import Dataset
+from llmops.builders import dataset as build
+from llmops.controllers.common import StatusWriter
+from llmops.controllers.dataset import _fail, termination_report
+from llmops.local.common import copy_if_exists, host_path, timestamp
+from llmops.local.context import Context, key_of
+from llmops.local.job import JobResult, run_job
+from llmops.local.process import Process, tail
+
+KIND = "Dataset"
+CARD = "README.md"  # the engine writes the dataset card as the output's README
+
+
+def output_dir(ctx: Context, dataset: Dataset, generation: int) -> Path:
+    namespace = dataset.metadata.namespace or "default"
+    return host_path(ctx.layout, namespace, build.output_uri(dataset, generation))
+
+
+def check_local(dataset: Dataset) -> None:
+    if dataset.spec.output is not None and dataset.spec.output.s3 is not None:
+        raise ValueError("spec.output.s3: the local runtime writes to volumes only")
+
+
+def run(ctx: Context, body: dict[str, Any]) -> bool:
+    """True when the Dataset ends Succeeded (now or in an earlier run)."""
+    dataset = Dataset.model_validate(
+        {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+    )
+    check_local(dataset)
+    generation = int(body["metadata"]["generation"])
+    status = StatusWriter(body, KIND)
+    key = key_of(body)
+    out = output_dir(ctx, dataset, generation)
+    done = status.phase == "Succeeded" and status.status.get("observedGeneration") == generation
+    if done and (out / "manifest.json").is_file():
+        ctx.view.update(key, note="up to date (output kept from an earlier run)")
+        return True
+
+    slices = build.slices_job(body, dataset, generation)
+    merge = build.merge_job(body, dataset, generation)
+    ctx.record_children(
+        body, [build.config_map(body), build.output_claim(body, dataset), slices, merge]
+    )
+    status.set(startTime=timestamp(), completionTime=None)
+    status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
+    status.condition("Failed", "False", "Processing")
+    status.condition(
+        "Created",
+        "True",
+        "JobsCreated",
+        f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
+    )
+    status.set(phase="Running")
+    status.condition("Running", "True", "Slicing", f"0/{dataset.spec.parallelism} slices done")
+    ctx.save(body, status.status)
+
+    result = _run(ctx, body, slices)
+    if not result.succeeded:
+        return _stopped(ctx, body, status, result, "SliceFailed")
+    status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
+    ctx.save(body, status.status)
+    result = _run(ctx, body, merge)
+    if not result.succeeded:
+        return _stopped(ctx, body, status, result, "MergeFailed")
+
+    # From here on, what the Dataset controller does when the merge Job completes.
+    report = termination_report(result.pod_objects()) or {}
+    status.set(**build.status_from_report(report))
+    status.set(
+        phase="Succeeded",
+        completionTime=timestamp(),
+        outputUri=build.output_uri(dataset, generation),
+        tokenizerUri=f"{build.output_uri(dataset, generation)}/tokenizer.json",
+    )
+    status.condition("Running", "False", "Processed")
+    status.condition(
+        "Complete",
+        "True",
+        "Processed",
+        f"version {build.version(generation)} ready"
+        + ("" if report else " (the merge step reported no statistics)"),
+    )
+    status.condition("Ready", "True", "Processed")
+    ctx.save(body, status.status)
+    kind, namespace, name = key
+    copy_if_exists(out / CARD, ctx.layout.resource_dir(kind, namespace, name) / "dataset_card.md")
+    return True
+
+
+def _run(ctx: Context, body: dict[str, Any], job: dict[str, Any]) -> JobResult:
+    name = job["metadata"]["name"]
+    template = job["spec"]["template"]
+    key = key_of(body)
+    stage = template["metadata"]["labels"].get("llmops.dev/stage", "")
+    completions = int(job["spec"].get("completions") or 1)
+
+    def start(index: int | None) -> Process:
+        pod = ctx.prepare_pod(body, template, f"{name}-{index or 0}", index=index)
+        ctx.view.update(key, note=f"{stage} {'' if index is None else index}".strip())
+        return ctx.start(body, pod)
+
+    ctx.view.update(key, note=f"{stage}: {completions} pod(s)")
+    return run_job(job, start, ctx.stop)
+
+
+def _stopped(
+    ctx: Context, body: dict[str, Any], status: StatusWriter, result: JobResult, reason: str
+) -> bool:
+    if result.interrupted:
+        status.set(phase="Pending")
+        status.condition("Running", "False", "Interrupted", "stopped; `llmops run` resumes")
+        ctx.save(body, status.status)
+        return False
+    failure = result.failure or "failed"
+    _fail(status, reason, failure)
+    ctx.save(body, status.status)
+    if result.failed_pod is not None:
+        log = Path(result.failed_pod.log_file)
+        ctx.view.failure(key_of(body), str(log), tail(log))
+    return False
