@@ -288,9 +288,9 @@ def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     def excluded(name: str) -> JsonlWriter:
         return JsonlWriter(f"{w}/excluded/{name}", compression=None)
 
-    def execute(steps: list[Any], name: str) -> None:
+    def execute(steps: list[Any], name: str, tasks: int = 1) -> None:
         LocalPipelineExecutor(
-            steps, tasks=1, workers=1, logging_dir=f"{w}/logs/{name}", skip_completed=False
+            steps, tasks=tasks, workers=1, logging_dir=f"{w}/logs/{name}", skip_completed=False
         ).run()
 
     corpus_dir = work / "input"
@@ -316,7 +316,9 @@ def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
         ],
         "3",
     )
-    execute([MinhashDedupBuckets(f"{w}/mh_sigs", f"{w}/mh_buckets", config=minhash)], "4")
+    # The bucket stage runs one task per bucket (one after another: workers=1).
+    buckets = MinhashDedupBuckets(f"{w}/mh_sigs", f"{w}/mh_buckets", config=minhash)
+    execute([buckets], "4", tasks=minhash.num_buckets)
     execute([MinhashDedupCluster(f"{w}/mh_buckets", f"{w}/mh_ids", config=minhash)], "5")
     execute(
         [
