@@ -69,7 +69,7 @@ def test_kv_cache_logits_match_the_trainer_forward() -> None:
     cached = KVCacheModel(random_model(config, seed=1), 4, 24, torch.device("cpu"), torch.float32)
     sequences = [[1, 2, 3, 4, 5], [9], [3, 1, 4, 1, 5, 9, 2, 6], [50, 51]]
     logits = cached.prefill(0, sequences)
-    for step in range(6):
+    for _ in range(6):
         with torch.no_grad():
             for row, sequence in enumerate(sequences):
                 expected = reference(torch.tensor([sequence]))[0, -1]
@@ -77,7 +77,6 @@ def test_kv_cache_logits_match_the_trainer_forward() -> None:
         for sequence, token in zip(sequences, logits.argmax(-1).tolist(), strict=True):
             sequence.append(token)
         logits = cached.decode([s[-1] for s in sequences], [len(s) - 1 for s in sequences])
-    assert step == 5
 
 
 def test_batched_greedy_outputs_equal_unbatched(model_dir: Path) -> None:
@@ -117,7 +116,8 @@ def test_fifo_admission_and_one_token_per_step(stepped: Engine) -> None:
     async def scenario() -> None:
         long = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        streams = [stepped.submit(p, sp) for p, sp in zip(PROMPTS, [short, long, long, long])]
+        plan = [short, long, long, long]
+        streams = [stepped.submit(p, sp) for p, sp in zip(PROMPTS, plan, strict=False)]
         gens = [s.generation for s in streams if s is not None and s.generation is not None]
         assert len(gens) == 4
         assert stepped.submit(PROMPTS[4], long) is None  # capacity 4: refused, not queued

@@ -63,16 +63,11 @@ def test_refused_completion_fields(fields: dict[str, Any], message: str) -> None
 
 
 def test_chat_request() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": parts}]
     request = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [
-                {"role": "system", "content": "s"},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-            ],
-            "max_completion_tokens": 5,
-        }
-    )  # fmt: skip
+        {"model": "m", "messages": messages, "max_completion_tokens": 5}
+    )
     assert [m.text() for m in request.messages] == ["s", "ab"]
     assert request.token_limit() == 5
 

@@ -269,14 +269,18 @@ class Engine:
             self._send_done(generation, "cancelled", "the server is shutting down")
 
     def step(self) -> None:
-        for generation in [g for g in self._running if g.cancelled]:
-            self._release(generation)
-            self._finish_metrics(generation, "cancelled")
+        self._drop_cancelled()
         admitted = self.scheduler.admit()
         if admitted:
             self._prefill(admitted)
+            self._drop_cancelled()  # cancelled during the prefill: no first token to feed
         if self._running:
             self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for generation in [g for g in self._running if g.cancelled]:
+            self._release(generation)
+            self._finish_metrics(generation, "cancelled")
 
     def _prefill(self, admitted: list[Generation]) -> None:
         first = len(self._running)
