@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,4 +65,25 @@ def child_metadata(
         "namespace": owner["metadata"]["namespace"],
         "labels": {**child_labels(owner, component, role), **labels},
         "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def config_map(body: Mapping[str, Any], file_name: str, component: str) -> dict[str, Any]:
+    """`<name>-config` holding the resource itself as JSON: the workload parses it with the
+    same API models, so a field cannot mean two things in two places."""
+    config = {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {
+            k: body["metadata"][k]
+            for k in ("name", "namespace", "uid", "generation")
+            if k in body["metadata"]
+        },
+        "spec": body["spec"],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(body, "config", component),
+        "data": {file_name: json.dumps(config, indent=2, sort_keys=True)},
     }

@@ -11,13 +11,13 @@ on the output volume, so reprocessing never overwrites data a TrainingRun may st
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from llmops.api.dataset import Dataset
 from llmops.builders import pods, storage
 from llmops.builders.common import child_metadata, child_name
+from llmops.builders.common import config_map as common_config_map
 
 COMPONENT = "preprocessing"
 CONFIG_DIR = "/etc/llmops"
@@ -46,22 +46,7 @@ def output_uri(dataset: Dataset, generation: int) -> str:
 
 
 def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
-    config = {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": {
-            k: body["metadata"][k]
-            for k in ("name", "namespace", "uid", "generation")
-            if k in body["metadata"]
-        },
-        "spec": body["spec"],
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": child_metadata(body, "config", COMPONENT),
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
-    }
+    return common_config_map(body, CONFIG_FILE, COMPONENT)
 
 
 def output_claim(body: Mapping[str, Any], dataset: Dataset) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ single source of truth and the controller copies it to the Deployment.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from llmops.api.modeldeployment import Autoscaling, ModelDeployment, ScalingRules
 from llmops.builders import pods, storage
 from llmops.builders.common import child_labels, child_metadata, child_name
+from llmops.builders.common import config_map as common_config_map
 
 COMPONENT = "serving"
 CONFIG_DIR = "/etc/llmops"
@@ -55,14 +55,7 @@ def url(md: ModelDeployment, namespace: str) -> str:
 
 
 def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
-    config = {k: body[k] for k in ("apiVersion", "kind", "spec")}
-    config["metadata"] = {k: body["metadata"][k] for k in ("name", "namespace", "uid")}
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": child_metadata(body, "config", COMPONENT),
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
-    }
+    return common_config_map(body, CONFIG_FILE, COMPONENT)
 
 
 def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:

@@ -8,13 +8,13 @@ Job; the attempt number is part of its name so the old and new gangs never colli
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import pods, storage
 from llmops.builders.common import child_metadata, child_name
+from llmops.builders.common import config_map as common_config_map
 from llmops_trainer import launch  # the trainer's own launch command (pure, no torch)
 
 COMPONENT = "training"
@@ -45,23 +45,7 @@ def job_name(name: str, attempt: int) -> str:
 
 
 def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The whole TrainingRun as the trainer reads it (parsed by the same API models)."""
-    config = {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": {
-            k: body["metadata"][k]
-            for k in ("name", "namespace", "uid", "generation")
-            if k in body["metadata"]
-        },
-        "spec": body["spec"],
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": child_metadata(body, "config", COMPONENT),
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
-    }
+    return common_config_map(body, CONFIG_FILE, COMPONENT)
 
 
 def headless_service(body: Mapping[str, Any]) -> dict[str, Any]:

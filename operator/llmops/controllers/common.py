@@ -4,16 +4,17 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
 
+from llmops import GROUP, VERSION
 from llmops import conditions as cond
 from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
-from llmops.metrics import CHILDREN_CREATED, RESOURCES
+from llmops.metrics import CHILDREN_CREATED, RESOURCES, observe_reconcile
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -121,3 +122,35 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
 
 def is_complete(obj: Mapping[str, Any] | None, type_: str = "Complete") -> bool:
     return obj is not None and cond.is_true((obj.get("status") or {}).get("conditions"), type_)
+
+
+def job_failure(job: Mapping[str, Any]) -> str | None:
+    """`reason: message` of a Job's Failed condition, or None while it has not failed."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
+    return None
+
+
+Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]
+
+
+def register(kind: str, plural: str, reconcile: Reconcile) -> None:
+    """The handlers every kind has: a level-triggered reconcile on a timer (a restarted
+    operator simply carries on) and forgetting the resource's phase when it is deleted."""
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        plural,
+        interval=RECONCILE_SECONDS,
+        initial_delay=0,
+        backoff=RECONCILE_SECONDS * 2,
+    )
+    def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        with observe_reconcile(kind):
+            reconcile(body, patch)
+
+    @kopf.on.delete(GROUP, VERSION, plural, optional=True)
+    def forget_deleted(body: kopf.Body, **_: Any) -> None:
+        forget(kind, body["metadata"]["uid"])

@@ -3,31 +3,18 @@ their outcome, with the merge step's statistics, in the Dataset status."""
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from llmops import GROUP, VERSION
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
+from llmops.conditions import now_rfc3339
 from llmops.controllers import common
-from llmops.metrics import observe_reconcile
 
 KIND = "Dataset"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _job_failure(job: Mapping[str, Any]) -> str | None:
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
-    return None
 
 
 def termination_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -78,7 +65,7 @@ def _reconcile(
     if claim is not None:
         common.ensure_child(KIND, claim, update=False)
     if status.status.get("startTime") is None or status.phase in ("Succeeded", "Failed"):
-        status.set(startTime=_now(), completionTime=None)
+        status.set(startTime=now_rfc3339(), completionTime=None)
         status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
         status.condition("Failed", "False", "Processing")
     slices = common.ensure_child(KIND, build.slices_job(body, dataset, generation), update=False)
@@ -89,7 +76,7 @@ def _reconcile(
         f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
     )
 
-    failure = _job_failure(slices)
+    failure = common.job_failure(slices)
     if failure:
         _fail(status, "SliceFailed", failure)
         return
@@ -106,7 +93,7 @@ def _reconcile(
         return
 
     merge = common.ensure_child(KIND, build.merge_job(body, dataset, generation), update=False)
-    failure = _job_failure(merge)
+    failure = common.job_failure(merge)
     if failure:
         _fail(status, "MergeFailed", failure)
         return
@@ -120,7 +107,7 @@ def _reconcile(
     status.set(**build.status_from_report(report))
     status.set(
         phase="Succeeded",
-        completionTime=_now(),
+        completionTime=now_rfc3339(),
         outputUri=build.output_uri(dataset, generation),
         tokenizerUri=f"{build.output_uri(dataset, generation)}/tokenizer.json",
     )
@@ -136,25 +123,10 @@ def _reconcile(
 
 
 def _fail(status: common.StatusWriter, reason: str, message: str) -> None:
-    status.set(phase="Failed", completionTime=_now())
+    status.set(phase="Failed", completionTime=now_rfc3339())
     status.condition("Running", "False", reason)
     status.condition("Failed", "True", reason, message)
     status.condition("Ready", "False", reason, message)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    "datasets",
-    interval=common.RECONCILE_SECONDS,
-    initial_delay=0,
-    backoff=common.RECONCILE_SECONDS * 2,
-)
-def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    with observe_reconcile(KIND):
-        reconcile(body, patch)
-
-
-@kopf.on.delete(GROUP, VERSION, "datasets", optional=True)
-def forget(body: kopf.Body, **_: Any) -> None:
-    common.forget(KIND, body["metadata"]["uid"])
+common.register(KIND, "datasets", reconcile)

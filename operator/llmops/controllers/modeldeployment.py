@@ -8,12 +8,10 @@ from typing import Any
 
 import kopf
 
-from llmops import GROUP, VERSION
 from llmops.api import API_VERSION
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.builders import modeldeployment as build
 from llmops.controllers import common
-from llmops.metrics import observe_reconcile
 
 KIND = "ModelDeployment"
 
@@ -164,19 +162,4 @@ def _current_model(namespace: str, md: ModelDeployment) -> str | None:
     return uri
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    "modeldeployments",
-    interval=common.RECONCILE_SECONDS,
-    initial_delay=0,
-    backoff=common.RECONCILE_SECONDS * 2,
-)
-def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    with observe_reconcile(KIND):
-        reconcile(body, patch)
-
-
-@kopf.on.delete(GROUP, VERSION, "modeldeployments", optional=True)
-def forget(body: kopf.Body, **_: Any) -> None:
-    common.forget(KIND, body["metadata"]["uid"])
+common.register(KIND, "modeldeployments", reconcile)

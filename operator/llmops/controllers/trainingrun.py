@@ -13,14 +13,13 @@ from typing import Any
 
 import kopf
 
-from llmops import GROUP, VERSION
 from llmops.api import API_VERSION
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import storage
 from llmops.builders import trainingrun as build
 from llmops.controllers import common
 from llmops.controllers.dataset import termination_report
-from llmops.metrics import RESTARTS_TRIGGERED, observe_reconcile
+from llmops.metrics import RESTARTS_TRIGGERED
 from llmops_trainer.progress import parse_log_line  # the trainer's own log format
 
 KIND = "TrainingRun"
@@ -108,13 +107,6 @@ def _index(pod: Mapping[str, Any]) -> str | None:
     annotations = pod["metadata"].get("annotations") or {}
     index: str | None = annotations.get("batch.kubernetes.io/job-completion-index")
     return index
-
-
-def _job_failure(job: Mapping[str, Any]) -> str | None:
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
-    return None
 
 
 def _init_uri(run: TrainingRun) -> tuple[str | None, str | None]:
@@ -230,7 +222,7 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
                 checkpoints=checkpoints_status(summary, checkpoint_uri) or None,
             )
         return
-    failure = _job_failure(job)
+    failure = common.job_failure(job)
     if failure:
         pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
         if any(_was_disrupted(p) for p in pods):
@@ -335,19 +327,4 @@ def _finish(
     status.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    "trainingruns",
-    interval=common.RECONCILE_SECONDS,
-    initial_delay=0,
-    backoff=common.RECONCILE_SECONDS * 2,
-)
-def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    with observe_reconcile(KIND):
-        reconcile(body, patch)
-
-
-@kopf.on.delete(GROUP, VERSION, "trainingruns", optional=True)
-def forget(body: kopf.Body, **_: Any) -> None:
-    common.forget(KIND, body["metadata"]["uid"])
+common.register(KIND, "trainingruns", reconcile)
