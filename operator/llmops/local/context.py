@@ -151,6 +151,10 @@ class Context:
             # workload is told where that file is.
             "LLMOPS_TERMINATION_LOG": str(pod.termination_file),
             "PYTHONUNBUFFERED": "1",  # progress lines arrive as they are printed
+            # An image ships DeepSpeed's compiled ops; locally they are compiled once per
+            # machine, not in every pod's fresh HOME (minutes each time).
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+            or str(Path.home() / ".cache" / "torch_extensions"),
             **(extra_env or {}),
         }
         if self.gpus == 0:

@@ -145,7 +145,7 @@ def run(options: RunOptions, console: Console | None = None) -> int:
             serving.stopped(ctx, server)
         return EXIT_FAILED
     for server in servers:
-        console.print(examples(server), highlight=False)
+        console.print(examples(server), highlight=False, soft_wrap=True)
     if servers and options.detach:
         console.print("the server keeps running in the background (`llmops run` again replaces it)")
         return 0

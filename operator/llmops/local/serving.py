@@ -175,3 +175,4 @@ def stopped(ctx: Context, server: Server) -> None:
     status.condition("Available", "False", "Stopped", "the local server was stopped")
     status.condition("Ready", "False", "NotReady")
     ctx.save(server.body, status.status)
+    ctx.view.update(key_of(server.body), note="stopped")

@@ -1,0 +1,91 @@
+"""Validating and ordering the manifests of a local run."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmops.cli import main
+from llmops.local.resources import InvalidManifests, order, references, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = list(yaml.safe_load_all((ROOT / "examples" / "quickstart.yaml").read_text()))
+
+
+def names(docs: list[dict]) -> list[str]:
+    return [f"{d['kind']}/{d['metadata']['name']}" for d in docs]
+
+
+def test_quickstart_orders_dataset_training_deployment_whatever_the_input_order() -> None:
+    resources, skipped = validate(list(reversed(QUICKSTART)))
+    assert skipped == []
+    assert names(order(resources)) == [
+        "Dataset/tiny-corpus",
+        "TrainingRun/tiny-gpt",
+        "ModelDeployment/tiny-gpt",
+    ]
+
+
+def test_references_decide_the_order_within_a_kind() -> None:
+    base, fine = copy.deepcopy(QUICKSTART[1]), copy.deepcopy(QUICKSTART[1])
+    fine["metadata"]["name"] = "fine"
+    fine["spec"]["init"] = {"trainingRun": {"name": "tiny-gpt", "checkpoint": "latest"}}
+    reuse = copy.deepcopy(QUICKSTART[0])
+    reuse["metadata"]["name"] = "reuse"
+    reuse["spec"]["tokenizer"] = {"datasetRef": {"name": "tiny-corpus"}}
+    resources, _ = validate([fine, reuse, base, QUICKSTART[0]])
+    assert names(order(resources)) == [
+        "Dataset/tiny-corpus",
+        "Dataset/reuse",
+        "TrainingRun/tiny-gpt",
+        "TrainingRun/fine",
+    ]
+    assert references(fine) == [
+        ("Dataset", "default", "tiny-corpus"),
+        ("TrainingRun", "default", "tiny-gpt"),
+    ]
+
+
+def test_cycles_are_refused() -> None:
+    a, b = copy.deepcopy(QUICKSTART[1]), copy.deepcopy(QUICKSTART[1])
+    a["metadata"]["name"], b["metadata"]["name"] = "a", "b"
+    a["spec"]["init"] = {"trainingRun": {"name": "b"}}
+    b["spec"]["init"] = {"trainingRun": {"name": "a"}}
+    with pytest.raises(InvalidManifests, match="cycle"):
+        order(validate([a, b])[0])
+
+
+def test_invalid_fields_are_named_and_all_reported() -> None:
+    bad_dataset = copy.deepcopy(QUICKSTART[0])
+    bad_dataset["spec"]["split"]["train"] = "most"
+    bad_run = copy.deepcopy(QUICKSTART[1])
+    bad_run["spec"]["resources"]["numNodes"] = 0
+    with pytest.raises(InvalidManifests) as error:
+        validate([bad_dataset, bad_run])
+    message = str(error.value)
+    assert "Dataset/tiny-corpus: spec.split.train" in message
+    assert "TrainingRun/tiny-gpt: spec.resources.numNodes" in message
+
+
+def test_duplicates_unknown_kinds_and_foreign_objects() -> None:
+    with pytest.raises(InvalidManifests, match="defined twice"):
+        validate([QUICKSTART[0], QUICKSTART[0]])
+    unknown = {"apiVersion": "llmops.dev/v1alpha1", "kind": "Model", "metadata": {"name": "m"}}
+    with pytest.raises(InvalidManifests, match="no kind 'Model'"):
+        validate([unknown])
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
+    assert validate([config, QUICKSTART[0]])[1] == ["ConfigMap/c"]
+
+
+def test_cli_refuses_invalid_manifests_before_anything_starts(tmp_path: Path, capsys) -> None:
+    bad = copy.deepcopy(QUICKSTART[1])
+    bad["spec"]["hyperparameters"]["learningRate"] = -1
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(yaml.safe_dump_all([QUICKSTART[0], bad]))
+    state_dir = tmp_path / "state"
+    assert main(["run", "-f", str(manifest), "--state-dir", str(state_dir)]) == 2
+    assert "spec.hyperparameters.learningRate" in capsys.readouterr().err
+    assert not state_dir.exists()
