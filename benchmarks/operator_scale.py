@@ -1,0 +1,355 @@
+"""Operator scale on the real control plane (tests/cluster/controlplane.py).
+
+Creates 50, 100 and 200 TrainingRuns at once (each round in its own namespace), then 50
+ModelDeployments, and prints, per round, p50/p99 of the time from creating a resource until
+all its children exist and it reports `Created` (TrainingRun) or a phase (ModelDeployment);
+the operator's peak RSS; and Kubernetes API requests per reconcile (counted inside the
+operator process, in both of its HTTP clients: kopf's aiohttp and the kubernetes client's
+urllib3). The operator runs as `llmops operator --all-namespaces` in a child process with the
+default reconcile interval.
+
+    python benchmarks/operator_scale.py [--counts 50,100,200] [--deployments 50]
+
+Goal (issue 7): p99 under 2 s and RSS under 200 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+
+GROUP, VERSION = "llmops.dev", "v1alpha1"
+
+
+def operator_child(port: int) -> int:
+    """Runs in the operator process: count API requests, then run the operator."""
+    import aiohttp
+    import urllib3
+    from prometheus_client import Counter
+
+    from llmops.cli import main
+
+    requests = Counter("bench_api_requests", "Kubernetes API requests", ["client"])
+    original_urlopen = urllib3.connectionpool.HTTPConnectionPool.urlopen
+
+    def urlopen(self: Any, *args: Any, **kwargs: Any) -> Any:
+        requests.labels("kubernetes").inc()
+        return original_urlopen(self, *args, **kwargs)
+
+    urllib3.connectionpool.HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign]
+    original_request = aiohttp.ClientSession._request
+
+    async def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        requests.labels("kopf").inc()
+        return await original_request(self, *args, **kwargs)
+
+    aiohttp.ClientSession._request = request  # type: ignore[method-assign]
+    return main(["operator", "--all-namespaces", f"--metrics-port={port}", "--liveness="])
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--counts", default="50,100,200")
+    parser.add_argument("--deployments", type=int, default=50)
+    parser.add_argument("--operator-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.operator_child:
+        return operator_child(args.operator_child)
+
+    import yaml
+    from kubernetes import client, config
+    from kubernetes.dynamic import DynamicClient
+
+    from controlplane import ControlPlane, free_port, wait_for
+
+    with (
+        tempfile.TemporaryDirectory(prefix="llmops-scale-") as tmp,
+        ControlPlane.start(Path(tmp)) as plane,
+    ):
+        api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+        dynamic = DynamicClient(api)
+        crds = dynamic.resources.get(
+            api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"
+        )
+        for file in sorted((ROOT / "crds").glob("*.yaml")):
+            for doc in yaml.safe_load_all(file.read_text()):
+                crds.server_side_apply(body=doc, name=doc["metadata"]["name"], field_manager="b")
+        extensions = client.ApiextensionsV1Api(api)
+        wait_for(
+            "CRDs",
+            lambda: all(
+                any(c.type == "Established" for c in (crd.status.conditions or []))
+                for crd in extensions.list_custom_resource_definition().items
+            ),
+            60,
+        )
+        core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
+        operator = subprocess.Popen(
+            [sys.executable, __file__, "--operator-child", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for("operator metrics", lambda: bool(scrape(port)), 60)
+            print(f"machine: {os.cpu_count()} CPUs; operator pid {operator.pid}", flush=True)
+            counts = [int(c) for c in args.counts.split(",")]
+            for count in counts:
+                namespace = f"scale-tr-{count}"
+                setup_namespace(core, custom, namespace)
+                result = run_round(
+                    core, custom, api, port, namespace, "trainingruns", count, training_run
+                )
+                report(f"{count} TrainingRuns", result, operator.pid)
+            if args.deployments:
+                namespace = f"scale-md-{args.deployments}"
+                setup_namespace(core, custom, namespace)
+                result = run_round(
+                    core,
+                    custom,
+                    api,
+                    port,
+                    namespace,
+                    "modeldeployments",
+                    args.deployments,
+                    model_deployment,
+                )
+                report(f"{args.deployments} ModelDeployments", result, operator.pid)
+        finally:
+            operator.terminate()
+            operator.wait(30)
+    return 0
+
+
+def setup_namespace(core: Any, custom: Any, namespace: str) -> None:
+    """A namespace with a finished Dataset and the claims the resources reference."""
+    core.create_namespace({"metadata": {"name": namespace}})
+    for claim in ("corpus-data", "models"):
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "datasets",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Dataset",
+            "metadata": {"name": "corpus"},
+            "spec": {
+                "sources": [{"name": "local", "path": "data/corpus.txt"}],
+                "tokenizer": {"train": {"vocabSize": 512}},
+            },
+        },
+    )
+    custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        "datasets",
+        "corpus",
+        {
+            "status": {
+                "phase": "Succeeded",
+                "observedGeneration": 1,
+                "outputUri": "pvc://corpus-data/g1",
+                "conditions": [
+                    {
+                        "type": "Complete",
+                        "status": "True",
+                        "reason": "Processed",
+                        "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                    }
+                ],
+            }
+        },
+    )
+
+
+def training_run(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "datasetRef": {"name": "corpus"},
+            "model": {"numLayers": 2, "numHeads": 2, "hiddenSize": 64, "contextLength": 64},
+            "hyperparameters": {"maxSteps": 100, "microBatchSize": 4},
+            "resources": {"numNodes": 2, "procsPerNode": 1, "gpusPerNode": 1},
+        },
+    }
+
+
+def model_deployment(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"uri": "pvc://models/gpt/final"}, "replicas": 1},
+    }
+
+
+def _names(listing: Any) -> set[str]:
+    return {item.metadata.name for item in listing.items}
+
+
+def children_ready(
+    core: Any, api: Any, namespace: str, plural: str
+) -> Callable[[dict[str, Any]], bool]:
+    """Whether one resource has all its children, from one listing per kind."""
+    from kubernetes import client
+
+    batch: Any = client.BatchV1Api(api)
+    apps: Any = client.AppsV1Api(api)
+    policy: Any = client.PolicyV1Api(api)
+    configs = _names(core.list_namespaced_config_map(namespace))
+    services = _names(core.list_namespaced_service(namespace))
+    if plural == "trainingruns":
+        jobs = _names(batch.list_namespaced_job(namespace))
+
+        def ready(obj: dict[str, Any]) -> bool:
+            name = obj["metadata"]["name"]
+            created = any(
+                c["type"] == "Created" and c["status"] == "True"
+                for c in (obj.get("status") or {}).get("conditions", [])
+            )
+            return (
+                created
+                and f"{name}-config" in configs
+                and f"{name}-headless" in services
+                and f"{name}-workers-0" in jobs
+            )
+
+        return ready
+    deployments = _names(apps.list_namespaced_deployment(namespace))
+    budgets = _names(policy.list_namespaced_pod_disruption_budget(namespace))
+
+    def md_ready(obj: dict[str, Any]) -> bool:
+        name = obj["metadata"]["name"]
+        return (
+            bool((obj.get("status") or {}).get("phase"))
+            and f"{name}-config" in configs
+            and f"{name}-server" in deployments
+            and name in services
+            and any(b.startswith(name) for b in budgets)
+        )
+
+    return md_ready
+
+
+def run_round(
+    core: Any,
+    custom: Any,
+    api: Any,
+    port: int,
+    namespace: str,
+    plural: str,
+    count: int,
+    make: Callable[[str], dict[str, Any]],
+) -> dict[str, Any]:
+    before = scrape(port)
+    created_at: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def create(index: int) -> None:
+        name = f"r{index:04d}"
+        started = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, make(name))
+        with lock:
+            created_at[name] = started
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, range(count)))
+    done_at: dict[str, float] = {}
+    deadline = started + 600
+    while len(done_at) < count and time.monotonic() < deadline:
+        ready = children_ready(core, api, namespace, plural)
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+        now = time.monotonic()
+        for obj in items:
+            name = obj["metadata"]["name"]
+            if name not in done_at and ready(obj):
+                done_at[name] = now
+        time.sleep(0.2)
+    after = scrape(port)
+    latencies = [done_at[n] - created_at[n] for n in done_at]
+    reconciles = after.get("llmops_operator_reconcile_duration_seconds_count", 0) - before.get(
+        "llmops_operator_reconcile_duration_seconds_count", 0
+    )
+    requests = after.get("bench_api_requests_total", 0) - before.get("bench_api_requests_total", 0)
+    return {
+        "count": count,
+        "done": len(done_at),
+        "p50": statistics.median(latencies) if latencies else float("nan"),
+        "p99": percentile(latencies, 0.99) if latencies else float("nan"),
+        "all_done_s": max(done_at.values()) - started if done_at else float("nan"),
+        "reconciles": reconciles,
+        "requests": requests,
+    }
+
+
+def report(what: str, result: dict[str, Any], pid: int) -> None:
+    per = result["requests"] / result["reconciles"] if result["reconciles"] else float("nan")
+    print(
+        f"{what}: {result['done']}/{result['count']} complete; "
+        f"creation -> children+status p50 {result['p50']:.2f}s p99 {result['p99']:.2f}s "
+        f"(last after {result['all_done_s']:.1f}s); operator peak RSS {peak_rss_mb(pid):.0f} MB; "
+        f"{result['requests']:.0f} API requests / {result['reconciles']:.0f} reconciles = "
+        f"{per:.1f} per reconcile",
+        flush=True,
+    )
+    print("json " + json.dumps({**result, "what": what}), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
