@@ -197,14 +197,14 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         {**OK, "prompt": LONG_PROMPT, "max_tokens": 10},
         400,
         "maximum context length is 64",
-    ),  # fmt: skip
+    ),
     (
         "POST",
         "/v1/completions",
         {**OK, "prompt": list(range(70)), "max_tokens": None},
         400,
         "maximum context length",
-    ),  # fmt: skip
+    ),
     ("POST", "/v1/completions", {**OK, "prompt": [10**6]}, 400, "token ids must be below"),
     ("POST", "/v1/completions", {**OK, "prompt": ["a", "b"]}, 400, "one prompt"),
     ("POST", "/v1/completions", {**OK, "prompt": 5}, 400, "prompt"),
@@ -216,7 +216,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         {**OK, "stream_options": {"include_usage": True}},
         400,
         "only allowed when stream",
-    ),  # fmt: skip
+    ),
     ("POST", "/v1/completions", {**OK, "logprobs": 1}, 400, "logprobs is not supported"),
     ("POST", "/v1/completions", {**OK, "echo": True}, 400, "echo"),
     ("POST", "/v1/completions", {**OK, "seed": 2**70}, 400, "seed"),
@@ -229,7 +229,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         {**CHAT_OK, "messages": [{"role": "user", "content": 3}]},
         400,
         "content",
-    ),  # fmt: skip
+    ),
     ("POST", "/v1/chat/completions", {**CHAT_OK, "logprobs": True}, 400, "logprobs"),
     ("POST", "/v1/chat/completions", {**CHAT_OK, "max_completion_tokens": 99}, 400, "at most"),
     ("POST", "/v1/completions", b"x" * 5000, 413, "larger than 4096 bytes"),

@@ -85,3 +85,9 @@ def test_chat_request() -> None:
 def test_refused_chat_bodies(body: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate(body)
+
+
+def test_vanishing_temperatures_are_greedy() -> None:
+    # Found by the HTTP fuzz: 1e-300 made the sampling probabilities overflow.
+    assert completion(temperature=1e-300).sampling(1).greedy
+    assert not completion(temperature=1e-3).sampling(1).greedy

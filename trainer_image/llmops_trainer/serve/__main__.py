@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -166,6 +167,9 @@ def serve(settings: ServeSettings) -> int:
         access_log=False,
     )
     server = Server(config, state)
+    # uvicorn re-raises the signal it stopped on to the handler it found; a no-op one lets a
+    # drained server exit 0 rather than die of SIGTERM.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 1 if state.failed else 0
 

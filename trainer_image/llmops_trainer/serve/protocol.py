@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-5
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -45,7 +46,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Dividing by a vanishing temperature overflows; it means greedy anyway (as in vLLM).
+        return self.temperature < MIN_TEMPERATURE
 
 
 class StreamOptions(BaseModel):
