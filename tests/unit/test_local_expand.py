@@ -68,7 +68,7 @@ def test_rewrite_applies_to_literals_before_expansion() -> None:
 def test_unsupported_env_sources_and_field_paths_are_named() -> None:
     with pytest.raises(ValueError, match="secretKeyRef"):
         resolve_env({"env": [{"name": "T", "valueFrom": {"secretKeyRef": {}}}]}, {})
-    with pytest.raises(ValueError, match="status.podIPs"):
+    with pytest.raises(ValueError, match=r"status\.podIPs"):
         field_value("status.podIPs", {})
     assert field_value("metadata.labels['app']", {"metadata": {"labels": {"app": "x"}}}) == "x"
     with pytest.raises(ValueError, match="no command"):
