@@ -102,3 +102,23 @@ def test_status_table_and_selection(tmp_path: Path, capsys) -> None:
     assert main(["get", "ds", "--state-dir", str(tmp_path), "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"]["documents"] == 12
     assert main(["status", "--state-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_live_view_renders_progress_and_plain_lines_report_changes() -> None:
+    from llmops.local.view import RunView
+
+    key = ("TrainingRun", "default", "tiny-gpt")
+    live = Console(width=160, record=True, force_terminal=True)
+    with RunView(live, [key], live=True) as view:
+        view.update(key, status={"phase": "Running"}, step=50, total=200, loss=3.25)
+        view.update(key, tokens_per_second=4560.0, eta=95.0, note="Training")
+    text = live.export_text()
+    assert "50/200" in text and "3.25" in text and "4,560" in text and "1m35s" in text
+
+    plain = Console(width=160, record=True)
+    view = RunView(plain, [key], live=False)
+    view.update(key, status={"phase": "Running"})
+    view.update(key, status={"phase": "Running"})  # nothing new: no line
+    view.update(key, status={"phase": "Succeeded"})
+    lines = plain.export_text().splitlines()
+    assert lines == ["TrainingRun/tiny-gpt  Running", "TrainingRun/tiny-gpt  Succeeded"]
