@@ -70,9 +70,14 @@ class ServerState:
         """The bearer token, re-read when the mounted Secret changes (kubelet updates it)."""
         if self.auth_token_file is None:
             return None
-        mtime = self.auth_token_file.stat().st_mtime
-        if self._token is None or self._token[0] != mtime:
-            self._token = (mtime, self.auth_token_file.read_text().strip())
+        try:
+            mtime = self.auth_token_file.stat().st_mtime
+            if self._token is None or self._token[0] != mtime:
+                self._token = (mtime, self.auth_token_file.read_text().strip())
+        except OSError as error:
+            if self._token is None:  # fail closed: no token file means nobody gets in
+                raise RequestError("authentication is not available", 503) from error
+        assert self._token is not None
         return self._token[1]
 
 
@@ -375,7 +380,8 @@ async def _respond(
         return JSONResponse(error_body(499, "client closed the request"), 499)
     text, done = outcome
     if done.finish_reason not in ("stop", "length"):
-        raise RequestError(done.error or "generation was interrupted", 503)
+        status = 500 if done.finish_reason == "error" else 503
+        raise RequestError(done.error or "generation was interrupted", status)
     return JSONResponse(reply.whole(text, done))
 
 
