@@ -179,3 +179,36 @@ def test_fine_tuning_mounts_the_parent_checkpoint_read_only():
     init = next(v for v in pod["volumes"] if v["name"] == "init")
     assert init["persistentVolumeClaim"] == {"claimName": "parent-checkpoints", "readOnly": True}
     assert pod["containers"][0]["terminationMessagePath"] == env["LLMOPS_TERMINATION_LOG"]
+
+
+def test_dataset_pods_get_source_claims_credentials_and_a_reference_tokenizer():
+    spec = {
+        "sources": [
+            {"name": "books", "volume": {"claimName": "corpora", "path": "books/"}},
+            {
+                "name": "web",
+                "s3": {
+                    "bucket": "crawl",
+                    "prefix": "en/",
+                    "credentialsSecret": {"name": "crawl-s3"},
+                },
+            },
+        ],
+        "tokenizer": {"datasetRef": {"name": "base"}},
+    }
+    body = {**DATASET, "spec": spec}
+    dataset = Dataset.model_validate(body)
+    job = ds_build.slices_job(body, dataset, 1, tokenizer_uri="pvc://base-data/g2/tokenizer.json")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["source-0"]["mountPath"] == "/mnt/llmops/volumes/corpora"
+    assert mounts["source-0"]["readOnly"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "crawl-s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert env["LLMOPS_REF_TOKENIZER"]["value"] == "/mnt/llmops/reference/g2/tokenizer.json"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["reference-tokenizer"]["persistentVolumeClaim"]["claimName"] == "base-data"

@@ -159,3 +159,15 @@ def test_cli_stages(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         [open_tokens(tmp_path / "out", manifest, s) for s in manifest.splits["train"].shards]
     )
     assert (tokens == manifest.eos_token_id).sum() == manifest.splits["train"].documents
+    # A finished merge leaves the statistics the Dataset status shows, within 4096 bytes.
+    text = (tmp_path / "termination").read_text()
+    report = json.loads(text)
+    assert len(text.encode()) <= 4096
+    assert (
+        report["fingerprint"]
+        == json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"]
+    )
+    from llmops.api.dataset import DatasetStatus
+
+    status = DatasetStatus.model_validate(report)
+    assert status.documents and status.total_tokens and status.steps

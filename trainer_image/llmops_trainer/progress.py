@@ -106,20 +106,3 @@ def parse_log_line(line: str) -> dict[str, Any] | None:
         return None
     data: dict[str, Any] = json.loads(line[len(LOG_PREFIX) :])
     return data
-
-
-# Kubernetes keeps at most 4096 bytes of a container's termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
-
-
-def write_termination_message(summary: dict[str, Any]) -> None:
-    """Leave `summary` as the container's termination message, where the operator reads it
-    after the pod ends. Only where LLMOPS_TERMINATION_LOG names the file (the pod spec's
-    terminationMessagePath): elsewhere there is no such file to write."""
-    path = os.environ.get("LLMOPS_TERMINATION_LOG")
-    if not path:
-        return
-    text = json.dumps(summary, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        raise ValueError(f"termination summary is {len(text)} bytes, over the 4096-byte limit")
-    Path(path).write_text(text)

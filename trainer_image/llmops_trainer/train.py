@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,8 +42,9 @@ from llmops_trainer.batches import (
 from llmops_trainer.ds_config import deepspeed_config, linear_lr
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
-from llmops_trainer.progress import Reporter, write_termination_message
+from llmops_trainer.progress import Reporter
 from llmops_trainer.shards import Manifest, read_manifest
+from llmops_trainer.termination import write_termination_message
 from llmops_trainer.weights import consolidated_state_dict
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a killed process would have returned
@@ -436,6 +438,9 @@ class Trainer:
                     "reason": reason,
                 },
             )
+            # A checkpoint is self-contained: whoever serves or fine-tunes it needs the
+            # vocabulary it was trained with.
+            shutil.copyfile(self.paths.data / self.manifest.tokenizer, partial / "tokenizer.json")
             checkpoint.seal(partial)
             found = checkpoint.problems(partial)
             if found:

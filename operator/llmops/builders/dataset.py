@@ -26,6 +26,8 @@ OUTPUT_DIR = "/output"
 # Each pod retries a failed slice this often before the whole version is marked Failed.
 RETRIES_PER_SLICE = 2
 TERMINATION_MESSAGE = "/dev/termination-log"
+VOLUMES_DIR = "/mnt/llmops/volumes"
+REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"
 
 
 def version(generation: int) -> str:
@@ -55,20 +57,69 @@ def output_claim(body: Mapping[str, Any], dataset: Dataset) -> dict[str, Any] | 
     )
 
 
+def input_volumes(dataset: Dataset) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Claims that sources read from, each mounted read-only once under VOLUMES_DIR, where
+    the engine looks for `<claimName>/<path>`."""
+    claims = sorted({s.volume.claim_name for s in dataset.spec.sources if s.volume})
+    volumes = [
+        {"name": f"source-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        for i, claim in enumerate(claims)
+    ]
+    mounts = [
+        {"name": f"source-{i}", "mountPath": f"{VOLUMES_DIR}/{claim}", "readOnly": True}
+        for i, claim in enumerate(claims)
+    ]
+    return volumes, mounts
+
+
+def credentials_env(dataset: Dataset) -> list[dict[str, Any]]:
+    """S3 credentials as the standard AWS variables, read from the Secret by the kubelet: the
+    values never pass through the operator, the ConfigMap or the pod spec."""
+    locations = [s.s3 for s in dataset.spec.sources if s.s3]
+    if dataset.spec.output is not None and dataset.spec.output.s3 is not None:
+        locations.append(dataset.spec.output.s3)
+    secrets = sorted({loc.credentials_secret.name for loc in locations if loc.credentials_secret})
+    if len(secrets) > 1:
+        raise ValueError(f"one credentials Secret per Dataset is supported, got {secrets}")
+    if not secrets:
+        return []
+    return [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": secrets[0], "key": var}}}
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+
+
 def _job(
-    body: Mapping[str, Any], dataset: Dataset, stage: str, generation: int, completions: int
+    body: Mapping[str, Any],
+    dataset: Dataset,
+    stage: str,
+    generation: int,
+    completions: int,
+    tokenizer_uri: str | None,
 ) -> dict[str, Any]:
     spec = dataset.spec
     name = dataset.metadata.name
     out_volumes, out_mounts = storage.mount("output", name, "data", spec.output, OUTPUT_DIR)
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
+    source_volumes, source_mounts = input_volumes(dataset)
+    tokenizer_volumes: list[dict[str, Any]] = []
+    tokenizer_mounts: list[dict[str, Any]] = []
+    tokenizer_env: list[dict[str, Any]] = []
+    if tokenizer_uri:  # reusing another Dataset's vocabulary
+        tokenizer_volumes, tokenizer_mounts, path = storage.read_only_volume(
+            "reference-tokenizer", tokenizer_uri, REFERENCE_TOKENIZER_DIR
+        )
+        tokenizer_env = [{"name": "LLMOPS_REF_TOKENIZER", "value": path or tokenizer_uri}]
     output_dir = f"{OUTPUT_DIR}/{version(generation)}"
     env = [
         {"name": "LLMOPS_OUTPUT_DIR", "value": output_dir},
         {"name": "LLMOPS_WORK_DIR", "value": f"{output_dir}/.work"},
         {"name": "LLMOPS_NUM_SLICES", "value": str(spec.parallelism)},
         {"name": "LLMOPS_TERMINATION_LOG", "value": TERMINATION_MESSAGE},
+        {"name": "LLMOPS_VOLUMES_DIR", "value": VOLUMES_DIR},
         {"name": "HOME", "value": "/tmp"},
+        *credentials_env(dataset),
+        *tokenizer_env,
     ]
     role = f"{'slices' if stage == 'slice' else 'merge'}-{version(generation)}"
     metadata = child_metadata(
@@ -109,6 +160,8 @@ def _job(
                             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                             *scratch_mounts,
                             *out_mounts,
+                            *source_mounts,
+                            *tokenizer_mounts,
                         ],
                     }
                 ],
@@ -116,6 +169,8 @@ def _job(
                     {"name": "config", "configMap": {"name": child_name(name, "config")}},
                     *scratch_volumes,
                     *out_volumes,
+                    *source_volumes,
+                    *tokenizer_volumes,
                 ],
                 **pods.scheduling_fields(spec.scheduling),
             },
@@ -130,12 +185,17 @@ def _job(
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def slices_job(body: Mapping[str, Any], dataset: Dataset, generation: int) -> dict[str, Any]:
-    return _job(body, dataset, "slice", generation, dataset.spec.parallelism)
+def slices_job(
+    body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
+) -> dict[str, Any]:
+    return _job(body, dataset, "slice", generation, dataset.spec.parallelism, tokenizer_uri)
 
 
-def merge_job(body: Mapping[str, Any], dataset: Dataset, generation: int) -> dict[str, Any]:
-    return _job(body, dataset, "merge", generation, 1)
+def merge_job(
+    body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
+) -> dict[str, Any]:
+    """`tokenizer_uri`: the referenced Dataset's tokenizer, when the spec reuses one."""
+    return _job(body, dataset, "merge", generation, 1, tokenizer_uri)
 
 
 def status_from_report(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -151,6 +151,15 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
         with observe_reconcile(kind):
             reconcile(body, patch)
 
+    # The timer's first tick comes an interval after the object appears; creation and spec
+    # changes (suspend, scale, a new version) are acted on at once. Both paths converge on
+    # the same state, since every write is an idempotent apply.
+    @kopf.on.create(GROUP, VERSION, plural)
+    @kopf.on.update(GROUP, VERSION, plural, field="spec")
+    def reconcile_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        with observe_reconcile(kind):
+            reconcile(body, patch)
+
     @kopf.on.delete(GROUP, VERSION, plural, optional=True)
     def forget_deleted(body: kopf.Body, **_: Any) -> None:
         forget(kind, body["metadata"]["uid"])

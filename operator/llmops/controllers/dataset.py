@@ -9,6 +9,7 @@ from typing import Any
 
 import kopf
 
+from llmops.api import API_VERSION
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
@@ -68,7 +69,26 @@ def _reconcile(
         status.set(startTime=now_rfc3339(), completionTime=None)
         status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
         status.condition("Failed", "False", "Processing")
-    slices = common.ensure_child(KIND, build.slices_job(body, dataset, generation), update=False)
+    tokenizer_uri = None
+    reference = dataset.spec.tokenizer.dataset_ref
+    if reference is not None:
+        other = kube.get(API_VERSION, KIND, reference.name, namespace)
+        tokenizer_uri = ((other or {}).get("status") or {}).get("tokenizerUri")
+        if not common.is_complete(other) or not tokenizer_uri:
+            status.set(phase="Pending")
+            status.condition(
+                "Created",
+                "False",
+                "WaitingForTokenizer",
+                f"Dataset {reference.name!r} has no tokenizer yet",
+            )
+            return
+    try:
+        slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri)
+    except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
+        _fail(status, "UnsupportedSpec", str(error))
+        return
+    slices = common.ensure_child(KIND, slices_manifest, update=False)
     status.condition(
         "Created",
         "True",
@@ -92,7 +112,9 @@ def _reconcile(
         )
         return
 
-    merge = common.ensure_child(KIND, build.merge_job(body, dataset, generation), update=False)
+    merge = common.ensure_child(
+        KIND, build.merge_job(body, dataset, generation, tokenizer_uri), update=False
+    )
     failure = common.job_failure(merge)
     if failure:
         _fail(status, "MergeFailed", failure)

@@ -18,6 +18,8 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 FIELD_MANAGER = "llmops"
+# Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
+HANDLER_THREADS = 16
 
 
 class ChildConflict(Exception):
@@ -168,4 +170,8 @@ def default_kube() -> Kube:
         kubernetes.config.load_incluster_config()
     else:
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return Kube()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    # One connection per handler thread: urllib3's default pool of 4 would make kopf's
+    # workers queue for a socket under load.
+    configuration.connection_pool_maxsize = HANDLER_THREADS
+    return Kube(kubernetes.client.ApiClient(configuration))

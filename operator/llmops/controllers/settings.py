@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from llmops import GROUP
+from llmops.controllers.kube import HANDLER_THREADS
 
 
 @kopf.on.startup()
@@ -30,7 +31,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.event_name_prefix = "llmops-"
     # Retry transient errors with a capped exponential backoff.
     settings.queueing.error_delays = (1, 2, 4, 8, 15, 30, 60)
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = HANDLER_THREADS
 
 
 @kopf.on.login()

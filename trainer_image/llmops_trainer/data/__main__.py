@@ -5,7 +5,8 @@
 Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-slice results; default
 <output>/.work), JOB_COMPLETION_INDEX (slice index, set by an Indexed Job) and
 LLMOPS_NUM_SLICES (slice count; default spec.parallelism). On failure the step and reason
-go to /dev/termination-log, where Kubernetes shows them in the pod status.
+go to the termination message (LLMOPS_TERMINATION_LOG), where Kubernetes shows them in the
+pod status; after a merge, the statistics the Dataset status shows go there too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmops.api.dataset import Dataset
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.pipeline import run_merge, run_slice
+from llmops_trainer.termination import write_termination_message
+
+STATUS_FIELDS = (
+    "documents",
+    "tokens",
+    "totalTokens",
+    "exactDuplicateRatio",
+    "nearDuplicateRatio",
+    "vocabSize",
+    "fingerprint",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = run_merge(dataset, output, work, count)
             print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))
+            write_termination_message(status_report(manifest.stats))
     except Exception as error:
         reason = _reason(error)
         logging.getLogger("llmops.data").exception("%s stage failed: %s", args.stage, reason)
@@ -66,11 +80,22 @@ def _reason(error: Exception) -> str:
     return "ProcessingFailed"
 
 
+def status_report(stats: dict[str, Any]) -> dict[str, Any]:
+    """The Dataset status fields of the merge statistics, small enough for a termination
+    message: per-step counts without the drop reasons, the ten most frequent languages."""
+    report = {k: stats[k] for k in STATUS_FIELDS if k in stats}
+    report["steps"] = [
+        {k: step[k] for k in ("name", "documentsIn", "documentsOut") if k in step}
+        for step in stats.get("steps", [])
+    ]
+    languages = sorted(stats.get("languages", {}).items(), key=lambda kv: -kv[1])[:10]
+    report["languages"] = dict(languages)
+    return report
+
+
 def _terminate(stage: str, reason: str, message: str) -> None:
     with contextlib.suppress(OSError):
-        Path(os.environ.get("LLMOPS_TERMINATION_LOG", "/dev/termination-log")).write_text(
-            json.dumps({"stage": stage, "reason": reason, "message": message[:3000]})
-        )
+        write_termination_message({"stage": stage, "reason": reason, "message": message[:3000]})
 
 
 if __name__ == "__main__":
