@@ -50,6 +50,7 @@ def test_loss_goes_down_and_the_run_leaves_a_model(reference: Job) -> None:
     report = json.loads((reference.output / "eval_report.json").read_text())
     final = report["final"]
     assert final["perplexity"] < 32 and 0 < final["accuracy"] <= 1  # better than uniform
+    assert final["perplexity"] < final["unigramPerplexity"]  # and than token frequencies
     assert final["bleu"] is not None and final["bleuTask"] == "continuation"
     assert len(report["worstPassages"]) == 10
     losses_of_worst = [w["loss"] for w in report["worstPassages"]]

@@ -205,3 +205,19 @@ def worst_passages(
             }
         )
     return report
+
+
+def unigram_perplexity(root: Path, manifest: Manifest, train: str, split: str) -> float:
+    """Perplexity of `split` under token frequencies counted on `train` (add-one smoothed):
+    the baseline a language model has to beat by a wide margin to have learned anything
+    beyond which tokens are common."""
+    counts = np.zeros(manifest.vocab_size, dtype=np.int64)
+    for shard in manifest.splits[train].shards:
+        counts += np.bincount(open_tokens(root, manifest, shard), minlength=manifest.vocab_size)
+    log_probs = np.log(counts + 1.0) - math.log(float(counts.sum() + manifest.vocab_size))
+    total, n = 0.0, 0
+    for shard in manifest.splits[split].shards:
+        tokens = np.asarray(open_tokens(root, manifest, shard))
+        total -= float(log_probs[tokens].sum())
+        n += tokens.size
+    return math.exp(total / max(n, 1))

@@ -472,6 +472,9 @@ class Trainer:
             final.update(loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy)
             windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
             worst = evaluate.worst_passages(scores, windows, decode, WORST_PASSAGES)
+            final["unigramPerplexity"] = evaluate.unigram_perplexity(
+                self.paths.data, self.manifest, "train", split
+            )
             final["bleu"], examples = self._bleu(split)
             final["bleuTask"] = "responses" if self.manifest.supervised else "continuation"
         final["tokensSeen"] = self.state["consumedSamples"] * self.spec.model.context_length

@@ -4,7 +4,10 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -101,7 +104,8 @@ class StatusWriter:
 
 
 def forget(kind: str, uid: str) -> None:
-    """A deleted resource leaves the phase gauge."""
+    """A deleted resource leaves the phase gauge (and its lock goes)."""
+    _locks.pop(uid, None)
     phase = _phases.pop((kind, uid), None)
     if phase:
         RESOURCES.labels(kind=kind, phase=phase).dec()
@@ -132,6 +136,17 @@ def job_failure(job: Mapping[str, Any]) -> str | None:
     return None
 
 
+_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+@contextmanager
+def _serialized(body: Mapping[str, Any]) -> Iterator[None]:
+    """One reconcile of an object at a time: kopf runs timers and change handlers side by
+    side, and two reconciles racing would each count a restart or create a child."""
+    with _locks[body["metadata"]["uid"]]:
+        yield
+
+
 Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]
 
 
@@ -148,7 +163,7 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
         backoff=RECONCILE_SECONDS * 2,
     )
     def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        with observe_reconcile(kind):
+        with _serialized(body), observe_reconcile(kind):
             reconcile(body, patch)
 
     # The timer's first tick comes an interval after the object appears; creation and spec
@@ -157,7 +172,7 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
     @kopf.on.create(GROUP, VERSION, plural)
     @kopf.on.update(GROUP, VERSION, plural, field="spec")
     def reconcile_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        with observe_reconcile(kind):
+        with _serialized(body), observe_reconcile(kind):
             reconcile(body, patch)
 
     @kopf.on.delete(GROUP, VERSION, plural, optional=True)

@@ -258,12 +258,12 @@ def _succeeded(
     namespace = body["metadata"]["namespace"]
     name = training.metadata.name
     _finish(status, "Succeeded", "TrainingComplete", "training finished", now())
-    model_uri = (
+    output_uri = (
         storage.uri(name, "checkpoints", training.spec.checkpointing.storage)
         + f"/{build.OUTPUT_SUBDIR}"
     )
-    status.set(modelUri=model_uri)
-    output = host_path(ctx.layout, namespace, model_uri)
+    status.set(modelUri=f"{output_uri}/model")  # as the operator reports it
+    output = host_path(ctx.layout, namespace, output_uri)
     report = output / "eval_report.json"
     if report.is_file():
         final = json.loads(report.read_text()).get("final") or {}
@@ -274,6 +274,11 @@ def _succeeded(
         }
         if evaluation:
             status.set(finalEvaluation=evaluation)
+        if final.get("perplexity") and final.get("unigramPerplexity"):
+            ctx.view.message(
+                f"{name}: test perplexity {final['perplexity']:.1f} "
+                f"(unigram baseline on the same split: {final['unigramPerplexity']:.1f})"
+            )
     ctx.save(body, status.status)
     folder = ctx.layout.resource_dir(KIND, namespace, name)
     for file in OUTPUTS:
