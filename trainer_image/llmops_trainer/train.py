@@ -440,7 +440,9 @@ class Trainer:
             )
             # A checkpoint is self-contained: whoever serves or fine-tunes it needs the
             # vocabulary it was trained with.
-            shutil.copyfile(self.paths.data / self.manifest.tokenizer, partial / "tokenizer.json")
+            tokenizer = self.paths.data / self.manifest.tokenizer
+            if tokenizer.is_file():
+                shutil.copyfile(tokenizer, partial / "tokenizer.json")
             checkpoint.seal(partial)
             found = checkpoint.problems(partial)
             if found:
