@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -139,12 +138,30 @@ def job_failure(job: Mapping[str, Any]) -> str | None:
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
-@contextmanager
-def _serialized(body: Mapping[str, Any]) -> Iterator[None]:
+def _reconcile_alone(
+    kind: str, reconcile: Reconcile, body: kopf.Body, patch: kopf.Patch, *, retry_if_busy: bool
+) -> None:
     """One reconcile of an object at a time: kopf runs timers and change handlers side by
-    side, and two reconciles racing would each count a restart or create a child."""
-    with _locks[body["metadata"]["uid"]]:
-        yield
+    side, and a reconcile that waited for another would act on a body the other has already
+    made stale. A busy timer tick is skipped (the next one comes soon); a busy change
+    handler is retried by kopf, with a fresh body."""
+    lock = _locks[body["metadata"]["uid"]]
+    if not lock.acquire(blocking=False):
+        if retry_if_busy:
+            raise kopf.TemporaryError("another reconcile of this object is running", delay=1)
+        return
+    try:
+        # The body kopf hands over may predate the last reconcile's own status patch (its
+        # watch event can still be on the way); acting on it could undo a finished run.
+        fresh = kube().get(
+            body["apiVersion"], kind, body["metadata"]["name"], body["metadata"]["namespace"]
+        )
+        if fresh is None:
+            return  # deleted meanwhile
+        with observe_reconcile(kind):
+            reconcile(fresh, patch)
+    finally:
+        lock.release()
 
 
 Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]
@@ -163,8 +180,7 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
         backoff=RECONCILE_SECONDS * 2,
     )
     def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        with _serialized(body), observe_reconcile(kind):
-            reconcile(body, patch)
+        _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=False)
 
     # The timer's first tick comes an interval after the object appears; creation and spec
     # changes (suspend, scale, a new version) are acted on at once. Both paths converge on
@@ -172,8 +188,7 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
     @kopf.on.create(GROUP, VERSION, plural)
     @kopf.on.update(GROUP, VERSION, plural, field="spec")
     def reconcile_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        with _serialized(body), observe_reconcile(kind):
-            reconcile(body, patch)
+        _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
 
     @kopf.on.delete(GROUP, VERSION, plural, optional=True)
     def forget_deleted(body: kopf.Body, **_: Any) -> None:
