@@ -2,7 +2,7 @@
 # Runs every check and every test tier: lint, types, then unit, cluster, trainer and e2e tests.
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m unit`).
 set -euo pipefail
-source "$(dirname "$0")/env.sh" "dev,trainer"
+source "$(dirname "$0")/env.sh" "dev,local"
 cd "$ROOT"
 
 echo "==> ruff"

@@ -125,13 +125,22 @@ def _reconcile(
         return
 
     pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={merge['metadata']['name']}")
-    report = termination_report(pods) or {}
+    mark_processed(status, dataset, generation, pods)
+
+
+def mark_processed(
+    status: common.StatusWriter, dataset: Dataset, generation: int, merge_pods: list[dict[str, Any]]
+) -> None:
+    """The status of a version whose merge step succeeded, with the statistics it reported
+    (also used by the local runtime, so both report a Dataset the same way)."""
+    report = termination_report(merge_pods) or {}
     status.set(**build.status_from_report(report))
+    output = build.output_uri(dataset, generation)
     status.set(
         phase="Succeeded",
         completionTime=now_rfc3339(),
-        outputUri=build.output_uri(dataset, generation),
-        tokenizerUri=f"{build.output_uri(dataset, generation)}/tokenizer.json",
+        outputUri=output,
+        tokenizerUri=f"{output}/tokenizer.json",
     )
     status.condition("Running", "False", "Processed")
     status.condition(

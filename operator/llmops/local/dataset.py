@@ -9,7 +9,7 @@ from typing import Any
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.controllers.common import StatusWriter
-from llmops.controllers.dataset import _fail, termination_report
+from llmops.controllers.dataset import _fail, mark_processed
 from llmops.local.common import copy_if_exists, host_path, timestamp
 from llmops.local.context import Context, key_of
 from llmops.local.job import JobResult, run_job
@@ -72,23 +72,7 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
         return _stopped(ctx, body, status, result, "MergeFailed")
 
     # From here on, what the Dataset controller does when the merge Job completes.
-    report = termination_report(result.pod_objects()) or {}
-    status.set(**build.status_from_report(report))
-    status.set(
-        phase="Succeeded",
-        completionTime=timestamp(),
-        outputUri=build.output_uri(dataset, generation),
-        tokenizerUri=f"{build.output_uri(dataset, generation)}/tokenizer.json",
-    )
-    status.condition("Running", "False", "Processed")
-    status.condition(
-        "Complete",
-        "True",
-        "Processed",
-        f"version {build.version(generation)} ready"
-        + ("" if report else " (the merge step reported no statistics)"),
-    )
-    status.condition("Ready", "True", "Processed")
+    mark_processed(status, dataset, generation, result.pod_objects())
     ctx.save(body, status.status)
     kind, namespace, name = key
     copy_if_exists(out / CARD, ctx.layout.resource_dir(kind, namespace, name) / "dataset_card.md")
