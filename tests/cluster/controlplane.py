@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -322,8 +323,6 @@ class ControlPlane:
 
     def _create_nodes(self, count: int, context: ssl.SSLContext) -> None:
         """Simulated nodes with 8 GPUs each, managed by kwok: `count` in each pool."""
-        import json
-
         names = [f"kwok-node-{i}" for i in range(count)] + [f"kwok-hold-{i}" for i in range(count)]
         capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
         for name in names:
