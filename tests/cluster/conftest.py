@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kubelet import wait_crd_established
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -58,7 +59,6 @@ def _apply_crds(api: client.ApiClient) -> None:
     crds = DynamicClient(api).resources.get(
         api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"
     )
-    extensions = client.ApiextensionsV1Api(api)
     files = sorted(CRDS.glob("*.yaml")) if CRDS.is_dir() else []
     for file in files:
         for doc in yaml.safe_load_all(file.read_text()):
@@ -67,14 +67,7 @@ def _apply_crds(api: client.ApiClient) -> None:
                 body=doc, name=name, field_manager="llmops-tests", force_conflicts=True
             )
 
-            def established(crd_name: str = name) -> bool:
-                crd = extensions.read_custom_resource_definition(crd_name)
-                return any(
-                    c.type == "Established" and c.status == "True"
-                    for c in (crd.status.conditions or [])
-                )
-
-            wait_for(f"CRD {name} established", established, 30)
+            wait_crd_established(api, name)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from controlplane import HOLD_POOL_LABEL, HOLD_TOLERATION, wait_for
 
@@ -153,3 +154,49 @@ def wait_status(
 
     wait_for(f"{kind} {name}: {what}", matches, 60)
     return get(api_client, namespace, kind, name)
+
+
+def wait_crd_established(api_client: client.ApiClient, name: str) -> None:
+    extensions = client.ApiextensionsV1Api(api_client)
+
+    def established() -> bool:
+        conditions = extensions.read_custom_resource_definition(name).status.conditions
+        return any(c.type == "Established" and c.status == "True" for c in conditions or [])
+
+    wait_for(f"CRD {name} established", established, 30)
+
+
+def install_stand_in_crd(api_client: client.ApiClient, group: str, version: str, kind: str) -> None:
+    """A third-party kind (KEDA, prometheus-operator) with its schema left open, standing in
+    for the real CRD, which cannot be fetched here: objects of the kind are then checked for
+    apiVersion, kind and metadata only."""
+    plural = kind.lower() + "s"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{group}"},
+        "spec": {
+            "group": group,
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    try:
+        client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd)
+    except ApiException as error:
+        if error.status != 409:
+            raise
+    wait_crd_established(api_client, f"{plural}.{group}")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from kubelet import install_stand_in_crd
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from build_components import component_bin_dirs
@@ -158,43 +158,8 @@ def test_rbac_rules_have_no_wildcards():
 def monitoring_crds(api_client: client.ApiClient) -> None:
     """prometheus-operator's kinds, schema left open (the real CRDs are not available here):
     the dry run then checks apiVersion, kind and metadata of our monitoring objects."""
-    extensions = client.ApiextensionsV1Api(api_client)
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
-        plural = kind.lower() + "s"
-        crd = {
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.monitoring.coreos.com"},
-            "spec": {
-                "group": "monitoring.coreos.com",
-                "scope": "Namespaced",
-                "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
-                "versions": [
-                    {
-                        "name": "v1",
-                        "served": True,
-                        "storage": True,
-                        "schema": {
-                            "openAPIV3Schema": {
-                                "type": "object",
-                                "x-kubernetes-preserve-unknown-fields": True,
-                            }
-                        },
-                    }
-                ],
-            },
-        }
-        try:
-            extensions.create_custom_resource_definition(crd)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-
-        def served(name: str = f"{plural}.monitoring.coreos.com") -> bool:
-            conditions = extensions.read_custom_resource_definition(name).status.conditions
-            return any(c.type == "Established" and c.status == "True" for c in conditions or [])
-
-        wait_for(f"{kind} CRD", served, 30)
+        install_stand_in_crd(api_client, "monitoring.coreos.com", "v1", kind)
 
 
 def test_every_rendered_object_passes_the_api_servers_validation(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubelet import condition, create, custom, wait_phase, wait_status
+from kubelet import condition, create, custom, install_stand_in_crd, wait_phase, wait_status
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -234,49 +234,4 @@ def test_policy_latest_rolls_to_the_new_checkpoint(
 @pytest.fixture
 def keda_crd(api_client: client.ApiClient) -> None:
     """Stands in for an installed KEDA: its ScaledObject kind, schema left open."""
-    extensions = client.ApiextensionsV1Api(api_client)
-    crd = {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "scaledobjects.keda.sh"},
-        "spec": {
-            "group": "keda.sh",
-            "scope": "Namespaced",
-            "names": {
-                "plural": "scaledobjects",
-                "singular": "scaledobject",
-                "kind": "ScaledObject",
-            },
-            "versions": [
-                {
-                    "name": "v1alpha1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "x-kubernetes-preserve-unknown-fields": True,
-                        }
-                    },
-                }
-            ],
-        },
-    }
-    try:
-        extensions.create_custom_resource_definition(crd)
-    except ApiException as error:
-        if error.status != 409:
-            raise
-    wait_for(
-        "KEDA CRD served",
-        lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in (
-                extensions.read_custom_resource_definition(
-                    "scaledobjects.keda.sh"
-                ).status.conditions
-                or []
-            )
-        ),
-        30,
-    )
+    install_stand_in_crd(api_client, "keda.sh", "v1alpha1", "ScaledObject")
