@@ -451,7 +451,9 @@ class DatasetStatus(StatusModel):
     tokenizer_uri: str | None = Field(default=None, description="Where `tokenizer.json` is.")
     fingerprint: str | None = Field(
         default=None,
-        description="Content hash of the output (sha256): the version of the data a run used.",
+        description=(
+            "sha256 of the inputs and the processing config: the version of the data a run used."
+        ),
     )
     start_time: datetime | None = Field(default=None, description="When processing started.")
     completion_time: datetime | None = Field(default=None, description="When processing ended.")
