@@ -477,6 +477,13 @@ class Trainer:
             final["unigramPerplexity"] = evaluate.unigram_perplexity(
                 self.paths.data, self.manifest, "train", split
             )
+            if split != "validation" and "validation" in self.manifest.splits:
+                # The same comparison on the validation split, as training curves show it.
+                validation = self._score("validation", self.spec.evaluation.batches)
+                final["validationPerplexity"] = validation.perplexity
+                final["validationUnigramPerplexity"] = evaluate.unigram_perplexity(
+                    self.paths.data, self.manifest, "train", "validation"
+                )
             final["bleu"], examples = self._bleu(split)
             final["bleuTask"] = "responses" if self.manifest.supervised else "continuation"
         final["tokensSeen"] = self.state["consumedSamples"] * self.spec.model.context_length

@@ -34,6 +34,8 @@ MAX_URLS = 100
 SourceFormat = Literal["text", "jsonl", "parquet"]
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
+# A relative glob over "/"-separated paths (`*`, `?`, `[...]` inside a segment; `**` spans them).
+GlobPattern = Annotated[str, StringConstraints(pattern=r"^[^/\x00][^\x00]*$", max_length=512)]
 SpecialToken = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
@@ -69,6 +71,15 @@ class DataSource(ApiModel):
             check=lambda s: s.prompt_field is None or s.format != "text",
             field_path=".format",
         ),
+        Rule(
+            cel=(
+                "!has(self.urls) || ((!has(self.include) || size(self.include) == 0) && "
+                "(!has(self.exclude) || size(self.exclude) == 0))"
+            ),
+            message="include and exclude select files of a path, volume or s3 source, not urls",
+            check=lambda s: s.urls is None or not (s.include or s.exclude),
+            field_path=".include",
+        ),
     )
 
     name: Name = Field(description="Name of the source, unique in the Dataset (used in stats).")
@@ -76,7 +87,10 @@ class DataSource(ApiModel):
         default=None,
         description=(
             "A file or folder inside the preprocessing image; a relative path starts at the "
-            "image's working folder (the repository root for `llmops run`)."
+            "image's working folder (the repository root for `llmops run`). `$(VAR)` is "
+            "replaced by the container's environment variable VAR, as Kubernetes does in "
+            "args (`$$` for a literal `$`); `$(PYTHON_STDLIB)` is the folder of the Python "
+            "standard library of the image, text that is on every machine with Python."
         ),
     )
     volume: VolumeSource | None = Field(
@@ -90,6 +104,20 @@ class DataSource(ApiModel):
     )
     s3: S3Location | None = Field(
         default=None, description="All objects under a prefix of an S3-compatible bucket."
+    )
+    include: list[GlobPattern] = Field(
+        default_factory=list,
+        description=(
+            "Keep only files whose path (relative to the folder, or to the S3 prefix) matches "
+            "one of these glob patterns; `*` stays inside a folder, `**` spans folders. "
+            "Empty keeps every file."
+        ),
+        max_length=64,
+    )
+    exclude: list[GlobPattern] = Field(
+        default_factory=list,
+        description="Drop files whose relative path matches one of these glob patterns.",
+        max_length=64,
     )
     format: SourceFormat = Field(
         default="text",
@@ -199,6 +227,29 @@ class QualityFilters(ApiModel):
     )
     max_duplicate_line_ratio: float = Field(
         default=0.3, description="Largest share of lines repeated inside the document.", ge=0, le=1
+    )
+    min_stop_words: int = Field(
+        default=2,
+        description=(
+            "Fewest distinct English stop words (the, of, and, ...) an English document needs; "
+            "0 switches the rule off (code, tables, other languages)."
+        ),
+        ge=0,
+        le=8,
+    )
+    quality: bool = Field(
+        default=True,
+        description=(
+            "Apply the Gopher quality rules (word count and length, symbols, bullets, stop "
+            "words); false keeps every document whatever it looks like."
+        ),
+    )
+    repetition: bool = Field(
+        default=True,
+        description=(
+            "Apply the Gopher repetition rules (repeated lines, paragraphs and n-grams); "
+            "switch off for source code, where repeated lines are normal."
+        ),
     )
 
 

@@ -274,11 +274,15 @@ def _succeeded(
         }
         if evaluation:
             status.set(finalEvaluation=evaluation)
-        if final.get("perplexity") and final.get("unigramPerplexity"):
-            ctx.view.message(
-                f"{name}: test perplexity {final['perplexity']:.1f} "
-                f"(unigram baseline on the same split: {final['unigramPerplexity']:.1f})"
-            )
+        for split, model, unigram in (
+            ("validation", "validationPerplexity", "validationUnigramPerplexity"),
+            ("test", "perplexity", "unigramPerplexity"),
+        ):
+            if final.get(model) and final.get(unigram):
+                ctx.view.message(
+                    f"{name}: {split} perplexity {final[model]:.1f} against "
+                    f"{final[unigram]:.1f} for a unigram model of the training split"
+                )
     ctx.save(body, status.status)
     folder = ctx.layout.resource_dir(KIND, namespace, name)
     for file in OUTPUTS:

@@ -8,12 +8,15 @@ Compression is recognised by magic bytes, not by file name.
 from __future__ import annotations
 
 import bz2
+import fnmatch
 import gzip
 import hashlib
 import io
 import json
 import lzma
 import os
+import re
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -31,6 +34,8 @@ VOLUMES_DIR_ENV = "LLMOPS_VOLUMES_DIR"
 DEFAULT_VOLUMES_DIR = "/mnt/llmops/volumes"
 HTTP_ATTEMPTS = 5
 CHUNK = 1 << 20
+# `$(VAR)` as Kubernetes expands it in args; `$$` is a literal `$`.
+_VARIABLE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 class ChecksumError(RuntimeError):
@@ -59,9 +64,10 @@ def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[Inpu
     inputs: list[InputRef] = []
     for index, source in enumerate(spec.sources):
         if source.path is not None:
-            inputs += _local(index, Path(source.path))
+            inputs += _local(index, source, Path(expand_path(source.path)))
         elif source.volume is not None:
-            inputs += _local(index, volumes / source.volume.claim_name / source.volume.path)
+            root = volumes / source.volume.claim_name / source.volume.path
+            inputs += _local(index, source, root)
         elif source.urls is not None:
             inputs += [InputRef(index, "url", url) for url in source.urls]
         elif source.s3 is not None:
@@ -69,22 +75,67 @@ def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[Inpu
     return inputs
 
 
+def expand_path(path: str, environ: dict[str, str] | None = None) -> str:
+    """Replace `$(VAR)` with the environment's VAR; `PYTHON_STDLIB` defaults to this
+    interpreter's standard library folder (text every machine with Python has)."""
+    env = {"PYTHON_STDLIB": sysconfig.get_paths()["stdlib"], **(environ or os.environ)}
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        if name not in env:
+            raise ValueError(f"source path {path!r} names $({name}), which is not set")
+        return env[name]
+
+    return _VARIABLE.sub(value, path)
+
+
+def selected(relative: str, source: DataSource) -> bool:
+    """Whether a file, by its path relative to the source's folder or prefix, is kept."""
+    if source.include and not any(glob_match(p, relative) for p in source.include):
+        return False
+    return not any(glob_match(p, relative) for p in source.exclude)
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """Match a "/"-separated path: `*`, `?` and `[...]` stay inside one segment, a `**`
+    segment spans any number of them (as in .gitignore and fsspec globs)."""
+    return _match_segments(pattern.strip("/").split("/"), path.strip("/").split("/"))
+
+
+def _match_segments(pattern: list[str], path: list[str]) -> bool:
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        return any(_match_segments(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return (
+        bool(path)
+        and fnmatch.fnmatchcase(path[0], pattern[0])
+        and _match_segments(pattern[1:], path[1:])
+    )
+
+
 def slice_inputs(inputs: list[InputRef], index: int, count: int) -> list[int]:
     """Input indices owned by slice `index` of `count` (round-robin keeps slices even)."""
     return list(range(index, len(inputs), count))
 
 
-def _local(source: int, root: Path) -> list[InputRef]:
+def _local(index: int, source: DataSource, root: Path) -> list[InputRef]:
     if root.is_file():
-        return [InputRef(source, "file", str(root))]
+        return [InputRef(index, "file", str(root))]
     if not root.is_dir():
         raise FileNotFoundError(f"source path {root} does not exist")
     files = sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and selected(p.relative_to(root).as_posix(), source)
     )
-    return [InputRef(source, "file", str(p)) for p in files]
+    if not files and (source.include or source.exclude):
+        raise FileNotFoundError(f"source {source.name}: no file under {root} is selected")
+    return [InputRef(index, "file", str(p)) for p in files]
 
 
 def _s3_client(source: DataSource) -> Any:
@@ -108,7 +159,12 @@ def _s3_keys(source: DataSource) -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=source.s3.bucket, Prefix=source.s3.prefix
     ):
-        keys += [obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        keys += [
+            obj["Key"]
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+            and selected(obj["Key"][len(source.s3.prefix) :].lstrip("/"), source)
+        ]
     return sorted(keys)
 
 

@@ -78,19 +78,16 @@ class QualityRules:
 
     @classmethod
     def from_spec(cls, spec: QualityFilters, **overrides: Any) -> QualityRules:
-        # Fields the API may grow later are picked up by name when present.
-        extra = {
-            name: getattr(spec, name)
-            for name in ("c4_lines", "min_stop_words", "min_avg_word_length")
-            if hasattr(spec, name)
-        }
         return cls(
             min_words=spec.min_words or None,
             max_words=spec.max_words,
             max_symbol_word_ratio=spec.max_symbol_ratio,
             min_alpha_word_ratio=spec.min_alpha_word_ratio,
             dup_line_frac=spec.max_duplicate_line_ratio,
-            **{**extra, **overrides},
+            min_stop_words=spec.min_stop_words or None,
+            quality=spec.quality,
+            repetition=spec.repetition,
+            **overrides,
         )
 
 
