@@ -24,6 +24,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         serve=not args.no_serve,
         detach=args.detach,
+        overrides=args.set or [],
     )
     return run(options)
 
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         default=".llmops",
         help="where volumes, logs and status are kept (default: .llmops)",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KIND/NAME.PATH=VALUE",
+        help=(
+            "change a field before running, e.g. tr/demo.spec.hyperparameters.maxSteps=40 "
+            "(VALUE is YAML; repeatable)"
+        ),
     )
     serving = run.add_mutually_exclusive_group()
     serving.add_argument(

@@ -3,7 +3,6 @@ serving and answering a completion; Ctrl-C and resume; a failing pod's error sur
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -20,18 +19,22 @@ import yaml
 from llmops.local import state
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = list(yaml.safe_load_all((ROOT / "examples" / "quickstart.yaml").read_text()))
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 LLMOPS = [sys.executable, "-m", "llmops"]
+DATASET, RUN = "python-stdlib", "stdlib-gpt"
 
 
-def scaled(max_steps: int, interval: int) -> list[dict[str, Any]]:
-    """The quickstart with fewer steps; everything else as users get it."""
-    docs = copy.deepcopy(QUICKSTART)
-    run = next(d for d in docs if d["kind"] == "TrainingRun")
-    run["spec"]["hyperparameters"].update(maxSteps=max_steps, warmupSteps=5)
-    run["spec"]["checkpointing"]["intervalSteps"] = interval
-    run["spec"]["evaluation"]["intervalSteps"] = interval
-    return docs
+def scaled(max_steps: int, interval: int) -> list[str]:
+    """`--set` flags that scale the quickstart down for test time: a quarter of the modules,
+    fewer steps; everything else as users get it."""
+    settings = {
+        f"ds/{DATASET}.spec.sources.0.include": "[a*.py, b*.py, c*.py, d*.py, s*.py]",
+        f"tr/{RUN}.spec.hyperparameters.maxSteps": max_steps,
+        f"tr/{RUN}.spec.hyperparameters.warmupSteps": 5,
+        f"tr/{RUN}.spec.checkpointing.intervalSteps": interval,
+        f"tr/{RUN}.spec.evaluation.intervalSteps": interval,
+    }
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
 def write(tmp_path: Path, docs: list[dict[str, Any]]) -> Path:
@@ -66,7 +69,7 @@ def wait_for(predicate: Any, timeout: float, process: subprocess.Popen[str]) -> 
 
 def test_quickstart_trains_serves_and_answers(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    process = start(write(tmp_path, scaled(40, 20)), state_dir)
+    process = start(QUICKSTART, state_dir, *scaled(40, 20))
     lines: list[str] = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -75,7 +78,7 @@ def test_quickstart_trains_serves_and_answers(tmp_path: Path) -> None:
             break
     output = "".join(lines)
     assert process.poll() is None, output
-    served = status(state_dir, "ModelDeployment", "tiny-gpt")
+    served = status(state_dir, "ModelDeployment", RUN)
     assert served["phase"] == "Ready"
     url = served["url"]
     assert url.startswith("http://127.0.0.1:")
@@ -83,7 +86,7 @@ def test_quickstart_trains_serves_and_answers(tmp_path: Path) -> None:
 
     request = urllib.request.Request(
         f"{url}/completions",
-        data=json.dumps({"model": "tiny-gpt", "prompt": "1 2 3", "max_tokens": 8}).encode(),
+        data=json.dumps({"model": RUN, "prompt": "def ", "max_tokens": 8}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -95,26 +98,26 @@ def test_quickstart_trains_serves_and_answers(tmp_path: Path) -> None:
     assert process.wait(timeout=120) == 0
 
     layout = state.Layout(state_dir)
-    dataset = status(state_dir, "Dataset", "tiny-corpus")
+    dataset = status(state_dir, "Dataset", DATASET)
     assert dataset["phase"] == "Succeeded"
-    assert dataset["outputUri"] == "pvc://tiny-corpus-data/g1"
-    shards = layout.volume("default", "tiny-corpus-data") / "g1"
+    assert dataset["outputUri"] == f"pvc://{DATASET}-data/g1"
+    shards = layout.volume("default", f"{DATASET}-data") / "g1"
     assert (shards / "manifest.json").is_file() and (shards / "tokenizer.json").is_file()
     assert json.loads((shards / "manifest.json").read_text())["splits"]["train"]
 
-    run = status(state_dir, "TrainingRun", "tiny-gpt")
+    run = status(state_dir, "TrainingRun", RUN)
     assert run["phase"] == "Succeeded" and run["step"] == run["totalSteps"] == 40
     types = {c["type"]: c["status"] for c in run["conditions"]}
     assert types["Complete"] == "True" and types["Ready"] == "True"
-    checkpoints = layout.volume("default", "tiny-gpt-checkpoints")
+    checkpoints = layout.volume("default", f"{RUN}-checkpoints")
     assert (checkpoints / "step-40" / "checkpoint.json").is_file()
-    assert run["checkpoints"]["latest"]["uri"] == "pvc://tiny-gpt-checkpoints/step-40"
-    report = layout.resource_dir("TrainingRun", "default", "tiny-gpt")
-    assert "tiny-gpt" in (report / "model_card.md").read_text()
+    assert run["checkpoints"]["latest"]["uri"] == f"pvc://{RUN}-checkpoints/step-40"
+    report = layout.resource_dir("TrainingRun", "default", RUN)
+    assert RUN in (report / "model_card.md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:  # the `local` extra
         assert (report / "training-curve.png").stat().st_size > 0
-    assert (layout.resource_dir("Dataset", "default", "tiny-corpus") / "dataset_card.md").is_file()
-    assert status(state_dir, "ModelDeployment", "tiny-gpt")["phase"] == "Pending"  # stopped
+    assert (layout.resource_dir("Dataset", "default", DATASET) / "dataset_card.md").is_file()
+    assert status(state_dir, "ModelDeployment", RUN)["phase"] == "Pending"  # stopped
 
     table = subprocess.run(
         [*LLMOPS, "status", "--state-dir", str(state_dir)],
@@ -123,15 +126,16 @@ def test_quickstart_trains_serves_and_answers(tmp_path: Path) -> None:
         check=True,
         env={**os.environ, "COLUMNS": "200"},
     ).stdout
-    assert "tiny-corpus" in table and "Succeeded" in table and "step 40/40" in table
+    assert DATASET in table and "Succeeded" in table and "step 40/40" in table
 
 
 def test_ctrl_c_checkpoints_and_a_second_run_resumes(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    manifest = write(tmp_path, scaled(400, 200)[:2])
-    process = start(manifest, state_dir, "--no-serve")
+    without_serving = list(yaml.safe_load_all(QUICKSTART.read_text()))[:2]
+    manifest = write(tmp_path, without_serving)
+    process = start(manifest, state_dir, "--no-serve", *scaled(400, 200))
     wait_for(
-        lambda: int(status(state_dir, "TrainingRun", "tiny-gpt").get("step") or 0) >= 20,
+        lambda: int(status(state_dir, "TrainingRun", RUN).get("step") or 0) >= 20,
         600,
         process,
     )
@@ -139,15 +143,24 @@ def test_ctrl_c_checkpoints_and_a_second_run_resumes(tmp_path: Path) -> None:
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 130, output
     assert "run the same command again to resume" in output
-    stopped = status(state_dir, "TrainingRun", "tiny-gpt")
+    stopped = status(state_dir, "TrainingRun", RUN)
     assert stopped["phase"] == "Suspended"
     latest = stopped["checkpoints"]["latest"]
     assert 20 <= latest["step"] < 400  # written on SIGTERM, before the first interval
-    checkpoints = state.Layout(state_dir).volume("default", "tiny-gpt-checkpoints")
+    checkpoints = state.Layout(state_dir).volume("default", f"{RUN}-checkpoints")
     assert (checkpoints / latest["name"] / "checkpoint.json").is_file()
 
     again = subprocess.run(
-        [*LLMOPS, "run", "-f", str(manifest), "--state-dir", str(state_dir), "--no-serve"],
+        [
+            *LLMOPS,
+            "run",
+            "-f",
+            str(manifest),
+            "--state-dir",
+            str(state_dir),
+            "--no-serve",
+            *scaled(400, 200),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -155,20 +168,26 @@ def test_ctrl_c_checkpoints_and_a_second_run_resumes(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date" in again.stdout  # the Dataset is not processed twice
-    done = status(state_dir, "TrainingRun", "tiny-gpt")
+    done = status(state_dir, "TrainingRun", RUN)
     assert done["phase"] == "Succeeded" and done["step"] == 400
-    log = state.Layout(state_dir).log_file(
-        "TrainingRun", "default", "tiny-gpt", "tiny-gpt-workers-0-0"
-    )
+    log = state.Layout(state_dir).log_file("TrainingRun", "default", RUN, f"{RUN}-workers-0-0")
     assert f"resuming from {latest['name']}" in log.read_text()
 
 
 def test_a_failing_pod_surfaces_its_error(tmp_path: Path) -> None:
-    dataset = copy.deepcopy(QUICKSTART[0])
-    dataset["spec"]["sources"][0]["path"] = "examples/data/no-such-file.txt"
+    dataset = list(yaml.safe_load_all(QUICKSTART.read_text()))[:1]
     state_dir = tmp_path / "state"
     result = subprocess.run(
-        [*LLMOPS, "run", "-f", str(write(tmp_path, [dataset])), "--state-dir", str(state_dir)],
+        [
+            *LLMOPS,
+            "run",
+            "-f",
+            str(write(tmp_path, dataset)),
+            "--state-dir",
+            str(state_dir),
+            "--set",
+            f"ds/{DATASET}.spec.sources.0.path=examples/data/no-such-file.txt",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -177,7 +196,7 @@ def test_a_failing_pod_surfaces_its_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "no-such-file.txt" in result.stdout  # the log tail of the failed pod
-    failed = status(state_dir, "Dataset", "tiny-corpus")
+    failed = status(state_dir, "Dataset", DATASET)
     assert failed["phase"] == "Failed"
     condition = next(c for c in failed["conditions"] if c["type"] == "Failed")
     assert condition["reason"] == "SliceFailed"

@@ -16,6 +16,8 @@ import zstandard
 from llmops.api.dataset import DatasetSpec, DataSource
 from llmops_trainer.data.collect import (
     ChecksumError,
+    expand_path,
+    glob_match,
     list_inputs,
     open_input,
     read_documents,
@@ -161,3 +163,47 @@ def test_s3_with_local_server(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_source_model_roundtrip() -> None:
     source = DataSource(name="x", path="/data")
     assert source.format == "text"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("*.py", "os.py", True),
+        ("*.py", "email/parser.py", False),  # `*` stays inside a folder
+        ("**/*.py", "email/mime/text.py", True),
+        ("**/*.py", "os.py", True),  # `**` also spans no folder
+        ("test/**", "test/support/x.py", True),
+        ("test/**", "tests/x.py", False),
+        ("[ab]*.txt", "b1.txt", True),
+        ("?.txt", "ab.txt", False),
+    ],
+)
+def test_glob_patterns(pattern: str, path: str, matches: bool) -> None:
+    assert glob_match(pattern, path) is matches
+
+
+def test_include_and_exclude_select_files_of_a_folder(tmp_path: Path) -> None:
+    for name in ("a.py", "b.txt", "pkg/c.py", "pkg/tests/d.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    spec = _spec(path=str(tmp_path), include=["**/*.py"], exclude=["**/tests/**"])
+    assert [Path(i.location).relative_to(tmp_path).as_posix() for i in list_inputs(spec)] == [
+        "a.py",
+        "pkg/c.py",
+    ]
+    with pytest.raises(FileNotFoundError, match=r"source s: no file under .* is selected"):
+        list_inputs(_spec(path=str(tmp_path), include=["*.md"]))
+
+
+def test_paths_expand_variables_as_kubernetes_does(tmp_path: Path) -> None:
+    assert expand_path("$(DATA)/x", {"DATA": "/d"}) == "/d/x"
+    assert expand_path("$$(DATA)", {"DATA": "/d"}) == "$(DATA)"
+    stdlib = Path(expand_path("$(PYTHON_STDLIB)", {}))
+    assert (stdlib / "os.py").is_file()  # this interpreter's standard library
+    with pytest.raises(ValueError, match=r"names \$\(MISSING\), which is not set"):
+        expand_path("$(MISSING)/x", {})
+
+
+def test_include_is_refused_for_urls() -> None:
+    with pytest.raises(ValueError, match="include and exclude select files"):
+        _spec(urls=["https://example.org/a.txt"], include=["*.txt"])

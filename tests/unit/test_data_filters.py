@@ -62,6 +62,29 @@ def test_spec_thresholds_are_used() -> None:
     assert filters.gopher_quality("The river and the sea were calm.", rules) is None
 
 
+def test_code_passes_with_prose_rules_switched_off() -> None:
+    function = (
+        "def parse_header(line):\n"
+        "    name, value = line.split(':', 1)\n"
+        "    return name.strip().lower(), value.strip()\n"
+    )
+    code = function + "\n" + function
+    prose = filters.QualityRules.from_spec(QualityFilters())
+    assert filters.gopher_quality(code, prose) is not None
+    relaxed = filters.QualityRules.from_spec(
+        QualityFilters(
+            min_words=3,
+            max_symbol_ratio=1,
+            min_alpha_word_ratio=0,
+            min_stop_words=0,
+            repetition=False,
+        )
+    )
+    assert relaxed.min_stop_words is None and not relaxed.repetition
+    assert filters.gopher_quality(code, relaxed) is None
+    assert not filters.QualityRules.from_spec(QualityFilters(quality=False)).quality
+
+
 def test_c4_lines() -> None:
     rng = random.Random(6)
     good = [document(rng, 2) for _ in range(5)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from llmops.cli import main
 from llmops.local.resources import InvalidManifests, order, references, validate
+from llmops.manifests import ManifestError, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = list(yaml.safe_load_all((ROOT / "examples" / "quickstart.yaml").read_text()))
@@ -23,29 +25,29 @@ def test_quickstart_orders_dataset_training_deployment_whatever_the_input_order(
     resources, skipped = validate(list(reversed(QUICKSTART)))
     assert skipped == []
     assert names(order(resources)) == [
-        "Dataset/tiny-corpus",
-        "TrainingRun/tiny-gpt",
-        "ModelDeployment/tiny-gpt",
+        "Dataset/python-stdlib",
+        "TrainingRun/stdlib-gpt",
+        "ModelDeployment/stdlib-gpt",
     ]
 
 
 def test_references_decide_the_order_within_a_kind() -> None:
     base, fine = copy.deepcopy(QUICKSTART[1]), copy.deepcopy(QUICKSTART[1])
     fine["metadata"]["name"] = "fine"
-    fine["spec"]["init"] = {"trainingRun": {"name": "tiny-gpt", "checkpoint": "latest"}}
+    fine["spec"]["init"] = {"trainingRun": {"name": "stdlib-gpt", "checkpoint": "latest"}}
     reuse = copy.deepcopy(QUICKSTART[0])
     reuse["metadata"]["name"] = "reuse"
-    reuse["spec"]["tokenizer"] = {"datasetRef": {"name": "tiny-corpus"}}
+    reuse["spec"]["tokenizer"] = {"datasetRef": {"name": "python-stdlib"}}
     resources, _ = validate([fine, reuse, base, QUICKSTART[0]])
     assert names(order(resources)) == [
-        "Dataset/tiny-corpus",
+        "Dataset/python-stdlib",
         "Dataset/reuse",
-        "TrainingRun/tiny-gpt",
+        "TrainingRun/stdlib-gpt",
         "TrainingRun/fine",
     ]
     assert references(fine) == [
-        ("Dataset", "default", "tiny-corpus"),
-        ("TrainingRun", "default", "tiny-gpt"),
+        ("Dataset", "default", "python-stdlib"),
+        ("TrainingRun", "default", "stdlib-gpt"),
     ]
 
 
@@ -66,8 +68,8 @@ def test_invalid_fields_are_named_and_all_reported() -> None:
     with pytest.raises(InvalidManifests) as error:
         validate([bad_dataset, bad_run])
     message = str(error.value)
-    assert "Dataset/tiny-corpus: spec.split.train" in message
-    assert "TrainingRun/tiny-gpt: spec.resources.numNodes" in message
+    assert "Dataset/python-stdlib: spec.split.train" in message
+    assert "TrainingRun/stdlib-gpt: spec.resources.numNodes" in message
 
 
 def test_duplicates_unknown_kinds_and_foreign_objects() -> None:
@@ -88,4 +90,44 @@ def test_cli_refuses_invalid_manifests_before_anything_starts(tmp_path: Path, ca
     state_dir = tmp_path / "state"
     assert main(["run", "-f", str(manifest), "--state-dir", str(state_dir)]) == 2
     assert "spec.hyperparameters.learningRate" in capsys.readouterr().err
+    assert not state_dir.exists()
+
+
+def test_set_overrides_fields_by_kind_name_and_path() -> None:
+    docs = copy.deepcopy(QUICKSTART)
+    run, dataset = docs[1]["metadata"]["name"], docs[0]["metadata"]["name"]
+    apply_overrides(
+        docs,
+        [
+            f"tr/{run}.spec.hyperparameters.maxSteps=40",
+            f"Dataset/{dataset}.spec.sources.0.include=[a*.py, b*.py]",
+            f"tr/{run}.spec.scheduling.priorityClassName=low",  # creates missing mappings
+        ],
+    )
+    assert docs[1]["spec"]["hyperparameters"]["maxSteps"] == 40
+    assert docs[0]["spec"]["sources"][0]["include"] == ["a*.py", "b*.py"]
+    assert docs[1]["spec"]["scheduling"] == {"priorityClassName": "low"}
+    assert docs[2]["spec"] == QUICKSTART[2]["spec"]  # same name, other kind: untouched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tr/stdlib-gpt.spec.maxSteps", "expected KIND/NAME.field.path=VALUE"),
+        ("tr/nope.spec.x=1", "no TrainingRun named 'nope'"),
+        ("ds/python-stdlib.spec.sources.5.path=x", "no item 5 in the list"),
+        ("tr/stdlib-gpt.spec.hyperparameters.maxSteps.x=1", "inside a scalar"),
+    ],
+)
+def test_bad_overrides_are_named(override: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        apply_overrides(copy.deepcopy(QUICKSTART), [override])
+
+
+def test_cli_overrides_are_validated_like_the_manifest(tmp_path: Path, capsys) -> None:
+    state_dir = tmp_path / "state"
+    quickstart = str(ROOT / "examples" / "quickstart.yaml")
+    args = ["run", "-f", quickstart, "--state-dir", str(state_dir)]
+    assert main([*args, "--set", "tr/stdlib-gpt.spec.hyperparameters.maxSteps=-5"]) == 2
+    assert "spec.hyperparameters.maxSteps" in capsys.readouterr().err
     assert not state_dir.exists()

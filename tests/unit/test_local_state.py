@@ -33,7 +33,7 @@ def test_adopt_fills_metadata_and_bumps_the_generation_on_spec_changes(tmp_path:
     body = state.adopt(layout, QUICKSTART[0])
     meta = body["metadata"]
     assert (meta["namespace"], meta["generation"]) == ("default", 1)
-    assert meta["uid"] == state.uid_for("Dataset", "default", "tiny-corpus")
+    assert meta["uid"] == state.uid_for("Dataset", "default", "python-stdlib")
     body["status"] = {"phase": "Succeeded", "observedGeneration": 1}
     state.save_object(layout, body)
 
@@ -61,11 +61,11 @@ def test_save_writes_status_observed_generation_and_events(tmp_path: Path) -> No
     }
     ctx.save(body, {"phase": "Succeeded", "conditions": [condition]})
     ctx.save(body, {"phase": "Succeeded", "conditions": [condition]})  # no new transition
-    saved = state.load_object(layout, "TrainingRun", "default", "tiny-gpt")
+    saved = state.load_object(layout, "TrainingRun", "default", "stdlib-gpt")
     assert saved is not None
     assert saved["status"]["observedGeneration"] == 1
     assert saved["status"]["phase"] == "Succeeded"
-    events = layout.resource_dir("TrainingRun", "default", "tiny-gpt") / "events.jsonl"
+    events = layout.resource_dir("TrainingRun", "default", "stdlib-gpt") / "events.jsonl"
     assert len(events.read_text().splitlines()) == 1
 
 
@@ -76,7 +76,7 @@ def test_status_table_and_selection(tmp_path: Path, capsys) -> None:
         [
             {"phase": "Succeeded", "documents": 12, "totalTokens": 3400},
             {"phase": "Running", "step": 50, "totalSteps": 200, "metrics": {"trainLoss": 3.5}},
-            {"phase": "Ready", "checkpoint": "tiny-gpt/step-100", "url": "http://127.0.0.1:1/v1"},
+            {"phase": "Ready", "checkpoint": "stdlib-gpt/step-100", "url": "http://127.0.0.1:1/v1"},
         ],
         strict=True,
     ):
@@ -91,9 +91,9 @@ def test_status_table_and_selection(tmp_path: Path, capsys) -> None:
     console = Console(width=200, record=True)
     console.print(status_table(objects))
     text = console.export_text()
-    assert "tiny-corpus" in text and "Running" in text and "Ready" in text
+    assert "python-stdlib" in text and "Running" in text and "Ready" in text
     assert [o["kind"] for o in select(objects, "tr", [])] == ["TrainingRun"]
-    assert [o["kind"] for o in select(objects, "tiny-gpt", [])] == [
+    assert [o["kind"] for o in select(objects, "stdlib-gpt", [])] == [
         "TrainingRun",
         "ModelDeployment",
     ]
@@ -107,7 +107,7 @@ def test_status_table_and_selection(tmp_path: Path, capsys) -> None:
 def test_live_view_renders_progress_and_plain_lines_report_changes() -> None:
     from llmops.local.view import RunView
 
-    key = ("TrainingRun", "default", "tiny-gpt")
+    key = ("TrainingRun", "default", "stdlib-gpt")
     live = Console(width=160, record=True, force_terminal=True)
     with RunView(live, [key], live=True) as view:
         view.update(key, status={"phase": "Running"}, step=50, total=200, loss=3.25)
@@ -121,4 +121,4 @@ def test_live_view_renders_progress_and_plain_lines_report_changes() -> None:
     view.update(key, status={"phase": "Running"})  # nothing new: no line
     view.update(key, status={"phase": "Succeeded"})
     lines = plain.export_text().splitlines()
-    assert lines == ["TrainingRun/tiny-gpt  Running", "TrainingRun/tiny-gpt  Succeeded"]
+    assert lines == ["TrainingRun/stdlib-gpt  Running", "TrainingRun/stdlib-gpt  Succeeded"]

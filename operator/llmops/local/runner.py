@@ -16,7 +16,7 @@ from llmops.local.context import Context, key_of, local_gpus
 from llmops.local.resources import InvalidManifests, order, validate
 from llmops.local.status import status_table
 from llmops.local.view import RunView
-from llmops.manifests import ManifestError, load_manifests
+from llmops.manifests import ManifestError, apply_overrides, load_manifests
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -32,6 +32,7 @@ class RunOptions:
     detach: bool = False
     cwd: Path = field(default_factory=Path.cwd)
     live: bool | None = None  # None: a live table on terminals, lines otherwise
+    overrides: list[str] = field(default_factory=list)  # `--set KIND/NAME.path=VALUE`
 
 
 def examples(server: serving.Server) -> str:
@@ -89,6 +90,7 @@ def run(options: RunOptions, console: Console | None = None) -> int:
     console = console or Console()
     try:
         documents = load_manifests(options.files)
+        apply_overrides(documents, options.overrides)
         resources, skipped = validate(documents)
         ordered = order(resources)
     except (ManifestError, InvalidManifests) as error:
