@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from llmops.api import GROUP, VERSION, Dataset, ModelDeployment, TrainingRun
+from llmops.api import GROUP, VERSION, Dataset, ModelDeployment, TrainingRun, TrainingSchedule
 from llmops.api.base import ApiModel
 from llmops.api.common import DNS_1035_LABEL, MAX_NAME_LENGTH
 
@@ -97,6 +97,19 @@ KINDS = [
             _column("Checkpoint", ".status.checkpoint", "string", "Checkpoint served.", 1),
         ],
         scale=True,
+    ),
+    Kind(
+        TrainingSchedule,
+        "trainingschedules",
+        "tsch",
+        [
+            _column("Schedule", ".spec.schedule", "string", "Cron expression."),
+            _column("Active", ".status.active", "string", "The run in progress."),
+            _column("Last-Run", ".status.lastRun", "string", "The newest run started."),
+            AGE,
+            _column("Phase", ".status.phase", "string", "Lifecycle phase.", 1),
+            _column("Next", ".status.nextScheduleTime", "date", "The next cron time.", 1),
+        ],
     ),
 ]
 

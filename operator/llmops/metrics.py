@@ -34,6 +34,12 @@ RESTARTS_TRIGGERED = Counter(
     "Workload restarts the operator started (e.g. a training gang after a failure).",
     ["kind"],
 )
+ACCELERATOR_HOURS = Gauge(
+    "llmops_trainingrun_accelerator_hours",
+    "Accelerator-hours a TrainingRun has used (GPU-hours; pod-hours for a CPU gang), as in its "
+    "status.acceleratorHours.",
+    ["namespace", "training_run"],
+)
 
 
 @contextmanager

@@ -1,20 +1,24 @@
 {{/*
 What the operator does, verb by verb (tests/cluster/test_security.py runs the controllers
 with exactly these rules):
-- kopf: list/watch the three kinds, patch them (its progress annotations and finalizer) and
+- kopf: list/watch the kinds, patch them (its progress annotations and finalizer) and
   their status; create Events on them.
 - controllers: read the kinds they reference (a TrainingRun's Dataset, a ModelDeployment's
-  TrainingRun); get + create + patch (server-side apply) every child; list and delete Jobs
+  TrainingRun, a ModelDeployment's TrainingSchedule); create and delete the TrainingRuns
+  of a TrainingSchedule; get + create + patch (server-side apply) every child; list and delete Jobs
   (stale Dataset versions, gang restarts); list Pods and read rank 0's log; delete the
   autoscaler kind not in use.
 */}}
 {{- define "llmops.rules" -}}
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets", "trainingruns", "modeldeployments"]
+  resources: ["datasets", "trainingruns", "modeldeployments", "trainingschedules"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status"]
+  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status", "trainingschedules/status"]
   verbs: ["patch"]
+- apiGroups: ["llmops.dev"]
+  resources: ["trainingruns"]
+  verbs: ["create", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

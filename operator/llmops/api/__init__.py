@@ -1,4 +1,5 @@
-"""The llmops API: spec and status of Dataset, TrainingRun and ModelDeployment.
+"""The llmops API: spec and status of Dataset, TrainingRun, ModelDeployment and the kinds
+that automate them (TrainingSchedule).
 
 These pydantic models are the single source of truth: the CRDs in crds/ are generated from
 them (`llmops crds`), the operator and the local runtime parse resources with them, and the
@@ -16,13 +17,21 @@ from llmops.api.modeldeployment import (
     ModelDeploymentStatus,
 )
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec, TrainingRunStatus
+from llmops.api.trainingschedule import (
+    TrainingSchedule,
+    TrainingScheduleSpec,
+    TrainingScheduleStatus,
+)
 
 API_VERSION = f"{GROUP}/{VERSION}"
 
-KINDS: dict[str, type[Dataset] | type[TrainingRun] | type[ModelDeployment]] = {
+KINDS: dict[
+    str, type[Dataset] | type[TrainingRun] | type[ModelDeployment] | type[TrainingSchedule]
+] = {
     "Dataset": Dataset,
     "TrainingRun": TrainingRun,
     "ModelDeployment": ModelDeployment,
+    "TrainingSchedule": TrainingSchedule,
 }
 
 __all__ = [
@@ -43,4 +52,7 @@ __all__ = [
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",
+    "TrainingSchedule",
+    "TrainingScheduleSpec",
+    "TrainingScheduleStatus",
 ]

@@ -48,19 +48,67 @@ class TrainingRunModel(ApiModel):
     )
 
 
+class SweepModel(ApiModel):
+    """The best trial of a Sweep in the same namespace."""
+
+    name: Name = Field(description="Name of the Sweep; its best trial's best checkpoint is served.")
+
+
+class TrainingScheduleModel(ApiModel):
+    """The newest succeeded run of a TrainingSchedule in the same namespace."""
+
+    name: Name = Field(
+        description="Name of the TrainingSchedule; its newest succeeded run's model is served."
+    )
+
+
+class EvaluationGate(ApiModel):
+    """A new model replaces the served one only if its final (test-split) evaluation is not
+    worse than the served model's by more than the margin; otherwise it is held back and
+    status says why. The first model has nothing to compare with and passes."""
+
+    metric: Literal["loss", "perplexity", "accuracy"] = Field(
+        default="loss",
+        description="Final-evaluation metric compared (loss and perplexity: lower is better).",
+    )
+    max_regression: float = Field(
+        default=0.0,
+        description="Largest relative worsening allowed (0.02: up to 2% worse still rolls out).",
+        ge=0,
+        le=1,
+    )
+
+
 class ModelSource(ApiModel):
-    """What to serve: exactly one of trainingRun or uri."""
+    """What to serve: exactly one of trainingRun, trainingSchedule, sweep or uri."""
 
     cel_rules = (
         Rule(
-            cel=cel_exactly_one("trainingRun", "uri"),
-            message="exactly one of trainingRun or uri must be set",
-            check=lambda s: exactly_one(s, "training_run", "uri"),
+            cel=cel_exactly_one("trainingRun", "trainingSchedule", "sweep", "uri"),
+            message="exactly one of trainingRun, trainingSchedule, sweep or uri must be set",
+            check=lambda s: exactly_one(s, "training_run", "training_schedule", "sweep", "uri"),
+        ),
+        Rule(
+            cel="!has(self.gate) || !has(self.uri)",
+            message="a gate compares evaluations of trained models; a uri has none",
+            check=lambda s: s.gate is None or s.uri is None,
+            field_path=".gate",
         ),
     )
 
     training_run: TrainingRunModel | None = Field(
         default=None, description="Serve a checkpoint of a TrainingRun."
+    )
+    training_schedule: TrainingScheduleModel | None = Field(
+        default=None, description="Follow the newest succeeded run of a TrainingSchedule."
+    )
+    sweep: SweepModel | None = Field(default=None, description="Serve the best trial of a Sweep.")
+    gate: EvaluationGate | None = Field(
+        default=None,
+        description=(
+            "Roll out a new model only if its final evaluation is not worse than the served "
+            "one's; models without a final evaluation (unfinished runs) wait."
+        ),
     )
     uri: str | None = Field(
         default=None,
@@ -314,6 +362,15 @@ class ModelDeploymentStatus(StatusModel):
     )
     url: str | None = Field(
         default=None, description="In-cluster URL of the OpenAI-compatible API."
+    )
+    served_run: str | None = Field(
+        default=None, description="The TrainingRun whose model is served."
+    )
+    served_evaluation: dict[str, float] | None = Field(
+        default=None, description="Final evaluation of the served model (what the gate compares)."
+    )
+    held_back: str | None = Field(
+        default=None, description="A newer model the gate held back, and why."
     )
 
 

@@ -297,6 +297,25 @@ def _batch_ok(spec: TrainingRunSpec) -> bool:
     return hp.global_batch_size % per_step == 0
 
 
+class Budget(ApiModel):
+    """Cost limits: when one is reached the pods are stopped (they checkpoint on SIGTERM) and
+    the run fails with reason BudgetExhausted, its checkpoints kept."""
+
+    max_accelerator_hours: float | None = Field(
+        default=None,
+        description=(
+            "Most accelerator-hours to spend: GPU-hours (pods x gpusPerNode x hours running), "
+            "or pod-hours for a CPU-only gang."
+        ),
+        gt=0,
+    )
+    max_wall_time_seconds: int | None = Field(
+        default=None,
+        description="Most seconds from the start of training, suspended time included.",
+        ge=1,
+    )
+
+
 _WORLD = (
     "self.hyperparameters.microBatchSize * self.resources.numNodes * self.resources.procsPerNode"
 )
@@ -364,6 +383,9 @@ class TrainingRunSpec(ApiModel):
     )
     active_deadline_seconds: int | None = Field(
         default=None, description="Fail the run after this long, wherever it is.", ge=1
+    )
+    budget: Budget | None = Field(
+        default=None, description="Cost limits; reaching one checkpoints and stops the run."
     )
     suspend: bool = Field(
         default=False,
@@ -452,6 +474,14 @@ class TrainingRunStatus(StatusModel):
     )
     model_uri: str | None = Field(
         default=None, description="Where the final model is (`pvc://...` or `s3://...`)."
+    )
+    accelerator_hours: float | None = Field(
+        default=None,
+        description="Accelerator-hours used so far (GPU-hours; pod-hours for a CPU gang).",
+        ge=0,
+    )
+    accounted_until: datetime | None = Field(
+        default=None, description="Until when acceleratorHours is counted."
     )
 
 

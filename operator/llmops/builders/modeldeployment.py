@@ -11,7 +11,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from llmops.api.modeldeployment import Autoscaling, ModelDeployment, ScalingRules
+from llmops.api.modeldeployment import (
+    Autoscaling,
+    EvaluationGate,
+    ModelDeployment,
+    ScalingRules,
+)
 from llmops.builders import pods, storage
 from llmops.builders.common import child_labels, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
@@ -309,3 +314,28 @@ def _scaled_object(
 
 def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{int(value * 1000)}m"
+
+
+def gate_verdict(
+    gate: EvaluationGate,
+    candidate: Mapping[str, Any] | None,
+    served: Mapping[str, Any] | None,
+) -> str | None:
+    """Why the candidate model must not replace the served one, or None when it may. The
+    served model's evaluation is the baseline; a model served without one (e.g. before the
+    gate was set) lets any evaluated candidate pass."""
+    metric = gate.metric
+    value = (candidate or {}).get(metric)
+    if value is None:
+        return f"no final evaluation ({metric}) yet; it rolls out once training has finished"
+    baseline = (served or {}).get(metric)
+    if baseline is None:
+        return None
+    lower_is_better = metric in ("loss", "perplexity")
+    worse_by = (value - baseline) if lower_is_better else (baseline - value)
+    if worse_by > gate.max_regression * abs(baseline):
+        return (
+            f"test {metric} {value:.4g} is worse than the served model's {baseline:.4g} by more "
+            f"than maxRegression={gate.max_regression:g}"
+        )
+    return None

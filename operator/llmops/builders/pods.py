@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -27,6 +28,12 @@ SPOT_TOLERATIONS = [
         "effect": "NoSchedule",
     },
 ]
+
+
+def spot_tolerations() -> list[dict[str, Any]]:
+    """The operator's spot tolerations (Helm value `spot.tolerations`), else the usual ones."""
+    configured: list[dict[str, Any]] = json.loads(os.environ.get("LLMOPS_SPOT_TOLERATIONS") or "[]")
+    return configured or SPOT_TOLERATIONS
 
 
 def trainer_image(resources: Resources) -> str:
@@ -86,7 +93,11 @@ def scheduling_fields(scheduling: Scheduling) -> dict[str, Any]:
         fields["nodeSelector"] = dict(scheduling.node_selector)
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations]
     if scheduling.spot:
-        tolerations += SPOT_TOLERATIONS
+        tolerations += spot_tolerations()
+        spot_nodes = json.loads(os.environ.get("LLMOPS_SPOT_NODE_SELECTOR") or "{}")
+        fields["nodeSelector"] = {**spot_nodes, **fields.get("nodeSelector", {})}
+        if not fields["nodeSelector"]:
+            del fields["nodeSelector"]
     if tolerations:
         fields["tolerations"] = tolerations
     if scheduling.affinity:

@@ -4,7 +4,7 @@ PodDisruptionBudget and autoscaler in line with the spec, and reports availabili
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -16,30 +16,56 @@ from llmops.controllers import common
 KIND = "ModelDeployment"
 
 
-def resolve_model(md: ModelDeployment, run: Mapping[str, Any] | None) -> tuple[str | None, str]:
+def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, str]:
+    """(the TrainingRun to serve from, the checkpoint policy, or why there is none yet): a
+    schedule is followed to its newest succeeded run, a sweep to its best trial."""
+    source = md.spec.model
+    if source.training_run is not None:
+        return source.training_run.name, source.training_run.policy, ""
+    if source.training_schedule is not None:
+        name = source.training_schedule.name
+        owner = common.kube().get(API_VERSION, "TrainingSchedule", name, namespace)
+        if owner is None:
+            return None, "latest", f"TrainingSchedule {name!r} not found"
+        run = (owner.get("status") or {}).get("lastSucceededRun")
+        return run, "latest", "" if run else f"TrainingSchedule {name!r} has no finished run yet"
+    assert source.sweep is not None
+    name = source.sweep.name
+    owner = common.kube().get(API_VERSION, "Sweep", name, namespace)
+    if owner is None:
+        return None, "best", f"Sweep {name!r} not found"
+    best = ((owner.get("status") or {}).get("bestTrial") or {}).get("name")
+    return best, "best", "" if best else f"Sweep {name!r} has no best trial yet"
+
+
+def resolve_model(
+    md: ModelDeployment, run_name: str | None, policy: str, run: Mapping[str, Any] | None
+) -> tuple[str | None, str]:
     """(model uri, what to call it in status), or (None, why not yet) for a TrainingRun
     that has nothing to serve."""
     source = md.spec.model
     if source.uri:
         return source.uri, source.uri
-    assert source.training_run is not None
-    ref = source.training_run
     if run is None:
-        return None, f"TrainingRun {ref.name!r} not found"
+        return None, f"TrainingRun {run_name!r} not found"
     status = run.get("status") or {}
     checkpoints = status.get("checkpoints") or {}
-    if ref.policy == "pinned":
+    if policy == "pinned":
+        assert source.training_run is not None and source.training_run.checkpoint
         latest = (checkpoints.get("latest") or {}).get("uri") or status.get("modelUri")
         if not latest:
-            return None, f"TrainingRun {ref.name!r} has no checkpoints yet"
+            return None, f"TrainingRun {run_name!r} has no checkpoints yet"
         base = latest.rsplit("/", 1)[0]
-        return f"{base}/{ref.checkpoint}", f"{ref.name}/{ref.checkpoint}"
-    if ref.policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
-        return status["modelUri"], f"{ref.name}/final"
-    chosen = checkpoints.get(ref.policy)
+        return (
+            f"{base}/{source.training_run.checkpoint}",
+            f"{run_name}/{source.training_run.checkpoint}",
+        )
+    if policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
+        return status["modelUri"], f"{run_name}/final"
+    chosen = checkpoints.get(policy)
     if not chosen:
-        return None, f"TrainingRun {ref.name!r} has no {ref.policy} checkpoint yet"
-    return chosen["uri"], f"{ref.name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
+        return None, f"TrainingRun {run_name!r} has no {policy} checkpoint yet"
+    return chosen["uri"], f"{run_name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
 
 
 def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> dict[str, Any]:
@@ -62,14 +88,34 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
     namespace: str = body["metadata"]["namespace"]
     kube = common.kube()
     run = None
-    if md.spec.model.training_run is not None:
-        run = kube.get(API_VERSION, "TrainingRun", md.spec.model.training_run.name, namespace)
-    model_uri, described = resolve_model(md, run)
+    run_name, policy, waiting = None, "latest", ""
+    if md.spec.model.uri is None:
+        run_name, policy, waiting = followed_run(md, namespace)
+        if run_name is not None:
+            run = kube.get(API_VERSION, "TrainingRun", run_name, namespace)
+    model_uri, described = (None, waiting) if waiting else resolve_model(md, run_name, policy, run)
     status.set(
         selector=build.selector_string(body),
         model=build.served_name(md),
         url=build.url(md, namespace),
     )
+    serving = _current_model(namespace, md)
+    held_back = None
+    gate = md.spec.model.gate
+    if model_uri is not None and gate is not None and serving and model_uri != serving:
+        evaluation = (run or {}).get("status", {}).get("finalEvaluation")
+        held_back = build.gate_verdict(gate, evaluation, status.status.get("servedEvaluation"))
+        if held_back:
+            held_back = f"{described}: {held_back}"
+            if status.status.get("heldBack") != held_back:
+                kopf.event(
+                    cast(kopf.Body, body),
+                    type="Warning",
+                    reason="HeldBackByGate",
+                    message=held_back,
+                )
+            model_uri, described = serving, status.status.get("checkpoint") or serving
+    status.set(heldBack=held_back)
     if model_uri is None:
         if status.status.get("checkpoint") is None:
             status.set(phase="Pending")
@@ -77,9 +123,13 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
             status.condition("Progressing", "False", "WaitingForModel", described)
             return
         # Already serving something: keep it until the new model shows up.
-        model_uri = _current_model(namespace, md)
+        model_uri = serving
         if model_uri is None:
             return
+    elif model_uri != serving or status.status.get("servedRun") is None:
+        # What the gate compares the next model with: the evaluation of what is rolled out.
+        evaluation = (run or {}).get("status", {}).get("finalEvaluation")
+        status.set(servedRun=run_name, servedEvaluation=evaluation or None)
 
     common.ensure_child(KIND, build.config_map(body))
     try:
@@ -126,7 +176,9 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         status.condition("Degraded", "True", "ReplicasUnavailable", f"{ready}/{desired} ready")
     else:
         status.condition("Degraded", "False", "AsExpected")
-    if rolled_out:
+    if held_back and rolled_out:
+        status.condition("Progressing", "False", "HeldBackByGate", held_back)
+    elif rolled_out:
         status.condition("Progressing", "False", "RolloutComplete", f"serving {described}")
     else:
         status.condition(

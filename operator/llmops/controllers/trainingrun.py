@@ -19,7 +19,7 @@ from llmops.builders import storage
 from llmops.builders import trainingrun as build
 from llmops.controllers import common
 from llmops.controllers.dataset import termination_report
-from llmops.metrics import RESTARTS_TRIGGERED
+from llmops.metrics import ACCELERATOR_HOURS, RESTARTS_TRIGGERED
 from llmops_trainer.progress import parse_log_line  # the trainer's own log format
 
 KIND = "TrainingRun"
@@ -140,10 +140,52 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     status = common.StatusWriter(body, KIND)
     if status.phase in TERMINAL:
         return
+    now = _now()
     try:
+        _account(run, status, now)
         _reconcile(body, run, status)
     finally:
+        if status.phase != "Running":
+            status.set(accountedUntil=None)  # nothing runs: nothing to count until it does
+        ACCELERATOR_HOURS.labels(
+            namespace=run.metadata.namespace, training_run=run.metadata.name
+        ).set(float(status.status.get("acceleratorHours") or 0.0))
         status.write(patch)
+
+
+def accelerators(run: TrainingRun) -> int:
+    """What one hour of the gang costs in accelerator-hours: GPUs, or pods without GPUs."""
+    resources = run.spec.resources
+    return resources.num_nodes * max(1, resources.gpus_per_node)
+
+
+def _account(run: TrainingRun, status: common.StatusWriter, now: datetime.datetime) -> None:
+    """Add the time the gang ran since the last reconcile that saw it running (an operator
+    that was down meanwhile still counts that time: the pods ran)."""
+    since = _parse_time(status.status.get("accountedUntil"))
+    if status.phase == "Running" and since is not None:
+        hours = max(0.0, (now - since).total_seconds()) / 3600 * accelerators(run)
+        used = float(status.status.get("acceleratorHours") or 0.0) + hours
+        status.set(acceleratorHours=round(used, 6))
+    status.set(accountedUntil=_timestamp(now))
+
+
+def budget_exhausted(
+    run: TrainingRun, status: Mapping[str, Any], now: datetime.datetime
+) -> str | None:
+    """Why the run's budget is spent, or None while it is not."""
+    budget = run.spec.budget
+    if budget is None:
+        return None
+    used = float(status.get("acceleratorHours") or 0.0)
+    if budget.max_accelerator_hours is not None and used >= budget.max_accelerator_hours:
+        return f"used {used:.3f} of {budget.max_accelerator_hours} accelerator-hours"
+    started = _parse_time(status.get("startTime"))
+    if budget.max_wall_time_seconds is not None and started is not None:
+        elapsed = (now - started).total_seconds()
+        if elapsed >= budget.max_wall_time_seconds:
+            return f"ran {elapsed:.0f}s of maxWallTimeSeconds={budget.max_wall_time_seconds}"
+    return None
 
 
 def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusWriter) -> None:
@@ -190,6 +232,21 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
     now = _now()
     if not status.status.get("startTime"):
         status.set(startTime=_timestamp(now))
+
+    spent = budget_exhausted(run, status.status, now)
+    if spent:
+        # Suspending the Job stops the pods with SIGTERM: the trainer checkpoints first.
+        if not job["spec"].get("suspend"):
+            kube.patch("batch/v1", "Job", job_name, namespace, {"spec": {"suspend": True}})
+        _finish(
+            status,
+            "Failed",
+            "BudgetExhausted",
+            f"{spent}; stopped after a checkpoint, which a new TrainingRun can start from "
+            "(spec.init.trainingRun)",
+            now,
+        )
+        return
 
     if bool(job["spec"].get("suspend")) != spec.suspend:
         # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates them.

@@ -46,6 +46,12 @@ def validate(documents: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         if model is None or doc.get("apiVersion") != API_VERSION:
             problems.append(f"{describe(doc)}: no kind {kind!r} in {doc.get('apiVersion')}")
             continue
+        if kind not in RANK:
+            problems.append(
+                f"{describe(doc)}: a {kind} runs on a cluster only (the operator); "
+                f"`llmops run` runs {', '.join(RANK)}"
+            )
+            continue
         try:
             model.model_validate(
                 {k: doc[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in doc}

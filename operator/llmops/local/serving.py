@@ -86,10 +86,13 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
     namespace = body["metadata"]["namespace"]
     key = key_of(body)
     status = StatusWriter(body, KIND)
-    training = None
+    training, run_name, policy = None, None, "latest"
     if md.spec.model.training_run is not None:
-        training = ctx.get("TrainingRun", namespace, md.spec.model.training_run.name)
-    model_uri, described = resolve_model(md, training)
+        run_name, policy = md.spec.model.training_run.name, md.spec.model.training_run.policy
+        training = ctx.get("TrainingRun", namespace, run_name)
+    elif md.spec.model.uri is None:
+        raise ValueError("a model from a TrainingSchedule or Sweep needs a cluster")
+    model_uri, described = resolve_model(md, run_name, policy, training)
     status.set(selector=build.selector_string(body), model=build.served_name(md))
     if model_uri is None:
         status.set(phase="Pending")
