@@ -256,3 +256,49 @@ def test_preemption_restarts_without_spending_the_restart_budget(
     assert restarted["status"].get("restartCount", 0) == 0
     assert condition(restarted, "Restarting")["reason"] == "GangRunning"
     wait_gang_running(core, namespace, f"{RUN}-workers-1")
+
+
+def test_accelerator_hours_are_counted_and_a_budget_stops_the_run(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    # 2 pods x 8 GPUs: 16 GPU-hours per hour, so 0.02 GPU-hours is spent in 4.5 s.
+    create(api_client, namespace, training_run(budget={"maxAcceleratorHours": 0.02}))
+    wait_gang_running(core, namespace, f"{RUN}-workers-0")
+    wait_for(
+        "accelerator-hours counted",
+        lambda: (
+            (get(api_client, namespace, "TrainingRun", RUN)["status"].get("acceleratorHours") or 0)
+            > 0
+        ),
+        30,
+    )
+    failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
+    reason = condition(failed, "Failed")
+    assert reason["reason"] == "BudgetExhausted"
+    assert "of 0.02 accelerator-hours" in reason["message"]
+    assert failed["status"]["acceleratorHours"] >= 0.02
+    # Suspending the Job stops the pods with SIGTERM (the trainer checkpoints first); the Job
+    # is kept, not deleted, so nothing is lost.
+    job = client.BatchV1Api(api_client).read_namespaced_job(f"{RUN}-workers-0", namespace)
+    assert job.spec.suspend is True
+    wait_for(
+        "pods stopped",
+        lambda: (
+            not core.list_namespaced_pod(
+                namespace, label_selector=f"job-name={RUN}-workers-0"
+            ).items
+        ),
+        60,
+    )
+
+
+def test_a_wall_time_budget_stops_the_run(api_client: client.ApiClient, operator: str, volumes):
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, training_run(budget={"maxWallTimeSeconds": 2}))
+    failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
+    assert condition(failed, "Failed")["reason"] == "BudgetExhausted"
+    assert "maxWallTimeSeconds=2" in condition(failed, "Failed")["message"]

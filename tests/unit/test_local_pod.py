@@ -68,7 +68,9 @@ def test_training_gang_pod_runs_torchrun_locally(tmp_path: Path) -> None:
     pod_name = "stdlib-gpt-workers-0-0"
     table = mount_table(spec, spec["containers"][0], layout, "default", pod_name)
     ports = network.allocate(container_ports(spec))
-    hosts = frozenset(network.pod_names("stdlib-gpt-workers-0", "stdlib-gpt-headless", "default", 1))
+    hosts = frozenset(
+        network.pod_names("stdlib-gpt-workers-0", "stdlib-gpt-headless", "default", 1)
+    )
     pod = translate(
         template,
         name=pod_name,
@@ -88,7 +90,9 @@ def test_training_gang_pod_runs_torchrun_locally(tmp_path: Path) -> None:
     config = pod.argv[pod.argv.index("--config") + 1]
     assert config == str(layout.pod_dir("default", pod_name) / "configmaps/config/trainingrun.json")
     assert pod.env["LLMOPS_DATA_DIR"] == str(layout.volume("default", "python-stdlib-data") / "g1")
-    assert pod.env["LLMOPS_CHECKPOINT_DIR"] == str(layout.volume("default", "stdlib-gpt-checkpoints"))
+    assert pod.env["LLMOPS_CHECKPOINT_DIR"] == str(
+        layout.volume("default", "stdlib-gpt-checkpoints")
+    )
     assert pod.env["HOME"] == str(layout.pod_dir("default", pod_name) / "volumes/tmp")
     assert pod.env["NODE_RANK"] == pod.env["RANK"] == pod.env["JOB_COMPLETION_INDEX"] == "0"
     assert pod.env["MASTER_ADDR"] == LOOPBACK
@@ -122,7 +126,9 @@ def test_dataset_slice_pods_get_their_index_and_config_files(tmp_path: Path) -> 
     written = Path(pod.argv[pod.argv.index("--config") + 1])
     assert written.read_text() == config["data"]["dataset.json"]
     assert pod.env["JOB_COMPLETION_INDEX"] == "2"
-    assert pod.env["LLMOPS_OUTPUT_DIR"] == str(layout.volume("default", "python-stdlib-data") / "g1")
+    assert pod.env["LLMOPS_OUTPUT_DIR"] == str(
+        layout.volume("default", "python-stdlib-data") / "g1"
+    )
     assert pod.env["LLMOPS_NUM_SLICES"] == "3"
 
 

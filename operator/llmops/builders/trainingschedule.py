@@ -8,7 +8,7 @@ restarted operator derives the same state and never starts a run twice.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -153,10 +153,12 @@ def training_run(
     }
 
 
-def expired(runs: Sequence[Run], history_limit: int) -> list[Run]:
-    """Finished runs beyond the history limit, oldest first; the newest succeeded run is kept
-    whatever the limit (the next run starts from it, a deployment may serve it)."""
+def expired(runs: Sequence[Run], history_limit: int, served: Collection[str] = ()) -> list[Run]:
+    """Finished runs beyond the history limit, oldest first. Kept whatever the limit: the
+    newest succeeded run (the next run starts from it) and runs a ModelDeployment serves
+    (deleting one would delete the checkpoints being served)."""
     finished = sorted((r for r in runs if r.finished), key=lambda r: r.index, reverse=True)
     succeeded = [r for r in finished if r.phase == "Succeeded"]
     keep = {r.name for r in finished[:history_limit]} | {r.name for r in succeeded[:1]}
+    keep |= set(served)
     return sorted((r for r in finished if r.name not in keep), key=lambda r: r.index)

@@ -59,7 +59,12 @@ def _reconcile(
         ),
         key=lambda r: r.index,
     )
-    for old in build.expired(runs, schedule.spec.history_limit):
+    served: set[str] = {
+        str(run_name)
+        for md in kube.list(API_VERSION, "ModelDeployment", namespace)
+        if (run_name := (md.get("status") or {}).get("servedRun"))
+    }
+    for old in build.expired(runs, schedule.spec.history_limit, served):
         kube.delete(API_VERSION, "TrainingRun", old.name, namespace)
         runs.remove(old)
 
