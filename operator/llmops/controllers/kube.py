@@ -9,6 +9,8 @@ between two creates and restarted finds the first child and creates only the sec
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Mapping
 from functools import cache
 from typing import Any, NamedTuple
@@ -20,6 +22,8 @@ from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 FIELD_MANAGER = "llmops"
 # Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
 HANDLER_THREADS = 16
+# How long a kind the cluster does not serve is remembered as missing.
+MISSING_TTL = 5.0
 
 
 class ChildConflict(Exception):
@@ -64,9 +68,21 @@ class Kube:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self.api_client = api_client or kubernetes.client.ApiClient()
         self.dynamic = DynamicClient(self.api_client)
+        # The discovery cache is rebuilt on a miss (a kind the cluster does not serve, such
+        # as KEDA's ScaledObject); two handler threads rebuilding it at once break it.
+        self._discovery = threading.Lock()
+        self._missing: dict[tuple[str, str], float] = {}
 
     def _resource(self, api_version: str, kind: str) -> Any:
-        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+        key = (api_version, kind)
+        with self._discovery:
+            if time.monotonic() - self._missing.get(key, -MISSING_TTL) < MISSING_TTL:
+                raise ResourceNotFoundError(f"{kind} ({api_version}) is not served")
+            try:
+                return self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                self._missing[key] = time.monotonic()  # ask again after a while (CRD installs)
+                raise
 
     def ensure(self, manifest: Mapping[str, Any], *, update: bool = True) -> Ensured:
         """Create the child, or converge the existing one (unless `update` is False, for
