@@ -179,7 +179,7 @@ def budget_exhausted(
         return None
     used = float(status.get("acceleratorHours") or 0.0)
     if budget.max_accelerator_hours is not None and used >= budget.max_accelerator_hours:
-        return f"used {used:.3f} of {budget.max_accelerator_hours} accelerator-hours"
+        return f"used {used:.3f} of {budget.max_accelerator_hours:g} accelerator-hours"
     started = _parse_time(status.get("startTime"))
     if budget.max_wall_time_seconds is not None and started is not None:
         elapsed = (now - started).total_seconds()
