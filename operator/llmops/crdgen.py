@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from llmops.api import GROUP, VERSION, Dataset, ModelDeployment, TrainingRun
+from llmops.api import GROUP, VERSION, Dataset, ModelDeployment, Sweep, TrainingRun
 from llmops.api.base import ApiModel
 from llmops.api.common import DNS_1035_LABEL, MAX_NAME_LENGTH
 
@@ -97,6 +97,23 @@ KINDS = [
             _column("Checkpoint", ".status.checkpoint", "string", "Checkpoint served.", 1),
         ],
         scale=True,
+    ),
+    Kind(
+        Sweep,
+        "sweeps",
+        "sw",
+        [
+            _column("Phase", ".status.phase", "string", "Lifecycle phase."),
+            _column("Done", ".status.trials.finished", "integer", "Trials finished."),
+            _column("Max", ".spec.maxTrials", "integer", "Trials to run in all."),
+            _column("Best", ".status.bestTrial.value", "number", "Best objective value."),
+            AGE,
+            _column("Running", ".status.trials.running", "integer", "Trials running.", 1),
+            _column(
+                "Best-Trial", ".status.bestTrial.name", "string", "Best trial's TrainingRun.", 1
+            ),
+            _column("Algorithm", ".spec.algorithm", "string", "Search algorithm.", 1),
+        ],
     ),
 ]
 

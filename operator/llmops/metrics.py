@@ -34,6 +34,26 @@ RESTARTS_TRIGGERED = Counter(
     "Workload restarts the operator started (e.g. a training gang after a failure).",
     ["kind"],
 )
+SWEEP_TRIALS_CREATED = Counter(
+    "llmops_operator_sweep_trials_created_total",
+    "Trial TrainingRuns created by Sweeps, by search algorithm.",
+    ["algorithm"],
+)
+SWEEP_TRIALS = Gauge(
+    "llmops_operator_sweep_trials",
+    "Trials of each Sweep, by state (pending, running, succeeded, failed, pruned, suspended).",
+    ["namespace", "sweep", "state"],
+)
+SWEEP_BEST_OBJECTIVE = Gauge(
+    "llmops_operator_sweep_best_objective",
+    "Objective value of each Sweep's best trial so far, by objective metric.",
+    ["namespace", "sweep", "metric"],
+)
+SWEEP_TRIALS_PRUNED = Counter(
+    "llmops_operator_sweep_trials_pruned_total",
+    "Trials the early-stopping rule stopped.",
+    ["rule"],
+)
 
 
 @contextmanager

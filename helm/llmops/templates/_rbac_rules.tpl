@@ -1,8 +1,9 @@
 {{/*
 What the operator does, verb by verb (tests/cluster/test_security.py runs the controllers
 with exactly these rules):
-- kopf: list/watch the three kinds, patch them (its progress annotations and finalizer) and
+- kopf: list/watch the four kinds, patch them (its progress annotations and finalizer) and
   their status; create Events on them.
+- sweeps: create the trial TrainingRuns (server-side apply) and patch their spec.suspend.
 - controllers: read the kinds they reference (a TrainingRun's Dataset, a ModelDeployment's
   TrainingRun); get + create + patch (server-side apply) every child; list and delete Jobs
   (stale Dataset versions, gang restarts); list Pods and read rank 0's log; delete the
@@ -10,10 +11,13 @@ with exactly these rules):
 */}}
 {{- define "llmops.rules" -}}
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets", "trainingruns", "modeldeployments"]
+  resources: ["datasets", "trainingruns", "modeldeployments", "sweeps"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status"]
+  resources: ["trainingruns"]
+  verbs: ["create"]
+- apiGroups: ["llmops.dev"]
+  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status", "sweeps/status"]
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["events"]

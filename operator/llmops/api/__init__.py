@@ -1,4 +1,4 @@
-"""The llmops API: spec and status of Dataset, TrainingRun and ModelDeployment.
+"""The llmops API: spec and status of Dataset, TrainingRun, ModelDeployment and Sweep.
 
 These pydantic models are the single source of truth: the CRDs in crds/ are generated from
 them (`llmops crds`), the operator and the local runtime parse resources with them, and the
@@ -15,14 +15,16 @@ from llmops.api.modeldeployment import (
     ModelDeploymentSpec,
     ModelDeploymentStatus,
 )
+from llmops.api.sweep import Sweep, SweepSpec, SweepStatus
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec, TrainingRunStatus
 
 API_VERSION = f"{GROUP}/{VERSION}"
 
-KINDS: dict[str, type[Dataset] | type[TrainingRun] | type[ModelDeployment]] = {
+KINDS: dict[str, type[Dataset] | type[TrainingRun] | type[ModelDeployment] | type[Sweep]] = {
     "Dataset": Dataset,
     "TrainingRun": TrainingRun,
     "ModelDeployment": ModelDeployment,
+    "Sweep": Sweep,
 }
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "ModelDeploymentStatus",
     "ObjectMeta",
     "Rule",
+    "Sweep",
+    "SweepSpec",
+    "SweepStatus",
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",

@@ -13,6 +13,7 @@ OWNER_LABEL = {
     "Dataset": f"{GROUP}/dataset",
     "TrainingRun": f"{GROUP}/training-run",
     "ModelDeployment": f"{GROUP}/model-deployment",
+    "Sweep": f"{GROUP}/sweep",
 }
 MAX_NAME = 63  # DNS label: the strictest rule a child name may meet (Services, pod hostnames)
 

@@ -1,6 +1,6 @@
 """kopf handlers, one module per kind. Importing this package registers them all:
 `kopf run -m llmops.controllers` or `llmops operator`."""
 
-from llmops.controllers import dataset, modeldeployment, settings, trainingrun
+from llmops.controllers import dataset, modeldeployment, settings, sweep, trainingrun
 
-__all__ = ["dataset", "modeldeployment", "settings", "trainingrun"]
+__all__ = ["dataset", "modeldeployment", "settings", "sweep", "trainingrun"]

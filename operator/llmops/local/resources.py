@@ -13,6 +13,13 @@ from llmops.local.state import DEFAULT_NAMESPACE
 
 Key = tuple[str, str, str]
 RANK = {"Dataset": 0, "TrainingRun": 1, "ModelDeployment": 2}
+# Kinds the local runtime does not run, and what to do instead.
+NEEDS_CLUSTER = {
+    "Sweep": (
+        "a Sweep needs a cluster (the local runtime runs Dataset, TrainingRun and "
+        "ModelDeployment); apply it with kubectl to a cluster running the operator"
+    ),
+}
 
 
 class InvalidManifests(ValueError):
@@ -41,6 +48,9 @@ def validate(documents: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
         kind = doc.get("kind")
         if str(doc.get("apiVersion", "")).split("/")[0] != API_VERSION.split("/")[0]:
             skipped.append(describe(doc))
+            continue
+        if kind in NEEDS_CLUSTER:
+            problems.append(f"{describe(doc)}: {NEEDS_CLUSTER[str(kind)]}")
             continue
         model = KINDS.get(str(kind))
         if model is None or doc.get("apiVersion") != API_VERSION:
