@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from llmops.api import KINDS, Sweep, TrainingRunSpec
-from llmops.api.sweep import TUNABLE_PATHS
+from llmops.api.sweep import TUNABLE_PATHS, Budget
 from llmops.builders import sweep as build
 
 TEMPLATE = {
@@ -241,3 +241,17 @@ def test_suspend_patch_marks_pruned_trials() -> None:
         "llmops.dev/trial-pruned": "true"
     }
     assert build.suspend_patch(suspend=False) == {"spec": {"suspend": False}}
+
+
+def test_budget_counts_accelerator_hours_and_wall_time() -> None:
+    running = child(0, "Running", acceleratorHours=3.0)
+    no_hours = child(1, "Succeeded", metrics={"validationLoss": 1.0})  # field absent: 0
+    observed = [build.observe(c, "validationLoss", None) for c in (running, no_hours)]
+    hours = Budget.model_validate({"maxAcceleratorHours": 4.0})
+    assert build.budget_exhausted(hours, observed, 10**6) is None
+    spent = [build.observe(child(2, "Running", acceleratorHours=1.0), "validationLoss", None)]
+    assert "4.00 accelerator hours" in (build.budget_exhausted(hours, observed + spent, 0) or "")
+    wall = Budget.model_validate({"maxWallTimeSeconds": 60})
+    assert build.budget_exhausted(wall, observed, 59.5) is None
+    assert "maxWallTimeSeconds=60" in (build.budget_exhausted(wall, observed, 60) or "")
+    assert build.budget_exhausted(None, observed, 10**9) is None

@@ -21,6 +21,7 @@ from llmops.api import API_VERSION
 from llmops.api.sweep import (
     LEADERBOARD_SIZE,
     MAX_INTERMEDIATE_VALUES,
+    Budget,
     Sweep,
     TrialState,
 )
@@ -246,3 +247,20 @@ def counts(observed: Sequence[ObservedTrial]) -> dict[str, int]:
     result["suspended"] = states.count("Suspended")
     result["finished"] = result["succeeded"] + result["failed"] + result["pruned"]
     return result
+
+
+def budget_exhausted(
+    budget: Budget | None, observed: Sequence[ObservedTrial], elapsed_seconds: float
+) -> str | None:
+    """Why the sweep's budget is spent (accelerator hours of all trials, read from their
+    status.acceleratorHours, or wall time since it started), or None while it is not."""
+    if budget is None:
+        return None
+    hours = sum(o.accelerator_hours for o in observed)
+    if budget.max_accelerator_hours is not None and hours >= budget.max_accelerator_hours:
+        limit = budget.max_accelerator_hours
+        return f"{hours:.2f} accelerator hours used (maxAcceleratorHours={limit})"
+    seconds = budget.max_wall_time_seconds
+    if seconds is not None and elapsed_seconds >= seconds:
+        return f"{int(elapsed_seconds)}s since the sweep started (maxWallTimeSeconds={seconds})"
+    return None

@@ -133,7 +133,7 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
             now,
         )
         return
-    exhausted = _budget_exhausted(sweep, observed, started, now)
+    exhausted = build.budget_exhausted(spec.budget, observed, (now - started).total_seconds())
     if exhausted:
         _stop_all(namespace, active)
         _finish(status, "Succeeded", "BudgetExhausted", exhausted, now)
@@ -264,26 +264,6 @@ def _resume(namespace: str, observed: Sequence[build.ObservedTrial]) -> None:
             common.kube().patch(
                 API_VERSION, "TrainingRun", item.name, namespace, build.suspend_patch(suspend=False)
             )
-
-
-def _budget_exhausted(
-    sweep: Sweep,
-    observed: Sequence[build.ObservedTrial],
-    started: datetime.datetime,
-    now: datetime.datetime,
-) -> str | None:
-    budget = sweep.spec.budget
-    if budget is None:
-        return None
-    hours = sum(o.accelerator_hours for o in observed)
-    if budget.max_accelerator_hours is not None and hours >= budget.max_accelerator_hours:
-        limit = budget.max_accelerator_hours
-        return f"{hours:.2f} accelerator hours used (maxAcceleratorHours={limit})"
-    elapsed = (now - started).total_seconds()
-    if budget.max_wall_time_seconds is not None and elapsed >= budget.max_wall_time_seconds:
-        seconds = budget.max_wall_time_seconds
-        return f"{int(elapsed)}s since the sweep started (maxWallTimeSeconds={seconds})"
-    return None
 
 
 def _report(
