@@ -311,6 +311,8 @@ def test_budget_ends_the_sweep_and_suspends_running_trials(
     found = trials(api_client, namespace)
     assert sorted(found) == [name(0), name(1)]  # no trial after the budget ran out
     assert all(t["spec"]["suspend"] is True for t in found.values())
+    assert done["status"]["trials"]["suspended"] == 2
+    assert {r["state"] for r in done["status"]["trialRecords"]} == {"Suspended"}
     time.sleep(2)
     assert len(trials(api_client, namespace)) == 2
 

@@ -22,6 +22,7 @@ How a sweep ends:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -125,6 +126,7 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
 
     if tally["failed"] >= spec.max_failed_trials:
         _stop_all(namespace, active)
+        _report(body, sweep, status, _suspended(observed))
         _finish(
             status,
             "Failed",
@@ -136,6 +138,7 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
     exhausted = build.budget_exhausted(spec.budget, observed, (now - started).total_seconds())
     if exhausted:
         _stop_all(namespace, active)
+        _report(body, sweep, status, _suspended(observed))
         _finish(status, "Succeeded", "BudgetExhausted", exhausted, now)
         return
     if tally["finished"] >= budget and not active and not tally["suspended"]:
@@ -241,13 +244,7 @@ def _early_stop(
                 reason="TrialPruned",
                 message=f"{item.name} stopped at step {step} ({value:.4g}): worse than the median",
             )
-            item = build.ObservedTrial(
-                name=item.name,
-                trial=Trial(trial.index, trial.params, "Pruned", None, trial.intermediate),
-                checkpoint_uri=item.checkpoint_uri,
-                accelerator_hours=item.accelerator_hours,
-                observation=item.observation,
-            )
+            item = dataclasses.replace(item, trial=dataclasses.replace(trial, state="Pruned"))
         result.append(item)
     return result
 
@@ -255,6 +252,16 @@ def _early_stop(
 def _stop_all(namespace: str, active: Sequence[build.ObservedTrial]) -> None:
     for item in active:
         common.kube().patch(API_VERSION, "TrainingRun", item.name, namespace, build.suspend_patch())
+
+
+def _suspended(observed: Sequence[build.ObservedTrial]) -> list[build.ObservedTrial]:
+    """The trials as they are once the active ones are suspended."""
+    return [
+        dataclasses.replace(o, trial=dataclasses.replace(o.trial, state="Suspended"))
+        if o.trial.state in ACTIVE
+        else o
+        for o in observed
+    ]
 
 
 def _resume(namespace: str, observed: Sequence[build.ObservedTrial]) -> None:
