@@ -317,6 +317,57 @@ def test_budget_ends_the_sweep_and_suspends_running_trials(
     assert len(trials(api_client, namespace)) == 2
 
 
+def patch_sweep(api_client: client.ApiClient, namespace: str, spec: dict[str, Any]) -> None:
+    custom(api_client).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "sweeps", SWEEP, {"spec": spec}
+    )
+
+
+def test_suspend_and_resume_a_sweep(api_client: client.ApiClient, operator: str, volumes: None):
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, sweep(parallelTrials=2))
+    wait_trials(api_client, namespace, 2)
+    wait_phase(api_client, namespace, "TrainingRun", name(1), "Running", timeout=30)
+
+    patch_sweep(api_client, namespace, {"suspend": True})
+    suspended = wait_phase(api_client, namespace, "Sweep", SWEEP, "Suspended", timeout=30)
+    assert condition(suspended, "Suspended")["status"] == "True"
+    for index in range(2):
+        wait_phase(api_client, namespace, "TrainingRun", name(index), "Suspended", timeout=30)
+
+    patch_sweep(api_client, namespace, {"suspend": False})
+    wait_phase(api_client, namespace, "Sweep", SWEEP, "Running", timeout=30)
+    for index in range(2):
+        wait_phase(api_client, namespace, "TrainingRun", name(index), "Running", timeout=30)
+    found = trials(api_client, namespace)
+    assert sorted(found) == [name(0), name(1)]  # resumed, not replaced
+    assert not any(t["spec"]["suspend"] for t in found.values())
+
+
+def test_max_failed_trials_fails_the_sweep(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    manifest = sweep(parallelTrials=2, maxFailedTrials=1)
+    manifest["spec"]["template"]["maxRestarts"] = 0
+    create(api_client, namespace, manifest)
+    wait_trials(api_client, namespace, 2)
+    wait_phase(api_client, namespace, "TrainingRun", name(0), "Running", timeout=30)
+    core = client.CoreV1Api(api_client)
+    (pod,) = core.list_namespaced_pod(
+        namespace, label_selector=f"job-name={name(0)}-workers-0"
+    ).items
+    end_pod(core, namespace, pod.metadata.name, exit_code=1)
+
+    failed = wait_phase(api_client, namespace, "Sweep", SWEEP, "Failed", timeout=30)
+    assert condition(failed, "Failed")["reason"] == "MaxFailedTrialsReached"
+    assert failed["status"]["trials"]["failed"] == 1
+    assert trials(api_client, namespace)[name(1)]["spec"]["suspend"] is True
+    assert len(trials(api_client, namespace)) == 2
+
+
 def test_an_unknown_parameter_path_is_rejected_at_admission(
     api_client: client.ApiClient, namespace: str
 ) -> None:

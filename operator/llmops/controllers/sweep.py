@@ -188,7 +188,8 @@ def _create_trials(
     spec = sweep.spec
     trials: list[Trial] = [o.trial for o in observed]
     used = {t.index for t in trials}
-    active = sum(t.state in ACTIVE for t in trials)
+    # Suspended trials were just resumed: they take their slots again.
+    active = sum(t.state in (*ACTIVE, "Suspended") for t in trials)
     created = 0
     while len(trials) < budget and active < spec.parallel_trials:
         index = next(i for i in range(len(used) + 1) if i not in used)
