@@ -398,3 +398,17 @@ def test_a_trial_spec_that_is_no_valid_training_run_fails_the_sweep(
     assert reason["reason"] == "InvalidTrialSpec"
     assert "hyperparameters.learningRate" in reason["message"] and "lr=" in reason["message"]
     assert trials(api_client, namespace) == {}
+
+
+def test_values_that_do_not_fit_the_field_fail_the_sweep(
+    api_client: client.ApiClient, operator: str
+) -> None:
+    namespace = operator
+    # Admitted (the schema cannot convert values), refused by the operator naming the field.
+    layers = {"name": "layers", "path": "model.numLayers", "type": "categorical"}
+    create(api_client, namespace, sweep(parameters=[{**layers, "values": ["2", "many"]}]))
+    failed = wait_phase(api_client, namespace, "Sweep", SWEEP, "Failed", timeout=30)
+    reason = condition(failed, "Failed")
+    assert reason["reason"] == "InvalidSpec"
+    assert "values" in reason["message"] and "'many' is not an integer" in reason["message"]
+    assert trials(api_client, namespace) == {}

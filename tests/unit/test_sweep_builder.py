@@ -91,12 +91,17 @@ def test_unknown_path_is_rejected_naming_the_field() -> None:
         (
             {"name": "n", "path": "model.numLayers", "type": "float", "min": 1, "max": 4},
             "type",
-            "integer field",
+            "need a floating-point field",
         ),
         (
             {"name": "s", "path": "hyperparameters.schedule", "type": "float", "min": 1, "max": 4},
             "type",
-            "is not a number",
+            "need a floating-point field",
+        ),
+        (
+            {"name": "s", "path": "hyperparameters.schedule", "type": "int", "min": 1, "max": 4},
+            "type",
+            "type int needs an integer field",
         ),
         (
             {"name": "n", "path": "model.numLayers", "type": "categorical", "values": ["2", "x"]},

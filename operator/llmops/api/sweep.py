@@ -101,13 +101,31 @@ def convert(path: str, value: str | float) -> int | float | bool | str:
             raise ValueError(f"{value!r} is not a boolean (true or false)")
         return text == "true"
     if target is int:
-        number = float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an integer") from None
         if not number.is_integer():
             raise ValueError(f"{value!r} is not an integer")
         return int(number)
     if target is float:
-        return float(value)
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
     return str(value)
+
+
+def _paths_of(kind: Scalar) -> list[str]:
+    return sorted(path for path, scalar in TUNABLE_PATHS.items() if scalar is kind)
+
+
+def _cel_list(values: list[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+INT_PATHS = _paths_of(int)
+FLOAT_PATHS = _paths_of(float)
 
 
 ParameterName = Annotated[
@@ -160,6 +178,22 @@ class Parameter(ApiModel):
                 or (float(p.min).is_integer() and float(p.max).is_integer())
             ),
             field_path=".min",
+        ),
+        Rule(
+            cel=f"self.type != 'int' || self.path in {_cel_list(INT_PATHS)}",
+            message="type int needs an integer field as path; use categorical for others",
+            check=lambda p: p.type != "int" or p.path in INT_PATHS,
+            field_path=".type",
+        ),
+        Rule(
+            cel="!(self.type in ['float', 'log-uniform']) || "
+            f"self.path in {_cel_list(FLOAT_PATHS)}",
+            message=(
+                "types float and log-uniform need a floating-point field as path; "
+                "use int or categorical for others"
+            ),
+            check=lambda p: p.type not in ("float", "log-uniform") or p.path in FLOAT_PATHS,
+            field_path=".type",
         ),
         Rule(
             cel="!has(self.step) || self.type == 'int'",
@@ -232,19 +266,14 @@ class Parameter(ApiModel):
 
 
 def _fits_field(parameter: Parameter) -> Parameter:
-    """The parameter's type suits the field: a number range for a number, values that
-    convert to the field's type."""
-    target = TUNABLE_PATHS[parameter.path]
-    where = f"parameter {parameter.name!r} ({parameter.path})"
+    """Categorical values convert to the field's type (the CRD schema cannot check this:
+    the operator reports it as an InvalidSpec failure)."""
     if parameter.type == "categorical":
         try:
             parameter.choices()
         except ValueError as error:
+            where = f"parameter {parameter.name!r} ({parameter.path})"
             raise ValueError(f"values: {where}: {error}") from None
-    elif target not in (int, float):
-        raise ValueError(f"type: {where} is not a number; use type categorical")
-    elif target is int and parameter.type != "int":
-        raise ValueError(f"type: {where} is an integer field; use type int or categorical")
     return parameter
 
 

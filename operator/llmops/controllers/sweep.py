@@ -72,7 +72,11 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
                 {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
             )
         except ValidationError as error:
-            _finish(status, "Failed", "InvalidSpec", f"invalid Sweep: {error}", _now())
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+                for item in error.errors()
+            )
+            _finish(status, "Failed", "InvalidSpec", f"invalid Sweep: {problems}", _now())
             return
         _reconcile(body, sweep, status)
     finally:
