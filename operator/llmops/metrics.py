@@ -42,12 +42,13 @@ SWEEP_TRIALS_CREATED = Counter(
 SWEEP_TRIALS = Gauge(
     "llmops_operator_sweep_trials",
     "Trials of each Sweep, by state (pending, running, succeeded, failed, pruned, suspended).",
-    ["namespace", "sweep", "state"],
+    # Not `namespace`: Prometheus sets that label to the operator's own namespace.
+    ["sweep_namespace", "llmops_sweep", "state"],
 )
 SWEEP_BEST_OBJECTIVE = Gauge(
     "llmops_operator_sweep_best_objective",
     "Objective value of each Sweep's best trial so far, by objective metric.",
-    ["namespace", "sweep", "metric"],
+    ["sweep_namespace", "llmops_sweep", "metric"],
 )
 SWEEP_TRIALS_PRUNED = Counter(
     "llmops_operator_sweep_trials_pruned_total",

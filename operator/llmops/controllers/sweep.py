@@ -296,13 +296,15 @@ def _report(
     )
     meta = body["metadata"]
     for state in STATES:
-        SWEEP_TRIALS.labels(namespace=meta["namespace"], sweep=meta["name"], state=state).set(
-            tally[state]
-        )
+        SWEEP_TRIALS.labels(
+            sweep_namespace=meta["namespace"], llmops_sweep=meta["name"], state=state
+        ).set(tally[state])
     if best is not None:
         status.set(bestTrial=best)
         SWEEP_BEST_OBJECTIVE.labels(
-            namespace=meta["namespace"], sweep=meta["name"], metric=sweep.spec.objective.metric
+            sweep_namespace=meta["namespace"],
+            llmops_sweep=meta["name"],
+            metric=sweep.spec.objective.metric,
         ).set(best["value"])
         if best["name"] != previous_best:
             kopf.event(
