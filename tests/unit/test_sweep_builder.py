@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from llmops.api import KINDS, Sweep, TrainingRunSpec
-from llmops.api.sweep import TUNABLE_PATHS, Budget
+from llmops.api.sweep import MAX_INTERMEDIATE_VALUES, TUNABLE_PATHS, Budget
 from llmops.builders import sweep as build
 
 TEMPLATE = {
@@ -234,7 +234,7 @@ def test_intermediate_values_are_recorded_per_step_and_capped() -> None:
     for step in range(0, 200, 2):
         points = build.merge_intermediate(points, (step, 10.0 - step / 100))
         points = build.merge_intermediate(points, (step, 10.0 - step / 100))  # seen twice
-    assert len(points) <= 50
+    assert len(points) <= MAX_INTERMEDIATE_VALUES
     assert points[0]["step"] == 0 and points[-1]["step"] == 198
     assert [p["step"] for p in points] == sorted({p["step"] for p in points})
     assert build.merge_intermediate(points, (10, 0.0)) == points  # an older step is ignored

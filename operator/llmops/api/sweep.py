@@ -36,10 +36,11 @@ from llmops.api.trainingrun import TrainingRunSpec
 
 ParameterType = Literal["categorical", "int", "float", "log-uniform"]
 Scalar = type[int] | type[float] | type[bool] | type[str]
-# Longest suffix a trial name gets: `-trial-999` (maxTrials is at most 1000).
-MAX_TRIALS = 1000
+# Longest suffix a trial name gets: `-trial-499` (maxTrials is at most 500).
+MAX_TRIALS = 500
 MAX_SWEEP_NAME_LENGTH = 35
-MAX_INTERMEDIATE_VALUES = 50
+# Per trial; with MAX_TRIALS this keeps the status well under etcd's 1.5 MB object limit.
+MAX_INTERMEDIATE_VALUES = 30
 LEADERBOARD_SIZE = 10
 # Fields a sweep does not tune: the Dataset (immutable per run) and suspend (the sweep's own
 # lever for stopping trials).
