@@ -51,10 +51,6 @@ class Trial:
     intermediate: Sequence[tuple[int, float]] = field(default_factory=tuple)
 
 
-class InvalidSearchSpace(ValueError):
-    """The parameters describe no value to try."""
-
-
 def _int_values(parameter: Parameter) -> list[int]:
     assert parameter.min is not None and parameter.max is not None
     return list(range(int(parameter.min), int(parameter.max) + 1, parameter.step or 1))

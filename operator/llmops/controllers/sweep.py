@@ -40,7 +40,7 @@ from llmops.metrics import (
     SWEEP_TRIALS_CREATED,
     SWEEP_TRIALS_PRUNED,
 )
-from llmops.search import InvalidSearchSpace, Trial, median_rule_prunes, suggest, trial_budget
+from llmops.search import Trial, median_rule_prunes, suggest, trial_budget
 
 KIND = "Sweep"
 TERMINAL = ("Succeeded", "Failed")
@@ -120,11 +120,7 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
     observed.sort(key=lambda o: o.trial.index)
     observed = _early_stop(body, sweep, namespace, observed)
     _report(body, sweep, status, observed)
-    try:
-        budget = trial_budget(spec)
-    except InvalidSearchSpace as error:
-        _finish(status, "Failed", "InvalidSearchSpace", str(error), now)
-        return
+    budget = trial_budget(spec)
     tally = build.counts(observed)
     active = [o for o in observed if o.trial.state in ACTIVE]
 
