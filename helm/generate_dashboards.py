@@ -150,7 +150,8 @@ def dashboards() -> list[Dashboard]:
     training = Dashboard(
         "llmops-training",
         "llmops / Training",
-        "TrainingRuns: loss curves, throughput, MFU, memory and restarts (rank 0 of each gang).",
+        "TrainingRuns: loss curves, throughput, MFU, memory and restarts (rank 0 of each gang); "
+        "Sweeps: trials by state, best objective.",
         [
             ("namespace", "Namespace", "label_values(llmops_training_step, namespace)"),
             ("run", "TrainingRun", "label_values(llmops_training_step, llmops_training_run)"),
@@ -235,6 +236,41 @@ def dashboards() -> list[Dashboard]:
                                 'sum by (phase) (llmops_operator_resources{kind="TrainingRun"})'
                             )
                         },
+                    ),
+                ],
+            ),
+            (
+                "Sweeps",
+                [
+                    Panel(
+                        "Sweep trials by state",
+                        {
+                            "{{sweep_namespace}}/{{llmops_sweep}} {{state}}": (
+                                "sum by (sweep_namespace, llmops_sweep, state) "
+                                "(llmops_operator_sweep_trials)"
+                            )
+                        },
+                    ),
+                    Panel(
+                        "Best objective per sweep",
+                        {
+                            "{{sweep_namespace}}/{{llmops_sweep}} {{metric}}": (
+                                "llmops_operator_sweep_best_objective"
+                            )
+                        },
+                    ),
+                    Panel(
+                        "Trials created and pruned",
+                        {
+                            "created ({{algorithm}})": "sum by (algorithm) "
+                            "(increase(llmops_operator_sweep_trials_created_total[1h]))",
+                            "pruned ({{rule}})": "sum by (rule) "
+                            "(increase(llmops_operator_sweep_trials_pruned_total[1h]))",
+                        },
+                    ),
+                    Panel(
+                        "Sweeps by phase",
+                        {"{{phase}}": 'sum by (phase) (llmops_operator_resources{kind="Sweep"})'},
                     ),
                 ],
             ),

@@ -21,7 +21,15 @@ from typing import Any
 
 import yaml
 
-from llmops.api import GROUP, VERSION, Dataset, ModelDeployment, TrainingRun, TrainingSchedule
+from llmops.api import (
+    GROUP,
+    VERSION,
+    Dataset,
+    ModelDeployment,
+    Sweep,
+    TrainingRun,
+    TrainingSchedule,
+)
 from llmops.api.base import ApiModel
 from llmops.api.common import DNS_1035_LABEL, MAX_NAME_LENGTH
 
@@ -109,6 +117,23 @@ KINDS = [
             AGE,
             _column("Phase", ".status.phase", "string", "Lifecycle phase.", 1),
             _column("Next", ".status.nextScheduleTime", "date", "The next cron time.", 1),
+        ],
+    ),
+    Kind(
+        Sweep,
+        "sweeps",
+        "sw",
+        [
+            _column("Phase", ".status.phase", "string", "Lifecycle phase."),
+            _column("Done", ".status.trials.finished", "integer", "Trials finished."),
+            _column("Max", ".spec.maxTrials", "integer", "Trials to run in all."),
+            _column("Best", ".status.bestTrial.value", "number", "Best objective value."),
+            AGE,
+            _column("Running", ".status.trials.running", "integer", "Trials running.", 1),
+            _column(
+                "Best-Trial", ".status.bestTrial.name", "string", "Best trial's TrainingRun.", 1
+            ),
+            _column("Algorithm", ".spec.algorithm", "string", "Search algorithm.", 1),
         ],
     ),
 ]

@@ -38,7 +38,29 @@ ACCELERATOR_HOURS = Gauge(
     "llmops_trainingrun_accelerator_hours",
     "Accelerator-hours a TrainingRun has used (GPU-hours; pod-hours for a CPU gang), as in its "
     "status.acceleratorHours.",
-    ["namespace", "training_run"],
+    # Not `namespace`: Prometheus sets that label to the operator's own namespace.
+    ["training_run_namespace", "training_run"],
+)
+SWEEP_TRIALS_CREATED = Counter(
+    "llmops_operator_sweep_trials_created_total",
+    "Trial TrainingRuns created by Sweeps, by search algorithm.",
+    ["algorithm"],
+)
+SWEEP_TRIALS = Gauge(
+    "llmops_operator_sweep_trials",
+    "Trials of each Sweep, by state (pending, running, succeeded, failed, pruned, suspended).",
+    # Not `namespace`: Prometheus sets that label to the operator's own namespace.
+    ["sweep_namespace", "llmops_sweep", "state"],
+)
+SWEEP_BEST_OBJECTIVE = Gauge(
+    "llmops_operator_sweep_best_objective",
+    "Objective value of each Sweep's best trial so far, by objective metric.",
+    ["sweep_namespace", "llmops_sweep", "metric"],
+)
+SWEEP_TRIALS_PRUNED = Counter(
+    "llmops_operator_sweep_trials_pruned_total",
+    "Trials the early-stopping rule stopped.",
+    ["rule"],
 )
 
 

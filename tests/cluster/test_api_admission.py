@@ -22,6 +22,7 @@ PLURALS = {
     "Dataset": "datasets",
     "TrainingRun": "trainingruns",
     "ModelDeployment": "modeldeployments",
+    "Sweep": "sweeps",
 }
 
 

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import yaml
 from kubelet import condition, create, end_pod, finished_dataset, get, wait_phase, wait_status
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
+from test_sweep_controller import SWEEP, sweep
 from test_trainingrun_controller import training_run, wait_gang_running
 
 from build_components import component_bin_dirs
@@ -205,10 +207,15 @@ def chart_operator(
         rbac.delete_cluster_role(f"{RELEASE}-llmops-discovery-{namespace}")
 
 
+# An HTTP 403 as urllib3 logs it (`HTTP/1.1" 403 None`) or as ApiException prints it
+# (`(403)`); a bare "403" also turns up in timestamps and resourceVersions.
+HTTP_403 = re.compile(r'" 403 |\(403\)')
+
+
 def assert_never_refused(log: Captured) -> None:
-    refused = [line for line in log.lines if "403" in line or "forbidden" in line.lower()] + [
-        line for line in log.lines if "Not enough permissions" in line
-    ]
+    refused = [
+        line for line in log.lines if HTTP_403.search(line) or "forbidden" in line.lower()
+    ] + [line for line in log.lines if "Not enough permissions" in line]
     assert not refused, "the operator was refused:\n" + "\n".join(refused[:10])
 
 
@@ -285,6 +292,22 @@ def test_training_run_and_gang_restart_with_the_chart_identity(
     assert_pods_admitted(core, namespace, 2)
     assert_never_refused(chart_operator)
     assert_no_secret_values(api_client, namespace, chart_operator)
+
+
+def test_sweep_creates_and_suspends_trials_with_the_chart_identity(
+    api_client: client.ApiClient, restricted: str, chart_operator: Captured, volumes
+):
+    namespace = restricted
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, sweep(parallelTrials=2, budget={"maxWallTimeSeconds": 6}))
+
+    done = wait_phase(api_client, namespace, "Sweep", SWEEP, "Succeeded")
+    assert condition(done, "Complete")["reason"] == "BudgetExhausted"
+    assert done["status"]["trials"]["suspended"] == 2
+    for index in range(2):  # created, then suspended, under the chart's rules
+        trial = get(api_client, namespace, "TrainingRun", f"{SWEEP}-trial-{index}")
+        assert trial["spec"]["suspend"] is True
+    assert_never_refused(chart_operator)
 
 
 def test_dataset_with_s3_credentials_with_the_chart_identity(

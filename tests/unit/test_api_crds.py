@@ -25,6 +25,18 @@ MINIMAL: dict[str, dict[str, Any]] = {
         "schedule": "@daily",
         "template": {"datasetRef": {"name": "c"}, "hyperparameters": {"maxSteps": 10}},
     },
+    "Sweep": {
+        "template": {"datasetRef": {"name": "c"}, "hyperparameters": {"maxSteps": 10}},
+        "parameters": [
+            {
+                "name": "lr",
+                "path": "hyperparameters.learningRate",
+                "type": "float",
+                "min": 0.0001,
+                "max": 0.01,
+            }
+        ],
+    },
 }
 ids = [k.name for k in CRD_KINDS]
 
@@ -126,6 +138,7 @@ def test_subresources_and_printer_columns() -> None:
     assert columns("ModelDeployment") == ["Model", "Ready", "Endpoint", "Age"]
     assert columns("Dataset") == ["Phase", "Documents", "Tokens", "Age"]
     assert columns("TrainingSchedule") == ["Schedule", "Active", "Last-Run", "Age"]
+    assert columns("Sweep") == ["Phase", "Done", "Max", "Best", "Age"]
 
 
 def _apply_defaults(value: Any, schema: dict[str, Any]) -> Any:

@@ -82,6 +82,13 @@ def test_duplicates_unknown_kinds_and_foreign_objects() -> None:
     assert validate([config, QUICKSTART[0]])[1] == ["ConfigMap/c"]
 
 
+def test_a_sweep_is_refused_as_needing_a_cluster() -> None:
+    sweep = yaml.safe_load((ROOT / "examples" / "sweep.yaml").read_text())
+    with pytest.raises(InvalidManifests) as error:
+        validate([QUICKSTART[0], sweep])
+    assert str(error.value).startswith("Sweep/gpt-small-lr: a Sweep needs a cluster")
+
+
 def test_cli_refuses_invalid_manifests_before_anything_starts(tmp_path: Path, capsys) -> None:
     bad = copy.deepcopy(QUICKSTART[1])
     bad["spec"]["hyperparameters"]["learningRate"] = -1

@@ -3,6 +3,7 @@ What the operator does, verb by verb (tests/cluster/test_security.py runs the co
 with exactly these rules):
 - kopf: list/watch the kinds, patch them (its progress annotations and finalizer) and
   their status; create Events on them.
+- sweeps: create the trial TrainingRuns (server-side apply) and patch their spec.suspend.
 - controllers: read the kinds they reference (a TrainingRun's Dataset, a ModelDeployment's
   TrainingRun, a ModelDeployment's TrainingSchedule); create and delete the TrainingRuns
   of a TrainingSchedule; get + create + patch (server-side apply) every child; list and delete Jobs
@@ -11,10 +12,10 @@ with exactly these rules):
 */}}
 {{- define "llmops.rules" -}}
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets", "trainingruns", "modeldeployments", "trainingschedules"]
+  resources: ["datasets", "trainingruns", "modeldeployments", "trainingschedules", "sweeps"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["llmops.dev"]
-  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status", "trainingschedules/status"]
+  resources: ["datasets/status", "trainingruns/status", "modeldeployments/status", "trainingschedules/status", "sweeps/status"]
   verbs: ["patch"]
 - apiGroups: ["llmops.dev"]
   resources: ["trainingruns"]

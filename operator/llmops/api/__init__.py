@@ -1,5 +1,5 @@
 """The llmops API: spec and status of Dataset, TrainingRun, ModelDeployment and the kinds
-that automate them (TrainingSchedule).
+that automate them (TrainingSchedule, Sweep).
 
 These pydantic models are the single source of truth: the CRDs in crds/ are generated from
 them (`llmops crds`), the operator and the local runtime parse resources with them, and the
@@ -16,6 +16,7 @@ from llmops.api.modeldeployment import (
     ModelDeploymentSpec,
     ModelDeploymentStatus,
 )
+from llmops.api.sweep import Sweep, SweepSpec, SweepStatus
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec, TrainingRunStatus
 from llmops.api.trainingschedule import (
     TrainingSchedule,
@@ -26,12 +27,18 @@ from llmops.api.trainingschedule import (
 API_VERSION = f"{GROUP}/{VERSION}"
 
 KINDS: dict[
-    str, type[Dataset] | type[TrainingRun] | type[ModelDeployment] | type[TrainingSchedule]
+    str,
+    type[Dataset]
+    | type[TrainingRun]
+    | type[ModelDeployment]
+    | type[TrainingSchedule]
+    | type[Sweep],
 ] = {
     "Dataset": Dataset,
     "TrainingRun": TrainingRun,
     "ModelDeployment": ModelDeployment,
     "TrainingSchedule": TrainingSchedule,
+    "Sweep": Sweep,
 }
 
 __all__ = [
@@ -49,6 +56,9 @@ __all__ = [
     "ModelDeploymentStatus",
     "ObjectMeta",
     "Rule",
+    "Sweep",
+    "SweepSpec",
+    "SweepStatus",
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",

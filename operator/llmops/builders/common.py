@@ -14,6 +14,7 @@ OWNER_LABEL = {
     "TrainingRun": f"{GROUP}/training-run",
     "ModelDeployment": f"{GROUP}/model-deployment",
     "TrainingSchedule": f"{GROUP}/training-schedule",
+    "Sweep": f"{GROUP}/sweep",
 }
 MAX_NAME = 63  # DNS label: the strictest rule a child name may meet (Services, pod hostnames)
 

@@ -5,8 +5,9 @@ from llmops.controllers import (
     dataset,
     modeldeployment,
     settings,
+    sweep,
     trainingrun,
     trainingschedule,
 )
 
-__all__ = ["dataset", "modeldeployment", "settings", "trainingrun", "trainingschedule"]
+__all__ = ["dataset", "modeldeployment", "settings", "sweep", "trainingrun", "trainingschedule"]

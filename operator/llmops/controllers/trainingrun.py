@@ -148,7 +148,7 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
         if status.phase != "Running":
             status.set(accountedUntil=None)  # nothing runs: nothing to count until it does
         ACCELERATOR_HOURS.labels(
-            namespace=run.metadata.namespace, training_run=run.metadata.name
+            training_run_namespace=run.metadata.namespace, training_run=run.metadata.name
         ).set(float(status.status.get("acceleratorHours") or 0.0))
         status.write(patch)
 

@@ -48,8 +48,8 @@ def validate(documents: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
             continue
         if kind not in RANK:
             problems.append(
-                f"{describe(doc)}: a {kind} runs on a cluster only (the operator); "
-                f"`llmops run` runs {', '.join(RANK)}"
+                f"{describe(doc)}: a {kind} needs a cluster (the local runtime runs "
+                f"{', '.join(RANK)}); apply it with kubectl to a cluster running the operator"
             )
             continue
         try:
