@@ -412,3 +412,54 @@ def test_values_that_do_not_fit_the_field_fail_the_sweep(
     assert reason["reason"] == "InvalidSpec"
     assert "values" in reason["message"] and "'many' is not an integer" in reason["message"]
     assert trials(api_client, namespace) == {}
+
+
+def test_a_model_deployment_serves_the_best_trial(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    two_points = sweep(parallelTrials=2)
+    del two_points["spec"]["template"]["checkpointing"]  # a claim per trial, served from it
+    two_points["spec"]["parameters"][0]["values"] = ["0.001", "0.002"]
+    create(api_client, namespace, two_points)
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": "llmops.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "chat"},
+            "spec": {"model": {"sweep": {"name": SWEEP}}, "replicas": 1},
+        },
+    )
+    pending = wait_phase(api_client, namespace, "ModelDeployment", "chat", "Pending")
+    assert "has no best trial yet" in condition(pending, "Available")["message"]
+    wait_trials(api_client, namespace, 2)
+    finish(api_client, namespace, name(0), 2.4)
+    finish(api_client, namespace, name(1), 1.9)
+    wait_phase(api_client, namespace, "Sweep", SWEEP, "Succeeded", timeout=30)
+
+    def served() -> str | None:
+        with contextlib.suppress(ApiException):
+            deployment = client.AppsV1Api(api_client).read_namespaced_deployment(
+                "chat-server", namespace
+            )
+            return str(deployment.spec.template.metadata.annotations["llmops.dev/model-uri"])
+        return None
+
+    wait_for(
+        "best trial served",
+        lambda: served() == f"pvc://{name(1)}-checkpoints/output/model",
+        30,
+    )
+    wait_for(
+        "status names the trial",
+        lambda: (
+            (get(api_client, namespace, "ModelDeployment", "chat").get("status") or {}).get(
+                "servedRun"
+            )
+            == name(1)
+        ),
+        30,
+    )

@@ -51,7 +51,10 @@ class TrainingRunModel(ApiModel):
 class SweepModel(ApiModel):
     """The best trial of a Sweep in the same namespace."""
 
-    name: Name = Field(description="Name of the Sweep; its best trial's best checkpoint is served.")
+    name: Name = Field(
+        description="Name of the Sweep; its best trial's final model (latest checkpoint while "
+        "it runs) is served, and follows a new best trial."
+    )
 
 
 class TrainingScheduleModel(ApiModel):

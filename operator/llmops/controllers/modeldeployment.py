@@ -17,7 +17,7 @@ KIND = "ModelDeployment"
 
 
 def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, str]:
-    """(the TrainingRun to serve from, the checkpoint policy, or why there is none yet): a
+    """(the TrainingRun to serve from, the checkpoint policy, why there is none yet): a
     schedule is followed to its newest succeeded run, a sweep to its best trial."""
     source = md.spec.model
     if source.training_run is not None:
@@ -29,13 +29,15 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
             return None, "latest", f"TrainingSchedule {name!r} not found"
         run = (owner.get("status") or {}).get("lastSucceededRun")
         return run, "latest", "" if run else f"TrainingSchedule {name!r} has no finished run yet"
+    # A sweep ranks trials by their final metrics, so the best trial's final model (its
+    # latest checkpoint while it still runs) is what those metrics describe.
     assert source.sweep is not None
     name = source.sweep.name
     owner = common.kube().get(API_VERSION, "Sweep", name, namespace)
     if owner is None:
-        return None, "best", f"Sweep {name!r} not found"
+        return None, "latest", f"Sweep {name!r} not found"
     best = ((owner.get("status") or {}).get("bestTrial") or {}).get("name")
-    return best, "best", "" if best else f"Sweep {name!r} has no best trial yet"
+    return best, "latest", "" if best else f"Sweep {name!r} has no best trial yet"
 
 
 def resolve_model(
