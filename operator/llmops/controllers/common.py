@@ -3,6 +3,7 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 from collections import defaultdict
@@ -24,6 +25,21 @@ M = TypeVar("M", bound=BaseModel)
 RECONCILE_SECONDS = float(os.environ.get("LLMOPS_RECONCILE_SECONDS", "5"))
 
 _phases: dict[tuple[str, str], str] = {}  # (kind, uid) -> phase, for the RESOURCES gauge
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def timestamp(value: datetime.datetime) -> str:
+    """RFC 3339 in UTC, as the API server writes times."""
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def kube() -> Kube:
@@ -77,6 +93,16 @@ class StatusWriter:
             self.changed_conditions.append(
                 {"type": type_, "status": status, "reason": reason, "message": message}
             )
+
+    def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
+        """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
+        self.set(phase=phase, completionTime=timestamp(when))
+        self.condition("Running", "False", reason)
+        if phase == "Succeeded":
+            self.condition("Complete", "True", reason, message)
+        else:
+            self.condition("Failed", "True", reason, message)
+        self.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
 
     def write(self, patch: kopf.Patch) -> None:
         self.status["observedGeneration"] = self.body["metadata"].get("generation")

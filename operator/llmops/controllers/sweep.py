@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -48,20 +47,6 @@ ACTIVE = ("Pending", "Running")
 STATES = ("pending", "running", "succeeded", "failed", "pruned", "suspended")
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _timestamp(value: datetime.datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     status = common.StatusWriter(body, KIND)
     if status.phase in TERMINAL:
@@ -76,7 +61,7 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
                 f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
                 for item in error.errors()
             )
-            _finish(status, "Failed", "InvalidSpec", f"invalid Sweep: {problems}", _now())
+            status.finish("Failed", "InvalidSpec", f"invalid Sweep: {problems}", common.now())
             return
         _reconcile(body, sweep, status)
     finally:
@@ -106,10 +91,10 @@ def _trials(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWriter) -> None:
     spec = sweep.spec
     namespace: str = body["metadata"]["namespace"]
-    now = _now()
+    now = common.now()
     if not status.status.get("startTime"):
-        status.set(startTime=_timestamp(now))
-    started = _parse_time(status.status.get("startTime")) or now
+        status.set(startTime=common.timestamp(now))
+    started = common.parse_time(status.status.get("startTime")) or now
 
     previous = {r["name"]: r for r in status.status.get("trialRecords") or []}
     children = _trials(body)
@@ -127,8 +112,7 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
     if tally["failed"] >= spec.max_failed_trials:
         _stop_all(namespace, active)
         _report(body, sweep, status, _suspended(observed))
-        _finish(
-            status,
+        status.finish(
             "Failed",
             "MaxFailedTrialsReached",
             f"{tally['failed']} trial(s) failed (maxFailedTrials={spec.max_failed_trials})",
@@ -139,11 +123,10 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
     if exhausted:
         _stop_all(namespace, active)
         _report(body, sweep, status, _suspended(observed))
-        _finish(status, "Succeeded", "BudgetExhausted", exhausted, now)
+        status.finish("Succeeded", "BudgetExhausted", exhausted, now)
         return
     if tally["finished"] >= budget and not active and not tally["suspended"]:
-        _finish(
-            status,
+        status.finish(
             "Succeeded",
             "TrialsFinished",
             f"{tally['finished']} trial(s) finished: {tally['succeeded']} succeeded, "
@@ -197,7 +180,7 @@ def _create_trials(
         try:
             manifest = build.trial_manifest(body, sweep, index, params)
         except build.InvalidTrial as error:
-            _finish(status, "Failed", "InvalidTrialSpec", str(error), _now())
+            status.finish("Failed", "InvalidTrialSpec", str(error), common.now())
             return None
         # The index is unused among the listed trials, so this creates the trial; were it
         # there after all (a race), ensure returns it unchanged: a trial keeps its parameters.
@@ -309,18 +292,6 @@ def _report(
                 reason="NewBestTrial",
                 message=f"{best['name']}: {sweep.spec.objective.metric}={best['value']:.6g}",
             )
-
-
-def _finish(
-    status: common.StatusWriter, phase: str, reason: str, message: str, now: datetime.datetime
-) -> None:
-    status.set(phase=phase, completionTime=_timestamp(now))
-    status.condition("Running", "False", reason)
-    if phase == "Succeeded":
-        status.condition("Complete", "True", reason, message)
-    else:
-        status.condition("Failed", "True", reason, message)
-    status.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
 
 
 def forget_metrics(namespace: str, name: str) -> None:

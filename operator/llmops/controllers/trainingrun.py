@@ -89,20 +89,6 @@ def progress_status(
     return fields
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _timestamp(value: datetime.datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 def _index(pod: Mapping[str, Any]) -> str | None:
     annotations = pod["metadata"].get("annotations") or {}
     index: str | None = annotations.get("batch.kubernetes.io/job-completion-index")
@@ -140,7 +126,7 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     status = common.StatusWriter(body, KIND)
     if status.phase in TERMINAL:
         return
-    now = _now()
+    now = common.now()
     try:
         _account(run, status, now)
         _reconcile(body, run, status)
@@ -162,12 +148,12 @@ def accelerators(run: TrainingRun) -> int:
 def _account(run: TrainingRun, status: common.StatusWriter, now: datetime.datetime) -> None:
     """Add the time the gang ran since the last reconcile that saw it running (an operator
     that was down meanwhile still counts that time: the pods ran)."""
-    since = _parse_time(status.status.get("accountedUntil"))
+    since = common.parse_time(status.status.get("accountedUntil"))
     if status.phase == "Running" and since is not None:
         hours = max(0.0, (now - since).total_seconds()) / 3600 * accelerators(run)
         used = float(status.status.get("acceleratorHours") or 0.0) + hours
         status.set(acceleratorHours=round(used, 6))
-    status.set(accountedUntil=_timestamp(now))
+    status.set(accountedUntil=common.timestamp(now))
 
 
 def budget_exhausted(
@@ -180,7 +166,7 @@ def budget_exhausted(
     used = float(status.get("acceleratorHours") or 0.0)
     if budget.max_accelerator_hours is not None and used >= budget.max_accelerator_hours:
         return f"used {used:.3f} of {budget.max_accelerator_hours:g} accelerator-hours"
-    started = _parse_time(status.get("startTime"))
+    started = common.parse_time(status.get("startTime"))
     if budget.max_wall_time_seconds is not None and started is not None:
         elapsed = (now - started).total_seconds()
         if elapsed >= budget.max_wall_time_seconds:
@@ -229,9 +215,9 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
     status.condition(
         "Created", "True", "GangCreated", f"Job {job_name} with {spec.resources.num_nodes} pod(s)"
     )
-    now = _now()
+    now = common.now()
     if not status.status.get("startTime"):
-        status.set(startTime=_timestamp(now))
+        status.set(startTime=common.timestamp(now))
 
     spent = budget_exhausted(run, status.status, now)
     if spent:
@@ -252,7 +238,7 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
         # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates them.
         kube.patch("batch/v1", "Job", job_name, namespace, {"spec": {"suspend": spec.suspend}})
 
-    started = _parse_time(status.status.get("startTime"))
+    started = common.parse_time(status.status.get("startTime"))
     deadline = spec.active_deadline_seconds
     if deadline and started and (now - started).total_seconds() > deadline and not spec.suspend:
         kube.delete("batch/v1", "Job", job_name, namespace)
@@ -374,14 +360,9 @@ def _restart(
 def _finish(
     status: common.StatusWriter, phase: str, reason: str, message: str, now: datetime.datetime
 ) -> None:
-    status.set(phase=phase, completionTime=_timestamp(now))
-    status.condition("Running", "False", reason)
+    status.finish(phase, reason, message, now)
     if phase == "Succeeded":
-        status.condition("Complete", "True", reason, message)
         status.set(progress=100)
-    else:
-        status.condition("Failed", "True", reason, message)
-    status.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
 
 
 common.register(KIND, "trainingruns", reconcile)

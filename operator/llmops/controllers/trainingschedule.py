@@ -25,14 +25,14 @@ KIND = "TrainingSchedule"
 
 
 def _timestamp(value: datetime.datetime | None) -> str | None:
-    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    return common.timestamp(value) if value else None
 
 
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     schedule = common.parse(TrainingSchedule, body)
     status = common.StatusWriter(body, KIND)
     try:
-        _reconcile(body, schedule, status, datetime.datetime.now(datetime.UTC))
+        _reconcile(body, schedule, status, common.now())
     finally:
         status.write(patch)
 
@@ -74,9 +74,8 @@ def _reconcile(
     if common.is_complete(dataset):
         assert dataset is not None
         fingerprint = (dataset.get("status") or {}).get("fingerprint")
-    created = datetime.datetime.fromisoformat(
-        body["metadata"]["creationTimestamp"].replace("Z", "+00:00")
-    )
+    created = common.parse_time(body["metadata"]["creationTimestamp"])
+    assert created is not None
     reason, upcoming = build.due(schedule, runs, created, fingerprint, now)
     active = next((r for r in runs if not r.finished), None)
     succeeded = [r for r in runs if r.phase == "Succeeded"]
