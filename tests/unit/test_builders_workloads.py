@@ -7,11 +7,13 @@ import json
 
 import pytest
 
+from llmops.api.common import Scheduling
 from llmops.api.dataset import Dataset
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import dataset as ds_build
 from llmops.builders import storage
 from llmops.builders import trainingrun as tr_build
+from llmops.builders.pods import scheduling_fields
 from llmops.controllers.dataset import termination_report
 from llmops.controllers.trainingrun import checkpoints_status, parse_progress, progress_status
 
@@ -212,3 +214,24 @@ def test_dataset_pods_get_source_claims_credentials_and_a_reference_tokenizer():
     assert env["LLMOPS_REF_TOKENIZER"]["value"] == "/mnt/llmops/reference/g2/tokenizer.json"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["reference-tokenizer"]["persistentVolumeClaim"]["claimName"] == "base-data"
+
+
+def test_spot_placement_comes_from_the_chart_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduling = Scheduling(spot=True, node_selector={"pool": "gpu"})
+    monkeypatch.setenv(
+        "LLMOPS_SPOT_TOLERATIONS",
+        '[{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"}]',
+    )
+    monkeypatch.setenv("LLMOPS_SPOT_NODE_SELECTOR", '{"example.com/capacity": "spot"}')
+    fields = scheduling_fields(scheduling)
+    assert [t["key"] for t in fields["tolerations"]] == ["example.com/spot"]
+    # The spec's own selector wins where both name a label.
+    assert fields["nodeSelector"] == {"example.com/capacity": "spot", "pool": "gpu"}
+    monkeypatch.delenv("LLMOPS_SPOT_TOLERATIONS")
+    monkeypatch.delenv("LLMOPS_SPOT_NODE_SELECTOR")
+    assert {t["key"] for t in scheduling_fields(Scheduling(spot=True))["tolerations"]} == {
+        "cloud.google.com/gke-spot",
+        "kubernetes.azure.com/scalesetpriority",
+        "eks.amazonaws.com/capacityType",
+    }
+    assert "nodeSelector" not in scheduling_fields(Scheduling(spot=True))
