@@ -23,6 +23,7 @@ PLURALS = {
     "TrainingRun": "trainingruns",
     "ModelDeployment": "modeldeployments",
     "Sweep": "sweeps",
+    "TrainingSchedule": "trainingschedules",
 }
 
 
