@@ -6,6 +6,7 @@ status is computed from what is observed, so a restarted operator simply carries
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from llmops import GROUP, VERSION
 from llmops.api import API_VERSION
 from llmops.api.trainingrun import TrainingRun
 from llmops.builders import storage
@@ -366,3 +368,10 @@ def _finish(
 
 
 common.register(KIND, "trainingruns", reconcile)
+
+
+@kopf.on.delete(GROUP, VERSION, "trainingruns", optional=True)
+def forget_accelerator_hours(body: kopf.Body, **_: Any) -> None:
+    """A deleted run leaves the accelerator-hours gauge (its status held the total)."""
+    with contextlib.suppress(KeyError):
+        ACCELERATOR_HOURS.remove(body["metadata"]["namespace"], body["metadata"]["name"])
