@@ -317,6 +317,30 @@ def test_budget_ends_the_sweep_and_suspends_running_trials(
     assert len(trials(api_client, namespace)) == 2
 
 
+def test_an_accelerator_hour_budget_counts_what_the_trials_used(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    # Two CPU trials of one pod each: 2 pod-hours per hour, so 0.004 is spent in about 7 s.
+    create(
+        api_client,
+        namespace,
+        sweep(parallelTrials=2, maxTrials=4, budget={"maxAcceleratorHours": 0.004}),
+    )
+    wait_trials(api_client, namespace, 2)
+    done = wait_phase(api_client, namespace, "Sweep", SWEEP, "Succeeded", timeout=60)
+    complete = condition(done, "Complete")
+    assert complete["reason"] == "BudgetExhausted"
+    assert "accelerator" in complete["message"]
+    used = [
+        (t.get("status") or {}).get("acceleratorHours") or 0.0
+        for t in trials(api_client, namespace).values()
+    ]
+    assert sum(used) >= 0.004  # counted by the TrainingRun controller, summed by the Sweep
+    assert sorted(trials(api_client, namespace)) == [name(0), name(1)]
+
+
 def patch_sweep(api_client: client.ApiClient, namespace: str, spec: dict[str, Any]) -> None:
     custom(api_client).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "sweeps", SWEEP, {"spec": spec}
