@@ -85,6 +85,10 @@ def served_uri(api_client: client.ApiClient, namespace: str) -> str | None:
     return uri
 
 
+def deployment_status(api_client: client.ApiClient, namespace: str, field: str) -> Any:
+    return (get(api_client, namespace, "ModelDeployment", "chat").get("status") or {}).get(field)
+
+
 def test_dataset_versions_start_runs_that_continue_and_the_gate_holds_back_a_worse_model(
     api_client: client.ApiClient, operator: str, volumes
 ):
@@ -128,12 +132,7 @@ def test_dataset_versions_start_runs_that_continue_and_the_gate_holds_back_a_wor
     wait_for("first model served", lambda: served_uri(api_client, namespace) == first_model, 30)
     wait_for(
         "served evaluation recorded",
-        lambda: (
-            (get(api_client, namespace, "ModelDeployment", "chat").get("status") or {}).get(
-                "servedEvaluation"
-            )
-            == {"loss": 2.0}
-        ),
+        lambda: deployment_status(api_client, namespace, "servedEvaluation") == {"loss": 2.0},
         30,
     )
 
@@ -147,8 +146,7 @@ def test_dataset_versions_start_runs_that_continue_and_the_gate_holds_back_a_wor
     finish(api_client, namespace, f"{SCHEDULE}-2", loss=2.5)  # 25% worse than served
 
     def held_back() -> str:
-        status = get(api_client, namespace, "ModelDeployment", "chat").get("status") or {}
-        return str(status.get("heldBack") or "")
+        return str(deployment_status(api_client, namespace, "heldBack") or "")
 
     wait_for("gate holds the worse model back", lambda: f"{SCHEDULE}-2" in held_back(), 30)
     assert "worse than the served model's 2" in held_back()
@@ -164,12 +162,7 @@ def test_dataset_versions_start_runs_that_continue_and_the_gate_holds_back_a_wor
     wait_for("better model served", lambda: served_uri(api_client, namespace) == third_model, 30)
     wait_for(
         "status follows the rollout",
-        lambda: (
-            (get(api_client, namespace, "ModelDeployment", "chat").get("status") or {}).get(
-                "servedRun"
-            )
-            == f"{SCHEDULE}-3"
-        ),
+        lambda: deployment_status(api_client, namespace, "servedRun") == f"{SCHEDULE}-3",
         30,
     )
     assert not held_back()
