@@ -237,6 +237,14 @@ def dashboards() -> list[Dashboard]:
                             )
                         },
                     ),
+                    Panel(
+                        "Accelerator-hours per run (cost)",
+                        {
+                            "{{training_run_namespace}}/{{training_run}}": (
+                                "llmops_trainingrun_accelerator_hours"
+                            )
+                        },
+                    ),
                 ],
             ),
             (
