@@ -4,6 +4,13 @@ limit, and a ModelDeployment following it rolls out only models that pass its ga
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kubelet import HOLD_SCHEDULING, condition, create, custom, finished_dataset, get, wait_phase
@@ -14,6 +21,7 @@ from controlplane import wait_for
 
 GROUP, VERSION = "llmops.dev", "v1alpha1"
 SCHEDULE = "nightly"
+OPERATOR = [sys.executable, "-m", "llmops", "operator"]
 
 
 def schedule(**spec: Any) -> dict[str, Any]:
@@ -186,3 +194,37 @@ def test_an_invalid_cron_expression_is_reported(
     create(api_client, namespace, schedule(schedule="61 * * * *"))
     failed = wait_phase(api_client, namespace, "TrainingSchedule", SCHEDULE, "Failed")
     assert "spec.schedule" in condition(failed, "Ready")["message"]
+
+
+def test_a_restarted_operator_starts_no_run_twice(
+    api_client: client.ApiClient,
+    kubeconfig: Path,
+    namespace: str,
+    start_operator: Callable[[], None],
+    volumes: None,
+):
+    finished_dataset(api_client, namespace, "corpus")
+    new_version(api_client, namespace, "fp-1")
+    create(api_client, namespace, schedule())
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LLMOPS_RECONCILE_SECONDS": "1"}
+    first = subprocess.Popen(
+        [*OPERATOR, "--namespace", namespace, "--metrics-port", "0", "--liveness", ""],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("first run", lambda: run_exists(api_client, namespace, f"{SCHEDULE}-1"), 30)
+    finally:
+        first.send_signal(signal.SIGKILL)  # perhaps before the schedule's status was written
+        first.wait(30)
+    uid = get(api_client, namespace, "TrainingRun", f"{SCHEDULE}-1")["metadata"]["uid"]
+
+    start_operator()
+    status = wait_phase(api_client, namespace, "TrainingSchedule", SCHEDULE, "Running")["status"]
+    time.sleep(3)  # several more reconciles
+    runs = custom(api_client).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "trainingruns"
+    )["items"]
+    assert [(r["metadata"]["name"], r["metadata"]["uid"]) for r in runs] == [(f"{SCHEDULE}-1", uid)]
+    assert status["active"] == f"{SCHEDULE}-1" and status["lastDatasetFingerprint"] == "fp-1"
