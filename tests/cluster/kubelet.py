@@ -34,19 +34,24 @@ def get(api_client: client.ApiClient, namespace: str, kind: str, name: str) -> d
     return found
 
 
-def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    """A Dataset whose processing is done: its output claim and the status its controller
-    would write."""
+def claim(api_client: client.ApiClient, namespace: str, name: str) -> None:
+    """A 1Gi ReadWriteMany PersistentVolumeClaim (the `volumes` fixture provides the PVs)."""
     client.CoreV1Api(api_client).create_namespaced_persistent_volume_claim(
         namespace,
         {
-            "metadata": {"name": f"{name}-data"},
+            "metadata": {"name": name},
             "spec": {
                 "accessModes": ["ReadWriteMany"],
                 "resources": {"requests": {"storage": "1Gi"}},
             },
         },
     )
+
+
+def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    """A Dataset whose processing is done: its output claim and the status its controller
+    would write."""
+    claim(api_client, namespace, f"{name}-data")
     create(
         api_client,
         namespace,

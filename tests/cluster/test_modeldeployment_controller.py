@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubelet import condition, create, custom, install_stand_in_crd, wait_phase, wait_status
+from kubelet import claim, condition, create, custom, install_stand_in_crd, wait_phase, wait_status
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -23,19 +23,6 @@ def model_deployment(**spec: Any) -> dict[str, Any]:
         "metadata": {"name": NAME},
         "spec": {"model": {"uri": "pvc://models/gpt/final"}, "replicas": 2, **spec},
     }
-
-
-def claim(api_client: client.ApiClient, namespace: str, name: str) -> None:
-    client.CoreV1Api(api_client).create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": name},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
 
 
 def test_serving_objects_scale_subresource_and_status(

@@ -23,7 +23,16 @@ from typing import Any
 
 import pytest
 import yaml
-from kubelet import condition, create, end_pod, finished_dataset, get, wait_phase, wait_status
+from kubelet import (
+    claim,
+    condition,
+    create,
+    end_pod,
+    finished_dataset,
+    get,
+    wait_phase,
+    wait_status,
+)
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 from test_sweep_controller import SWEEP, sweep
@@ -348,16 +357,7 @@ def test_model_deployment_with_an_auth_token_with_the_chart_identity(
     api_client: client.ApiClient, restricted: str, chart_operator: Captured, volumes
 ):
     namespace = restricted
-    client.CoreV1Api(api_client).create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": "models"},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
+    claim(api_client, namespace, "models")
     create(
         api_client,
         namespace,

@@ -184,7 +184,8 @@ def test_dataset_versions_start_runs_that_continue_and_the_gate_holds_back_a_wor
     )
     events = client.CoreV1Api(api_client).list_namespaced_event(namespace).items
     assert any(e.reason == "HeldBackByGate" for e in events)
-    assert condition(get(api_client, namespace, "TrainingSchedule", SCHEDULE), "Ready")
+    ready = condition(get(api_client, namespace, "TrainingSchedule", SCHEDULE), "Ready")
+    assert ready is not None and ready["status"] == "True"
 
 
 def test_an_invalid_cron_expression_is_reported(

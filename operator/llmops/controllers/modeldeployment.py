@@ -101,11 +101,12 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         model=build.served_name(md),
         url=build.url(md, namespace),
     )
-    serving = _current_model(namespace, md)
-    held_back = None
     gate = md.spec.model.gate
+    # What the Deployment serves now: needed only to keep it or to gate a change.
+    serving = _current_model(namespace, md) if model_uri is None or gate else None
+    held_back = None
+    evaluation = (run or {}).get("status", {}).get("finalEvaluation")
     if model_uri is not None and gate is not None and serving and model_uri != serving:
-        evaluation = (run or {}).get("status", {}).get("finalEvaluation")
         held_back = build.gate_verdict(gate, evaluation, status.status.get("servedEvaluation"))
         if held_back:
             held_back = f"{described}: {held_back}"
@@ -128,9 +129,8 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         model_uri = serving
         if model_uri is None:
             return
-    elif model_uri != serving or status.status.get("servedRun") is None:
+    elif not held_back:
         # What the gate compares the next model with: the evaluation of what is rolled out.
-        evaluation = (run or {}).get("status", {}).get("finalEvaluation")
         status.set(servedRun=run_name, servedEvaluation=evaluation or None)
 
     common.ensure_child(KIND, build.config_map(body))

@@ -131,7 +131,7 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     now = common.now()
     try:
         _account(run, status, now)
-        _reconcile(body, run, status)
+        _reconcile(body, run, status, now)
     finally:
         if status.phase != "Running":
             status.set(accountedUntil=None)  # nothing runs: nothing to count until it does
@@ -176,7 +176,9 @@ def budget_exhausted(
     return None
 
 
-def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusWriter) -> None:
+def _reconcile(
+    body: Mapping[str, Any], run: TrainingRun, status: common.StatusWriter, now: datetime.datetime
+) -> None:
     spec = run.spec
     namespace: str = body["metadata"]["namespace"]
     kube = common.kube()
@@ -217,7 +219,6 @@ def _reconcile(body: Mapping[str, Any], run: TrainingRun, status: common.StatusW
     status.condition(
         "Created", "True", "GangCreated", f"Job {job_name} with {spec.resources.num_nodes} pod(s)"
     )
-    now = common.now()
     if not status.status.get("startTime"):
         status.set(startTime=common.timestamp(now))
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +75,11 @@ def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[Inpu
     return inputs
 
 
-def expand_path(path: str, environ: dict[str, str] | None = None) -> str:
+def expand_path(path: str, environ: Mapping[str, str] | None = None) -> str:
     """Replace `$(VAR)` with the environment's VAR; `PYTHON_STDLIB` defaults to this
     interpreter's standard library folder (text every machine with Python has)."""
-    env = {"PYTHON_STDLIB": sysconfig.get_paths()["stdlib"], **(environ or os.environ)}
+    given = os.environ if environ is None else environ
+    env = {"PYTHON_STDLIB": sysconfig.get_paths()["stdlib"], **given}
 
     def value(match: re.Match[str]) -> str:
         name = match.group(1)
