@@ -186,7 +186,7 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     """Document id -> the stage that dropped it ('' when kept)."""
     from llmops.api.dataset import Dataset
     from llmops_trainer.data import Options, run_local
-    from llmops_trainer.data.filters import QualityRules
+    from llmops_trainer.data.steps import PIPELINE
 
     dataset = Dataset.model_validate(
         {
@@ -209,6 +209,7 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
                             "threshold": 1e-6,
                         },
                     },
+                    # Gopher's published thresholds, as datatrove's filters default to.
                     "filters": {
                         "minWords": 50,
                         "maxWords": 100000,
@@ -223,9 +224,7 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
             },
         }
     )
-    run_local(
-        dataset, work / "out", 1, options=Options(rules=QualityRules(), detect_language=False)
-    )
+    run_local(dataset, work / "out", 1, options=Options(detect_language=False))
     import numpy as np
 
     decisions = np.load(work / "out" / ".work" / "decisions.npz")
@@ -235,20 +234,18 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     for position, code in zip(
         decisions["positions"].tolist(), decisions["codes"].tolist(), strict=True
     ):
-        fate[ids[position]] = _stage_of(reasons[code])
+        fate[ids[position]] = "" if code == 0 else STAGE_OF_STEP[PIPELINE.step_of(reasons[code])]
     return fate
 
 
-def _stage_of(reason: str) -> str:
-    if reason == "kept":
-        return ""
-    if reason.startswith("gopher_") or reason == "empty":
-        return "quality"
-    if reason == "exact-duplicate":
-        return "exact"
-    if reason == "near-duplicate":
-        return "near"
-    return "repetition"
+# Our steps as datatrove's stages (it drops empty documents in its quality filter).
+STAGE_OF_STEP = {
+    "normalize": "quality",
+    "filter-quality": "quality",
+    "filter-repetition": "repetition",
+    "dedup-exact": "exact",
+    "dedup-near": "near",
+}
 
 
 def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:

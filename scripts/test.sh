@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every check and every test tier: lint, types, then unit, cluster, trainer and e2e tests.
+# Runs every check and every test tier: lint, types, import layers, then unit, cluster, trainer
+# and e2e tests.
 # Extra arguments go to pytest (e.g. `scripts/test.sh -m unit`).
 set -euo pipefail
 source "$(dirname "$0")/env.sh" "dev,local"
@@ -10,6 +11,8 @@ ruff check .
 ruff format --check .
 echo "==> mypy"
 mypy
+echo "==> import-linter"
+lint-imports
 
 echo "==> control plane components (built from upstream Go modules, cached)"
 python tests/cluster/build_components.py

@@ -42,10 +42,12 @@ def _source_root() -> Path:
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
-    from llmops.crdgen import write_all
+    from llmops.crdgen import outputs, write_all
 
-    for path in write_all(Path(args.output)):
-        print(f"wrote {path}")
+    folders = [Path(p) for p in args.output] if args.output else outputs(_source_root())
+    for folder in folders:
+        for path in write_all(folder):
+            print(f"wrote {path}")
     return 0
 
 
@@ -81,8 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument(
         "--output",
         "-o",
-        default=str(_source_root() / "crds"),
-        help="folder to write one YAML file per kind into (default: crds/ of the source tree)",
+        action="append",
+        metavar="DIR",
+        help=(
+            "folder to write one YAML file per kind into (repeatable; default: crds/ and "
+            "helm/llmops/crds/ of the source tree)"
+        ),
     )
     crds.set_defaults(func=_cmd_crds)
 

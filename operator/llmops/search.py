@@ -17,18 +17,15 @@ import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
-
-import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Literal
 
 from llmops.api.sweep import Parameter, SweepSpec
+
+# Optuna (and the numpy it pulls in) is imported only where TPE needs it, so importing the
+# controllers, and every grid or random sweep, does without it.
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial
 
 Value = int | float | bool | str
 Params = dict[str, Value]
@@ -36,8 +33,6 @@ Direction = Literal["minimize", "maximize"]
 DEFAULT_GRID_POINTS = 3
 # Trials TPE draws at random before it starts modelling (Optuna's default is 10).
 TPE_STARTUP_TRIALS = 4
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -112,6 +107,12 @@ def random_point(parameters: Sequence[Parameter], seed: int, index: int) -> Para
 
 
 def distribution(parameter: Parameter) -> BaseDistribution:
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
     if parameter.type == "categorical":
         return CategoricalDistribution(parameter.choices())
     assert parameter.min is not None and parameter.max is not None
@@ -121,9 +122,10 @@ def distribution(parameter: Parameter) -> BaseDistribution:
     return FloatDistribution(parameter.min, parameter.max, log=parameter.type == "log-uniform")
 
 
-def _frozen(
-    trial: Trial, distributions: dict[str, BaseDistribution]
-) -> optuna.trial.FrozenTrial | None:
+def _frozen(trial: Trial, distributions: dict[str, BaseDistribution]) -> FrozenTrial | None:
+    import optuna
+    from optuna.trial import TrialState
+
     params = {k: v for k, v in trial.params.items() if k in distributions}
     if set(params) != set(distributions):
         return None  # a trial from before the parameters changed
@@ -161,6 +163,9 @@ def tpe_point(
     instead of all landing on the same point. The sampler's seed mixes in the index so each
     suggestion is reproducible on its own.
     """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions = {p.name: distribution(p) for p in parameters}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

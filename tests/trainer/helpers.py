@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from llmops.api.trainingrun import TrainingRun
-from llmops_trainer.launch import torchrun_command, trainer_env
+from llmops.api.workload import torchrun_command, trainer_env
 from llmops_trainer.shards import Manifest, ShardWriter, write_manifest
 
 VOCAB = 32

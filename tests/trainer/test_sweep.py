@@ -13,8 +13,9 @@ from typing import Any
 from helpers import Job, training_run
 
 from llmops.api.sweep import Sweep
+from llmops.api.trainingrun import TrainingRunStatus
 from llmops.builders import sweep as build
-from llmops.controllers.trainingrun import progress_status
+from llmops.decide.trainingrun import apply_progress
 from llmops.search import suggest, trial_budget
 from llmops_trainer.progress import read_progress
 
@@ -63,9 +64,10 @@ def test_a_tiny_sweep_reports_the_trial_with_the_lowest_validation_loss(
         code = run.run(timeout=300)
         assert code == 0, run.log.read_text()[-4000:]
         record = read_progress(run.output)
-        assert record is not None and record["phase"] == "Completed"
-        now = datetime.datetime.now(datetime.UTC)
-        trial["status"] = {"phase": "Succeeded", **progress_status(record, None, now)}
+        assert record is not None and record.phase == "Completed"
+        status = TrainingRunStatus(phase="Succeeded")
+        apply_progress(status, record, "pvc://unused", datetime.datetime.now(datetime.UTC))
+        trial["status"] = status.to_dict()
         children.append(trial)
 
     observed = [build.observe(c, "validationLoss", None) for c in children]

@@ -13,8 +13,9 @@ import pytest
 from conftest import REFERENCE_STEPS, reference_run
 from helpers import Job, make_dataset, training_run
 
+from llmops.api.workload import parse_progress_line
 from llmops_trainer import checkpoint
-from llmops_trainer.progress import parse_log_line, read_progress
+from llmops_trainer.progress import read_progress
 
 LOSS_TOLERANCE = 1e-4  # same computation, same order: only float noise
 
@@ -34,12 +35,14 @@ def test_loss_goes_down_and_the_run_leaves_a_model(reference: Job) -> None:
 
     progress = read_progress(reference.output)
     assert progress is not None
-    assert progress["phase"] == "Completed"
-    assert (progress["step"], progress["totalSteps"]) == (REFERENCE_STEPS, REFERENCE_STEPS)
-    assert progress["latestCheckpoint"] == f"step-{REFERENCE_STEPS}"
-    assert progress["gradNorm"] > 0 and progress["learningRate"] > 0
-    logged = [parse_log_line(line) for line in reference.log.read_text().splitlines()]
-    assert [p["step"] for p in logged if p and p["phase"] == "Training"][-1] == REFERENCE_STEPS
+    assert progress.phase == "Completed"
+    assert (progress.step, progress.total_steps) == (REFERENCE_STEPS, REFERENCE_STEPS)
+    assert progress.latest_checkpoint == f"step-{REFERENCE_STEPS}"
+    assert progress.grad_norm and progress.grad_norm > 0
+    assert progress.learning_rate and progress.learning_rate > 0
+    assert progress.validation is not None and progress.validation.accuracy is not None
+    logged = [parse_progress_line(line) for line in reference.log.read_text().splitlines()]
+    assert [p.step for p in logged if p and p.phase == "Training"][-1] == REFERENCE_STEPS
 
     # Retention: the last two plus the best; `latest` names the newest.
     kept = [path.name for _, path in checkpoint.published(reference.checkpoints)]
@@ -114,7 +117,7 @@ def test_sigterm_saves_a_valid_checkpoint_and_resume_continues(
     state = checkpoint.read_state(folder)
     assert state["reason"] == "SIGTERM" and 5 <= state["step"] < REFERENCE_STEPS
     progress = read_progress(run.output)
-    assert progress is not None and progress["phase"] == "Interrupted"
+    assert progress is not None and progress.phase == "Interrupted"
 
     assert run.run() == 0, run.log.read_text()[-4000:]
     assert f"resuming from {latest}" in run.log.read_text()

@@ -14,7 +14,7 @@ import yaml
 from llmops.api import KINDS
 from llmops.cli import main
 from llmops.crdgen import KINDS as CRD_KINDS
-from llmops.crdgen import Kind, crd, render
+from llmops.crdgen import Kind, crd, outputs, render
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL: dict[str, dict[str, Any]] = {
@@ -56,11 +56,38 @@ def _nodes(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[s
         yield from _nodes(schema["additionalProperties"], f"{path}{{}}")
 
 
-@pytest.mark.parametrize("kind", CRD_KINDS, ids=ids)
-def test_committed_crds_are_current(kind: Kind) -> None:
-    committed = ROOT / "crds" / kind.filename
-    assert committed.is_file(), f"run `llmops crds` to create {committed}"
-    assert committed.read_text() == render(kind), "crds/ is stale: run `llmops crds`"
+FOLDERS = ["crds", "helm/llmops/crds"]
+
+
+def test_generator_writes_crds_and_the_charts_copy() -> None:
+    assert outputs(ROOT) == [ROOT / folder for folder in FOLDERS]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_committed_crds_are_current(folder: str) -> None:
+    """crds/ and the chart's crds/ hold exactly what `llmops crds` writes."""
+    committed = ROOT / folder
+    assert sorted(p.name for p in committed.glob("*.yaml")) == sorted(
+        k.filename for k in CRD_KINDS
+    ), f"{folder}/ is stale: run `llmops crds`"
+    for kind in CRD_KINDS:
+        text = (committed / kind.filename).read_text()
+        assert text == render(kind), f"{folder}/{kind.filename} is stale: run `llmops crds`"
+
+
+def test_cli_writes_both_folders_of_a_source_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "helm" / "llmops").mkdir(parents=True)
+    (tmp_path / "helm" / "llmops" / "Chart.yaml").write_text("name: llmops\n")
+    stale = tmp_path / "crds" / "llmops.dev_removedkinds.yaml"
+    stale.parent.mkdir()
+    stale.write_text("kind: CustomResourceDefinition\n")
+    monkeypatch.setattr("llmops.cli._source_root", lambda: tmp_path)
+    assert main(["crds"]) == 0
+    for folder in FOLDERS:
+        written = {p.name: p.read_text() for p in (tmp_path / folder).iterdir()}
+        assert written == {k.filename: render(k) for k in CRD_KINDS}
 
 
 def test_cli_writes_one_file_per_kind(tmp_path: Path) -> None:
@@ -111,11 +138,15 @@ def test_schema_is_structural(kind: Kind) -> None:
             assert node.get("type") == "object", path
         if node.get("type") == "array":  # bounds CEL cost and object size
             assert "maxItems" in node, f"{path} has no maxItems"
-    # Free-form only where it truly is: affinity and the raw DeepSpeed config.
+    # Free-form only where it truly is: affinity and the raw DeepSpeed config (whose sections
+    # that declare refused keys stay free-form too).
     free_paths = [
         p for p, n in _nodes(_schema(kind)) if n.get("x-kubernetes-preserve-unknown-fields")
     ]
-    assert all(p.endswith((".affinity", ".deepspeed.config")) for p in free_paths), free_paths
+    assert all(
+        p.endswith((".affinity", ".deepspeed.config")) or ".deepspeed.config." in p
+        for p in free_paths
+    ), free_paths
 
 
 def test_subresources_and_printer_columns() -> None:

@@ -15,6 +15,8 @@ import yaml
 from pydantic import ValidationError
 
 from llmops.api import KINDS, DatasetSpec, ModelDeploymentSpec, TrainingRun, TrainingRunSpec
+from llmops.api.ds_overlay import OWNED
+from llmops.api.trainingrun import DeepSpeed
 from llmops.manifests import load_manifests
 from llmops_trainer.data.collect import list_inputs
 
@@ -122,6 +124,41 @@ def test_global_batch_size_rule() -> None:
         TrainingRunSpec.model_validate(
             {**base, "hyperparameters": {**ok, "gradientAccumulationSteps": 3}}
         )
+
+
+@pytest.mark.parametrize("key", list(OWNED))
+def test_overlay_keys_owned_by_typed_fields_are_refused(key: str) -> None:
+    """Every refused key, nested as DeepSpeed nests it, fails naming its path; the CRD carries
+    the same refusal as a CEL rule reported at that path."""
+    overlay: dict[str, Any] = {"kept": 1}
+    node = overlay
+    *sections, leaf = key.split(".")
+    for section in sections:
+        node = node.setdefault(section, {"tuned": 1})
+    node[leaf] = {} if OWNED[key][1] == "object" else 1
+    spec = {"datasetRef": {"name": "c"}, "hyperparameters": {"maxSteps": 5}}
+    with pytest.raises(ValidationError, match=rf"config\.{re.escape(key)}: set by"):
+        TrainingRunSpec.model_validate({**spec, "deepspeed": {"config": overlay}})
+    (rule,) = [r for r in DeepSpeed.cel_rules if r.field_path == f".config.{key}"]
+    assert rule.cel.startswith("!has(self.config) || ")
+    assert rule.cel.endswith(f"!has(self.config.{key})")
+
+
+def test_overlay_may_tune_what_typed_fields_leave_open() -> None:
+    overlay = {
+        "zero_optimization": {"overlap_comm": True, "offload_optimizer": {"pin_memory": False}},
+        "optimizer": {"params": {"betas": [0.9, 0.99]}},
+        "fp16": {"initial_scale_power": 12},
+        "activation_checkpointing": {"partition_activations": True},
+    }
+    spec = TrainingRunSpec.model_validate(
+        {
+            "datasetRef": {"name": "c"},
+            "hyperparameters": {"maxSteps": 5},
+            "deepspeed": {"config": overlay},
+        }
+    )
+    assert spec.deepspeed.config == overlay
 
 
 def test_unknown_fields_are_rejected() -> None:

@@ -10,15 +10,19 @@ import pytest
 from pydantic import ValidationError
 
 from llmops.api.modeldeployment import EvaluationGate, ModelSource
-from llmops.api.trainingrun import TrainingRun
+from llmops.api.trainingrun import TrainingRun, TrainingRunStatus
 from llmops.api.trainingschedule import TrainingSchedule
 from llmops.builders import trainingschedule as build
 from llmops.builders.modeldeployment import gate_verdict
-from llmops.controllers.trainingrun import accelerators, budget_exhausted
+from llmops.decide.trainingrun import accelerators, budget_exhausted
 
 UTC = datetime.UTC
 CREATED = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 TEMPLATE = {"datasetRef": {"name": "corpus"}, "hyperparameters": {"maxSteps": 10}}
+
+
+def status(**fields: Any) -> TrainingRunStatus:
+    return TrainingRunStatus.model_validate(fields)
 
 
 def schedule(**spec: Any) -> TrainingSchedule:
@@ -155,10 +159,10 @@ def test_budgets() -> None:
     assert accelerators(tr) == 16
     now = datetime.datetime(2026, 11, 1, 13, 0, tzinfo=UTC)
     assert (
-        budget_exhausted(tr, {"acceleratorHours": 9.5, "startTime": "2026-11-01T12:30:00Z"}, now)
+        budget_exhausted(tr, status(acceleratorHours=9.5, startTime="2026-11-01T12:30:00Z"), now)
         is None
     )
-    assert "10 accelerator-hours" in str(budget_exhausted(tr, {"acceleratorHours": 10.0}, now))
+    assert "10 accelerator-hours" in str(budget_exhausted(tr, status(acceleratorHours=10.0), now))
     assert "maxWallTimeSeconds=3600" in str(
-        budget_exhausted(tr, {"startTime": "2026-11-01T11:59:00Z"}, now)
+        budget_exhausted(tr, status(startTime="2026-11-01T11:59:00Z"), now)
     )

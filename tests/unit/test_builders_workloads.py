@@ -9,13 +9,14 @@ import pytest
 
 from llmops.api.common import Scheduling
 from llmops.api.dataset import Dataset
-from llmops.api.trainingrun import TrainingRun
+from llmops.api.trainingrun import TrainingRun, TrainingRunStatus
+from llmops.api.workload import TrainerReport, TrainingProgress, last_progress, read_record
 from llmops.builders import dataset as ds_build
 from llmops.builders import storage
 from llmops.builders import trainingrun as tr_build
 from llmops.builders.pods import scheduling_fields
-from llmops.controllers.dataset import termination_report
-from llmops.controllers.trainingrun import checkpoints_status, parse_progress, progress_status
+from llmops.decide.status import termination_message
+from llmops.decide.trainingrun import apply_progress, checkpoints
 
 RUN = {
     "apiVersion": "llmops.dev/v1alpha1",
@@ -122,18 +123,24 @@ def test_storage_uri_rejects_other_schemes():
 def test_progress_is_read_from_the_last_record_in_the_log():
     log = "\n".join(
         [
-            'LLMOPS_PROGRESS {"step": 10, "totalSteps": 100, "trainLoss": 5.0}',
+            'LLMOPS_PROGRESS {"phase": "Training", "step": 10, "totalSteps": 100, "trainLoss": 5}',
             "some other line",
-            'LLMOPS_PROGRESS {"step": 40, "totalSteps": 100, "trainLoss": 3.5, "valLoss": 3.7,'
-            ' "tokensPerSecond": 1234.5, "mfu": 0.41}',
+            'LLMOPS_PROGRESS {"phase": "Training", "step": 40, "totalSteps": 100, '
+            '"trainLoss": 3.5, "validation": {"loss": 3.7, "accuracy": 0.25}, '
+            '"tokensPerSecond": 1234.5, "mfu": 0.41}',
             "LLMOPS_PROGRESS {truncated",
         ]
     )
-    record = parse_progress(log)
-    assert record is not None and record["step"] == 40
+    record = last_progress(log)
+    assert record is not None and record.step == 40
     started = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-    fields = progress_status(record, started, started + datetime.timedelta(seconds=400))
-    assert fields == {
+    status = TrainingRunStatus(start_time=started)
+    apply_progress(status, record, "pvc://c", started + datetime.timedelta(seconds=400))
+    assert status.to_dict() == {
+        "startTime": "2026-01-01T00:00:00Z",
+        "restartCount": 0,
+        "preemptionCount": 0,
+        "conditions": [],
         "step": 40,
         "totalSteps": 100,
         "progress": 40,
@@ -141,14 +148,15 @@ def test_progress_is_read_from_the_last_record_in_the_log():
         "metrics": {
             "trainLoss": 3.5,
             "validationLoss": 3.7,
+            "accuracy": 0.25,
             "tokensPerSecond": 1234.5,
             "mfu": 0.41,
         },
     }
-    assert parse_progress(None) is None and parse_progress("nothing here") is None
+    assert last_progress(None) is None and last_progress("nothing here") is None
 
 
-def test_termination_report_comes_from_a_succeeded_pod_only():
+def test_termination_message_comes_from_a_succeeded_pod_only():
     def pod(phase: str, message: str) -> dict:
         return {
             "status": {
@@ -157,15 +165,16 @@ def test_termination_report_comes_from_a_succeeded_pod_only():
             }
         }
 
-    assert termination_report([pod("Failed", '{"documents": 1}')]) is None
-    assert termination_report(
-        [pod("Succeeded", "not json"), pod("Succeeded", '{"documents": 7}')]
-    ) == {"documents": 7}
+    assert termination_message(pod("Failed", '{"step": 1}')) is None
+    assert read_record(TrainerReport, termination_message(pod("Succeeded", "not json"))) is None
+    report = read_record(TrainerReport, termination_message(pod("Succeeded", '{"step": 7}')))
+    assert report is not None and report.step == 7
 
 
 def test_checkpoint_names_become_status_entries():
-    record = {"latestCheckpoint": "step-120", "bestCheckpoint": None}
-    assert checkpoints_status(record, "pvc://ckpt/runs") == {
+    record = TrainingProgress(phase="Training", latest_checkpoint="step-120")
+    found = checkpoints(record, "pvc://ckpt/runs")
+    assert found is not None and found.to_dict() == {
         "latest": {"name": "step-120", "step": 120, "uri": "pvc://ckpt/runs/step-120"}
     }
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -12,7 +13,11 @@ from hypothesis import strategies as st
 from llmops.api.dataset import QualityFilters
 from llmops_trainer.data import filters
 
-RULES = filters.QualityRules()
+# Gopher's published thresholds, stricter than the API's defaults, so that the short
+# synthetic documents below trip exactly one rule each.
+RULES = filters.QualityRules.from_spec(
+    QualityFilters(min_words=50, max_words=100_000, max_symbol_ratio=0.1, min_alpha_word_ratio=0.8)
+)
 
 
 def test_clean_documents_pass() -> None:
@@ -52,6 +57,17 @@ def test_repetition_rules() -> None:
     lines = body.split(". ")
     assert filters.gopher_repetition("\n".join(lines + lines[:6]), RULES) == "dup_line_frac"
     assert filters.gopher_repetition(("spam and eggs " * 50).strip(), RULES) == "top_2_gram"
+
+
+def test_api_defaults_are_the_only_defaults() -> None:
+    api = QualityFilters()
+    rules = filters.QualityRules.from_spec(api)
+    assert (rules.min_words, rules.max_words, rules.min_stop_words) == (5, None, 2)
+    assert (rules.max_symbol_word_ratio, rules.min_alpha_word_ratio) == (0.3, 0.6)
+    assert rules.dup_line_frac == api.max_duplicate_line_ratio == 0.3
+    assert rules.quality and rules.repetition and not rules.c4_lines
+    with pytest.raises(TypeError):
+        filters.QualityRules()  # type: ignore[call-arg]
 
 
 def test_spec_thresholds_are_used() -> None:
@@ -127,8 +143,12 @@ def _reference(words: list[str], text: str) -> str | None:
 )
 def test_ngram_rules_match_reference(words: list[str]) -> None:
     text = " ".join(words)
-    rules = filters.QualityRules(
-        dup_line_frac=None, dup_para_frac=None, dup_line_char_frac=None, dup_para_char_frac=None
+    rules = dataclasses.replace(
+        RULES,
+        dup_line_frac=None,
+        dup_para_frac=None,
+        dup_line_char_frac=None,
+        dup_para_char_frac=None,
     )
     tokens = re.findall(r"\w+", text)
     assert filters.gopher_repetition(text, rules) == _reference(tokens, text)

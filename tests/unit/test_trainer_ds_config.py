@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+from llmops.api.ds_overlay import OWNED
 from llmops.api.trainingrun import TrainingRunSpec
 from llmops_trainer.ds_config import deepspeed_config, linear_lr, merge
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
@@ -120,7 +122,7 @@ def test_raw_overlay_is_applied_last() -> None:
             "zeroStage": 2,
             "config": {
                 "zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 5e7},
-                "gradient_clipping": 2.0,
+                "optimizer": {"params": {"betas": [0.9, 0.99]}},
                 "activation_checkpointing": {"partition_activations": True},
             },
         }
@@ -129,8 +131,91 @@ def test_raw_overlay_is_applied_last() -> None:
     assert config["zero_optimization"]["stage"] == 2  # kept
     assert config["zero_optimization"]["overlap_comm"] is True  # overridden
     assert config["zero_optimization"]["reduce_bucket_size"] == 5e7  # added
-    assert config["gradient_clipping"] == 2.0
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.99]
+    assert config["optimizer"]["params"]["lr"] == 6e-4  # kept
     assert config["activation_checkpointing"] == {"partition_activations": True}
+
+
+@pytest.mark.parametrize(
+    ("overlay", "key"),
+    [
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage"),  # equal is refused too
+        ({"bf16": {"enabled": False}}, "bf16.enabled"),
+        ({"fp16": {"enabled": True, "loss_scale": 128}}, "fp16.enabled"),
+        ({"train_batch_size": 1024}, "train_batch_size"),
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+        ({"gradient_clipping": 2.0}, "gradient_clipping"),
+        ({"optimizer": {"type": "Lamb"}}, "optimizer.type"),
+        ({"optimizer": {"params": {"lr": 1e-3}}}, "optimizer.params.lr"),
+        ({"scheduler": {"type": "OneCycle"}}, "scheduler"),
+        (
+            {"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
+            "zero_optimization.offload_optimizer.device",
+        ),
+    ],
+)
+def test_overlay_keys_owned_by_typed_fields_are_refused(overlay: dict[str, Any], key: str) -> None:
+    s = spec(deepspeed={"zeroStage": 2})
+    s.deepspeed.config = overlay  # after parsing, which refuses these already
+    with pytest.raises(ValueError, match=rf"deepspeed\.config\.{re.escape(key)}: set by"):
+        deepspeed_config(s, BatchPlan(8, 8, 1))
+
+
+def _leaves(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in config.items():
+        if isinstance(value, dict) and name != "scheduler":
+            out.update(_leaves(value, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = value
+    return out
+
+
+# Generated keys that vary with the spec but only tune how DeepSpeed works, not what the run
+# means; the overlay may change them.
+TUNING = {
+    "zero_optimization.contiguous_gradients",
+    "zero_optimization.overlap_comm",
+    "zero_optimization.reduce_scatter",
+    "zero_optimization.offload_optimizer.pin_memory",
+    "zero_optimization.offload_param.pin_memory",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+    "optimizer.params.torch_adam",
+    "fp16.loss_scale",
+    "fp16.initial_scale_power",
+    "fp16.hysteresis",
+}
+
+
+def test_every_key_derived_from_a_typed_field_is_owned_or_tuning() -> None:
+    """Vary each typed field the generator reads: every config key that changes must be
+    refused in the overlay or be a known tuning key, so a new derived key cannot slip by."""
+    base = spec(hyperparameters={"microBatchSize": 4, "globalBatchSize": 64})
+    variations = [
+        {"hyperparameters": {"microBatchSize": 2, "globalBatchSize": 64}},
+        {"hyperparameters": {"globalBatchSize": 128}},
+        {"hyperparameters": {"gradientClipping": 0.5, "learningRate": 1e-3, "weightDecay": 0}},
+        {"hyperparameters": {"schedule": "constant", "warmupSteps": 10}},
+        {"hyperparameters": {"schedule": "linear"}},
+        {"hyperparameters": {"maxSteps": 10}},
+        {"deepspeed": {"zeroStage": 0}},
+        {"deepspeed": {"zeroStage": 3, "offloadOptimizer": "cpu", "offloadParameters": "cpu"}},
+        {"deepspeed": {"precision": "fp16"}},
+        {"deepspeed": {"precision": "fp32"}},
+        {"resources": {"gpusPerNode": 0}},
+    ]
+    before = _leaves(deepspeed_config(base, batch_plan(base, 8)))
+    changed: set[str] = set()
+    for overrides in variations:
+        data = base.to_dict()
+        for section, values in overrides.items():
+            data[section] = {**data[section], **values}
+        varied = TrainingRunSpec.model_validate(data)
+        after = _leaves(deepspeed_config(varied, batch_plan(varied, 8)))
+        changed |= {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert "zero_optimization.stage" in changed and "scheduler" in changed
+    assert not changed - set(OWNED) - TUNING
 
 
 def test_merge_does_not_mutate() -> None:

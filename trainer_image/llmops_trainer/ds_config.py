@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from llmops.api.ds_overlay import owned_keys, refusal
 from llmops.api.trainingrun import TrainingRunSpec
 from llmops_trainer.plan import BatchPlan, total_steps
 
@@ -34,7 +35,17 @@ def deepspeed_config(spec: TrainingRunSpec, plan: BatchPlan) -> dict[str, Any]:
     scheduler = lr_scheduler(spec, plan)
     if scheduler is not None:
         config["scheduler"] = scheduler
-    return merge(config, ds.config or {})
+    return merge(config, checked_overlay(ds.config))
+
+
+def checked_overlay(overlay: dict[str, Any] | None) -> dict[str, Any]:
+    """The raw overlay, refused if it sets a key a typed field owns: the trainer acts on the
+    typed fields (resume layout, batch plan, schedule), so the two must not disagree. Parsing
+    the spec refuses these already; this also covers a spec changed in code after parsing."""
+    refused = owned_keys(overlay)
+    if refused:
+        raise ValueError("; ".join(f"deepspeed.config.{key}: {refusal(key)}" for key in refused))
+    return overlay or {}
 
 
 def _optimizer(spec: TrainingRunSpec) -> dict[str, Any]:

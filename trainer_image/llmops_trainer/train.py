@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -30,7 +29,15 @@ import torch
 import torch.distributed as dist
 
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
-from llmops_trainer import checkpoint, evaluate, hf_export, model_card
+from llmops.api.workload import (
+    METRICS_HISTORY_FILE,
+    METRICS_PORT,
+    Env,
+    FinalReport,
+    TrainingPhase,
+    ValidationScores,
+)
+from llmops_trainer import checkpoint, evaluate, outputs
 from llmops_trainer.batches import (
     Objective,
     SampleOrder,
@@ -42,7 +49,7 @@ from llmops_trainer.batches import (
 from llmops_trainer.ds_config import deepspeed_config, linear_lr
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
-from llmops_trainer.progress import Reporter
+from llmops_trainer.progress import ProgressState, Reporter, progress_record, trainer_report
 from llmops_trainer.shards import Manifest, read_manifest
 from llmops_trainer.termination import write_termination_message
 from llmops_trainer.weights import consolidated_state_dict
@@ -65,13 +72,13 @@ class Paths:
 
     @classmethod
     def from_env(cls, spec: TrainingRunSpec) -> Paths:
-        output = Path(os.environ.get("LLMOPS_OUTPUT_DIR", "output"))
-        init = os.environ.get("LLMOPS_INIT_CHECKPOINT")
+        output = Path(os.environ.get(Env.OUTPUT_DIR, "output"))
+        init = os.environ.get(Env.INIT_CHECKPOINT)
         if not init and spec.init is not None and spec.init.path and spec.init.path[0] == "/":
             init = spec.init.path  # a path inside the image needs no help from the operator
         return cls(
-            data=Path(os.environ["LLMOPS_DATA_DIR"]),
-            checkpoints=Path(os.environ.get("LLMOPS_CHECKPOINT_DIR", str(output / "checkpoints"))),
+            data=Path(os.environ[Env.DATA_DIR]),
+            checkpoints=Path(os.environ.get(Env.CHECKPOINT_DIR, str(output / "checkpoints"))),
             output=output,
             init=Path(init) if init else None,
         )
@@ -101,8 +108,8 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if "LLMOPS_PEAK_FLOPS" in os.environ:
-        return float(os.environ["LLMOPS_PEAK_FLOPS"])
+    if Env.PEAK_FLOPS in os.environ:
+        return float(os.environ[Env.PEAK_FLOPS])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_FLOPS.items():
@@ -144,10 +151,10 @@ class Trainer:
             accelerator.set_device(local_rank)
             self.device = torch.device(accelerator.device_name(local_rank))
         self.reporter = Reporter(
-            self.rank == 0, paths.output, int(os.environ.get("LLMOPS_METRICS_PORT", "9400"))
+            self.rank == 0, paths.output, int(os.environ.get(Env.METRICS_PORT, str(METRICS_PORT)))
         )
-        self.log_interval = int(os.environ.get("LLMOPS_LOG_INTERVAL", "10"))
-        self.sample_log = os.environ.get("LLMOPS_SAMPLE_LOG") == "1"
+        self.log_interval = int(os.environ.get(Env.LOG_INTERVAL, "10"))
+        self.sample_log = os.environ.get(Env.SAMPLE_LOG) == "1"
 
         self.manifest: Manifest = read_manifest(paths.data)
         hp = spec.hyperparameters
@@ -166,16 +173,7 @@ class Trainer:
             dropout=spec.model.dropout,
             causal=spec.model.objective != "masked-lm",
         )
-        self.state: dict[str, Any] = {
-            "step": 0,
-            "consumedSamples": 0,
-            "history": [],
-            "bestCheckpoint": None,
-            "bestValLoss": None,
-            "bestMetric": None,
-            "evalsWithoutImprovement": 0,
-            "lastValLoss": None,
-        }
+        self.state = ProgressState()
         self.engine: Any = None
         # DeepSpeed reports the gradient norm except without ZeRO in fp32; then we compute it.
         self._plain_fp32 = spec.deepspeed.zero_stage == 0 and spec.deepspeed.precision == "fp32"
@@ -215,7 +213,7 @@ class Trainer:
             )
             if not exact:
                 load_weights(model, consolidated_state_dict(resume))
-            self.state.update({k: v for k, v in saved.items() if k in self.state})
+            self.state.restore(saved)
             self._info(
                 f"resuming from {resume.name} at step {saved['step']}"
                 + ("" if exact else f" (world size {saved['worldSize']} -> {self.world})")
@@ -235,8 +233,8 @@ class Trainer:
             )
         # DeepSpeed's schedulers start before step 0; point them at the next step to take.
         if self.engine.lr_scheduler is not None and not exact:
-            self.engine.lr_scheduler.step(self.state["step"])
-        self.engine.global_steps = self.state["step"]
+            self.engine.lr_scheduler.step(self.state.step)
+        self.engine.global_steps = self.state.step
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -248,10 +246,10 @@ class Trainer:
         flops = flops_per_token(self.model_config, self.engine.module.num_parameters())
         peak = peak_flops(self.device)
         window_start, window_steps = time.perf_counter(), 0
-        last_saved = self.state["step"]
+        last_saved = self.state.step
         self._report("Training")
-        while self.state["step"] < self.total_steps:
-            step = self.state["step"]
+        while self.state.step < self.total_steps:
+            step = self.state.step
             if self.engine.lr_scheduler is None:
                 factor = linear_lr(spec, plan, step)
                 for group in self.engine.optimizer.param_groups:
@@ -262,8 +260,8 @@ class Trainer:
             agreed = torch.tensor([loss, float(Stop.requested)], dtype=torch.float64)
             dist.all_reduce(agreed)
             mean_loss, stop = agreed[0].item() / self.world, agreed[1].item() > 0
-            self.state["step"] = step = step + 1
-            self.state["consumedSamples"] += plan.global_batch_size
+            self.state.step = step = step + 1
+            self.state.consumed_samples += plan.global_batch_size
             window_steps += 1
             if step % self.log_interval == 0 or step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -282,14 +280,14 @@ class Trainer:
                 last_saved = step
             if stopped_early:
                 return "EarlyStopped"
-        if last_saved != self.state["step"]:
+        if last_saved != self.state.step:
             self._save("final")
         return "Completed"
 
     def _step(self, step: int) -> float:
         plan = self.plan
         positions = rank_positions(
-            self.state["consumedSamples"], plan.global_batch_size, self.world, self.rank
+            self.state.consumed_samples, plan.global_batch_size, self.world, self.rank
         )
         indices = [self.order.index(p) for p in positions]
         if self.sample_log:
@@ -316,39 +314,42 @@ class Trainer:
         if grad_norm is None:
             grad_norm = self._grad_norm
         entry = {
-            "step": self.state["step"],
+            "step": self.state.step,
             "trainLoss": loss,
             "learningRate": self._step_lr,
             "gradNorm": None if grad_norm is None else float(grad_norm),
             "tokensPerSecond": tokens_per_second,
             "mfu": mfu,
         }
-        self.state["history"].append(entry)
+        self.state.history.append(entry)
         if self.rank == 0:
-            with (self.paths.output / "metrics.jsonl").open("a") as handle:
+            with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
                 handle.write(json.dumps(entry) + "\n")
             m = self.reporter.metrics
             m.tokens.inc(tokens)
             if self.device.type == "cuda":
                 m.memory.set(torch.cuda.max_memory_allocated(self.device))
-        self._report("Training", entry)
+        self._report("Training")
 
     def _validate(self) -> bool:
         """Evaluate on the validation split; True when early stopping says stop."""
         spec = self.spec
         scores = self._score("validation", spec.evaluation.batches)
+        bleu = self._bleu("validation")[0] if "bleu" in spec.evaluation.metrics else None
+        self.state.validation = ValidationScores(
+            loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy, bleu=bleu
+        )
         entry: dict[str, Any] = {
-            "step": self.state["step"],
+            "step": self.state.step,
             "valLoss": scores.loss,
             "perplexity": scores.perplexity,
             "accuracy": scores.accuracy,
         }
-        if "bleu" in spec.evaluation.metrics:
-            entry["bleu"], _ = self._bleu("validation")
-        self.state["history"].append(entry)
-        self.state["lastValLoss"] = scores.loss
+        if bleu is not None:
+            entry["bleu"] = bleu
+        self.state.history.append(entry)
         if self.rank == 0:
-            with (self.paths.output / "metrics.jsonl").open("a") as handle:
+            with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
                 handle.write(json.dumps(entry) + "\n")
         self._report("Training")
         stopping = spec.evaluation.early_stopping
@@ -359,13 +360,13 @@ class Trainer:
         if value is None:
             return False
         sign = 1.0 if stopping.metric in ("accuracy", "bleu") else -1.0
-        best = self.state["bestMetric"]
+        best = self.state.best_metric
         if best is None or sign * (value - best) > stopping.min_delta:
-            self.state["bestMetric"] = value
-            self.state["evalsWithoutImprovement"] = 0
+            self.state.best_metric = value
+            self.state.evals_without_improvement = 0
             return False
-        self.state["evalsWithoutImprovement"] += 1
-        if self.state["evalsWithoutImprovement"] >= stopping.patience:
+        self.state.evals_without_improvement += 1
+        if self.state.evals_without_improvement >= stopping.patience:
             self._info(f"early stopping: {stopping.metric} did not improve for {stopping.patience}")
             return True
         return False
@@ -412,7 +413,7 @@ class Trainer:
 
     def _save(self, reason: str) -> Path:
         start = time.perf_counter()
-        step = self.state["step"]
+        step = self.state.step
         root = self.paths.checkpoints
         partial = root / checkpoint.partial_name(step)
         if self.rank == 0:
@@ -422,18 +423,16 @@ class Trainer:
         self.engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
         dist.barrier()  # every rank's shards are on disk
         name = checkpoint.name_for(step)
+        # Every rank keeps the same view of the checkpoints (rank 0 reports it).
+        self.state.checkpointed(name)
         if self.rank == 0:
-            val = self.state["lastValLoss"]
-            best = self.state["bestValLoss"]
-            if val is not None and (best is None or val < best):
-                self.state.update(bestCheckpoint=name, bestValLoss=val)
             checkpoint.write_state(
                 partial,
                 {
-                    **self.state,
+                    **self.state.saved(),
                     "worldSize": self.world,
                     "zeroStage": self.spec.deepspeed.zero_stage,
-                    "validationLoss": val,
+                    "validationLoss": self.state.latest_checkpoint_validation_loss,
                     "model": self.model_config.to_dict(),
                     "reason": reason,
                 },
@@ -448,14 +447,13 @@ class Trainer:
             if found:
                 raise RuntimeError(f"checkpoint {name} failed verification: {found}")
             checkpoint.publish(root, step)
-            if self.state["bestCheckpoint"] == name:
+            if self.state.best_checkpoint == name:
                 checkpoint.write_pointer(root, checkpoint.BEST, name)
             checkpoint.retain(root, self.spec.checkpointing.keep_last)
             seconds = time.perf_counter() - start
             self.reporter.metrics.checkpoint_seconds.observe(seconds)
             self._info(f"checkpoint {name} ({reason}) in {seconds:.1f}s")
         dist.barrier()
-        self.state["latestCheckpoint"] = name
         self._report("Training")
         return root / name
 
@@ -465,7 +463,7 @@ class Trainer:
         """Test-split evaluation, generation, export, reports and the model card."""
         self._report("Evaluating")
         split = "test" if "test" in self.manifest.splits else "validation"
-        final: dict[str, Any] = {"stopReason": reason, "steps": self.state["step"]}
+        final: dict[str, Any] = {"stopReason": reason, "steps": self.state.step}
         worst: list[dict[str, Any]] = []
         examples: list[dict[str, str]] = []
         decode = evaluate.decoder(self.paths.data / self.manifest.tokenizer)
@@ -486,95 +484,32 @@ class Trainer:
                 )
             final["bleu"], examples = self._bleu(split)
             final["bleuTask"] = "responses" if self.manifest.supervised else "continuation"
-        final["tokensSeen"] = self.state["consumedSamples"] * self.spec.model.context_length
+        final["tokensSeen"] = self.state.consumed_samples * self.spec.model.context_length
         if self.rank == 0:
-            self._write_outputs(final, worst, examples)
+            report = FinalReport.model_validate(final)
+            outputs.write(
+                outputs.Finished(
+                    self.run,
+                    self.paths.data,
+                    self.paths.checkpoints,
+                    self.paths.output,
+                    self.manifest,
+                    self.model_config,
+                    self.state,
+                ),
+                report,
+                worst,
+                examples,
+            )
+            write_termination_message(trainer_report(self.state, report).to_dict())
         dist.barrier()
         return final
 
-    def _write_outputs(
-        self, final: dict[str, Any], worst: list[dict[str, Any]], examples: list[dict[str, str]]
-    ) -> None:
-        out = self.paths.output
-        latest = checkpoint.read_pointer(self.paths.checkpoints, checkpoint.LATEST)
-        assert latest is not None
-        weights = consolidated_state_dict(self.paths.checkpoints / latest)
-        model_dir = out / "model"
-        tokenizer = self.paths.data / self.manifest.tokenizer
-        if self.model_config.causal:
-            hf_export.export(
-                weights, self.model_config, self.manifest.eos_token_id, model_dir, tokenizer
-            )
-        else:  # an encoder has no GPT-2 equivalent; keep our own layout
-            from safetensors.torch import save_file
-
-            model_dir.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v for k, v in weights.items() if k != "lm_head.weight"}
-            save_file(tensors, str(model_dir / "model.safetensors"))
-        (model_dir / "llmops_model.json").write_text(
-            json.dumps(self.model_config.to_dict(), indent=2)
-        )
-        report = {
-            "final": final,
-            "worstPassages": worst,
-            "generationExamples": examples,
-            "bestCheckpoint": self.state["bestCheckpoint"],
-            "latestCheckpoint": latest,
-        }
-        (out / "eval_report.json").write_text(json.dumps(report, indent=2))
-        write_termination_message(
-            {
-                "step": self.state["step"],
-                "finalEvaluation": {
-                    k: final[k]
-                    for k in ("loss", "perplexity", "accuracy", "bleu")
-                    if final.get(k) is not None
-                },
-                "latestCheckpoint": latest,
-                "bestCheckpoint": self.state["bestCheckpoint"],
-            }
-        )
-        parameters = sum(t.numel() for k, t in weights.items() if k != "lm_head.weight")
-        card = model_card.render(
-            self.run.metadata.name or "model",
-            self.spec.to_dict(),
-            {
-                "name": self.spec.dataset_ref.name,
-                "fingerprint": self.manifest.fingerprint,
-                "vocab_size": self.manifest.vocab_size,
-                "supervised": self.manifest.supervised,
-            },
-            {**self.model_config.to_dict(), "parameters": parameters},
-            self.state["history"],
-            final,
-            worst,
-            examples,
-        )
-        (out / "model_card.md").write_text(card)
-        (model_dir / "README.md").write_text(card)
-
     # -- reporting ------------------------------------------------------------------------
 
-    def _report(self, phase: str, entry: dict[str, Any] | None = None) -> None:
-        last = entry or next((h for h in reversed(self.state["history"]) if "trainLoss" in h), {})
-        val = self.state["lastValLoss"]
-        self.reporter.report(
-            {
-                "phase": phase,
-                "step": self.state["step"],
-                "totalSteps": self.total_steps,
-                "epoch": self.state["consumedSamples"] / self.order.num_samples,
-                "trainLoss": last.get("trainLoss"),
-                "valLoss": val,
-                "perplexity": None if val is None else math.exp(min(val, 80.0)),
-                "tokensPerSecond": last.get("tokensPerSecond"),
-                "mfu": last.get("mfu"),
-                "learningRate": last.get("learningRate"),
-                "gradNorm": last.get("gradNorm"),
-                "latestCheckpoint": self.state.get("latestCheckpoint"),
-                "bestCheckpoint": self.state["bestCheckpoint"],
-            }
-        )
+    def _report(self, phase: TrainingPhase) -> None:
+        record = progress_record(self.state, phase, self.total_steps, self.order.num_samples)
+        self.reporter.report(record)
 
     def _info(self, message: str) -> None:
         if self.rank == 0:

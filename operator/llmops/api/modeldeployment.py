@@ -195,9 +195,10 @@ class Autoscaling(ApiModel):
     engine: Literal["hpa", "keda"] = Field(
         default="hpa",
         description=(
-            "`hpa`: a HorizontalPodAutoscaler (request metrics through the custom metrics API, "
-            "e.g. prometheus-adapter); `keda`: a KEDA ScaledObject querying Prometheus, which "
-            "can scale to zero and back on the first request."
+            "`hpa`: a HorizontalPodAutoscaler (request metrics through the custom metrics API: "
+            "prometheus-adapter with the rules in the chart's prometheus-adapter-values.yaml); "
+            "`keda`: a KEDA ScaledObject querying Prometheus, which can scale to zero and back "
+            "on the first request."
         ),
     )
     prometheus_address: str | None = Field(

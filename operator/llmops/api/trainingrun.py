@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
+from llmops.api import ds_overlay
 from llmops.api.base import ApiModel, Rule, StatusModel, distinct, nested
 from llmops.api.common import (
     Condition,
-    FreeForm,
     LocalObjectReference,
     Name,
     ObjectMeta,
@@ -176,6 +176,7 @@ class DeepSpeed(ApiModel):
             check=lambda s: s.offload_optimizer == "none" or s.zero_stage >= 1,
             field_path=".offloadOptimizer",
         ),
+        *ds_overlay.RULES,
     )
 
     zero_stage: int = Field(
@@ -193,12 +194,7 @@ class DeepSpeed(ApiModel):
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Training precision (mixed precision for bf16/fp16)."
     )
-    config: FreeForm | None = Field(
-        default=None,
-        description=(
-            "Raw DeepSpeed config merged over the generated one, for experts; keys here win."
-        ),
-    )
+    config: ds_overlay.Overlay | None = Field(default=None, description=ds_overlay.DESCRIPTION)
 
 
 class TrainingResources(Resources):

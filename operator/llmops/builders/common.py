@@ -6,16 +6,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmops import GROUP
+from llmops.api.workload import OWNER_LABELS, ROLE_LABEL
 
 # The label each kind uses to point children at their owner.
-OWNER_LABEL = {
-    "Dataset": f"{GROUP}/dataset",
-    "TrainingRun": f"{GROUP}/training-run",
-    "ModelDeployment": f"{GROUP}/model-deployment",
-    "TrainingSchedule": f"{GROUP}/training-schedule",
-    "Sweep": f"{GROUP}/sweep",
-}
+OWNER_LABEL = OWNER_LABELS
 MAX_NAME = 63  # DNS label: the strictest rule a child name may meet (Services, pod hostnames)
 
 
@@ -43,7 +37,7 @@ def child_labels(
         OWNER_LABEL[kind]: name,
     }
     if role is not None:
-        labels[f"{GROUP}/role"] = role
+        labels[ROLE_LABEL] = role
     return labels
 
 

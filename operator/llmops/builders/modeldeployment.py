@@ -31,11 +31,20 @@ STARTUP_SECONDS = 600
 PROBE_PERIOD = 5
 METRICS_PORT = 9400
 DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
-# Metrics the servers export (llmops_trainer.serve), per replica.
+# Metrics the servers export (llmops_trainer.serve), per replica, as KEDA queries them.
 METRIC_QUERIES = {
     "in-flight-requests": "llmops_serving_requests_running",
     "queue-depth": "llmops_serving_requests_waiting",
     "tokens-per-second": "rate(llmops_serving_generation_tokens_total[1m])",
+}
+# What the HPA asks the custom metrics API for, per pod. The HPA averages the values as they
+# come, so the token counter is asked for as its per-second rate, a series Prometheus does not
+# have: the prometheus-adapter rules in helm/llmops/prometheus-adapter-values.yaml serve each
+# name below, the rate over the same window as the KEDA query.
+HPA_METRICS = {
+    "in-flight-requests": "llmops_serving_requests_running",
+    "queue-depth": "llmops_serving_requests_waiting",
+    "tokens-per-second": "llmops_serving_generation_tokens_per_second",
 }
 
 
@@ -238,11 +247,10 @@ def autoscaler(body: Mapping[str, Any], md: ModelDeployment) -> dict[str, Any] |
             },
         }
     else:
-        name = METRIC_QUERIES[scaling.metric].removeprefix("rate(").split("[")[0]
         metric = {
             "type": "Pods",
             "pods": {
-                "metric": {"name": name},
+                "metric": {"name": HPA_METRICS[scaling.metric]},
                 "target": {"type": "AverageValue", "averageValue": _quantity(scaling.target)},
             },
         }

@@ -11,25 +11,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmops.api import workload
 from llmops.api.trainingrun import TrainingRun
+from llmops.api.workload import (
+    CHECKPOINT_DIR,
+    COMPLETION_INDEX_ANNOTATION,
+    CONFIG_DIR,
+    DATA_DIR,
+    INIT_DIR,
+    METRICS_PORT,
+    OUTPUT_SUBDIR,
+    RENDEZVOUS_PORT,
+    ROLE_LABEL,
+    TERMINATION_LOG,
+    WORKER_ROLE,
+    Env,
+)
 from llmops.builders import pods, storage
-from llmops.builders.common import child_metadata, child_name
+from llmops.builders.common import OWNER_LABEL, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
-from llmops_trainer import launch  # the trainer's own launch command (pure, no torch)
 
 COMPONENT = "training"
-CONFIG_DIR = "/etc/llmops"
-CONFIG_FILE = "trainingrun.json"
-DATA_DIR = "/data"
-INIT_DIR = "/init"
-CHECKPOINT_DIR = "/checkpoints"
-OUTPUT_SUBDIR = "output"  # progress, reports, cards; the final model in output/model
-TERMINATION_LOG = "/dev/termination-log"
-RENDEZVOUS_PORT = launch.DEFAULT_MASTER_PORT
-METRICS_PORT = launch.METRICS_PORT
+CONFIG_FILE = workload.TRAINING_CONFIG_FILE
 # Time a pod gets between SIGTERM and SIGKILL: enough to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 300
-COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+COMPLETION_INDEX = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
 
 
 def config_name(name: str) -> str:
@@ -58,7 +64,7 @@ def headless_service(body: Mapping[str, Any]) -> dict[str, Any]:
             "clusterIP": "None",
             # Peers must resolve each other before they are ready: rendezvous comes first.
             "publishNotReadyAddresses": True,
-            "selector": {"llmops.dev/training-run": name, "llmops.dev/role": "worker"},
+            "selector": {OWNER_LABEL["TrainingRun"]: name, ROLE_LABEL: WORKER_ROLE},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
         },
     }
@@ -106,7 +112,7 @@ def dataset_volume(
     uri: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """How the workers read the prepared dataset."""
-    return _read_only_input("data", uri, DATA_DIR, "LLMOPS_DATA_DIR", "LLMOPS_DATA_URI")
+    return _read_only_input("data", uri, DATA_DIR, Env.DATA_DIR, Env.DATA_URI)
 
 
 def worker_job(
@@ -122,7 +128,7 @@ def worker_job(
     name = run.metadata.name
     job = job_name(name, attempt)
     gpus = spec.resources.gpus_per_node
-    worker_labels = {"llmops.dev/role": "worker"}
+    worker_labels = {ROLE_LABEL: WORKER_ROLE}
 
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
     data_volumes, data_mounts, data_env = dataset_volume(dataset_uri)
@@ -132,20 +138,20 @@ def worker_job(
     env = gang_env(run, job)
     env += [
         *data_env,
-        {"name": "LLMOPS_CHECKPOINT_DIR", "value": CHECKPOINT_DIR},
-        {"name": "LLMOPS_OUTPUT_DIR", "value": f"{CHECKPOINT_DIR}/{OUTPUT_SUBDIR}"},
-        {"name": "LLMOPS_ATTEMPT", "value": str(attempt)},
-        {"name": "LLMOPS_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": Env.CHECKPOINT_DIR, "value": CHECKPOINT_DIR},
+        {"name": Env.OUTPUT_DIR, "value": f"{CHECKPOINT_DIR}/{OUTPUT_SUBDIR}"},
+        {"name": Env.ATTEMPT, "value": str(attempt)},
+        {"name": Env.TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HOME", "value": "/tmp"},
     ]
     init_volumes: list[dict[str, Any]] = []
     init_mounts: list[dict[str, Any]] = []
     if init_uri:
         init_volumes, init_mounts, init_env = _read_only_input(
-            "init", init_uri, INIT_DIR, "LLMOPS_INIT_CHECKPOINT", "LLMOPS_INIT_CHECKPOINT"
+            "init", init_uri, INIT_DIR, Env.INIT_CHECKPOINT, Env.INIT_CHECKPOINT
         )
         env += init_env
-    env += [{"name": k, "value": v} for k, v in launch.trainer_env(spec).items()]
+    env += [{"name": k, "value": v} for k, v in workload.trainer_env(spec).items()]
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -156,7 +162,7 @@ def worker_job(
             {
                 "name": "trainer",
                 "image": pods.trainer_image(spec.resources),
-                "command": launch.torchrun_command(spec, f"{CONFIG_DIR}/{CONFIG_FILE}"),
+                "command": workload.torchrun_command(spec, f"{CONFIG_DIR}/{CONFIG_FILE}"),
                 "env": env,
                 "ports": [
                     {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
@@ -199,7 +205,8 @@ def worker_job(
             "parallelism": spec.resources.num_nodes,
             # The operator restarts the whole gang; the Job itself never retries a pod.
             "backoffLimit": 0,
-            "suspend": spec.suspend,
+            # Kueue admits a queued Job by unsuspending it, so such a Job starts suspended.
+            "suspend": spec.suspend or spec.scheduling.queue_name is not None,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }

@@ -16,7 +16,11 @@ from pydantic import BaseModel, ValidationError
 
 from llmops import GROUP, VERSION
 from llmops import conditions as cond
+from llmops.api.base import StatusModel
 from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
+from llmops.decide.status import Event, status_patch
+from llmops.decide.status import is_complete as is_complete  # shared with the decisions
+from llmops.decide.status import job_failure as job_failure
 from llmops.metrics import CHILDREN_CREATED, RESOURCES, observe_reconcile
 
 M = TypeVar("M", bound=BaseModel)
@@ -46,15 +50,39 @@ def kube() -> Kube:
     return default_kube()
 
 
-def parse(model: type[M], body: Mapping[str, Any]) -> M:
+def parse(model: type[M], body: Mapping[str, Any], *, with_status: bool = False) -> M:
     """The resource as its API model. The CRD schema already rejected invalid input at
     admission, so a failure here is permanent (e.g. a field the schema could not express)."""
+    keys = ("apiVersion", "kind", "metadata", "spec") + (("status",) if with_status else ())
     try:
-        return model.model_validate(
-            {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
-        )
+        return model.model_validate({k: body[k] for k in keys if k in body})
     except ValidationError as error:
         raise kopf.PermanentError(f"invalid {body.get('kind')}: {error}") from error
+
+
+def write_status(
+    body: Mapping[str, Any], kind: str, status: StatusModel, events: list[Event], patch: kopf.Patch
+) -> None:
+    """Patch what changed from the body's status to `status`, post the decided events and
+    keep the phase gauge."""
+    new = status.to_dict()
+    new["observedGeneration"] = body["metadata"].get("generation")
+    for key, value in status_patch(body.get("status") or {}, new).items():
+        patch.status[key] = value
+    for event in events:
+        kopf.event(
+            cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message
+        )
+    count_phase(kind, body["metadata"]["uid"], new.get("phase"))
+
+
+def count_phase(kind: str, uid: str, phase: str | None) -> None:
+    previous = _phases.get((kind, uid))
+    if phase and previous != phase:
+        if previous:
+            RESOURCES.labels(kind=kind, phase=previous).dec()
+        RESOURCES.labels(kind=kind, phase=phase).inc()
+        _phases[(kind, uid)] = phase
 
 
 @dataclass
@@ -119,13 +147,7 @@ class StatusWriter:
                     reason=change["reason"],
                     message=change["message"] or f"{change['type']}",
                 )
-        uid = self.body["metadata"]["uid"]
-        previous = _phases.get((self.kind, uid))
-        if self.phase and previous != self.phase:
-            if previous:
-                RESOURCES.labels(kind=self.kind, phase=previous).dec()
-            RESOURCES.labels(kind=self.kind, phase=self.phase).inc()
-            _phases[(self.kind, uid)] = self.phase
+        count_phase(self.kind, self.body["metadata"]["uid"], self.phase)
 
 
 def forget(kind: str, uid: str) -> None:
@@ -147,18 +169,6 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
     if ensured.created:
         CHILDREN_CREATED.labels(kind=kind, child_kind=manifest["kind"]).inc()
     return ensured.object
-
-
-def is_complete(obj: Mapping[str, Any] | None, type_: str = "Complete") -> bool:
-    return obj is not None and cond.is_true((obj.get("status") or {}).get("conditions"), type_)
-
-
-def job_failure(job: Mapping[str, Any]) -> str | None:
-    """`reason: message` of a Job's Failed condition, or None while it has not failed."""
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("status") == "True":
-            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
-    return None
 
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)

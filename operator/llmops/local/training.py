@@ -1,36 +1,44 @@
-"""A TrainingRun, locally: the gang Job from the operator's builders, every node's pod a
-local `torchrun` reaching its peers over loopback, restarted from the latest checkpoint after
-a failure as the controller does, with the status the controller would write."""
+"""A TrainingRun, locally: the controller's own decisions (`llmops.decide.trainingrun`) acted
+on with local processes. The gang Job comes from the operator's builders; every node's pod
+is a local `torchrun` reaching its peers over loopback. Observations are what the processes
+did: a Job that completed or failed, pods that ran, rank 0's progress lines and termination
+message. Restarts, budgets, `activeDeadlineSeconds` and the status therefore follow the same
+rules as on a cluster."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmops.api.trainingrun import TrainingRun
-from llmops.builders import storage
+from llmops.api.trainingrun import TrainingRun, TrainingRunStatus
+from llmops.api.workload import (
+    COMPLETION_INDEX_ANNOTATION,
+    EVALUATION_REPORT_FILE,
+    METRICS_HISTORY_FILE,
+    MODEL_CARD_FILE,
+    PROGRESS_FILE,
+    EvaluationReport,
+    TrainerReport,
+    TrainingProgress,
+    parse_progress_line,
+    read_record,
+)
 from llmops.builders import trainingrun as build
-from llmops.conditions import is_true
-from llmops.controllers.common import StatusWriter
-from llmops.controllers.trainingrun import _finish, parse_progress, progress_status
+from llmops.decide import trainingrun as decide
+from llmops.decide.status import Conditions, termination_message
 from llmops.local import network, plot
-from llmops.local.common import copy_if_exists, host_path, now, parse_time, timestamp
+from llmops.local.common import copy_if_exists, host_path, now
 from llmops.local.context import Context, key_of
-from llmops.local.job import run_job
+from llmops.local.job import POLL_SECONDS, JobResult, run_job
 from llmops.local.pod import container_ports
 from llmops.local.process import Process, tail
 
-KIND = "TrainingRun"
+KIND = decide.KIND
 SAVE_EVERY_SECONDS = 1.0
-OUTPUTS = ("model_card.md", "eval_report.json", "metrics.jsonl", "progress.json")
-
-
-class WaitingError(RuntimeError):
-    """A reference that is not ready: locally there is nobody to wait for."""
+OUTPUTS = (MODEL_CARD_FILE, EVALUATION_REPORT_FILE, METRICS_HISTORY_FILE, PROGRESS_FILE)
 
 
 def check_local(run: TrainingRun) -> None:
@@ -39,76 +47,100 @@ def check_local(run: TrainingRun) -> None:
         raise ValueError("spec.checkpointing.storage.s3: the local runtime writes to volumes only")
 
 
-def dataset_uri(ctx: Context, run: TrainingRun, namespace: str) -> str:
-    ref = run.spec.dataset_ref.name
-    dataset = ctx.get("Dataset", namespace, ref)
-    if dataset is None:
-        raise WaitingError(f"Dataset {ref!r} not found")
-    status = dataset.get("status") or {}
-    if not is_true(status.get("conditions"), "Complete") or not status.get("outputUri"):
-        raise WaitingError(f"Dataset {ref!r} is not ready")
-    return str(status["outputUri"])
+def job_object(name: str, result: JobResult | None) -> dict[str, Any]:
+    """The Job as the Job controller would show it: running, or finished as `result` says."""
+    conditions: list[dict[str, str]] = []
+    if result is not None and result.succeeded:
+        conditions = [{"type": "Complete", "status": "True"}]
+    elif result is not None:
+        reason, _, message = (result.failure or "Failed: failed").partition(": ")
+        conditions = [{"type": "Failed", "status": "True", "reason": reason, "message": message}]
+    return {
+        "metadata": {"name": name},
+        "spec": {"suspend": False},
+        "status": {"conditions": conditions},
+    }
 
 
-def init_uri(ctx: Context, run: TrainingRun, namespace: str) -> str | None:
-    """The starting weights, as the controller resolves them (latest, best or step-N)."""
-    init = run.spec.init
-    if init is None:
-        return None
-    if init.path:
-        return init.path
-    assert init.training_run is not None
-    parent = ctx.get(KIND, namespace, init.training_run.name)
-    checkpoints = ((parent or {}).get("status") or {}).get("checkpoints") or {}
-    wanted = init.training_run.checkpoint
-    if wanted in ("latest", "best") and checkpoints.get(wanted):
-        return str(checkpoints[wanted]["uri"])
-    latest = (checkpoints.get("latest") or {}).get("uri", "")
-    if wanted.startswith("step-") and latest:
-        return f"{latest.rsplit('/', 1)[0]}/{wanted}"
-    raise WaitingError(f"TrainingRun {init.training_run.name!r} has no {wanted} checkpoint")
-
-
-def checkpoint_status(run: TrainingRun, record: dict[str, Any]) -> dict[str, Any]:
-    """status.checkpoints from the trainer's progress record (latest and best by name)."""
-    base = storage.uri(run.metadata.name, "checkpoints", run.spec.checkpointing.storage)
-    found: dict[str, Any] = {}
-    for key, field in (("latest", "latestCheckpoint"), ("best", "bestCheckpoint")):
-        name = record.get(field)
-        if name:
-            step = int(str(name).rsplit("-", 1)[-1])
-            found[key] = {"name": name, "step": step, "uri": f"{base}/{name}"}
-    return found
+def running_pods(job: str, nodes: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "metadata": {
+                "name": f"{job}-{i}",
+                "annotations": {COMPLETION_INDEX_ANNOTATION: str(i)},
+            },
+            "status": {"phase": "Running"},
+        }
+        for i in range(nodes)
+    ]
 
 
 class Gang:
-    """One attempt: the worker Job's pods, rank 0's progress feeding status and view."""
+    """The run's state between decisions: the status, rank 0's latest progress, and the
+    decision that asked the running gang to stop (budget, deadline)."""
 
-    def __init__(self, ctx: Context, body: dict[str, Any], run: TrainingRun, status: StatusWriter):
-        self.ctx, self.body, self.run, self.status = ctx, body, run, status
+    def __init__(self, ctx: Context, body: dict[str, Any], run: TrainingRun):
+        self.ctx, self.body, self.run = ctx, body, run
+        self.status = TrainingRunStatus.model_validate(body.get("status") or {})
         self.lock = threading.Lock()
-        self.last_save = 0.0
+        self.progress: TrainingProgress | None = None
+        self.ending: decide.Decision | None = None  # a decision that stopped the gang
+        self.stop = threading.Event()
         self.session_start: tuple[float, int] | None = None
+
+    def observe(self, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> decide.Observed:
+        namespace = self.body["metadata"]["namespace"]
+        spec = self.run.spec
+        parent_ref = spec.init.training_run if spec.init else None
+        leader = next((p for p in pods if decide.is_leader(p)), None)
+        return decide.Observed(
+            body=self.body,
+            dataset=self.ctx.get("Dataset", namespace, spec.dataset_ref.name),
+            parent=self.ctx.get(KIND, namespace, parent_ref.name) if parent_ref else None,
+            job=job,
+            pods=pods,
+            progress=self.progress,
+            report=read_record(TrainerReport, termination_message(leader)),
+        )
+
+    def decision(self, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> decide.Decision:
+        with self.lock:
+            return decide.decide(self.run, self.status, self.observe(job, pods), now())
+
+    def apply(self, decision: decide.Decision) -> None:
+        with self.lock:
+            self.status = decision.status
+            self.ctx.save(self.body, self.status.to_dict())
 
     def on_line(self, pod: str, line: str) -> None:
         if not pod.endswith("-0"):
             return
-        record = parse_progress(line)
-        if record is None:
-            return
-        with self.lock:
-            started = parse_time(self.status.status.get("startTime"))
-            self.status.set(**progress_status(record, started, now()))
-            checkpoints = checkpoint_status(self.run, record)
-            if checkpoints:
-                self.status.set(checkpoints=checkpoints)
+        record = parse_progress_line(line)
+        if record is not None:
+            self.progress = record
             self._view(record)
-            if time.monotonic() - self.last_save > SAVE_EVERY_SECONDS:
-                self.last_save = time.monotonic()
-                self.ctx.save(self.body, self.status.status)
 
-    def _view(self, record: dict[str, Any]) -> None:
-        step, total = int(record.get("step", 0)), int(record.get("totalSteps", 0))
+    def watch(self, job_name: str) -> None:
+        """While the gang runs: the controller's decision every second, applied; one that
+        stops the gang (budget, deadline) ends it, and so does Ctrl-C."""
+        pods = running_pods(job_name, self.run.spec.resources.num_nodes)
+        last = time.monotonic()
+        while not self.stop.wait(POLL_SECONDS):
+            if self.ctx.stop.is_set():
+                self.stop.set()
+                return
+            if time.monotonic() - last < SAVE_EVERY_SECONDS:
+                continue
+            last = time.monotonic()
+            decision = self.decision(job_object(job_name, None), pods)
+            if decision.suspend_job or decision.delete_job:
+                self.ending = decision
+                self.stop.set()
+                return
+            self.apply(decision)
+
+    def _view(self, record: TrainingProgress) -> None:
+        step, total = record.step, record.total_steps
         clock = time.monotonic()
         if self.session_start is None or step < self.session_start[1]:
             self.session_start = (clock, step)
@@ -120,10 +152,10 @@ class Gang:
             key_of(self.body),
             step=step,
             total=total,
-            loss=record.get("trainLoss"),
-            tokens_per_second=record.get("tokensPerSecond"),
+            loss=record.train_loss,
+            tokens_per_second=record.tokens_per_second,
             eta=eta,
-            note=str(record.get("phase", "")),
+            note=record.phase,
         )
 
     def starter(
@@ -148,143 +180,136 @@ class Gang:
             )
         return self.ctx.start(self.body, pod, self.on_line, extra_env=extra)
 
-
-def run(ctx: Context, body: dict[str, Any]) -> bool:
-    """True when the TrainingRun ends Succeeded (now or in an earlier run)."""
-    training = TrainingRun.model_validate(
-        {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
-    )
-    check_local(training)
-    namespace = body["metadata"]["namespace"]
-    name = training.metadata.name
-    generation = int(body["metadata"]["generation"])
-    status = StatusWriter(body, KIND)
-    key = key_of(body)
-    if status.phase == "Succeeded" and status.status.get("observedGeneration") == generation:
-        ctx.view.update(key, note="up to date (trained in an earlier run)")
-        return True
-    if status.phase == "Failed":
-        # Applying the manifests again is asking for another try.
-        status.set(phase=None, restartCount=0, completionTime=None)
-        status.condition("Failed", "False", "Retrying", "run again with `llmops run`")
-    try:
-        data_uri = dataset_uri(ctx, training, namespace)
-        init = init_uri(ctx, training, namespace)
-    except WaitingError as error:
-        status.set(phase="Pending")
-        status.condition("Created", "False", "WaitingForDataset", str(error))
-        ctx.save(body, status.status)
-        ctx.view.failure(key, "", str(error))
-        return False
-
-    ctx.record_children(
-        body,
-        [
-            build.config_map(body),
-            build.headless_service(body),
-            build.checkpoint_claim(body, training),
-        ],
-    )
-    gang = Gang(ctx, body, training, status)
-    service = build.service_name(name)
-    while True:
-        attempt = int(status.status.get("restartCount") or 0)
-        job = build.worker_job(body, training, attempt, data_uri, init)
-        ctx.record_children(body, [job])
+    def run_gang(self, job: dict[str, Any]) -> JobResult:
+        """Run the Job's pods until they end, the user interrupts or a decision stops them."""
+        namespace = self.body["metadata"]["namespace"]
         job_name = job["metadata"]["name"]
-        nodes = training.spec.resources.num_nodes
+        service = build.service_name(self.run.metadata.name)
         hosts = frozenset(
-            network.pod_names(job_name, service, namespace, nodes)
+            network.pod_names(job_name, service, namespace, self.run.spec.resources.num_nodes)
             | network.service_names(service, namespace)
         )
         # One port map for the gang: peers address rank 0 as <pod>:<containerPort>.
         ports = network.allocate(container_ports(job["spec"]["template"]["spec"]))
-        with gang.lock:
-            status.condition(
-                "Created", "True", "GangCreated", f"Job {job_name} with {nodes} pod(s)"
-            )
-            if not status.status.get("startTime"):
-                status.set(startTime=timestamp())
-            status.set(phase="Running")
-            status.condition("Running", "True", "GangRunning", f"{nodes}/{nodes} pods running")
-            status.condition("Restarting", "False", "GangRunning")
-            status.condition("Suspended", "False", "Resumed")
-            ctx.save(body, status.status)
-        result = run_job(job, gang.starter(job, hosts, ports), ctx.stop)
-        with gang.lock:
-            if result.succeeded:
-                _succeeded(ctx, body, training, status)
-                return True
-            if result.interrupted:
-                status.set(phase="Suspended")
-                latest = (status.status.get("checkpoints") or {}).get("latest") or {}
-                where = f" at {latest['name']}" if latest else ""
-                status.condition(
-                    "Suspended", "True", "Interrupted", f"stopped{where}; `llmops run` resumes"
-                )
-                status.condition("Running", "False", "Interrupted")
-                ctx.save(body, status.status)
-                return False
-            failure = result.failure or "failed"
-            if attempt >= training.spec.max_restarts:
-                _finish(
-                    status,
-                    "Failed",
-                    "MaxRestartsExceeded",
-                    f"gang failed after {attempt} restart(s): {failure}",
-                    now(),
-                )
-                ctx.save(body, status.status)
-                if result.failed_pod is not None:
-                    log = Path(result.failed_pod.log_file)
-                    ctx.view.failure(key, str(log), tail(log))
-                return False
-            status.set(phase="Restarting", restartCount=attempt + 1)
-            status.condition(
-                "Restarting",
-                "True",
-                "GangMemberFailed",
-                f"restart {attempt + 1}/{training.spec.max_restarts} from the latest "
-                f"checkpoint: {failure}",
-            )
-            status.condition("Running", "False", "GangMemberFailed")
-            ctx.save(body, status.status)
-            ctx.view.update(key, note=f"restarting ({attempt + 1}/{training.spec.max_restarts})")
+        self.stop.clear()
+        self.ending = None
+        watcher = threading.Thread(target=self.watch, args=(job_name,), daemon=True)
+        watcher.start()
+        try:
+            return run_job(job, self.starter(job, hosts, ports), self.stop)
+        finally:
+            self.stop.set()
+            watcher.join()
 
 
-def _succeeded(
-    ctx: Context, body: dict[str, Any], training: TrainingRun, status: StatusWriter
-) -> None:
-    namespace = body["metadata"]["namespace"]
-    name = training.metadata.name
-    _finish(status, "Succeeded", "TrainingComplete", "training finished", now())
-    output_uri = (
-        storage.uri(name, "checkpoints", training.spec.checkpointing.storage)
-        + f"/{build.OUTPUT_SUBDIR}"
+def run(ctx: Context, body: dict[str, Any]) -> bool:
+    """True when the TrainingRun ends Succeeded (now or in an earlier run)."""
+    training = TrainingRun.model_validate(
+        {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
     )
-    status.set(modelUri=f"{output_uri}/model")  # as the operator reports it
-    output = host_path(ctx.layout, namespace, output_uri)
-    report = output / "eval_report.json"
-    if report.is_file():
-        final = json.loads(report.read_text()).get("final") or {}
-        evaluation = {
-            k: final[k]
-            for k in ("loss", "perplexity", "accuracy", "bleu")
-            if final.get(k) is not None
-        }
-        if evaluation:
-            status.set(finalEvaluation=evaluation)
+    check_local(training)
+    generation = int(body["metadata"]["generation"])
+    key = key_of(body)
+    gang = Gang(ctx, body, training)
+    if gang.status.phase == "Succeeded" and gang.status.observed_generation == generation:
+        ctx.view.update(key, note="up to date (trained in an earlier run)")
+        return True
+    if gang.status.phase == "Failed":
+        _retry(gang, generation)
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = []
+    while True:
+        decision = gang.decision(job, pods)
+        gang.apply(decision)
+        ctx.record_children(body, [child.manifest for child in decision.children])
+        phase = gang.status.phase
+        if phase in decide.TERMINAL:
+            return _ended(ctx, gang, pods)
+        if phase == "Suspended":
+            ctx.view.update(key, note="suspended (spec.suspend)")
+            return False
+        if decision.delete_job:  # a restart: the next decision creates the next attempt
+            ctx.view.update(key, note=f"restarting ({gang.status.restart_count})")
+            job, pods = None, []
+            continue
+        manifest = next(
+            (c.manifest for c in decision.children if c.manifest["kind"] == "Job"), None
+        )
+        if manifest is None or job is not None:
+            created = next((c for c in gang.status.conditions if c.type == "Created"), None)
+            ctx.view.failure(key, "", created.message if created else f"{KIND} cannot start")
+            return False
+        result = gang.run_gang(manifest)
+        if gang.ending is not None:  # budget or deadline: the decision that stopped it
+            gang.apply(gang.ending)
+            return _ended(ctx, gang, result.pod_objects())
+        if result.interrupted:
+            _interrupted(ctx, gang)
+            return False
+        job, pods = job_object(manifest["metadata"]["name"], result), result.pod_objects()
+
+
+def _retry(gang: Gang, generation: int) -> None:
+    """Applying the manifests again is asking for another try."""
+    status = gang.status
+    status.phase = None
+    status.restart_count = status.preemption_count = 0
+    status.completion_time = status.start_time = None
+    Conditions(status.conditions, generation, now(), []).set(
+        "Failed", "False", "Retrying", "run again with `llmops run`"
+    )
+
+
+def _interrupted(ctx: Context, gang: Gang) -> None:
+    """Ctrl-C: the trainer checkpointed on SIGTERM; the next `llmops run` resumes."""
+    status = gang.status
+    status.phase = "Suspended"
+    latest = status.checkpoints.latest if status.checkpoints else None
+    where = f" at {latest.name}" if latest else ""
+    conditions = Conditions(status.conditions, gang.run.metadata.generation, now(), [])
+    conditions.set("Suspended", "True", "Interrupted", f"stopped{where}; `llmops run` resumes")
+    conditions.set("Running", "False", "Interrupted")
+    ctx.save(gang.body, status.to_dict())
+
+
+def _ended(ctx: Context, gang: Gang, pods: list[dict[str, Any]]) -> bool:
+    key = key_of(gang.body)
+    if gang.status.phase == "Succeeded":
+        _succeeded(ctx, gang)
+        return True
+    failed = next((c for c in gang.status.conditions if c.type == "Failed"), None)
+    message = failed.message if failed else "failed"
+    logs = [p["metadata"]["name"] for p in pods if p["status"]["phase"] == "Failed"]
+    log = ctx.log_file(gang.body, logs[0]) if logs else None
+    ctx.view.failure(key, str(log or ""), tail(log) if log else message)
+    return False
+
+
+def _succeeded(ctx: Context, gang: Gang) -> None:
+    """What the local user sees besides the status: the perplexity comparison, the reports
+    and the training curve next to the resource's state."""
+    namespace = gang.body["metadata"]["namespace"]
+    name = gang.run.metadata.name
+    assert gang.status.model_uri is not None
+    output = host_path(ctx.layout, namespace, gang.status.model_uri).parent
+    report = read_record(EvaluationReport, _read(output / EVALUATION_REPORT_FILE))
+    if report is not None:
+        final = report.final
         for split, model, unigram in (
-            ("validation", "validationPerplexity", "validationUnigramPerplexity"),
-            ("test", "perplexity", "unigramPerplexity"),
+            ("validation", final.validation_perplexity, final.validation_unigram_perplexity),
+            ("test", final.perplexity, final.unigram_perplexity),
         ):
-            if final.get(model) and final.get(unigram):
+            if model and unigram:
                 ctx.view.message(
-                    f"{name}: {split} perplexity {final[model]:.1f} against "
-                    f"{final[unigram]:.1f} for a unigram model of the training split"
+                    f"{name}: {split} perplexity {model:.1f} against {unigram:.1f} for a "
+                    "unigram model of the training split"
                 )
-    ctx.save(body, status.status)
     folder = ctx.layout.resource_dir(KIND, namespace, name)
     for file in OUTPUTS:
         copy_if_exists(output / file, folder / file)
-    ctx.view.message(plot.training_curve(folder / "metrics.jsonl", folder / "training-curve.png"))
+    curve = plot.training_curve(folder / METRICS_HISTORY_FILE, folder / "training-curve.png")
+    ctx.view.message(curve)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None

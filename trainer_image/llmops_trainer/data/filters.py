@@ -1,7 +1,8 @@
 """Filter: Gopher quality and repetition rules, C4-style line rules.
 
-The rules and defaults follow Gopher (Rae et al. 2021, table A1) as implemented by datatrove
-and NeMo Curator; the spec sets the thresholds it exposes, the rest keep those defaults.
+The rules follow Gopher (Rae et al. 2021, table A1) as implemented by datatrove and NeMo
+Curator. The Dataset API's QualityFilters set the thresholds it exposes (its defaults are the
+only defaults); the ones it does not expose are the module constants below.
 Words are counted the way a rule-based word tokenizer splits English: runs of word characters
 (with inner apostrophes) and single punctuation marks (an ellipsis is one token).
 The repetition rules work on integer n-gram hashes in numpy, and the exact (sequential)
@@ -13,7 +14,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,51 +43,100 @@ _POLICY = (
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 
 
+# Thresholds the API does not expose: Gopher's published values, tuned for web prose.
+MIN_AVG_WORD_LENGTH = 3
+MAX_AVG_WORD_LENGTH = 10
+MAX_BULLET_LINES_RATIO = 0.9
+MAX_ELLIPSIS_LINES_RATIO = 0.3
+DUP_PARA_FRAC = 0.3
+DUP_LINE_CHAR_FRAC = 0.2
+DUP_PARA_CHAR_FRAC = 0.2
+TOP_N_GRAMS = ((2, 0.2), (3, 0.18), (4, 0.16))
+DUP_N_GRAMS = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+# C4 line rules: the API has no switch for them, so they run only when a caller asks.
+C4_MIN_SENTENCES = 5
+C4_MIN_WORDS_PER_LINE = 3
+C4_MAX_WORD_LENGTH = 1000
+
+# Every reason each filter may drop a document for (the pipeline attributes them to steps).
+QUALITY_REASONS = frozenset(
+    {
+        "gopher_short_doc",
+        "gopher_long_doc",
+        "gopher_below_avg_threshold",
+        "gopher_above_avg_threshold",
+        "gopher_too_many_hashes",
+        "gopher_too_many_ellipsis",
+        "gopher_too_many_bullets",
+        "gopher_too_many_end_ellipsis",
+        "gopher_below_alpha_threshold",
+        "gopher_enough_stop_words",
+    }
+)
+REPETITION_REASONS = frozenset(
+    {
+        "dup_para_frac",
+        "dup_para_char_frac",
+        "dup_line_frac",
+        "dup_line_char_frac",
+        *(f"top_{n}_gram" for n, _ in TOP_N_GRAMS),
+        *(f"duplicated_{n}_n_grams" for n, _ in DUP_N_GRAMS),
+    }
+)
+LINE_REASONS = frozenset({"c4_lorem_ipsum", "c4_curly_bracket", "c4_too_few_sentences"})
+
+
 @dataclass(frozen=True)
 class QualityRules:
-    """Every threshold of the filters; None switches a rule off."""
+    """Every threshold of the filters; None switches a rule off. Built from the API's
+    QualityFilters (`from_spec`), so it has no defaults of its own."""
 
-    min_words: int | None = 50
-    max_words: int | None = 100_000
-    min_avg_word_length: float | None = 3
-    max_avg_word_length: float | None = 10
-    max_symbol_word_ratio: float | None = 0.1
-    max_bullet_lines_ratio: float | None = 0.9
-    max_ellipsis_lines_ratio: float | None = 0.3
-    min_alpha_word_ratio: float | None = 0.8
-    min_stop_words: int | None = 2
-    dup_line_frac: float | None = 0.3
-    dup_para_frac: float | None = 0.3
-    dup_line_char_frac: float | None = 0.2
-    dup_para_char_frac: float | None = 0.2
-    top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16))
-    dup_n_grams: tuple[tuple[int, float], ...] = (
-        (5, 0.15),
-        (6, 0.14),
-        (7, 0.13),
-        (8, 0.12),
-        (9, 0.11),
-        (10, 0.10),
-    )
-    quality: bool = True
-    repetition: bool = True
-    c4_lines: bool = False
-    c4_min_sentences: int = 5
-    c4_min_words_per_line: int = 3
-    c4_max_word_length: int = 1000
+    min_words: int | None
+    max_words: int | None
+    min_avg_word_length: float | None
+    max_avg_word_length: float | None
+    max_symbol_word_ratio: float | None
+    max_bullet_lines_ratio: float | None
+    max_ellipsis_lines_ratio: float | None
+    min_alpha_word_ratio: float | None
+    min_stop_words: int | None
+    dup_line_frac: float | None
+    dup_para_frac: float | None
+    dup_line_char_frac: float | None
+    dup_para_char_frac: float | None
+    top_n_grams: tuple[tuple[int, float], ...]
+    dup_n_grams: tuple[tuple[int, float], ...]
+    quality: bool
+    repetition: bool
+    c4_lines: bool
+    c4_min_sentences: int
+    c4_min_words_per_line: int
+    c4_max_word_length: int
 
     @classmethod
-    def from_spec(cls, spec: QualityFilters, **overrides: Any) -> QualityRules:
+    def from_spec(cls, spec: QualityFilters) -> QualityRules:
         return cls(
             min_words=spec.min_words or None,
             max_words=spec.max_words,
+            min_avg_word_length=MIN_AVG_WORD_LENGTH,
+            max_avg_word_length=MAX_AVG_WORD_LENGTH,
             max_symbol_word_ratio=spec.max_symbol_ratio,
+            max_bullet_lines_ratio=MAX_BULLET_LINES_RATIO,
+            max_ellipsis_lines_ratio=MAX_ELLIPSIS_LINES_RATIO,
             min_alpha_word_ratio=spec.min_alpha_word_ratio,
-            dup_line_frac=spec.max_duplicate_line_ratio,
             min_stop_words=spec.min_stop_words or None,
+            dup_line_frac=spec.max_duplicate_line_ratio,
+            dup_para_frac=DUP_PARA_FRAC,
+            dup_line_char_frac=DUP_LINE_CHAR_FRAC,
+            dup_para_char_frac=DUP_PARA_CHAR_FRAC,
+            top_n_grams=TOP_N_GRAMS,
+            dup_n_grams=DUP_N_GRAMS,
             quality=spec.quality,
             repetition=spec.repetition,
-            **overrides,
+            c4_lines=False,
+            c4_min_sentences=C4_MIN_SENTENCES,
+            c4_min_words_per_line=C4_MIN_WORDS_PER_LINE,
+            c4_max_word_length=C4_MAX_WORD_LENGTH,
         )
 
 

@@ -6,66 +6,49 @@ from collections import Counter
 from typing import Any
 
 from llmops.api.dataset import Dataset
-
-# Pipeline steps in order, and which step each drop reason belongs to.
-STEPS = (
-    "normalize",
-    "dedup-exact",
-    "filter-quality",
-    "filter-repetition",
-    "filter-lines",
-    "language",
-    "pii",
-    "dedup-near",
-    "augment",
-    "tokenize",
-)
-
-
-def step_of(reason: str) -> str:
-    if reason == "empty":
-        return "normalize"
-    if reason == "exact-duplicate":
-        return "dedup-exact"
-    if reason == "near-duplicate":
-        return "dedup-near"
-    if reason == "language":
-        return "language"
-    if reason.startswith("gopher_"):
-        return "filter-quality"
-    if reason.startswith("c4_"):
-        return "filter-lines"
-    return "filter-repetition"
+from llmops_trainer.data.registry import Registry
 
 
 def step_stats(
-    documents: int, raw_bytes: int, dropped: list[tuple[str, int, int]], kept_bytes: int
+    registry: Registry,
+    documents: int,
+    raw_bytes: int,
+    dropped: list[tuple[str, int, int]],
+    kept_bytes: int,
+    slice_stats: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Steps with documents and bytes in/out and drop reasons, from the count and size of
-    the documents read and (reason, documents, bytes) of every drop."""
-    by_step: dict[str, Counter[str]] = {s: Counter() for s in STEPS}
+    """The registry's steps with documents and bytes in/out, drop reasons and counters, from
+    the count and size of the documents read, (reason, documents, bytes) of every drop and
+    the slices' statistics."""
+    by_step: dict[str, Counter[str]] = {s.name: Counter() for s in registry.steps}
     bytes_by_step: Counter[str] = Counter()
     for reason, count, size in dropped:
-        by_step[step_of(reason)][reason] += count
-        bytes_by_step[step_of(reason)] += size
+        name = registry.step_of(reason)
+        by_step[name][reason] += count
+        bytes_by_step[name] += size
     steps = []
     docs, size = documents, raw_bytes
-    for name in STEPS[:-2]:
-        out = docs - sum(by_step[name].values())
-        out_size = size - bytes_by_step[name]
-        if name == "normalize":
-            # Normalization changes sizes: what leaves it is the sum of what follows.
-            out_size = kept_bytes + sum(b for s, b in bytes_by_step.items() if s != "normalize")
-        steps.append(
-            {
-                "name": name,
-                "documentsIn": docs,
-                "documentsOut": out,
-                "bytesIn": size,
-                "bytesOut": out_size,
-                "dropped": dict(sorted(by_step[name].items())),
-            }
-        )
+    for number, step in enumerate(registry.steps):
+        out = docs - sum(by_step[step.name].values())
+        out_size = size - bytes_by_step[step.name]
+        if number == 0:
+            # Sizes are counted after normalization, which happens before the first step:
+            # what leaves it is the sum of what follows.
+            out_size = kept_bytes + sum(b for s, b in bytes_by_step.items() if s != step.name)
+        entry: dict[str, Any] = {
+            "name": step.name,
+            "documentsIn": docs,
+            "documentsOut": out,
+            "bytesIn": size,
+            "bytesOut": out_size,
+            "dropped": dict(sorted(by_step[step.name].items())),
+        }
+        if step.counters is not None:
+            total: Counter[str] = Counter()
+            for stats in slice_stats:
+                total.update(stats.get(step.counters.slice_key, {}))
+            entry[step.counters.report_key] = dict(total)
+        steps.append(entry)
         docs, size = out, out_size
     return steps
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from llmops.api.trainingrun import TrainingRunSpec
-from llmops_trainer.launch import torchrun_command, trainer_env
+from llmops.api.workload import torchrun_command, trainer_env
 
 
 def spec(gpus: int) -> TrainingRunSpec:

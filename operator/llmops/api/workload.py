@@ -1,0 +1,355 @@
+"""The contract between the operator and its workload pods, declared once.
+
+Everything that crosses from the operator (builders, controllers, the local runtime) to the
+data, training and serving pods and back is named here: the commands that start the pods,
+the environment variables and mount paths both sides read, the label and annotation keys,
+the records the workloads write (progress line, termination reports, evaluation report) and
+the serving metric names the autoscalers and dashboards query. The workload writes a record
+with the same model the operator reads it with, so a field cannot be produced under one
+name and looked for under another.
+
+Torch-free and free of Kubernetes clients: the operator image, the trainer image and the
+tests import it alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
+
+from pydantic import ConfigDict, Field, ValidationError
+
+from llmops import GROUP
+from llmops.api.base import StatusModel
+from llmops.api.dataset import StepStats, TokenCounts
+from llmops.api.trainingrun import FinalEvaluation, TrainingRunSpec
+
+# -- entrypoints -----------------------------------------------------------------------------
+
+TRAINER_MODULE = "llmops_trainer.train"
+DATA_MODULE = "llmops_trainer.data"
+SERVER_MODULE = "llmops_trainer.serve"
+DataStage = Literal["slice", "merge"]
+
+# -- ports -----------------------------------------------------------------------------------
+
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
+METRICS_PORT = 9400  # the trainer's Prometheus endpoint
+
+# -- mount paths inside the pods -------------------------------------------------------------
+
+CONFIG_DIR = "/etc/llmops"  # the resource itself as JSON (ConfigMap `<name>-config`)
+TRAINING_CONFIG_FILE = "trainingrun.json"
+DATASET_CONFIG_FILE = "dataset.json"
+SERVING_CONFIG_FILE = "modeldeployment.json"
+DATA_DIR = "/data"  # a prepared Dataset, read by the trainer
+INIT_DIR = "/init"  # weights to start from
+CHECKPOINT_DIR = "/checkpoints"
+OUTPUT_SUBDIR = "output"  # under the checkpoint folder: progress, reports, card, model/
+FINAL_MODEL_SUBDIR = "model"  # under the output folder: the exported model
+DATASET_OUTPUT_DIR = "/output"  # a Dataset's volume, one folder per version
+DATASET_VOLUMES_DIR = "/volumes"  # source volumes of a Dataset, one folder per claim
+REFERENCE_TOKENIZER_DIR = "/reference-tokenizer"
+MODEL_DIR = "/model"  # the served model
+AUTH_DIR = "/var/run/llmops/auth"  # the served API's bearer token, as a file
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes keeps 4096 bytes of it
+
+
+class Env:
+    """Environment variables the builders set and the workloads read."""
+
+    # every workload
+    OUTPUT_DIR = "LLMOPS_OUTPUT_DIR"
+    TERMINATION_LOG = "LLMOPS_TERMINATION_LOG"
+    LOG_LEVEL = "LLMOPS_LOG_LEVEL"
+    # data pods
+    WORK_DIR = "LLMOPS_WORK_DIR"
+    NUM_SLICES = "LLMOPS_NUM_SLICES"
+    VOLUMES_DIR = "LLMOPS_VOLUMES_DIR"
+    REF_TOKENIZER = "LLMOPS_REF_TOKENIZER"
+    # training pods
+    DATA_DIR = "LLMOPS_DATA_DIR"
+    DATA_URI = "LLMOPS_DATA_URI"
+    CHECKPOINT_DIR = "LLMOPS_CHECKPOINT_DIR"
+    INIT_CHECKPOINT = "LLMOPS_INIT_CHECKPOINT"
+    ATTEMPT = "LLMOPS_ATTEMPT"
+    METRICS_PORT = "LLMOPS_METRICS_PORT"
+    LOG_INTERVAL = "LLMOPS_LOG_INTERVAL"
+    SAMPLE_LOG = "LLMOPS_SAMPLE_LOG"
+    PEAK_FLOPS = "LLMOPS_PEAK_FLOPS"
+    # serving pods
+    MODEL_DIR = "LLMOPS_MODEL_DIR"
+    AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
+    TOKENIZER_PATH = "LLMOPS_TOKENIZER_PATH"
+
+
+# -- labels and annotations ------------------------------------------------------------------
+
+OWNER_LABELS = {
+    "Dataset": f"{GROUP}/dataset",
+    "TrainingRun": f"{GROUP}/training-run",
+    "ModelDeployment": f"{GROUP}/model-deployment",
+    "TrainingSchedule": f"{GROUP}/training-schedule",
+    "Sweep": f"{GROUP}/sweep",
+}
+ROLE_LABEL = f"{GROUP}/role"
+GENERATION_LABEL = f"{GROUP}/generation"  # the Dataset version a data Job processes
+STAGE_LABEL = f"{GROUP}/stage"  # slice or merge
+MODEL_URI_ANNOTATION = f"{GROUP}/model-uri"  # the model a serving pod template loads
+SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"  # the local runtime's record of a spec
+LICENSE_ANNOTATION = f"{GROUP}/license"  # a Dataset's license (`.<source>` for one source)
+WORKER_ROLE = "worker"
+SERVER_ROLE = "server"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+# -- serving metrics -------------------------------------------------------------------------
+
+
+class ServingMetric:
+    """Metric names of the inference server (vLLM's meanings, `llmops_serving_` prefix)."""
+
+    PREFIX = "llmops_serving_"
+    REQUESTS_RUNNING = PREFIX + "requests_running"
+    REQUESTS_WAITING = PREFIX + "requests_waiting"
+    TIME_TO_FIRST_TOKEN = PREFIX + "time_to_first_token_seconds"
+    INTER_TOKEN_LATENCY = PREFIX + "inter_token_latency_seconds"
+    E2E_LATENCY = PREFIX + "e2e_request_latency_seconds"
+    BATCH_SIZE = PREFIX + "batch_size"
+    PROMPT_TOKENS = PREFIX + "prompt_tokens"  # a counter: exposed with `_total`
+    GENERATION_TOKENS = PREFIX + "generation_tokens"  # a counter: exposed with `_total`
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def env_ref(name: str) -> str:
+    """Kubernetes expands `$(NAME)` in a container's command from the container's env."""
+    return f"$({name})"
+
+
+def torchrun_command(
+    spec: TrainingRunSpec,
+    config_path: str = f"{CONFIG_DIR}/{TRAINING_CONFIG_FILE}",
+    *,
+    node_rank: int | str = env_ref("NODE_RANK"),
+    master_addr: str = env_ref("MASTER_ADDR"),
+    master_port: int | str = env_ref("MASTER_PORT"),
+    launcher: Sequence[str] = ("torchrun",),
+) -> list[str]:
+    """argv of one training pod's launcher.
+
+    The gang's shape comes from the spec; the pod's rank and the rendezvous address default
+    to `$(VAR)` references that Kubernetes fills in from the pod's env (the Indexed Job's
+    completion index and the first pod's stable DNS name), and the local runtime passes
+    values. `--max-restarts=0`: a failed process fails the pod, and the controller restarts
+    the whole gang from the last checkpoint.
+    """
+    resources = spec.resources
+    return [
+        *launcher,
+        f"--nnodes={resources.num_nodes}",
+        f"--nproc-per-node={resources.procs_per_node}",
+        f"--node-rank={node_rank}",
+        f"--master-addr={master_addr}",
+        f"--master-port={master_port}",
+        "--max-restarts=0",
+        "-m",
+        TRAINER_MODULE,
+        "--config",
+        config_path,
+    ]
+
+
+def trainer_env(spec: TrainingRunSpec) -> dict[str, str]:
+    """Environment the trainer needs besides the paths and rendezvous variables."""
+    env = {"PYTHONUNBUFFERED": "1", Env.METRICS_PORT: str(METRICS_PORT)}
+    if spec.resources.gpus_per_node == 0:
+        # DeepSpeed on CPUs: its CPU accelerator, gloo for collectives.
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def data_command(stage: DataStage) -> list[str]:
+    return [
+        "python",
+        "-m",
+        DATA_MODULE,
+        "--config",
+        f"{CONFIG_DIR}/{DATASET_CONFIG_FILE}",
+        "--stage",
+        stage,
+    ]
+
+
+def server_command() -> list[str]:
+    return ["python", "-m", SERVER_MODULE, "--config", f"{CONFIG_DIR}/{SERVING_CONFIG_FILE}"]
+
+
+# -- records the workloads write -------------------------------------------------------------
+
+
+class Record(StatusModel):
+    """A document a workload writes and the operator reads. Unknown keys are ignored on
+    reading, so a newer workload can add fields without breaking an older operator."""
+
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+TrainingPhase = Literal["Starting", "Training", "Evaluating", "Completed", "Interrupted", "Failed"]
+
+
+class ValidationScores(Record):
+    """One evaluation on the validation split."""
+
+    loss: float = Field(description="Mean token loss.")
+    perplexity: float | None = Field(default=None, description="exp(loss), causal models.")
+    accuracy: float | None = Field(default=None, description="Next-token accuracy.")
+    bleu: float | None = Field(default=None, description="BLEU of generated responses (sft).")
+
+
+class TrainingProgress(Record):
+    """Rank 0's progress: `progress.json` in the output folder, and the same document as a
+    log line prefixed with PROGRESS_LOG_PREFIX."""
+
+    phase: TrainingPhase = Field(description="What the trainer is doing.")
+    step: int = Field(default=0, description="Optimizer steps done.", ge=0)
+    total_steps: int = Field(default=0, description="Optimizer steps planned.", ge=0)
+    epoch: float | None = Field(default=None, description="Passes over the training split.")
+    train_loss: float | None = Field(default=None, description="Loss of the latest step.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    grad_norm: float | None = Field(default=None, description="Global gradient norm.")
+    tokens_per_second: float | None = Field(default=None, description="Throughput.")
+    mfu: float | None = Field(default=None, description="Model FLOPs utilization, 0-1.")
+    validation: ValidationScores | None = Field(
+        default=None, description="The latest validation scores."
+    )
+    latest_checkpoint: str | None = Field(default=None, description="Newest checkpoint.")
+    latest_checkpoint_validation_loss: float | None = Field(
+        default=None, description="Validation loss at the newest checkpoint's step."
+    )
+    best_checkpoint: str | None = Field(default=None, description="Lowest validation loss.")
+    best_checkpoint_validation_loss: float | None = Field(
+        default=None, description="Validation loss at the best checkpoint's step."
+    )
+
+
+PROGRESS_FILE = "progress.json"
+PROGRESS_LOG_PREFIX = "LLMOPS_PROGRESS "
+
+
+def progress_log_line(progress: TrainingProgress) -> str:
+    return PROGRESS_LOG_PREFIX + progress.to_json()
+
+
+def parse_progress_line(line: str) -> TrainingProgress | None:
+    """The progress record of a log line; None for any other line or one cut short."""
+    if not line.startswith(PROGRESS_LOG_PREFIX):
+        return None
+    try:
+        return TrainingProgress.model_validate_json(line[len(PROGRESS_LOG_PREFIX) :])
+    except ValidationError:
+        return None
+
+
+def last_progress(log: str | None) -> TrainingProgress | None:
+    """The last progress record in a log."""
+    for line in reversed((log or "").splitlines()):
+        record = parse_progress_line(line)
+        if record is not None:
+            return record
+    return None
+
+
+class TrainerReport(Record):
+    """Rank 0's termination message after training finished (the TrainingRun status)."""
+
+    step: int = Field(description="Optimizer steps done.", ge=0)
+    final_evaluation: FinalEvaluation | None = Field(
+        default=None, description="Scores on the test split (validation when there is none)."
+    )
+    latest_checkpoint: str | None = Field(default=None, description="Newest checkpoint.")
+    latest_checkpoint_validation_loss: float | None = Field(default=None)
+    best_checkpoint: str | None = Field(default=None, description="Lowest validation loss.")
+    best_checkpoint_validation_loss: float | None = Field(default=None)
+
+
+class FinalReport(Record):
+    """The `final` part of eval_report.json: the evaluation after training."""
+
+    stop_reason: str = Field(description="Completed, EarlyStopped.")
+    steps: int = Field(description="Optimizer steps done.", ge=0)
+    loss: float | None = None
+    perplexity: float | None = None
+    accuracy: float | None = None
+    bleu: float | None = None
+    bleu_task: Literal["responses", "continuation"] | None = None
+    unigram_perplexity: float | None = None
+    validation_perplexity: float | None = None
+    validation_unigram_perplexity: float | None = None
+    tokens_seen: int | None = None
+
+    def evaluation(self) -> FinalEvaluation:
+        return FinalEvaluation(
+            loss=self.loss, perplexity=self.perplexity, accuracy=self.accuracy, bleu=self.bleu
+        )
+
+
+class EvaluationReport(Record):
+    """eval_report.json in the output folder (read by the local runtime and the model card)."""
+
+    final: FinalReport
+    worst_passages: list[dict[str, Any]] = Field(default_factory=list)
+    generation_examples: list[dict[str, str]] = Field(default_factory=list)
+    best_checkpoint: str | None = None
+    latest_checkpoint: str | None = None
+
+
+EVALUATION_REPORT_FILE = "eval_report.json"
+METRICS_HISTORY_FILE = "metrics.jsonl"  # one TrainingProgress-shaped line per log/eval
+MODEL_CARD_FILE = "model_card.md"
+
+
+class DataMergeReport(Record):
+    """The merge pod's termination message: the Dataset status fields of its statistics."""
+
+    documents: int | None = None
+    tokens: TokenCounts | None = None
+    total_tokens: int | None = None
+    exact_duplicate_ratio: float | None = None
+    near_duplicate_ratio: float | None = None
+    vocab_size: int | None = None
+    fingerprint: str | None = None
+    steps: list[StepStats] = Field(default_factory=list)
+    languages: dict[str, float] = Field(default_factory=dict, description="The ten most common.")
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any]) -> DataMergeReport:
+        """Small enough for a termination message: per-step counts without the drop
+        reasons, the ten most frequent languages."""
+        languages = sorted(stats.get("languages", {}).items(), key=lambda kv: -kv[1])[:10]
+        return cls.model_validate({**stats, "languages": dict(languages)})
+
+
+class FailureReport(Record):
+    """A workload pod's termination message when it failed: which stage, why."""
+
+    stage: str
+    reason: str
+    message: str = ""
+
+
+R = TypeVar("R", bound=Record)
+
+
+def read_record(model: type[R], text: str | None) -> R | None:
+    """A record from a termination message or file; None when absent or not this record."""
+    if not text:
+        return None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError:
+        return None

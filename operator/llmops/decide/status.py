@@ -1,0 +1,131 @@
+"""Typed status updates shared by every kind: conditions with metav1.Condition semantics on
+the API's `Condition` model, the events their transitions tell, and the patch that turns an
+old status into a new one."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from llmops.api.common import Condition, ConditionStatus
+
+# Conditions whose turning True is bad news (a Warning event).
+WARNING_TYPES = frozenset({"Failed", "Degraded", "Restarting", "InvalidChild"})
+
+
+class Event(NamedTuple):
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+class Child(NamedTuple):
+    """A child object to make exist as built; `update=False` for immutable specs (Jobs,
+    bound claims): an existing one is left as it is."""
+
+    manifest: dict[str, Any]
+    update: bool = True
+
+
+def now() -> datetime.datetime:
+    """The current time at the API server's resolution (whole seconds, UTC)."""
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+@dataclass
+class Conditions:
+    """Sets conditions on a status model's `conditions` list and collects the events of
+    transitions: a condition turning True (or changing reason while True) is an event."""
+
+    conditions: list[Condition]
+    generation: int | None
+    now: datetime.datetime
+    events: list[Event]
+
+    def set(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
+        index = next((i for i, c in enumerate(self.conditions) if c.type == type_), None)
+        before = self.conditions[index] if index is not None else None
+        changed = before is None or before.status != status
+        condition = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=self.generation,
+            last_transition_time=self.now
+            if changed or before is None
+            else before.last_transition_time,
+        )
+        if index is None:
+            self.conditions.append(condition)
+        else:
+            self.conditions[index] = condition
+        if status == "True" and (changed or before is None or before.reason != reason):
+            kind: Literal["Normal", "Warning"] = "Warning" if type_ in WARNING_TYPES else "Normal"
+            self.events.append(Event(kind, reason, message or type_))
+
+    def get(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def is_true(self, type_: str) -> bool:
+        found = self.get(type_)
+        return found is not None and found.status == "True"
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch from `old` to `new` (top-level keys): changed values, and None for keys
+    that went away (a merge patch deletes a key set to null)."""
+    patch = {key: value for key, value in new.items() if old.get(key) != value}
+    patch.update({key: None for key in old if key not in new})
+    return patch
+
+
+def conditions_of(obj: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    return list(((obj or {}).get("status") or {}).get("conditions") or [])
+
+
+def is_complete(obj: Mapping[str, Any] | None, type_: str = "Complete") -> bool:
+    return obj is not None and any(
+        c.get("type") == type_ and c.get("status") == "True" for c in conditions_of(obj)
+    )
+
+
+def job_failure(job: Mapping[str, Any] | None) -> str | None:
+    """`reason: message` of a Job's Failed condition, or None while it has not failed."""
+    for condition in conditions_of(job):
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip()
+    return None
+
+
+def finish(
+    status: Any,  # a status model with phase, completion_time and conditions
+    conditions: Conditions,
+    phase: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+) -> None:
+    """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
+    status.phase = phase
+    status.completion_time = now
+    conditions.set("Running", "False", reason)
+    if phase == "Succeeded":
+        conditions.set("Complete", "True", reason, message)
+    else:
+        conditions.set("Failed", "True", reason, message)
+    conditions.set("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+
+
+def termination_message(pod: Mapping[str, Any] | None) -> str | None:
+    """What a succeeded pod's container left as its termination message."""
+    status = (pod or {}).get("status") or {}
+    if status.get("phase") != "Succeeded":
+        return None
+    for container in status.get("containerStatuses") or []:
+        message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+        if message:
+            return str(message)
+    return None

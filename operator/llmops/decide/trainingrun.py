@@ -1,0 +1,415 @@
+"""TrainingRun: from the spec, the observed Dataset, parent run, worker Job, its pods and rank
+0's records, decide the children, the Job's suspension, a gang restart and the new status.
+
+The rules of a run live here once: waiting for inputs, budgets, `activeDeadlineSeconds`,
+Kueue's admission hold, restarts after a failure (counted) or a preemption (not counted),
+and how progress and the final report become status.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmops.api.trainingrun import (
+    CheckpointInfo,
+    Checkpoints,
+    TrainingMetrics,
+    TrainingRun,
+    TrainingRunStatus,
+)
+from llmops.api.workload import (
+    COMPLETION_INDEX_ANNOTATION,
+    FINAL_MODEL_SUBDIR,
+    OUTPUT_SUBDIR,
+    TrainerReport,
+    TrainingProgress,
+)
+from llmops.builders import storage
+from llmops.builders import trainingrun as build
+from llmops.decide.status import Child, Conditions, Event, finish, is_complete, job_failure
+
+KIND = "TrainingRun"
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What observe found: the run as read, its inputs and the current attempt's gang."""
+
+    body: Mapping[str, Any]
+    dataset: Mapping[str, Any] | None
+    parent: Mapping[str, Any] | None = None  # spec.init.trainingRun, when set
+    job: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    progress: TrainingProgress | None = None  # rank 0's latest progress record
+    report: TrainerReport | None = None  # rank 0's termination message, once it finished
+
+
+@dataclass
+class Decision:
+    status: TrainingRunStatus
+    events: list[Event] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    job_name: str | None = None
+    suspend_job: bool | None = None  # set the Job's spec.suspend to this
+    delete_job: bool = False  # the gang must go (restart, deadline)
+    restarted: bool = False
+
+
+def attempt(status: TrainingRunStatus) -> int:
+    """Each gang gets a Job of its own: the attempt is part of its name."""
+    return status.restart_count + status.preemption_count
+
+
+def job_name(run: TrainingRun, status: TrainingRunStatus) -> str:
+    return build.job_name(run.metadata.name, attempt(status))
+
+
+def accelerators(run: TrainingRun) -> int:
+    """What one hour of the gang costs in accelerator-hours: GPUs, or pods without GPUs."""
+    resources = run.spec.resources
+    return resources.num_nodes * max(1, resources.gpus_per_node)
+
+
+def checkpoint_base_uri(run: TrainingRun) -> str:
+    return storage.uri(run.metadata.name, "checkpoints", run.spec.checkpointing.storage)
+
+
+def init_uri(run: TrainingRun, parent: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """(uri of the starting weights, why we must wait for them)."""
+    init = run.spec.init
+    if init is None:
+        return None, None
+    if init.path:
+        return init.path, None
+    assert init.training_run is not None
+    name = init.training_run.name
+    if parent is None:
+        return None, f"TrainingRun {name!r} not found"
+    checkpoints = (parent.get("status") or {}).get("checkpoints") or {}
+    wanted = init.training_run.checkpoint
+    chosen = checkpoints.get(wanted) if wanted in ("latest", "best") else None
+    if chosen is None and wanted.startswith("step-"):
+        base = str((checkpoints.get("latest") or {}).get("uri", "")).rsplit("/", 1)[0]
+        if base:
+            return f"{base}/{wanted}", None
+        return None, f"TrainingRun {name!r} has no checkpoints"
+    if chosen is None:
+        return None, f"TrainingRun {name!r} has no {wanted} checkpoint yet"
+    return str(chosen["uri"]), None
+
+
+def budget_exhausted(
+    run: TrainingRun, status: TrainingRunStatus, now: datetime.datetime
+) -> str | None:
+    """Why the run's budget is spent, or None while it is not."""
+    budget = run.spec.budget
+    if budget is None:
+        return None
+    used = status.accelerator_hours or 0.0
+    if budget.max_accelerator_hours is not None and used >= budget.max_accelerator_hours:
+        return f"used {used:.3f} of {budget.max_accelerator_hours:g} accelerator-hours"
+    started = status.start_time
+    if budget.max_wall_time_seconds is not None and started is not None:
+        elapsed = (now - started).total_seconds()
+        if elapsed >= budget.max_wall_time_seconds:
+            return f"ran {elapsed:.0f}s of maxWallTimeSeconds={budget.max_wall_time_seconds}"
+    return None
+
+
+def checkpoint_info(name: str | None, loss: float | None, base_uri: str) -> CheckpointInfo | None:
+    """Status entry for a checkpoint folder the trainer named (`step-<N>`)."""
+    if not name:
+        return None
+    digits = name.removeprefix("step-")
+    return CheckpointInfo(
+        name=name,
+        step=int(digits) if digits.isdigit() else 0,
+        uri=f"{base_uri}/{name}",
+        validation_loss=loss,
+    )
+
+
+def checkpoints(record: TrainingProgress | TrainerReport, base_uri: str) -> Checkpoints | None:
+    found = Checkpoints(
+        latest=checkpoint_info(
+            record.latest_checkpoint, record.latest_checkpoint_validation_loss, base_uri
+        ),
+        best=checkpoint_info(
+            record.best_checkpoint, record.best_checkpoint_validation_loss, base_uri
+        ),
+    )
+    return found if found.latest or found.best else None
+
+
+def apply_progress(
+    status: TrainingRunStatus, record: TrainingProgress, base_uri: str, now: datetime.datetime
+) -> None:
+    """Step, percentage, ETA, the latest metrics and checkpoints from a progress record."""
+    status.step = record.step
+    total = record.total_steps or None
+    if total:
+        status.total_steps = total
+        status.progress = min(100, int(100 * record.step / total))
+        started = status.start_time
+        elapsed = (now - started).total_seconds() if started else 0
+        if record.step and elapsed > 0:
+            status.estimated_remaining_seconds = int(
+                elapsed / record.step * max(0, total - record.step)
+            )
+    validation = record.validation
+    metrics = TrainingMetrics(
+        train_loss=record.train_loss,
+        validation_loss=validation.loss if validation else None,
+        perplexity=validation.perplexity if validation else None,
+        accuracy=validation.accuracy if validation else None,
+        bleu=validation.bleu if validation else None,
+        learning_rate=record.learning_rate,
+        tokens_per_second=record.tokens_per_second,
+        mfu=record.mfu,
+    )
+    if metrics.to_dict():
+        status.metrics = metrics
+    found = checkpoints(record, base_uri)
+    if found is not None:
+        status.checkpoints = found
+
+
+def decide(
+    run: TrainingRun, status: TrainingRunStatus, observed: Observed, now: datetime.datetime
+) -> Decision:
+    new = status.model_copy(deep=True)
+    decision = Decision(new)
+    if new.phase in TERMINAL:
+        return decision
+    conditions = Conditions(new.conditions, run.metadata.generation, now, decision.events)
+    _account(run, new, now)
+    _decide(run, observed, decision, conditions, now)
+    if new.phase != "Running":
+        new.accounted_until = None  # nothing runs: nothing to count until it does
+    return decision
+
+
+def _account(run: TrainingRun, status: TrainingRunStatus, now: datetime.datetime) -> None:
+    """Add the time the gang ran since the last decision that saw it running (an operator
+    that was down meanwhile still counts that time: the pods ran)."""
+    since = status.accounted_until
+    if status.phase == "Running" and since is not None:
+        hours = max(0.0, (now - since).total_seconds()) / 3600 * accelerators(run)
+        status.accelerator_hours = round((status.accelerator_hours or 0.0) + hours, 6)
+    status.accounted_until = now
+
+
+def _waiting(status: TrainingRunStatus, conditions: Conditions, reason: str, why: str) -> None:
+    status.phase = "Pending"
+    conditions.set("Created", "False", reason, why)
+
+
+def _decide(
+    run: TrainingRun,
+    observed: Observed,
+    decision: Decision,
+    conditions: Conditions,
+    now: datetime.datetime,
+) -> None:
+    spec, status = run.spec, decision.status
+    ready = observed.dataset is not None and is_complete(observed.dataset)
+    if not ready:
+        why = "DatasetNotFound" if observed.dataset is None else "WaitingForDataset"
+        return _waiting(status, conditions, why, f"Dataset {spec.dataset_ref.name!r} is not ready")
+    assert observed.dataset is not None
+    dataset_uri = (observed.dataset.get("status") or {}).get("outputUri")
+    if not dataset_uri:
+        why = f"Dataset {spec.dataset_ref.name!r} reports no output"
+        return _waiting(status, conditions, "WaitingForDataset", why)
+    init, waiting = init_uri(run, observed.parent)
+    if waiting:
+        return _waiting(status, conditions, "WaitingForInitCheckpoint", waiting)
+
+    decision.children = _children(run, observed.body, status, dataset_uri, init)
+    decision.job_name = name = job_name(run, status)
+    nodes = spec.resources.num_nodes
+    conditions.set("Created", "True", "GangCreated", f"Job {name} with {nodes} pod(s)")
+    if status.start_time is None:
+        status.start_time = now
+    job = observed.job
+    if _stopped(run, job, decision, conditions, now):
+        return
+    if is_complete(job):
+        return _succeeded(run, observed.report, decision, conditions, now)
+    failure = job_failure(job)
+    if failure:
+        return _failed(run, observed.pods, failure, decision, conditions, now)
+    _gang(run, job, observed, decision, conditions, now)
+
+
+def _children(
+    run: TrainingRun,
+    body: Mapping[str, Any],
+    status: TrainingRunStatus,
+    dataset_uri: str,
+    init: str | None,
+) -> list[Child]:
+    claim = build.checkpoint_claim(body, run)
+    return [
+        Child(build.config_map(body)),
+        Child(build.headless_service(body)),
+        *([Child(claim, update=False)] if claim is not None else []),  # immutable once bound
+        Child(build.worker_job(body, run, attempt(status), dataset_uri, init), update=False),
+    ]
+
+
+def _stopped(
+    run: TrainingRun,
+    job: Mapping[str, Any] | None,
+    decision: Decision,
+    conditions: Conditions,
+    now: datetime.datetime,
+) -> bool:
+    """Budget, suspension and deadline; True when the run ended here."""
+    spec, status = run.spec, decision.status
+    suspended = bool((job or {}).get("spec", {}).get("suspend"))
+    spent = budget_exhausted(run, status, now)
+    if spent:
+        # Suspending the Job stops the pods with SIGTERM: the trainer checkpoints first.
+        if job is not None and not suspended:
+            decision.suspend_job = True
+        _finish(
+            status,
+            conditions,
+            "Failed",
+            "BudgetExhausted",
+            f"{spent}; stopped after a checkpoint, which a new TrainingRun can start from "
+            "(spec.init.trainingRun)",
+            now,
+        )
+        return True
+    # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates
+    # them. Under Kueue, admission unsuspends the Job: only a suspension is ours to ask.
+    queued = spec.scheduling.queue_name is not None
+    if job is not None and suspended != spec.suspend and (spec.suspend or not queued):
+        decision.suspend_job = spec.suspend
+    deadline = spec.active_deadline_seconds
+    started = status.start_time
+    if deadline and started and (now - started).total_seconds() > deadline and not spec.suspend:
+        decision.delete_job = True
+        message = f"running longer than activeDeadlineSeconds={deadline}"
+        _finish(status, conditions, "Failed", "DeadlineExceeded", message, now)
+        return True
+    return False
+
+
+def _succeeded(
+    run: TrainingRun,
+    report: TrainerReport | None,
+    decision: Decision,
+    conditions: Conditions,
+    now: datetime.datetime,
+) -> None:
+    status = decision.status
+    _finish(status, conditions, "Succeeded", "TrainingComplete", "training finished", now)
+    base = checkpoint_base_uri(run)
+    status.model_uri = f"{base}/{OUTPUT_SUBDIR}/{FINAL_MODEL_SUBDIR}"
+    if report is not None:
+        status.step = report.step
+        if report.final_evaluation is not None and report.final_evaluation.to_dict():
+            status.final_evaluation = report.final_evaluation
+        status.checkpoints = checkpoints(report, base) or status.checkpoints
+
+
+def was_disrupted(pod: Mapping[str, Any]) -> bool:
+    """Evicted, preempted or drained rather than crashed (the DisruptionTarget condition)."""
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def _failed(
+    run: TrainingRun,
+    pods: Sequence[Mapping[str, Any]],
+    failure: str,
+    decision: Decision,
+    conditions: Conditions,
+    now: datetime.datetime,
+) -> None:
+    status, limit = decision.status, run.spec.max_restarts
+    restarts = status.restart_count
+    if any(was_disrupted(p) for p in pods):
+        status.preemption_count += 1
+        return _restart(decision, conditions, "Preempted", f"gang member preempted: {failure}")
+    if restarts >= limit:
+        message = f"gang failed after {restarts} restart(s): {failure}"
+        return _finish(status, conditions, "Failed", "MaxRestartsExceeded", message, now)
+    status.restart_count += 1
+    message = f"restart {restarts + 1}/{limit} from the latest checkpoint: {failure}"
+    _restart(decision, conditions, "GangMemberFailed", message)
+
+
+def _restart(decision: Decision, conditions: Conditions, reason: str, message: str) -> None:
+    # The restart is counted in the status written with the deletion: if the operator dies
+    # right after, the next decision still creates the next attempt exactly once.
+    decision.status.phase = "Restarting"
+    conditions.set("Restarting", "True", reason, message)
+    conditions.set("Running", "False", reason)
+    decision.delete_job = True
+    decision.restarted = True
+
+
+def _gang(
+    run: TrainingRun,
+    job: Mapping[str, Any] | None,
+    observed: Observed,
+    decision: Decision,
+    conditions: Conditions,
+    now: datetime.datetime,
+) -> None:
+    spec, status = run.spec, decision.status
+    if spec.suspend:
+        status.phase = "Suspended"
+        conditions.set("Suspended", "True", "Suspended", "pods stopped; checkpoints kept")
+        conditions.set("Running", "False", "Suspended")
+        return
+    conditions.set("Suspended", "False", "Resumed")
+    if spec.scheduling.queue_name and bool((job or {}).get("spec", {}).get("suspend")):
+        if status.phase != "Restarting":
+            status.phase = "Pending"
+        queue = spec.scheduling.queue_name
+        conditions.set(
+            "Running", "False", "WaitingForAdmission", f"queued in Kueue LocalQueue {queue!r}"
+        )
+        return
+    nodes = spec.resources.num_nodes
+    running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+    if len(running) < nodes:
+        if status.phase != "Restarting":
+            status.phase = "Pending"
+        conditions.set("Running", "False", "WaitingForGang", f"{len(running)}/{nodes} pods running")
+        return
+    status.phase = "Running"
+    conditions.set("Running", "True", "GangRunning", f"{len(running)}/{nodes} pods running")
+    conditions.set("Restarting", "False", "GangRunning")
+    if observed.progress is not None:
+        apply_progress(status, observed.progress, checkpoint_base_uri(run), now)
+
+
+def is_leader(pod: Mapping[str, Any]) -> bool:
+    """Rank 0's pod: completion index 0 of the Indexed Job."""
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return bool(annotations.get(COMPLETION_INDEX_ANNOTATION) == "0")
+
+
+def _finish(
+    status: TrainingRunStatus,
+    conditions: Conditions,
+    phase: str,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+) -> None:
+    finish(status, conditions, phase, reason, message, now)
+    if phase == "Succeeded":
+        status.progress = 100

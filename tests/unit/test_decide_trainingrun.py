@@ -1,0 +1,192 @@
+"""The TrainingRun rules as pure decisions, and the contract's promise that every status field
+the operator shows is produced by the trainer's records."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from llmops.api.trainingrun import (
+    CheckpointInfo,
+    FinalEvaluation,
+    TrainingMetrics,
+    TrainingRun,
+    TrainingRunStatus,
+)
+from llmops.api.workload import (
+    COMPLETION_INDEX_ANNOTATION,
+    FinalReport,
+    TrainerReport,
+    ValidationScores,
+    parse_progress_line,
+    progress_log_line,
+    read_record,
+)
+from llmops.builders import sweep as sweep_build
+from llmops.decide import trainingrun as decide
+from llmops_trainer.progress import ProgressState, progress_record, trainer_report
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime.datetime(2026, 11, 1, 12, 0, tzinfo=datetime.UTC)
+DATASET = {
+    "kind": "Dataset",
+    "metadata": {"name": "corpus"},
+    "status": {
+        "outputUri": "pvc://corpus-data/g1",
+        "conditions": [{"type": "Complete", "status": "True"}],
+    },
+}
+
+
+def run_body(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "gpt", "namespace": "ml", "uid": "u1", "generation": 1},
+        "spec": {
+            "datasetRef": {"name": "corpus"},
+            "hyperparameters": {"maxSteps": 10},
+            "resources": {"numNodes": 2},
+            **spec,
+        },
+    }
+
+
+def job(*conditions: dict[str, str], suspend: bool = False) -> dict[str, Any]:
+    return {"spec": {"suspend": suspend}, "status": {"conditions": list(conditions)}}
+
+
+def pod(index: int, phase: str = "Running", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": f"p{index}", "annotations": {COMPLETION_INDEX_ANNOTATION: str(index)}},
+        "status": {"phase": phase, **status},
+    }
+
+
+def decided(
+    body: dict[str, Any], status: TrainingRunStatus | None = None, **observed: Any
+) -> decide.Decision:
+    run = TrainingRun.model_validate(body)
+    found = decide.Observed(body=body, dataset=observed.pop("dataset", DATASET), **observed)
+    return decide.decide(run, status or TrainingRunStatus(), found, NOW)
+
+
+def condition(decision: decide.Decision, type_: str) -> tuple[str, str]:
+    found = next(c for c in decision.status.conditions if c.type == type_)
+    return found.status, found.reason
+
+
+def full_state() -> ProgressState:
+    """A trainer that logged a step, validated with every metric and checkpointed."""
+    state = ProgressState(step=20, consumed_samples=160)
+    state.history.append(
+        {"step": 20, "trainLoss": 2.0, "learningRate": 1e-3, "gradNorm": 0.5,
+         "tokensPerSecond": 900.0, "mfu": 0.3}
+    )  # fmt: skip
+    state.validation = ValidationScores(loss=2.1, perplexity=8.2, accuracy=0.4, bleu=12.0)
+    state.checkpointed("step-20")
+    return state
+
+
+def test_every_metric_and_checkpoint_field_is_produced_by_the_trainer_records() -> None:
+    record = progress_record(full_state(), "Training", total_steps=100, num_samples=1000)
+    # The record crosses the boundary as a log line and is read back by the same model.
+    wire = parse_progress_line(progress_log_line(record))
+    assert wire == record
+    decision = decided(run_body(), job=job(), pods=[pod(0), pod(1)], progress=wire)
+    status = decision.status
+    assert status.metrics is not None and status.checkpoints is not None
+    for name in TrainingMetrics.model_fields:
+        assert getattr(status.metrics, name) is not None, f"metrics.{name} is never produced"
+    for info in (status.checkpoints.latest, status.checkpoints.best):
+        assert info is not None
+        for name in CheckpointInfo.model_fields:
+            assert getattr(info, name) is not None, f"checkpoint {name} is never produced"
+
+
+def test_every_final_evaluation_field_is_produced_by_the_trainer_report() -> None:
+    final = FinalReport(
+        stop_reason="Completed", steps=20, loss=2.0, perplexity=7.4, accuracy=0.41, bleu=13.0
+    )
+    report = read_record(TrainerReport, trainer_report(full_state(), final).to_json())
+    assert report is not None
+    complete = job({"type": "Complete", "status": "True"})
+    decision = decided(run_body(), job=complete, pods=[pod(0, "Succeeded")], report=report)
+    evaluation = decision.status.final_evaluation
+    assert decision.status.phase == "Succeeded" and evaluation is not None
+    for name in FinalEvaluation.model_fields:
+        assert getattr(evaluation, name) is not None, f"finalEvaluation.{name} is never produced"
+    assert decision.status.model_uri == "pvc://gpt-checkpoints/output/model"
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "validationLoss", "perplexity", "trainLoss"])
+def test_a_sweep_objective_reads_a_value_the_trainer_reported(metric: str) -> None:
+    record = progress_record(full_state(), "Completed", total_steps=20, num_samples=1000)
+    decision = decided(run_body(), job=job(), pods=[pod(0), pod(1)], progress=record)
+    trial = run_body()
+    trial["metadata"]["labels"] = {sweep_build.INDEX_LABEL: "0"}
+    trial["status"] = {**decision.status.to_dict(), "phase": "Succeeded"}
+    trial["status"]["conditions"] = [{"type": "Complete", "status": "True"}]
+    assert sweep_build.observe(trial, metric, None).trial.value is not None
+
+
+def test_waits_for_the_dataset_and_creates_nothing() -> None:
+    decision = decided(run_body(), dataset=None)
+    assert decision.children == [] and decision.status.phase == "Pending"
+    assert condition(decision, "Created") == ("False", "DatasetNotFound")
+
+
+def test_creates_the_gang_then_runs_with_the_leaders_progress() -> None:
+    first = decided(run_body())
+    kinds = [c.manifest["kind"] for c in first.children]
+    assert kinds == ["ConfigMap", "Service", "PersistentVolumeClaim", "Job"]
+    assert first.job_name == "gpt-workers-0" and condition(first, "Running")[1] == "WaitingForGang"
+    running = decided(run_body(), first.status, job=job(), pods=[pod(0), pod(1)])
+    assert running.status.phase == "Running" and running.status.accounted_until == NOW
+
+
+def test_a_failed_member_restarts_the_gang_and_a_preempted_one_is_not_counted() -> None:
+    failed = job({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+    crash = decided(run_body(), job=failed, pods=[pod(0, "Failed")])
+    assert crash.delete_job and crash.restarted and crash.status.restart_count == 1
+    assert decide.job_name(TrainingRun.model_validate(run_body()), crash.status) == "gpt-workers-1"
+    evicted = pod(1, "Failed", conditions=[{"type": "DisruptionTarget", "status": "True"}])
+    preempted = decided(run_body(), job=failed, pods=[pod(0), evicted])
+    assert preempted.status.preemption_count == 1 and preempted.status.restart_count == 0
+    assert condition(preempted, "Restarting") == ("True", "Preempted")
+    assert ("Warning", "Preempted") in [(e.type, e.reason) for e in preempted.events]
+    spent = TrainingRunStatus(restart_count=3)
+    final = decided(run_body(maxRestarts=3), spent, job=failed, pods=[pod(0, "Failed")])
+    assert final.status.phase == "Failed" and not final.delete_job
+    assert condition(final, "Failed") == ("True", "MaxRestartsExceeded")
+
+
+def test_budget_suspends_the_job_and_a_deadline_deletes_it() -> None:
+    started = TrainingRunStatus(start_time=NOW - datetime.timedelta(hours=2))
+    body = run_body(budget={"maxWallTimeSeconds": 3600})
+    budget = decided(body, started, job=job(), pods=[pod(0), pod(1)])
+    assert budget.suspend_job is True and not budget.delete_job
+    assert condition(budget, "Failed") == ("True", "BudgetExhausted")
+    deadline = decided(run_body(activeDeadlineSeconds=60), started, job=job(), pods=[pod(0)])
+    assert deadline.delete_job and condition(deadline, "Failed") == ("True", "DeadlineExceeded")
+
+
+def test_kueue_admission_is_left_to_kueue() -> None:
+    body = run_body(scheduling={"queueName": "team-a"})
+    first = decided(body)
+    gang = next(c.manifest for c in first.children if c.manifest["kind"] == "Job")
+    assert gang["spec"]["suspend"] is True  # Kueue admits by unsuspending
+    held = decided(body, first.status, job=job(suspend=True))
+    assert held.suspend_job is None  # never unsuspended by the operator
+    assert condition(held, "Running") == ("False", "WaitingForAdmission")
+    stop = run_body(scheduling={"queueName": "team-a"}, suspend=True)
+    assert decided(stop, first.status, job=job(suspend=False)).suspend_job is True
+
+
+def test_a_finished_run_is_left_alone() -> None:
+    done = TrainingRunStatus(phase="Succeeded")
+    decision = decided(run_body(), done, job=job())
+    assert decision.children == [] and decision.status == done and decision.events == []

@@ -1,0 +1,124 @@
+"""What every slice wrote, read back as one corpus in global (input, position) order, so the
+merge does not depend on the number of slices."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmops_trainer.data.registry import KEPT
+from llmops_trainer.data.slice_stage import DONE, slice_dir
+
+
+@dataclass
+class Corpus:
+    """Every document read by every slice, in global (input, position) order."""
+
+    slices: list[Path]
+    slice_of: npt.NDArray[np.int64]
+    input_of: npt.NDArray[np.int64]
+    position_of: npt.NDArray[np.int64]
+    rows: npt.NDArray[np.int64]
+    reasons: list[str]
+    codes: npt.NDArray[np.int64]
+    hashes: npt.NDArray[np.uint8]
+    raw_bytes: npt.NDArray[np.int64]
+    out_bytes: npt.NDArray[np.int64]
+    has_signature: list[npt.NDArray[np.bool_]]
+    inputs: list[dict[str, Any]]
+    slice_stats: list[dict[str, Any]]
+
+    def code(self, reason: str) -> int:
+        """The code of a drop reason, added when no slice gave it."""
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return self.reasons.index(reason)
+
+    def signature_maps(self, permutations: int) -> list[npt.NDArray[np.uint32]]:
+        """Each slice's MinHash rows, memory-mapped."""
+        maps = []
+        for folder, flags in zip(self.slices, self.has_signature, strict=True):
+            path = folder / "signatures.bin"
+            if len(flags) and path.stat().st_size:
+                rows = np.memmap(path, dtype="<u4", mode="r").reshape(len(flags), permutations)
+                maps.append(rows)
+            else:
+                maps.append(np.zeros((0, permutations), dtype=np.uint32))
+        return maps
+
+    def documents(self, wanted: npt.NDArray[np.bool_]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(global index, stored record) of the wanted documents, in global order."""
+        handles = [(folder / "docs.jsonl").open(encoding="utf-8") for folder in self.slices]
+        cursor = [0] * len(handles)
+        try:
+            for index in np.flatnonzero(self.rows >= 0).tolist():
+                number, row = int(self.slice_of[index]), int(self.rows[index])
+                handle = handles[number]
+                while cursor[number] <= row:
+                    line = handle.readline()
+                    cursor[number] += 1
+                if wanted[index]:
+                    yield index, json.loads(line)
+        finally:
+            for handle in handles:
+                handle.close()
+
+    def source_index(self) -> npt.NDArray[np.int64]:
+        """The source of every document."""
+        lookup = np.zeros(max((i["index"] for i in self.inputs), default=0) + 1, dtype=np.int64)
+        for item in self.inputs:
+            lookup[item["index"]] = item["source"]
+        return lookup[self.input_of]
+
+
+def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
+    """The finished slices' outputs for config `key`; fails when a slice has not finished."""
+    folders = [slice_dir(work_dir, i) for i in range(count)]
+    names: dict[str, int] = {KEPT: 0}
+    parts: dict[str, list[Any]] = {
+        k: [] for k in ("slice", "inp", "pos", "code", "hash", "raw", "out", "rows")
+    }
+    has_signature, inputs, slice_stats = [], [], []
+    for number, folder in enumerate(folders):
+        marker = folder / DONE
+        if not marker.is_file() or json.loads(marker.read_text()).get("config") != key:
+            raise RuntimeError(f"slice {number} of {count} has not finished (no {marker})")
+        stats = json.loads((folder / "stats.json").read_text())
+        meta = np.load(folder / "meta.npz")
+        local = np.array([names.setdefault(n, len(names)) for n in stats["reasons"]])
+        parts["slice"].append(np.full(len(meta["reasons"]), number))
+        parts["inp"].append(meta["inputs"])
+        parts["pos"].append(meta["positions"])
+        parts["code"].append(
+            local[meta["reasons"]] if len(meta["reasons"]) else np.zeros(0, np.int64)
+        )
+        parts["hash"].append(meta["hashes"])
+        parts["raw"].append(meta["raw_bytes"])
+        parts["out"].append(meta["out_bytes"])
+        parts["rows"].append(meta["rows"])
+        has_signature.append(meta["has_signature"])
+        inputs += stats["inputs"]
+        slice_stats.append(stats)
+    joined = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
+    order = np.lexsort((joined["pos"], joined["inp"]))
+    return Corpus(
+        slices=folders,
+        slice_of=joined["slice"][order].astype(np.int64),
+        input_of=joined["inp"][order].astype(np.int64),
+        position_of=joined["pos"][order].astype(np.int64),
+        rows=joined["rows"][order],
+        reasons=sorted(names, key=names.__getitem__),
+        codes=joined["code"][order].astype(np.int64),
+        hashes=joined["hash"].reshape(-1, 16)[order].astype(np.uint8),
+        raw_bytes=joined["raw"][order],
+        out_bytes=joined["out"][order],
+        has_signature=has_signature,
+        inputs=sorted(inputs, key=lambda x: x["index"]),
+        slice_stats=slice_stats,
+    )

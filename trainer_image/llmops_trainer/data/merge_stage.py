@@ -1,0 +1,331 @@
+"""Merge stage: one pod, after every slice has finished.
+
+It orders every document by (input, position), so the result does not depend on the number
+of slices, finds exact duplicates across slices and near-duplicates with LSH over all
+signatures, trains or loads the tokenizer, splits by document (seeded hash), tokenizes in
+parallel and writes shards, tokenizer, manifest and dataset card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llmops.api.dataset import Dataset, DatasetSpec
+from llmops_trainer.data import dedup, report
+from llmops_trainer.data import tokenize as tok
+from llmops_trainer.data.augment import augment
+from llmops_trainer.data.corpus import Corpus, load_corpus
+from llmops_trainer.data.registry import Options, Registry
+from llmops_trainer.data.slice_stage import config_key
+from llmops_trainer.data.steps import EMPTY, EXACT, NEAR, PIPELINE
+from llmops_trainer.shards import (
+    MANIFEST,
+    SPLITS,
+    Manifest,
+    ShardWriter,
+    SplitInfo,
+    TokenDtype,
+    dtype_for_vocab,
+    read_manifest,
+    write_manifest,
+)
+
+log = logging.getLogger("llmops.data")
+CARD = "README.md"
+TOKENIZER = "tokenizer.json"
+TOKENIZE_BATCH = 1024
+
+
+def fingerprint(key: str, inputs: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256(key.encode())
+    for item in inputs:
+        digest.update(item["sha256"].encode())
+    return digest.hexdigest()
+
+
+def _cross_slice_exact(corpus: Corpus) -> None:
+    """The first copy (in global order) of every content hash stays; a later copy is an
+    exact duplicate even if its slice dropped it for another reason."""
+    empty, exact = corpus.code(EMPTY), corpus.code(EXACT)
+    candidates = np.flatnonzero((corpus.codes != empty) & (corpus.codes != exact))
+    if not len(candidates):
+        return
+    keys = np.ascontiguousarray(corpus.hashes[candidates]).view("V16").ravel()
+    _, first = np.unique(keys, return_index=True)
+    later = np.ones(len(candidates), dtype=bool)
+    later[first] = False
+    corpus.codes[candidates[later]] = exact
+
+
+def _near(corpus: Corpus, spec: DatasetSpec) -> None:
+    near = spec.processing.deduplication.near
+    if not near.enabled:
+        return
+    kept = np.flatnonzero(corpus.codes == 0)
+    slices, rows = corpus.slice_of[kept], corpus.rows[kept]
+    flags = np.array(
+        [corpus.has_signature[s][r] for s, r in zip(slices.tolist(), rows.tolist(), strict=True)],
+        dtype=bool,
+    )
+    candidates, slices, rows = kept[flags], slices[flags], rows[flags]
+    if len(candidates) < 2:
+        return
+    maps = corpus.signature_maps(near.num_permutations)
+
+    def gather(positions: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
+        out = np.empty((len(positions), near.num_permutations), dtype=np.uint32)
+        for number, matrix in enumerate(maps):
+            mask = slices[positions] == number
+            if mask.any():
+                out[mask] = matrix[rows[positions[mask]]]
+        return out
+
+    keys = np.empty((len(candidates), near.bands), dtype=np.uint64)
+    for start in range(0, len(candidates), 65536):
+        block = np.arange(start, min(start + 65536, len(candidates)))
+        keys[block] = dedup.band_keys(gather(block), near.bands)
+
+    def similarity(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        return dedup.jaccard_estimate(gather(a), gather(b))
+
+    drop = dedup.near_duplicates(keys, near.threshold, similarity)
+    corpus.codes[candidates[drop]] = corpus.code(NEAR)
+
+
+def _splits(corpus: Corpus, spec: DatasetSpec, kept: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
+    """0/1/2 (train/validation/test) per kept document from a seeded hash of its content;
+    a split with a share above zero gets at least one document when there are enough."""
+    split = spec.split
+    head = np.ascontiguousarray(corpus.hashes[kept, :8]).view("<u8").ravel()
+    unit = _mix(head ^ np.uint64(split.seed * 0x9E3779B97F4A7C15 % 2**64)).astype(np.float64)
+    unit /= 2.0**64
+    out = np.zeros(len(kept), dtype=np.int8)
+    out[unit >= split.train] = 1
+    out[unit >= split.train + split.validation] = 2
+    for target, share in ((1, split.validation), (2, split.test)):
+        if share > 0 and not (out == target).any() and (out == 0).sum() > 1:
+            train = np.flatnonzero(out == 0)
+            out[train[np.argmax(unit[train])]] = target
+    return out
+
+
+def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64 finalizer: spreads a hash evenly over [0, 2**64)."""
+    x = x.copy()
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _tokenizer(dataset: Dataset, corpus: Corpus, train_mask: npt.NDArray[np.bool_]) -> Any:
+    config = dataset.spec.tokenizer
+    if config.train is not None:
+
+        def texts() -> Iterator[str]:
+            for _, record in corpus.documents(train_mask):
+                yield record["t"] if "r" not in record else f"{record['t']}\n{record['r']}"
+
+        return tok.train(texts(), config.train), list(config.train.special_tokens)
+    path = config.path if config.path is not None else str(tok.ref_tokenizer_path())
+    return tok.load(path), None
+
+
+def run_merge(
+    dataset: Dataset, output_dir: Path, work_dir: Path, count: int, options: Options | None = None
+) -> Manifest:
+    spec = dataset.spec
+    registry = (options or Options()).steps or PIPELINE
+    key = config_key(spec)
+    corpus = load_corpus(work_dir, count, key)
+    print_ = fingerprint(key, corpus.inputs)
+    manifest_path = output_dir / MANIFEST
+    if manifest_path.is_file():
+        existing = read_manifest(output_dir)
+        if existing.fingerprint == print_:
+            log.info("merge already done (fingerprint %s), skipping", print_[:12])
+            return existing
+    started = time.monotonic()
+    _cross_slice_exact(corpus)
+    _near(corpus, spec)
+
+    # Every document's fate, for audits and for comparing engines (benchmarks/).
+    np.savez(
+        work_dir / "decisions.npz",
+        inputs=corpus.input_of,
+        positions=corpus.position_of,
+        codes=corpus.codes,
+        reasons=np.array(corpus.reasons),
+    )
+    kept = np.flatnonzero(corpus.codes == 0)
+    split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
+    split_of[kept] = _splits(corpus, spec, kept)
+    tokenizer, special = _tokenizer(dataset, corpus, split_of == 0)
+    vocab = int(tokenizer.get_vocab_size())
+    eos = tok.eos_id(tokenizer, special)
+    dtype: TokenDtype = (
+        dtype_for_vocab(vocab) if spec.sharding.token_dtype == "auto" else spec.sharding.token_dtype
+    )
+    if dtype == "uint16" and vocab > 2**16:
+        raise ValueError(f"vocabulary of {vocab} does not fit uint16 tokens")
+
+    for name in SPLITS:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    supervised = all(s.prompt_field is not None for s in spec.sources)
+    writers = [
+        ShardWriter(output_dir, name, dtype, eos, spec.sharding.tokens_per_shard, supervised)
+        for name in SPLITS
+    ]
+    source_of = corpus.source_index()
+    weights = np.array([s.weight for s in spec.sources])
+    augmentation = spec.processing.augmentation
+    languages: Counter[str] = Counter()
+    per_source: dict[str, Counter[str]] = {s.name: Counter() for s in spec.sources}
+    kept_bytes = 0
+    augmented = 0
+    batches: list[list[tuple[str, str | None, str]]] = [[], [], []]
+
+    def flush(split: int) -> None:
+        batch = batches[split]
+        if not batch:
+            return
+        if supervised:
+            encoded = tok.encode_pairs(
+                tokenizer, [b[0] for b in batch], [b[1] or "" for b in batch]
+            )
+            for (ids, mask), item in zip(encoded, batch, strict=True):
+                writers[split].add(ids, mask)
+                per_source[item[2]]["tokens"] += len(ids) + 1
+        else:
+            for ids, item in zip(tok.encode(tokenizer, [b[0] for b in batch]), batch, strict=True):
+                writers[split].add(ids)
+                per_source[item[2]]["tokens"] += len(ids) + 1
+        batch.clear()
+
+    for index, record in corpus.documents(split_of >= 0):
+        split = int(split_of[index])
+        text, response, lang = record["t"], record.get("r"), record["l"]
+        source = int(source_of[index])
+        name = spec.sources[source].name
+        languages[lang] += 1
+        per_source[name]["documents"] += 1
+        kept_bytes += int(corpus.out_bytes[index])
+        copies = 1
+        if split == 0:
+            # Weights repeat a source in the training split: 2.5 -> twice, plus a third
+            # copy for half of its documents (chosen by content hash, so reruns agree).
+            weight = float(weights[source])
+            frac = float(_mix(corpus.hashes[index, :8].view("<u8").copy())[0]) / 2.0**64
+            copies = int(weight) + (1 if frac < weight - int(weight) else 0)
+        for _ in range(copies):
+            batches[split].append((text, response, name))
+        if split == 0 and augmentation.enabled:
+            seed = int.from_bytes(corpus.hashes[index, :8].tobytes(), "little")
+            for copy in range(augmentation.copies):
+                noisy = augment(text, augmentation.methods, augmentation.probability, seed + copy)
+                batches[split].append((noisy, response, name))
+                augmented += 1
+        if len(batches[split]) >= TOKENIZE_BATCH:
+            flush(split)
+    for split in range(3):
+        flush(split)
+    infos: dict[str, SplitInfo] = {n: w.close() for n, w in zip(SPLITS, writers, strict=True)}
+
+    stats = _stats(
+        registry, corpus, infos, languages, per_source, kept_bytes, augmented, vocab, print_
+    )
+    stats["seconds"] = {
+        "slices": sum(s.get("seconds", 0) for s in corpus.slice_stats),
+        "merge": round(time.monotonic() - started, 3),
+    }
+    tokenizer.save(str(output_dir / TOKENIZER))
+    manifest = Manifest(
+        fingerprint=print_,
+        dtype=dtype,
+        vocab_size=vocab,
+        eos_token_id=eos,
+        tokenizer=TOKENIZER,
+        supervised=supervised,
+        splits=infos,
+        stats=stats,
+    )
+    (output_dir / CARD).write_text(report.dataset_card(dataset, stats, print_))
+    write_manifest(output_dir, manifest)  # last: its presence means the output is complete
+    log.info("merge: %d documents, %d tokens", stats["documents"], stats["totalTokens"])
+    return manifest
+
+
+def _stats(
+    registry: Registry,
+    corpus: Corpus,
+    infos: dict[str, SplitInfo],
+    languages: Counter[str],
+    per_source: dict[str, Counter[str]],
+    kept_bytes: int,
+    augmented: int,
+    vocab: int,
+    print_: str,
+) -> dict[str, Any]:
+    dropped = []
+    for code, name in enumerate(corpus.reasons):
+        if code == 0:
+            continue
+        mask = corpus.codes == code
+        if mask.any():
+            dropped.append((name, int(mask.sum()), int(corpus.out_bytes[mask].sum())))
+    steps = report.step_stats(
+        registry,
+        len(corpus.codes),
+        int(corpus.raw_bytes.sum()),
+        dropped,
+        kept_bytes,
+        corpus.slice_stats,
+    )
+    kept = sum(languages.values())
+    tokens = {name: info.tokens for name, info in infos.items()}
+    written = sum(info.documents for info in infos.values())
+    steps.append(
+        {"name": "augment", "documentsIn": kept, "documentsOut": kept + augmented, "dropped": {}}
+    )
+    steps.append(
+        {"name": "tokenize", "documentsIn": written, "documentsOut": written, "dropped": {}}
+    )
+    by_name = {s["name"]: s for s in steps}
+    exact = by_name[registry.step_of(EXACT)]
+    near = by_name[registry.step_of(NEAR)]
+    return {
+        "steps": steps,
+        "documents": kept,
+        "tokens": tokens,
+        "totalTokens": sum(tokens.values()),
+        "exactDuplicateRatio": _drop_ratio(exact),
+        "nearDuplicateRatio": _drop_ratio(near),
+        "languages": {k: round(v / kept, 6) for k, v in languages.most_common()} if kept else {},
+        "vocabSize": vocab,
+        "fingerprint": print_,
+        "documentsPerSplit": {name: info.documents for name, info in infos.items()},
+        "inputs": {
+            "files": len(corpus.inputs),
+            "bytes": sum(int(i["bytes"]) for i in corpus.inputs),
+        },
+        "sources": {name: dict(c) for name, c in per_source.items()},
+    }
+
+
+def _drop_ratio(step: dict[str, Any]) -> float:
+    """The share of the documents entering a step that it dropped."""
+    whole = step["documentsIn"]
+    return round((whole - step["documentsOut"]) / whole, 6) if whole else 0.0
