@@ -8,13 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmops.api.workload import Env
+
 LIMIT = 4096
 
 
 def write_termination_message(report: dict[str, Any]) -> None:
     """Write `report` where LLMOPS_TERMINATION_LOG says (the pod spec's
     terminationMessagePath). Without it, e.g. in a plain shell, there is nothing to write."""
-    path = os.environ.get("LLMOPS_TERMINATION_LOG")
+    path = os.environ.get(Env.TERMINATION_LOG)
     if not path:
         return
     text = json.dumps(report, separators=(",", ":"))

@@ -49,8 +49,8 @@ CHECKPOINT_DIR = "/checkpoints"
 OUTPUT_SUBDIR = "output"  # under the checkpoint folder: progress, reports, card, model/
 FINAL_MODEL_SUBDIR = "model"  # under the output folder: the exported model
 DATASET_OUTPUT_DIR = "/output"  # a Dataset's volume, one folder per version
-DATASET_VOLUMES_DIR = "/volumes"  # source volumes of a Dataset, one folder per claim
-REFERENCE_TOKENIZER_DIR = "/reference-tokenizer"
+DATASET_VOLUMES_DIR = "/mnt/llmops/volumes"  # a Dataset's source volumes, one per claim
+REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"  # another Dataset's tokenizer
 MODEL_DIR = "/model"  # the served model
 AUTH_DIR = "/var/run/llmops/auth"  # the served API's bearer token, as a file
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes keeps 4096 bytes of it
@@ -118,6 +118,9 @@ class ServingMetric:
     BATCH_SIZE = PREFIX + "batch_size"
     PROMPT_TOKENS = PREFIX + "prompt_tokens"  # a counter: exposed with `_total`
     GENERATION_TOKENS = PREFIX + "generation_tokens"  # a counter: exposed with `_total`
+    # The per-second rate of GENERATION_TOKENS per pod, as prometheus-adapter serves it to
+    # the HPA (helm/llmops/prometheus-adapter-values.yaml).
+    GENERATION_TOKENS_PER_SECOND = PREFIX + "generation_tokens_per_second"
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ def trainer_env(spec: TrainingRunSpec) -> dict[str, str]:
     return env
 
 
-def data_command(stage: DataStage) -> list[str]:
+def data_command(stage: str) -> list[str]:
+    """argv of a data pod; `stage` is one of DataStage."""
     return [
         "python",
         "-m",

@@ -15,19 +15,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmops.api.dataset import Dataset
+from llmops.api.workload import (
+    CONFIG_DIR,
+    DATASET_CONFIG_FILE,
+    DATASET_OUTPUT_DIR,
+    DATASET_VOLUMES_DIR,
+    GENERATION_LABEL,
+    REFERENCE_TOKENIZER_DIR,
+    STAGE_LABEL,
+    TERMINATION_LOG,
+    Env,
+    data_command,
+)
 from llmops.builders import pods, storage
 from llmops.builders.common import child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
 COMPONENT = "preprocessing"
-CONFIG_DIR = "/etc/llmops"
-CONFIG_FILE = "dataset.json"
-OUTPUT_DIR = "/output"
+CONFIG_FILE = DATASET_CONFIG_FILE
+OUTPUT_DIR = DATASET_OUTPUT_DIR
 # Each pod retries a failed slice this often before the whole version is marked Failed.
 RETRIES_PER_SLICE = 2
-TERMINATION_MESSAGE = "/dev/termination-log"
-VOLUMES_DIR = "/mnt/llmops/volumes"
-REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"
+TERMINATION_MESSAGE = TERMINATION_LOG
+VOLUMES_DIR = DATASET_VOLUMES_DIR
 
 
 def version(generation: int) -> str:
@@ -109,14 +119,14 @@ def _job(
         tokenizer_volumes, tokenizer_mounts, path = storage.read_only_volume(
             "reference-tokenizer", tokenizer_uri, REFERENCE_TOKENIZER_DIR
         )
-        tokenizer_env = [{"name": "LLMOPS_REF_TOKENIZER", "value": path or tokenizer_uri}]
+        tokenizer_env = [{"name": Env.REF_TOKENIZER, "value": path or tokenizer_uri}]
     output_dir = f"{OUTPUT_DIR}/{version(generation)}"
     env = [
-        {"name": "LLMOPS_OUTPUT_DIR", "value": output_dir},
-        {"name": "LLMOPS_WORK_DIR", "value": f"{output_dir}/.work"},
-        {"name": "LLMOPS_NUM_SLICES", "value": str(spec.parallelism)},
-        {"name": "LLMOPS_TERMINATION_LOG", "value": TERMINATION_MESSAGE},
-        {"name": "LLMOPS_VOLUMES_DIR", "value": VOLUMES_DIR},
+        {"name": Env.OUTPUT_DIR, "value": output_dir},
+        {"name": Env.WORK_DIR, "value": f"{output_dir}/.work"},
+        {"name": Env.NUM_SLICES, "value": str(spec.parallelism)},
+        {"name": Env.TERMINATION_LOG, "value": TERMINATION_MESSAGE},
+        {"name": Env.VOLUMES_DIR, "value": VOLUMES_DIR},
         {"name": "HOME", "value": "/tmp"},
         *credentials_env(dataset),
         *tokenizer_env,
@@ -126,14 +136,14 @@ def _job(
         body,
         role,
         COMPONENT,
-        **{"llmops.dev/generation": str(generation)},
+        **{GENERATION_LABEL: str(generation)},
         **pods.queue_labels(spec.scheduling),
     )
     job_spec: dict[str, Any] = {
         "completions": completions,
         "parallelism": completions,
         "template": {
-            "metadata": {"labels": {**metadata["labels"], "llmops.dev/stage": stage}},
+            "metadata": {"labels": {**metadata["labels"], STAGE_LABEL: stage}},
             "spec": {
                 "restartPolicy": "Never",
                 "securityContext": pods.pod_security_context(),
@@ -141,15 +151,7 @@ def _job(
                     {
                         "name": stage,
                         "image": pods.trainer_image(spec.resources),
-                        "command": [
-                            "python",
-                            "-m",
-                            "llmops_trainer.data",
-                            "--config",
-                            f"{CONFIG_DIR}/{CONFIG_FILE}",
-                            "--stage",
-                            stage,
-                        ],
+                        "command": data_command(stage),
                         "env": env,
                         "resources": pods.container_resources(spec.resources),
                         "securityContext": pods.container_security_context(),
@@ -196,20 +198,3 @@ def merge_job(
 ) -> dict[str, Any]:
     """`tokenizer_uri`: the referenced Dataset's tokenizer, when the spec reuses one."""
     return _job(body, dataset, "merge", generation, 1, tokenizer_uri)
-
-
-def status_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Dataset status fields from the merge step's report (camelCase, as in DatasetStatus);
-    unknown keys are dropped so a newer engine cannot write fields the schema lacks."""
-    allowed = (
-        "steps",
-        "documents",
-        "tokens",
-        "totalTokens",
-        "exactDuplicateRatio",
-        "nearDuplicateRatio",
-        "languages",
-        "vocabSize",
-        "fingerprint",
-    )
-    return {k: report[k] for k in allowed if k in report}

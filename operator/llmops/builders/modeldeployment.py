@@ -11,40 +11,47 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from llmops.api import workload
 from llmops.api.modeldeployment import (
     Autoscaling,
     EvaluationGate,
     ModelDeployment,
     ScalingRules,
 )
+from llmops.api.workload import (
+    AUTH_DIR,
+    CONFIG_DIR,
+    MODEL_DIR,
+    MODEL_URI_ANNOTATION,
+    SERVING_CONFIG_FILE,
+    Env,
+    ServingMetric,
+    server_command,
+)
 from llmops.builders import pods, storage
 from llmops.builders.common import child_labels, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
 COMPONENT = "serving"
-CONFIG_DIR = "/etc/llmops"
-CONFIG_FILE = "modeldeployment.json"
-MODEL_DIR = "/model"
-AUTH_DIR = "/var/run/llmops/auth"
+CONFIG_FILE = SERVING_CONFIG_FILE
 # Loading weights can take minutes; the startup probe allows for it before liveness counts.
 STARTUP_SECONDS = 600
 PROBE_PERIOD = 5
-METRICS_PORT = 9400
 DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 # Metrics the servers export (llmops_trainer.serve), per replica, as KEDA queries them.
 METRIC_QUERIES = {
-    "in-flight-requests": "llmops_serving_requests_running",
-    "queue-depth": "llmops_serving_requests_waiting",
-    "tokens-per-second": "rate(llmops_serving_generation_tokens_total[1m])",
+    "in-flight-requests": ServingMetric.REQUESTS_RUNNING,
+    "queue-depth": ServingMetric.REQUESTS_WAITING,
+    "tokens-per-second": f"rate({ServingMetric.GENERATION_TOKENS}_total[1m])",
 }
 # What the HPA asks the custom metrics API for, per pod. The HPA averages the values as they
 # come, so the token counter is asked for as its per-second rate, a series Prometheus does not
 # have: the prometheus-adapter rules in helm/llmops/prometheus-adapter-values.yaml serve each
 # name below, the rate over the same window as the KEDA query.
 HPA_METRICS = {
-    "in-flight-requests": "llmops_serving_requests_running",
-    "queue-depth": "llmops_serving_requests_waiting",
-    "tokens-per-second": "llmops_serving_generation_tokens_per_second",
+    "in-flight-requests": ServingMetric.REQUESTS_RUNNING,
+    "queue-depth": ServingMetric.REQUESTS_WAITING,
+    "tokens-per-second": ServingMetric.GENERATION_TOKENS_PER_SECOND,
 }
 
 
@@ -89,7 +96,7 @@ def deployment(
     model_volumes, model_mounts, model_dir = _model_volume(model_uri)
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
     env = [
-        {"name": "LLMOPS_MODEL_DIR", "value": model_dir},
+        {"name": Env.MODEL_DIR, "value": model_dir},
         {"name": "HOME", "value": "/tmp"},
     ]
     auth_volumes: list[dict[str, Any]] = []
@@ -107,7 +114,7 @@ def deployment(
             }
         ]
         auth_mounts = [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
-        env.append({"name": "LLMOPS_AUTH_TOKEN_FILE", "value": f"{AUTH_DIR}/token"})
+        env.append({"name": Env.AUTH_TOKEN_FILE, "value": f"{AUTH_DIR}/token"})
     labels = {**child_labels(body, COMPONENT, "server"), **selector_labels(body)}
     http_get = {"port": "http"}
     rollout: dict[str, Any] = {"type": spec.rollout.strategy}
@@ -119,13 +126,7 @@ def deployment(
     container = {
         "name": "server",
         "image": pods.trainer_image(spec.resources),
-        "command": [
-            "python",
-            "-m",
-            "llmops_trainer.serve",
-            "--config",
-            f"{CONFIG_DIR}/{CONFIG_FILE}",
-        ],
+        "command": server_command(),
         "env": env,
         "ports": [{"name": "http", "containerPort": port}],
         "startupProbe": {
@@ -164,7 +165,7 @@ def deployment(
             "strategy": rollout,
             "template": {
                 # A new model changes this annotation, which rolls the Deployment.
-                "metadata": {"labels": labels, "annotations": {"llmops.dev/model-uri": model_uri}},
+                "metadata": {"labels": labels, "annotations": {MODEL_URI_ANNOTATION: model_uri}},
                 "spec": {
                     "securityContext": pods.pod_security_context(),
                     "terminationGracePeriodSeconds": 60,
@@ -198,7 +199,7 @@ def service(body: Mapping[str, Any], md: ModelDeployment) -> dict[str, Any]:
             "ports": [
                 {"name": "http", "port": md.spec.server.port, "targetPort": "http"},
                 # Same listener; a named port for ServiceMonitors.
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "http"},
+                {"name": "metrics", "port": workload.METRICS_PORT, "targetPort": "http"},
             ],
         },
     }

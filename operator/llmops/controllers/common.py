@@ -3,22 +3,21 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 
 from __future__ import annotations
 
-import datetime
 import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import kopf
 from pydantic import BaseModel, ValidationError
 
 from llmops import GROUP, VERSION
-from llmops import conditions as cond
 from llmops.api.base import StatusModel
 from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
-from llmops.decide.status import Event, status_patch
+from llmops.decide.status import Event, StatusDraft, now, parse_time, status_patch, timestamp
+
+__all__ = ["now", "parse_time", "timestamp"]  # the controllers' clock, shared with decide
 from llmops.decide.status import is_complete as is_complete  # shared with the decisions
 from llmops.decide.status import job_failure as job_failure
 from llmops.metrics import CHILDREN_CREATED, RESOURCES, observe_reconcile
@@ -29,21 +28,6 @@ M = TypeVar("M", bound=BaseModel)
 RECONCILE_SECONDS = float(os.environ.get("LLMOPS_RECONCILE_SECONDS", "5"))
 
 _phases: dict[tuple[str, str], str] = {}  # (kind, uid) -> phase, for the RESOURCES gauge
-
-
-def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def timestamp(value: datetime.datetime) -> str:
-    """RFC 3339 in UTC, as the API server writes times."""
-    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def kube() -> Kube:
@@ -85,52 +69,9 @@ def count_phase(kind: str, uid: str, phase: str | None) -> None:
         _phases[(kind, uid)] = phase
 
 
-@dataclass
-class StatusWriter:
-    """Collects status changes of one reconcile and writes them once, with events for
-    condition transitions."""
-
-    body: Mapping[str, Any]
-    kind: str
-    status: dict[str, Any] = field(init=False)
-    changed_conditions: list[dict[str, Any]] = field(default_factory=list, init=False)
-
-    def __post_init__(self) -> None:
-        self.status = dict(self.body.get("status") or {})
-
-    @property
-    def phase(self) -> str | None:
-        return self.status.get("phase")
-
-    def set(self, **fields: Any) -> None:
-        self.status.update(fields)
-
-    def condition(
-        self, type_: str, status: cond.ConditionStatus, reason: str, message: str = ""
-    ) -> None:
-        before = cond.get_condition(self.status.get("conditions"), type_)
-        self.status["conditions"] = cond.set_condition(
-            self.status.get("conditions"),
-            type_,
-            status,
-            reason,
-            message,
-            generation=self.body["metadata"].get("generation"),
-        )
-        if before is None or before.get("status") != status or before.get("reason") != reason:
-            self.changed_conditions.append(
-                {"type": type_, "status": status, "reason": reason, "message": message}
-            )
-
-    def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
-        """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
-        self.set(phase=phase, completionTime=timestamp(when))
-        self.condition("Running", "False", reason)
-        if phase == "Succeeded":
-            self.condition("Complete", "True", reason, message)
-        else:
-            self.condition("Failed", "True", reason, message)
-        self.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+class StatusWriter(StatusDraft):
+    """A status draft that the controller writes once, with events for condition
+    transitions."""
 
     def write(self, patch: kopf.Patch) -> None:
         self.status["observedGeneration"] = self.body["metadata"].get("generation")

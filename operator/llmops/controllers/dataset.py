@@ -3,7 +3,6 @@ their outcome, with the merge step's statistics, in the Dataset status."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,26 +13,9 @@ from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
 from llmops.controllers import common
+from llmops.decide.dataset import fail, mark_processed, merge_report
 
 KIND = "Dataset"
-
-
-def termination_report(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The JSON report a succeeded pod left as its termination message."""
-    for pod in pods:
-        if (pod.get("status") or {}).get("phase") != "Succeeded":
-            continue
-        for container in pod["status"].get("containerStatuses") or []:
-            message = ((container.get("state") or {}).get("terminated") or {}).get("message")
-            if not message:
-                continue
-            try:
-                report = json.loads(message)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(report, dict):
-                return report
-    return None
 
 
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
@@ -86,7 +68,7 @@ def _reconcile(
     try:
         slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri)
     except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
-        _fail(status, "UnsupportedSpec", str(error))
+        fail(status, "UnsupportedSpec", str(error))
         return
     slices = common.ensure_child(KIND, slices_manifest, update=False)
     status.condition(
@@ -98,7 +80,7 @@ def _reconcile(
 
     failure = common.job_failure(slices)
     if failure:
-        _fail(status, "SliceFailed", failure)
+        fail(status, "SliceFailed", failure)
         return
     if not common.is_complete(slices):
         active = (slices.get("status") or {}).get("active", 0)
@@ -117,7 +99,7 @@ def _reconcile(
     )
     failure = common.job_failure(merge)
     if failure:
-        _fail(status, "MergeFailed", failure)
+        fail(status, "MergeFailed", failure)
         return
     if not common.is_complete(merge):
         status.set(phase="Running")
@@ -125,39 +107,7 @@ def _reconcile(
         return
 
     pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={merge['metadata']['name']}")
-    mark_processed(status, dataset, generation, pods)
-
-
-def mark_processed(
-    status: common.StatusWriter, dataset: Dataset, generation: int, merge_pods: list[dict[str, Any]]
-) -> None:
-    """The status of a version whose merge step succeeded, with the statistics it reported
-    (also used by the local runtime, so both report a Dataset the same way)."""
-    report = termination_report(merge_pods) or {}
-    status.set(**build.status_from_report(report))
-    output = build.output_uri(dataset, generation)
-    status.set(
-        phase="Succeeded",
-        completionTime=now_rfc3339(),
-        outputUri=output,
-        tokenizerUri=f"{output}/tokenizer.json",
-    )
-    status.condition("Running", "False", "Processed")
-    status.condition(
-        "Complete",
-        "True",
-        "Processed",
-        f"version {build.version(generation)} ready"
-        + ("" if report else " (the merge step reported no statistics)"),
-    )
-    status.condition("Ready", "True", "Processed")
-
-
-def _fail(status: common.StatusWriter, reason: str, message: str) -> None:
-    status.set(phase="Failed", completionTime=now_rfc3339())
-    status.condition("Running", "False", reason)
-    status.condition("Failed", "True", reason, message)
-    status.condition("Ready", "False", reason, message)
+    mark_processed(status, dataset, generation, merge_report(pods))
 
 
 common.register(KIND, "datasets", reconcile)

@@ -10,8 +10,10 @@ import kopf
 
 from llmops.api import API_VERSION
 from llmops.api.modeldeployment import ModelDeployment
+from llmops.api.workload import MODEL_URI_ANNOTATION
 from llmops.builders import modeldeployment as build
 from llmops.controllers import common
+from llmops.decide.modeldeployment import resolve_model
 
 KIND = "ModelDeployment"
 
@@ -38,36 +40,6 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
         return None, "latest", f"Sweep {name!r} not found"
     best = ((owner.get("status") or {}).get("bestTrial") or {}).get("name")
     return best, "latest", "" if best else f"Sweep {name!r} has no best trial yet"
-
-
-def resolve_model(
-    md: ModelDeployment, run_name: str | None, policy: str, run: Mapping[str, Any] | None
-) -> tuple[str | None, str]:
-    """(model uri, what to call it in status), or (None, why not yet) for a TrainingRun
-    that has nothing to serve."""
-    source = md.spec.model
-    if source.uri:
-        return source.uri, source.uri
-    if run is None:
-        return None, f"TrainingRun {run_name!r} not found"
-    status = run.get("status") or {}
-    checkpoints = status.get("checkpoints") or {}
-    if policy == "pinned":
-        assert source.training_run is not None and source.training_run.checkpoint
-        latest = (checkpoints.get("latest") or {}).get("uri") or status.get("modelUri")
-        if not latest:
-            return None, f"TrainingRun {run_name!r} has no checkpoints yet"
-        base = latest.rsplit("/", 1)[0]
-        return (
-            f"{base}/{source.training_run.checkpoint}",
-            f"{run_name}/{source.training_run.checkpoint}",
-        )
-    if policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
-        return status["modelUri"], f"{run_name}/final"
-    chosen = checkpoints.get(policy)
-    if not chosen:
-        return None, f"TrainingRun {run_name!r} has no {policy} checkpoint yet"
-    return chosen["uri"], f"{run_name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
 
 
 def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> dict[str, Any]:
@@ -212,7 +184,7 @@ def _current_model(namespace: str, md: ModelDeployment) -> str | None:
     if deployment is None:
         return None
     annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
-    uri: str | None = annotations.get("llmops.dev/model-uri")
+    uri: str | None = annotations.get(MODEL_URI_ANNOTATION)
     return uri
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from llmops import conditions as cond
 from llmops.api.common import Condition, ConditionStatus
 
 # Conditions whose turning True is bad news (a Warning event).
@@ -32,6 +33,17 @@ class Child(NamedTuple):
 def now() -> datetime.datetime:
     """The current time at the API server's resolution (whole seconds, UTC)."""
     return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def timestamp(value: datetime.datetime) -> str:
+    """RFC 3339 in UTC, as the API server writes times."""
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass
@@ -129,3 +141,51 @@ def termination_message(pod: Mapping[str, Any] | None) -> str | None:
         if message:
             return str(message)
     return None
+
+
+@dataclass
+class StatusDraft:
+    """Status changes of one reconcile as camelCase fields (the kinds not yet decided on
+    typed status models), with the condition transitions that become events."""
+
+    body: Mapping[str, Any]
+    kind: str
+    status: dict[str, Any] = field(init=False)
+    changed_conditions: list[dict[str, Any]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.status = dict(self.body.get("status") or {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def set(self, **fields: Any) -> None:
+        self.status.update(fields)
+
+    def condition(
+        self, type_: str, status: cond.ConditionStatus, reason: str, message: str = ""
+    ) -> None:
+        before = cond.get_condition(self.status.get("conditions"), type_)
+        self.status["conditions"] = cond.set_condition(
+            self.status.get("conditions"),
+            type_,
+            status,
+            reason,
+            message,
+            generation=self.body["metadata"].get("generation"),
+        )
+        if before is None or before.get("status") != status or before.get("reason") != reason:
+            self.changed_conditions.append(
+                {"type": type_, "status": status, "reason": reason, "message": message}
+            )
+
+    def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
+        """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
+        self.set(phase=phase, completionTime=timestamp(when))
+        self.condition("Running", "False", reason)
+        if phase == "Succeeded":
+            self.condition("Complete", "True", reason, message)
+        else:
+            self.condition("Failed", "True", reason, message)
+        self.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)

@@ -8,8 +8,8 @@ from typing import Any
 
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
-from llmops.controllers.common import StatusWriter
-from llmops.controllers.dataset import _fail, mark_processed
+from llmops.decide.dataset import fail, mark_processed, merge_report
+from llmops.decide.status import StatusDraft
 from llmops.local.common import copy_if_exists, host_path, timestamp
 from llmops.local.context import Context, key_of
 from llmops.local.job import JobResult, run_job
@@ -36,7 +36,7 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
     )
     check_local(dataset)
     generation = int(body["metadata"]["generation"])
-    status = StatusWriter(body, KIND)
+    status = StatusDraft(body, KIND)
     key = key_of(body)
     out = output_dir(ctx, dataset, generation)
     done = status.phase == "Succeeded" and status.status.get("observedGeneration") == generation
@@ -72,7 +72,7 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
         return _stopped(ctx, body, status, result, "MergeFailed")
 
     # From here on, what the Dataset controller does when the merge Job completes.
-    mark_processed(status, dataset, generation, result.pod_objects())
+    mark_processed(status, dataset, generation, merge_report(result.pod_objects()))
     ctx.save(body, status.status)
     kind, namespace, name = key
     copy_if_exists(out / CARD, ctx.layout.resource_dir(kind, namespace, name) / "dataset_card.md")
@@ -96,7 +96,7 @@ def _run(ctx: Context, body: dict[str, Any], job: dict[str, Any]) -> JobResult:
 
 
 def _stopped(
-    ctx: Context, body: dict[str, Any], status: StatusWriter, result: JobResult, reason: str
+    ctx: Context, body: dict[str, Any], status: StatusDraft, result: JobResult, reason: str
 ) -> bool:
     if result.interrupted:
         status.set(phase="Pending")
@@ -104,7 +104,7 @@ def _stopped(
         ctx.save(body, status.status)
         return False
     failure = result.failure or "failed"
-    _fail(status, reason, failure)
+    fail(status, reason, failure)
     ctx.save(body, status.status)
     if result.failed_pod is not None:
         log = Path(result.failed_pod.log_file)

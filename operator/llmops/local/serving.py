@@ -18,8 +18,8 @@ from typing import Any
 
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.builders import modeldeployment as build
-from llmops.controllers.common import StatusWriter
-from llmops.controllers.modeldeployment import resolve_model
+from llmops.decide.modeldeployment import resolve_model
+from llmops.decide.status import StatusDraft
 from llmops.local import network
 from llmops.local.context import Context, key_of
 from llmops.local.pod import container_ports
@@ -85,7 +85,7 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
     )
     namespace = body["metadata"]["namespace"]
     key = key_of(body)
-    status = StatusWriter(body, KIND)
+    status = StatusDraft(body, KIND)
     training, run_name, policy = None, None, "latest"
     if md.spec.model.training_run is not None:
         run_name, policy = md.spec.model.training_run.name, md.spec.model.training_run.policy
@@ -173,7 +173,7 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
 
 def stopped(ctx: Context, server: Server) -> None:
     """The status after the local server went away (Ctrl-C or exit)."""
-    status = StatusWriter(server.body, KIND)
+    status = StatusDraft(server.body, KIND)
     status.set(phase="Pending", replicas=0, readyReplicas=0, updatedReplicas=0)
     status.condition("Available", "False", "Stopped", "the local server was stopped")
     status.condition("Ready", "False", "NotReady")

@@ -18,22 +18,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from llmops.api.dataset import Dataset
+from llmops.api.workload import DataMergeReport, Env, FailureReport
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.pipeline import run_merge, run_slice
 from llmops_trainer.termination import write_termination_message
-
-STATUS_FIELDS = (
-    "documents",
-    "tokens",
-    "totalTokens",
-    "exactDuplicateRatio",
-    "nearDuplicateRatio",
-    "vocabSize",
-    "fingerprint",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", required=True, choices=("slice", "merge"))
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("LLMOPS_LOG_LEVEL", "INFO"),
+        level=os.environ.get(Env.LOG_LEVEL, "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         dataset = Dataset.model_validate(json.loads(args.config.read_text()))
-        output = Path(os.environ.get("LLMOPS_OUTPUT_DIR", "/data"))
-        work = Path(os.environ.get("LLMOPS_WORK_DIR", str(output / ".work")))
-        count = int(os.environ.get("LLMOPS_NUM_SLICES", dataset.spec.parallelism))
+        output = Path(os.environ.get(Env.OUTPUT_DIR, "/data"))
+        work = Path(os.environ.get(Env.WORK_DIR, str(output / ".work")))
+        count = int(os.environ.get(Env.NUM_SLICES, dataset.spec.parallelism))
         if args.stage == "slice":
             index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
             if not 0 <= index < count:
@@ -59,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = run_merge(dataset, output, work, count)
             print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))
-            write_termination_message(status_report(manifest.stats))
+            write_termination_message(DataMergeReport.from_stats(manifest.stats).to_dict())
     except Exception as error:
         reason = _reason(error)
         logging.getLogger("llmops.data").exception("%s stage failed: %s", args.stage, reason)
@@ -80,22 +70,11 @@ def _reason(error: Exception) -> str:
     return "ProcessingFailed"
 
 
-def status_report(stats: dict[str, Any]) -> dict[str, Any]:
-    """The Dataset status fields of the merge statistics, small enough for a termination
-    message: per-step counts without the drop reasons, the ten most frequent languages."""
-    report = {k: stats[k] for k in STATUS_FIELDS if k in stats}
-    report["steps"] = [
-        {k: step[k] for k in ("name", "documentsIn", "documentsOut") if k in step}
-        for step in stats.get("steps", [])
-    ]
-    languages = sorted(stats.get("languages", {}).items(), key=lambda kv: -kv[1])[:10]
-    report["languages"] = dict(languages)
-    return report
-
-
 def _terminate(stage: str, reason: str, message: str) -> None:
     with contextlib.suppress(OSError):
-        write_termination_message({"stage": stage, "reason": reason, "message": message[:3000]})
+        write_termination_message(
+            FailureReport(stage=stage, reason=reason, message=message[:3000]).to_dict()
+        )
 
 
 if __name__ == "__main__":

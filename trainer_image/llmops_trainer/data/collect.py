@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from llmops.api.dataset import DatasetSpec, DataSource
+from llmops.api.workload import Env
 
 # Where the controller mounts each `volume` source's claim: <root>/<claimName>.
-VOLUMES_DIR_ENV = "LLMOPS_VOLUMES_DIR"
+VOLUMES_DIR_ENV = Env.VOLUMES_DIR
 DEFAULT_VOLUMES_DIR = "/mnt/llmops/volumes"
 HTTP_ATTEMPTS = 5
 CHUNK = 1 << 20

@@ -12,9 +12,10 @@ import numpy.typing as npt
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from llmops.api.dataset import TokenizerTraining
+from llmops.api.workload import Env
 
 # A reused tokenizer (tokenizer.datasetRef) is mounted here by the controller.
-REF_TOKENIZER_ENV = "LLMOPS_REF_TOKENIZER"
+REF_TOKENIZER_ENV = Env.REF_TOKENIZER
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 BATCH = 512
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from llmops.api.workload import Env
 from llmops_trainer import checkpoint, hf_export
 from llmops_trainer.model import GPTConfig
 from llmops_trainer.serve.text import HFTokenizer, NumericTokenizer, TextTokenizer
 
-TOKENIZER_ENV = "LLMOPS_TOKENIZER_PATH"
+TOKENIZER_ENV = Env.TOKENIZER_PATH
 MODEL_CONFIG = "llmops_model.json"  # our full model config, next to the export
 log = logging.getLogger("llmops_trainer.serve")
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops.api.modeldeployment import ModelDeployment
+from llmops.api.workload import Env
 
-MODEL_DIR_ENV = "LLMOPS_MODEL_DIR"
-AUTH_TOKEN_FILE_ENV = "LLMOPS_AUTH_TOKEN_FILE"
+MODEL_DIR_ENV = Env.MODEL_DIR
+AUTH_TOKEN_FILE_ENV = Env.AUTH_TOKEN_FILE
 # The controller gives pods 60 s to terminate, of which a 5 s preStop sleep; drain in the rest.
 DEFAULT_GRACE_SECONDS = 50.0
 

@@ -1,0 +1,38 @@
+"""ModelDeployment rules shared by the controller and the local runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from llmops.api.modeldeployment import ModelDeployment
+
+
+def resolve_model(
+    md: ModelDeployment, run_name: str | None, policy: str, run: Mapping[str, Any] | None
+) -> tuple[str | None, str]:
+    """(model uri, what to call it in status), or (None, why not yet) for a TrainingRun
+    that has nothing to serve."""
+    source = md.spec.model
+    if source.uri:
+        return source.uri, source.uri
+    if run is None:
+        return None, f"TrainingRun {run_name!r} not found"
+    status = run.get("status") or {}
+    checkpoints = status.get("checkpoints") or {}
+    if policy == "pinned":
+        assert source.training_run is not None and source.training_run.checkpoint
+        latest = (checkpoints.get("latest") or {}).get("uri") or status.get("modelUri")
+        if not latest:
+            return None, f"TrainingRun {run_name!r} has no checkpoints yet"
+        base = latest.rsplit("/", 1)[0]
+        return (
+            f"{base}/{source.training_run.checkpoint}",
+            f"{run_name}/{source.training_run.checkpoint}",
+        )
+    if policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
+        return status["modelUri"], f"{run_name}/final"
+    chosen = checkpoints.get(policy)
+    if not chosen:
+        return None, f"TrainingRun {run_name!r} has no {policy} checkpoint yet"
+    return chosen["uri"], f"{run_name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
