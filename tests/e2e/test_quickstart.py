@@ -201,3 +201,23 @@ def test_a_failing_pod_surfaces_its_error(tmp_path: Path) -> None:
     condition = next(c for c in failed["conditions"] if c["type"] == "Failed")
     assert condition["reason"] == "SliceFailed"
     assert "InputNotFound" in condition["message"]  # the pod's termination message
+
+
+def test_a_wall_time_budget_stops_the_run_after_a_checkpoint(tmp_path: Path) -> None:
+    """The controller's budget rule, acted on by the local runtime: the gang gets SIGTERM,
+    checkpoints, and the run fails with BudgetExhausted."""
+    state_dir = tmp_path / "state"
+    manifest = write(tmp_path, list(yaml.safe_load_all(QUICKSTART.read_text()))[:2])
+    budget = ["--set", f"tr/{RUN}.spec.budget.maxWallTimeSeconds=45"]
+    process = start(manifest, state_dir, "--no-serve", *scaled(5000, 2500), *budget)
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 1, output
+    run = status(state_dir, "TrainingRun", RUN)
+    assert run["phase"] == "Failed", run
+    failed = next(c for c in run["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "BudgetExhausted" and "maxWallTimeSeconds=45" in failed["message"]
+    assert run["acceleratorHours"] > 0
+    latest = run["checkpoints"]["latest"]
+    assert 0 < latest["step"] < 2500  # written on SIGTERM, before the first interval
+    checkpoints = state.Layout(state_dir).volume("default", f"{RUN}-checkpoints")
+    assert (checkpoints / latest["name"] / "checkpoint.json").is_file()

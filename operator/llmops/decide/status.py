@@ -120,15 +120,23 @@ def finish(
     message: str,
     now: datetime.datetime,
 ) -> None:
-    """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
     status.phase = phase
     status.completion_time = now
-    conditions.set("Running", "False", reason)
-    if phase == "Succeeded":
-        conditions.set("Complete", "True", reason, message)
-    else:
-        conditions.set("Failed", "True", reason, message)
-    conditions.set("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+    for type_, value, why, text in finishing_conditions(phase, reason, message):
+        conditions.set(type_, value, why, text)
+
+
+def finishing_conditions(
+    phase: str, reason: str, message: str
+) -> list[tuple[str, ConditionStatus, str, str]]:
+    """How a job-like resource ends: Succeeded sets Complete, Failed sets Failed; Ready
+    follows and Running goes False."""
+    succeeded = phase == "Succeeded"
+    return [
+        ("Running", "False", reason, ""),
+        ("Complete" if succeeded else "Failed", "True", reason, message),
+        ("Ready", "True" if succeeded else "False", reason, message),
+    ]
 
 
 def termination_message(pod: Mapping[str, Any] | None) -> str | None:
@@ -181,11 +189,6 @@ class StatusDraft:
             )
 
     def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
-        """End a job-like resource: Succeeded sets Complete, Failed sets Failed; Ready follows."""
         self.set(phase=phase, completionTime=timestamp(when))
-        self.condition("Running", "False", reason)
-        if phase == "Succeeded":
-            self.condition("Complete", "True", reason, message)
-        else:
-            self.condition("Failed", "True", reason, message)
-        self.condition("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+        for type_, value, why, text in finishing_conditions(phase, reason, message):
+            self.condition(type_, value, why, text)

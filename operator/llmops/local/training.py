@@ -240,6 +240,11 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
             ctx.view.failure(key, "", created.message if created else f"{KIND} cannot start")
             return False
         result = gang.run_gang(manifest)
+        # Rank 0's last words (the checkpoint written on SIGTERM) come after the watch ended.
+        stopped = gang.ending.status if gang.ending is not None else gang.status
+        if gang.progress is not None:
+            base = decide.checkpoint_base_uri(training)
+            decide.apply_progress(stopped, gang.progress, base, now())
         if gang.ending is not None:  # budget or deadline: the decision that stopped it
             gang.apply(gang.ending)
             return _ended(ctx, gang, result.pod_objects())

@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PREFIX = "llmops_serving_"
+from llmops.api.workload import ServingMetric
+
+PREFIX = ServingMetric.PREFIX
 # vLLM's bucket boundaries, so dashboards built for one read the other the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -24,40 +26,42 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.running = Gauge(
-            PREFIX + "requests_running", "Requests being decoded.", registry=registry
+            ServingMetric.REQUESTS_RUNNING, "Requests being decoded.", registry=registry
         )
         self.waiting = Gauge(
-            PREFIX + "requests_waiting", "Requests queued for a decoding slot.", registry=registry
+            ServingMetric.REQUESTS_WAITING,
+            "Requests queued for a decoding slot.",
+            registry=registry,
         )
         self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds",
+            ServingMetric.TIME_TO_FIRST_TOKEN,
             "Time from a request's arrival to its first generated token.",
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
         self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds",
+            ServingMetric.INTER_TOKEN_LATENCY,
             "Time between consecutive generated tokens of a request.",
             buckets=ITL_BUCKETS,
             registry=registry,
         )
         self.e2e_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
+            ServingMetric.E2E_LATENCY,
             "Time from a request's arrival to its last token.",
             buckets=E2E_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
-            PREFIX + "batch_size",
+            ServingMetric.BATCH_SIZE,
             "Sequences decoded together in one step.",
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.prompt_tokens = Counter(
-            PREFIX + "prompt_tokens", "Prompt tokens processed.", registry=registry
+            ServingMetric.PROMPT_TOKENS, "Prompt tokens processed.", registry=registry
         )
         self.generation_tokens = Counter(
-            PREFIX + "generation_tokens", "Tokens generated.", registry=registry
+            ServingMetric.GENERATION_TOKENS, "Tokens generated.", registry=registry
         )
         self.requests = Counter(
             PREFIX + "requests",
