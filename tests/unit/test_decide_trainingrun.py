@@ -178,12 +178,17 @@ def test_kueue_admission_is_left_to_kueue() -> None:
     body = run_body(scheduling={"queueName": "team-a"})
     first = decided(body)
     gang = next(c.manifest for c in first.children if c.manifest["kind"] == "Job")
-    assert gang["spec"]["suspend"] is True  # Kueue admits by unsuspending
-    held = decided(body, first.status, job=job(suspend=True))
+    assert gang["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    held = decided(body, first.status, job=job(suspend=True))  # suspended by Kueue's webhook
     assert held.suspend_job is None  # never unsuspended by the operator
     assert condition(held, "Running") == ("False", "WaitingForAdmission")
     stop = run_body(scheduling={"queueName": "team-a"}, suspend=True)
     assert decided(stop, first.status, job=job(suspend=False)).suspend_job is True
+    # A suspension the operator made (spec.suspend) is the operator's to lift.
+    ours = job(suspend=True)
+    ours["metadata"] = {"annotations": {decide.SUSPENDED_ANNOTATION: "true"}}
+    assert decided(body, first.status, job=ours).suspend_job is False
+    assert decide.job_patch(False)["metadata"]["annotations"] == {decide.SUSPENDED_ANNOTATION: None}
 
 
 def test_a_finished_run_is_left_alone() -> None:

@@ -205,8 +205,9 @@ def worker_job(
             "parallelism": spec.resources.num_nodes,
             # The operator restarts the whole gang; the Job itself never retries a pod.
             "backoffLimit": 0,
-            # Kueue admits a queued Job by unsuspending it, so such a Job starts suspended.
-            "suspend": spec.suspend or spec.scheduling.queue_name is not None,
+            # Kueue's webhook suspends a queued Job on creation and admission unsuspends it;
+            # the controller never unsuspends a queued Job (llmops.decide.trainingrun).
+            "suspend": spec.suspend,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }

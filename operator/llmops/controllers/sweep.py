@@ -304,8 +304,9 @@ def forget_metrics(namespace: str, name: str) -> None:
             SWEEP_BEST_OBJECTIVE.remove(namespace, name, metric)
 
 
+# The handler name becomes kopf's progress annotation key: it must start with a letter.
 @kopf.on.delete("llmops.dev", "v1alpha1", "sweeps", optional=True)
-def _forget_sweep_metrics(body: kopf.Body, **_: Any) -> None:
+def forget_sweep_metrics(body: kopf.Body, **_: Any) -> None:
     forget_metrics(body["metadata"]["namespace"], body["metadata"]["name"])
 
 

@@ -48,7 +48,7 @@ def act(run: TrainingRun, decision: decide.Decision) -> None:
     for child in decision.children:
         common.ensure_child(KIND, child.manifest, update=child.update)
     if decision.suspend_job is not None and decision.job_name:
-        patch = {"spec": {"suspend": decision.suspend_job}}
+        patch = decide.job_patch(decision.suspend_job)
         kube.patch("batch/v1", "Job", decision.job_name, namespace, patch)
     if decision.delete_job and decision.job_name:
         kube.delete("batch/v1", "Job", decision.job_name, namespace)

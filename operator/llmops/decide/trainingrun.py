@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmops import GROUP
 from llmops.api.trainingrun import (
     CheckpointInfo,
     Checkpoints,
@@ -33,6 +34,9 @@ from llmops.decide.status import Child, Conditions, Event, finish, is_complete, 
 
 KIND = "TrainingRun"
 TERMINAL = ("Succeeded", "Failed")
+# On a Job the operator suspended itself: only such a suspension is the operator's to lift
+# (Kueue's webhook suspends queued Jobs and admission lifts that one).
+SUSPENDED_ANNOTATION = f"{GROUP}/suspended-by-operator"
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,22 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
     job_name: str | None = None
-    suspend_job: bool | None = None  # set the Job's spec.suspend to this
+    suspend_job: bool | None = None  # set the Job's spec.suspend to this (see job_patch)
     delete_job: bool = False  # the gang must go (restart, deadline)
     restarted: bool = False
+
+
+def job_patch(suspend: bool) -> dict[str, Any]:
+    """The merge patch that (un)suspends the gang and records that the operator did it."""
+    return {
+        "metadata": {"annotations": {SUSPENDED_ANNOTATION: "true" if suspend else None}},
+        "spec": {"suspend": suspend},
+    }
+
+
+def suspended_by_operator(job: Mapping[str, Any] | None) -> bool:
+    annotations = (job or {}).get("metadata", {}).get("annotations") or {}
+    return bool(annotations.get(SUSPENDED_ANNOTATION))
 
 
 def attempt(status: TrainingRunStatus) -> int:
@@ -288,9 +305,9 @@ def _stopped(
         )
         return True
     # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates
-    # them. Under Kueue, admission unsuspends the Job: only a suspension is ours to ask.
-    queued = spec.scheduling.queue_name is not None
-    if job is not None and suspended != spec.suspend and (spec.suspend or not queued):
+    # them. A queued Job suspended by Kueue waits for Kueue's admission, never for us.
+    held_by_kueue = spec.scheduling.queue_name is not None and not suspended_by_operator(job)
+    if job is not None and suspended != spec.suspend and (spec.suspend or not held_by_kueue):
         decision.suspend_job = spec.suspend
     deadline = spec.active_deadline_seconds
     started = status.start_time
@@ -374,7 +391,8 @@ def _gang(
         conditions.set("Running", "False", "Suspended")
         return
     conditions.set("Suspended", "False", "Resumed")
-    if spec.scheduling.queue_name and bool((job or {}).get("spec", {}).get("suspend")):
+    held = bool((job or {}).get("spec", {}).get("suspend")) and not suspended_by_operator(job)
+    if spec.scheduling.queue_name and held:
         if status.phase != "Restarting":
             status.phase = "Pending"
         queue = spec.scheduling.queue_name
