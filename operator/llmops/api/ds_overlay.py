@@ -43,10 +43,7 @@ OWNED: dict[str, tuple[str, str]] = {
 
 DESCRIPTION = (
     "Raw DeepSpeed config merged over the generated one, for experts; keys here win. Keys that "
-    "typed fields set are refused, even with an equal value: train_batch_size, "
-    "train_micro_batch_size_per_gpu, gradient_accumulation_steps, gradient_clipping, "
-    "optimizer.type, optimizer.params.lr and weight_decay, scheduler, zero_optimization.stage, "
-    "the offload devices and the bf16/bfloat16/fp16/amp `enabled` flags."
+    "typed fields set are refused, even with an equal value: " + ", ".join(OWNED) + "."
 )
 
 

@@ -30,7 +30,6 @@ from llmops.api.trainingrun import FinalEvaluation, TrainingRunSpec
 TRAINER_MODULE = "llmops_trainer.train"
 DATA_MODULE = "llmops_trainer.data"
 SERVER_MODULE = "llmops_trainer.serve"
-DataStage = Literal["slice", "merge"]
 
 # -- ports -----------------------------------------------------------------------------------
 
@@ -174,7 +173,7 @@ def trainer_env(spec: TrainingRunSpec) -> dict[str, str]:
 
 
 def data_command(stage: str) -> list[str]:
-    """argv of a data pod; `stage` is one of DataStage."""
+    """argv of a data pod; `stage` is `slice` or `merge`."""
     return [
         "python",
         "-m",

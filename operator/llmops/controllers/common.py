@@ -15,11 +15,14 @@ from pydantic import BaseModel, ValidationError
 from llmops import GROUP, VERSION
 from llmops.api.base import StatusModel
 from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
-from llmops.decide.status import Event, StatusDraft, now, parse_time, status_patch, timestamp
+from llmops.decide.status import Event, StatusDraft, status_patch
 
-__all__ = ["now", "parse_time", "timestamp"]  # the controllers' clock, shared with decide
-from llmops.decide.status import is_complete as is_complete  # shared with the decisions
+# Shared with the decisions: the clock and the reading of child objects.
+from llmops.decide.status import is_complete as is_complete
 from llmops.decide.status import job_failure as job_failure
+from llmops.decide.status import now as now
+from llmops.decide.status import parse_time as parse_time
+from llmops.decide.status import timestamp as timestamp
 from llmops.metrics import CHILDREN_CREATED, RESOURCES, observe_reconcile
 
 M = TypeVar("M", bound=BaseModel)
@@ -53,11 +56,15 @@ def write_status(
     new["observedGeneration"] = body["metadata"].get("generation")
     for key, value in status_patch(body.get("status") or {}, new).items():
         patch.status[key] = value
+    post_events(body, events)
+    count_phase(kind, body["metadata"]["uid"], new.get("phase"))
+
+
+def post_events(body: Mapping[str, Any], events: list[Event]) -> None:
     for event in events:
         kopf.event(
             cast(kopf.Body, body), type=event.type, reason=event.reason, message=event.message
         )
-    count_phase(kind, body["metadata"]["uid"], new.get("phase"))
 
 
 def count_phase(kind: str, uid: str, phase: str | None) -> None:
@@ -79,15 +86,7 @@ class StatusWriter(StatusDraft):
         for key, value in self.status.items():
             if old.get(key) != value:
                 patch.status[key] = value
-        for change in self.changed_conditions:
-            if change["status"] == "True":
-                warning = change["type"] in ("Failed", "Degraded", "Restarting")
-                kopf.event(
-                    cast(kopf.Body, self.body),
-                    type="Warning" if warning else "Normal",
-                    reason=change["reason"],
-                    message=change["message"] or f"{change['type']}",
-                )
+        post_events(self.body, self.events)
         count_phase(self.kind, self.body["metadata"]["uid"], self.phase)
 
 

@@ -37,7 +37,7 @@ def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
     pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={job_name}")
     leader = next((p for p in pods if decide.is_leader(p)), None)
     progress = None
-    if leader is not None and (leader.get("status") or {}).get("phase") == "Running":
+    if leader is not None and decide.gang_running(run, pods):  # only then is progress read
         progress = last_progress(kube.pod_log_tail(leader["metadata"]["name"], namespace))
     report = read_record(TrainerReport, termination_message(leader))
     return decide.Observed(body, dataset, parent, job, pods, progress, report)

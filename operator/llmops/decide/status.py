@@ -46,6 +46,17 @@ def parse_time(value: str | None) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def transition_event(
+    type_: str, status: str, reason: str, message: str, before: tuple[str, str] | None
+) -> Event | None:
+    """The event a condition update tells: one turning True, or changing reason while True.
+    `before` is the condition's earlier (status, reason), None when it is new."""
+    if status != "True" or before == (status, reason):
+        return None
+    kind: Literal["Normal", "Warning"] = "Warning" if type_ in WARNING_TYPES else "Normal"
+    return Event(kind, reason, message or type_)
+
+
 @dataclass
 class Conditions:
     """Sets conditions on a status model's `conditions` list and collects the events of
@@ -59,24 +70,24 @@ class Conditions:
     def set(self, type_: str, status: ConditionStatus, reason: str, message: str = "") -> None:
         index = next((i for i, c in enumerate(self.conditions) if c.type == type_), None)
         before = self.conditions[index] if index is not None else None
-        changed = before is None or before.status != status
+        kept = before is not None and before.status == status
         condition = Condition(
             type=type_,
             status=status,
             reason=reason,
             message=message,
             observed_generation=self.generation,
-            last_transition_time=self.now
-            if changed or before is None
-            else before.last_transition_time,
+            last_transition_time=before.last_transition_time if before and kept else self.now,
         )
         if index is None:
             self.conditions.append(condition)
         else:
             self.conditions[index] = condition
-        if status == "True" and (changed or before is None or before.reason != reason):
-            kind: Literal["Normal", "Warning"] = "Warning" if type_ in WARNING_TYPES else "Normal"
-            self.events.append(Event(kind, reason, message or type_))
+        event = transition_event(
+            type_, status, reason, message, (before.status, before.reason) if before else None
+        )
+        if event is not None:
+            self.events.append(event)
 
     def get(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -159,7 +170,7 @@ class StatusDraft:
     body: Mapping[str, Any]
     kind: str
     status: dict[str, Any] = field(init=False)
-    changed_conditions: list[dict[str, Any]] = field(default_factory=list, init=False)
+    events: list[Event] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.status = dict(self.body.get("status") or {})
@@ -183,10 +194,10 @@ class StatusDraft:
             message,
             generation=self.body["metadata"].get("generation"),
         )
-        if before is None or before.get("status") != status or before.get("reason") != reason:
-            self.changed_conditions.append(
-                {"type": type_, "status": status, "reason": reason, "message": message}
-            )
+        earlier = (str(before.get("status")), str(before.get("reason"))) if before else None
+        event = transition_event(type_, status, reason, message, earlier)
+        if event is not None:
+            self.events.append(event)
 
     def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
         self.set(phase=phase, completionTime=timestamp(when))

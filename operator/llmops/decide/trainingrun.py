@@ -401,7 +401,7 @@ def _gang(
         )
         return
     nodes = spec.resources.num_nodes
-    running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+    running = running_pods(observed.pods)
     if len(running) < nodes:
         if status.phase != "Restarting":
             status.phase = "Pending"
@@ -412,6 +412,15 @@ def _gang(
     conditions.set("Restarting", "False", "GangRunning")
     if observed.progress is not None:
         apply_progress(status, observed.progress, checkpoint_base_uri(run), now)
+
+
+def running_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+
+
+def gang_running(run: TrainingRun, pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Every pod of the gang runs: the state in which rank 0's progress becomes status."""
+    return len(running_pods(pods)) == run.spec.resources.num_nodes
 
 
 def is_leader(pod: Mapping[str, Any]) -> bool:

@@ -62,7 +62,7 @@ def job_object(name: str, result: JobResult | None) -> dict[str, Any]:
     }
 
 
-def running_pods(job: str, nodes: int) -> list[dict[str, Any]]:
+def running_gang(job: str, nodes: int) -> list[dict[str, Any]]:
     return [
         {
             "metadata": {
@@ -123,7 +123,7 @@ class Gang:
     def watch(self, job_name: str) -> None:
         """While the gang runs: the controller's decision every second, applied; one that
         stops the gang (budget, deadline) ends it, and so does Ctrl-C."""
-        pods = running_pods(job_name, self.run.spec.resources.num_nodes)
+        pods = running_gang(job_name, self.run.spec.resources.num_nodes)
         last = time.monotonic()
         while not self.stop.wait(POLL_SECONDS):
             if self.ctx.stop.is_set():
