@@ -98,6 +98,85 @@ class S3Location(ApiModel):
     )
 
 
+# Where an open-weights model in Hugging Face format lives.
+MODEL_URI = (
+    r"^(/[^\s]*|pvc://[a-z0-9][-a-z0-9.]*(/[^\s]*)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/[^\s]*)?"
+    r"|https://[^\s]+|hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*(@[^\s/]+)?)$"
+)
+
+
+class ModelFile(ApiModel):
+    """One file of a model published over HTTPS, with the digest it must have."""
+
+    name: str = Field(
+        description="File name relative to the URI (`config.json`, `model.safetensors`).",
+        min_length=1,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9_][-A-Za-z0-9_.]*(/[A-Za-z0-9_][-A-Za-z0-9_.]*)*$",
+    )
+    sha256: str = Field(
+        description="Expected SHA-256 of the file, lowercase hex.", pattern=r"^[0-9a-f]{64}$"
+    )
+
+
+class PretrainedModel(ApiModel):
+    """An open-weights model in Hugging Face format (config.json, safetensors, tokenizer)."""
+
+    cel_rules = (
+        Rule(
+            cel="!self.uri.startsWith('https://') || (has(self.files) && size(self.files) > 0)",
+            message="an https:// model lists its files with their sha256",
+            check=lambda s: not s.uri.startswith("https://") or bool(s.files),
+            field_path=".files",
+        ),
+        Rule(
+            cel="self.uri.startsWith('https://') || !has(self.files) || size(self.files) == 0",
+            message="files applies only to an https:// model",
+            check=lambda s: s.uri.startswith("https://") or not s.files,
+            field_path=".files",
+        ),
+        Rule(
+            cel="!has(self.endpoint) || self.uri.startsWith('s3://') || "
+            "self.uri.startsWith('hf://')",
+            message="endpoint applies to s3:// (an S3-compatible store) and hf:// (a mirror)",
+            check=lambda s: s.endpoint is None or s.uri.startswith(("s3://", "hf://")),
+            field_path=".endpoint",
+        ),
+    )
+
+    uri: str = Field(
+        description=(
+            "Where the model is: an absolute path in the image, `pvc://<claim>/<path>`, "
+            "`s3://<bucket>/<prefix>`, `https://<base URL>` (with files) or "
+            "`hf://<org>/<name>[@<revision>]` (the Hugging Face Hub or a mirror). Remote "
+            "models are downloaded once into the run's storage, verified, and reused."
+        ),
+        max_length=4096,
+        pattern=MODEL_URI,
+    )
+    files: list[ModelFile] = Field(
+        default_factory=list,
+        description="The files of an `https://` model and their SHA-256 (required there).",
+        max_length=256,
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description=(
+            "Endpoint of an S3-compatible store for `s3://`, or a Hub mirror for `hf://` "
+            "(as `HF_ENDPOINT`); unset means AWS S3 or the operator's `HF_ENDPOINT`."
+        ),
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+    )
+    credentials_secret: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret holding `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (s3://) or "
+            "`HF_TOKEN` (hf://, gated models); referenced, never copied."
+        ),
+    )
+
+
 class VolumeStorage(ApiModel):
     """A PersistentVolumeClaim: an existing one, or a new one the operator creates."""
 

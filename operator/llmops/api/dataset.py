@@ -22,6 +22,7 @@ from llmops.api.common import (
     Name,
     ObjectMeta,
     Path,
+    PretrainedModel,
     Resources,
     S3Location,
     Scheduling,
@@ -64,6 +65,14 @@ class DataSource(ApiModel):
             message="promptField and responseField must be set together",
             check=lambda s: (s.prompt_field is None) == (s.response_field is None),
             field_path=".promptField",
+        ),
+        Rule(
+            cel="!has(self.messagesField) || (!has(self.promptField) && self.format != 'text')",
+            message="messagesField (chat records) needs format jsonl or parquet and no promptField",
+            check=lambda s: (
+                s.messages_field is None or (s.prompt_field is None and s.format != "text")
+            ),
+            field_path=".messagesField",
         ),
         Rule(
             cel="!has(self.promptField) || self.format != 'text'",
@@ -144,6 +153,16 @@ class DataSource(ApiModel):
         max_length=128,
         pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
     )
+    messages_field: str | None = Field(
+        default=None,
+        description=(
+            "Field holding a chat: a list of `{role, content}` messages (system, user, "
+            "assistant; multi-turn), rendered with the tokenizer's chat template "
+            "(tokenizer.fromModel); the loss covers assistant turns only."
+        ),
+        max_length=128,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    )
     document_separator: Literal["file", "blank-line", "line"] = Field(
         default="blank-line",
         description="How plain text splits into documents: per file, per blank line, per line.",
@@ -154,6 +173,11 @@ class DataSource(ApiModel):
         gt=0,
         le=1000,
     )
+
+    @property
+    def supervised(self) -> bool:
+        """Prompt/response pairs or chats: the loss covers the responses only."""
+        return self.prompt_field is not None or self.messages_field is not None
 
 
 class Normalization(ApiModel):
@@ -335,13 +359,13 @@ class TokenizerTraining(ApiModel):
 
 
 class Tokenizer(ApiModel):
-    """Which tokenizer to use: exactly one of train, path or datasetRef."""
+    """Which tokenizer to use: exactly one of train, path, datasetRef or fromModel."""
 
     cel_rules = (
         Rule(
-            cel=cel_exactly_one("train", "path", "datasetRef"),
-            message="exactly one of train, path or datasetRef must be set",
-            check=lambda s: exactly_one(s, "train", "path", "dataset_ref"),
+            cel=cel_exactly_one("train", "path", "datasetRef", "fromModel"),
+            message="exactly one of train, path, datasetRef or fromModel must be set",
+            check=lambda s: exactly_one(s, "train", "path", "dataset_ref", "from_model"),
         ),
     )
 
@@ -353,6 +377,13 @@ class Tokenizer(ApiModel):
     )
     dataset_ref: LocalObjectReference | None = Field(
         default=None, description="Reuse the tokenizer of another (succeeded) Dataset."
+    )
+    from_model: PretrainedModel | None = Field(
+        default=None,
+        description=(
+            "Use the tokenizer (and chat template) of an open-weights model, the one a "
+            "TrainingRun will fine-tune; only its tokenizer files are fetched."
+        ),
     )
 
 
@@ -393,11 +424,21 @@ class DatasetSpec(ApiModel):
 
     cel_rules = (
         Rule(
-            cel="self.sources.all(s, has(s.promptField)) || "
-            "self.sources.all(s, !has(s.promptField))",
-            message="sources must be all supervised (promptField/responseField) or all plain text",
-            check=lambda s: len({x.prompt_field is None for x in s.sources}) <= 1,
+            cel="self.sources.all(s, has(s.promptField) || has(s.messagesField)) || "
+            "self.sources.all(s, !has(s.promptField) && !has(s.messagesField))",
+            message="sources must be all supervised (promptField/responseField or "
+            "messagesField) or all plain text",
+            check=lambda s: len({x.supervised for x in s.sources}) <= 1,
             field_path=".sources",
+        ),
+        Rule(
+            cel="!self.sources.exists(s, has(s.messagesField)) || has(self.tokenizer.fromModel)",
+            message="chat sources (messagesField) need tokenizer.fromModel, whose chat template "
+            "renders them",
+            check=lambda s: (
+                not any(x.messages_field for x in s.sources) or s.tokenizer.from_model is not None
+            ),
+            field_path=".tokenizer",
         ),
         Rule(
             cel="self.sharding.tokenDtype != 'uint16' || !has(self.tokenizer.train) || "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, StringConstraints
 
 from llmops.api import ds_overlay
 from llmops.api.base import ApiModel, Rule, StatusModel, distinct, nested
@@ -14,6 +14,7 @@ from llmops.api.common import (
     LocalObjectReference,
     Name,
     ObjectMeta,
+    PretrainedModel,
     Resources,
     Scheduling,
     Storage,
@@ -24,10 +25,14 @@ Objective = Literal["causal-lm", "masked-lm", "sft"]
 EvalMetric = Literal["perplexity", "accuracy", "bleu"]
 DEFAULT_METRICS: tuple[EvalMetric, ...] = ("perplexity",)
 CHECKPOINT_NAME = r"^(latest|best|step-[0-9]+)$"
+ModuleName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")
+]
 
 
 class ModelArchitecture(ApiModel):
-    """A GPT-style transformer; the vocabulary size comes from the Dataset's tokenizer."""
+    """The model: built here from the fields below (the vocabulary size comes from the
+    Dataset's tokenizer), or an open-weights model in Hugging Face format (`pretrained`)."""
 
     cel_rules = (
         Rule(
@@ -36,19 +41,86 @@ class ModelArchitecture(ApiModel):
             check=lambda s: s.hidden_size % s.num_heads == 0,
             field_path=".hiddenSize",
         ),
+        Rule(
+            cel="!has(self.numKeyValueHeads) || self.numHeads % self.numKeyValueHeads == 0",
+            message="numHeads must be a multiple of numKeyValueHeads",
+            check=lambda s: (
+                s.num_key_value_heads is None or s.num_heads % s.num_key_value_heads == 0
+            ),
+            field_path=".numKeyValueHeads",
+        ),
+        Rule(
+            cel="self.architecture == 'llama' || (!has(self.numKeyValueHeads) && "
+            "!has(self.intermediateSize))",
+            message="numKeyValueHeads and intermediateSize apply to architecture llama",
+            check=lambda s: (
+                s.architecture == "llama"
+                or (s.num_key_value_heads is None and s.intermediate_size is None)
+            ),
+            field_path=".architecture",
+        ),
+        Rule(
+            cel="self.objective != 'masked-lm' || (self.architecture == 'gpt' && "
+            "!has(self.pretrained))",
+            message="masked-lm trains the built-in gpt architecture only (an encoder)",
+            check=lambda s: (
+                s.objective != "masked-lm" or (s.architecture == "gpt" and s.pretrained is None)
+            ),
+            field_path=".objective",
+        ),
+        Rule(
+            cel="!has(self.pretrained) || self.architecture == 'gpt'",
+            message="a pretrained model brings its own architecture (config.json); "
+            "leave architecture unset",
+            check=lambda s: s.pretrained is None or s.architecture == "gpt",
+            field_path=".architecture",
+        ),
     )
 
     objective: Objective = Field(
         default="causal-lm",
         description=(
             "`causal-lm`: next-token prediction; `masked-lm`: predict masked tokens "
-            "(bidirectional); `sft`: supervised fine-tuning on prompt/response pairs "
-            "(loss on the response only)."
+            "(bidirectional); `sft`: supervised fine-tuning on prompt/response pairs or chat "
+            "messages (loss on the responses / assistant turns only)."
+        ),
+    )
+    pretrained: PretrainedModel | None = Field(
+        default=None,
+        description=(
+            "Start from an open-weights model (Llama, Qwen, Mistral, Gemma, GPT-2, any "
+            "architecture transformers loads). Its config.json fixes the architecture; the "
+            "fields below except contextLength and dropout are then ignored. Unset means a "
+            "model built from the fields below."
+        ),
+    )
+    architecture: Literal["gpt", "llama"] = Field(
+        default="gpt",
+        description=(
+            "Architecture of a model built from scratch: `gpt` (learned positions, "
+            "LayerNorm, GELU, multi-head attention) or `llama` (RoPE, RMSNorm, SwiGLU, "
+            "grouped-query attention)."
         ),
     )
     num_layers: int = Field(default=6, description="Transformer blocks.", ge=1, le=256)
     num_heads: int = Field(default=6, description="Attention heads per block.", ge=1, le=256)
+    num_key_value_heads: int | None = Field(
+        default=None,
+        description="llama: key/value heads (grouped-query attention); unset means numHeads.",
+        ge=1,
+        le=256,
+    )
     hidden_size: int = Field(default=384, description="Embedding width.", ge=8, le=65536)
+    intermediate_size: int | None = Field(
+        default=None,
+        description="llama: width of the SwiGLU feed-forward layer; unset means 8/3 x "
+        "hiddenSize rounded up to a multiple of 64.",
+        ge=8,
+        le=1048576,
+    )
+    rope_theta: float = Field(
+        default=10000.0, description="llama: base of the rotary position embedding.", gt=0
+    )
     context_length: int = Field(
         default=256, description="Tokens per training sequence.", ge=8, le=1048576
     )
@@ -154,6 +226,9 @@ class Hyperparameters(ApiModel):
         default=None, description="Stop after this many training tokens.", ge=1
     )
     weight_decay: float = Field(default=0.1, description="AdamW weight decay.", ge=0, le=10)
+    adam_beta1: float = Field(default=0.9, description="AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = Field(default=0.95, description="AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = Field(default=1e-8, description="AdamW epsilon.", gt=0, le=1)
     gradient_clipping: float = Field(
         default=1.0, description="Clip the global gradient norm to this; 0 disables.", ge=0
     )
@@ -194,7 +269,42 @@ class DeepSpeed(ApiModel):
     precision: Literal["bf16", "fp16", "fp32"] = Field(
         default="bf16", description="Training precision (mixed precision for bf16/fp16)."
     )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description=(
+            "Recompute activations in the backward pass instead of keeping them (gradient "
+            "checkpointing): less memory for about a third more compute."
+        ),
+    )
     config: ds_overlay.Overlay | None = Field(default=None, description=ds_overlay.DESCRIPTION)
+
+
+class Adapter(ApiModel):
+    """Parameter-efficient fine-tuning: train small adapter matrices, keep the base frozen."""
+
+    type: Literal["lora"] = Field(default="lora", description="`lora` (low-rank adapters).")
+    rank: int = Field(default=8, description="Rank of the adapter matrices.", ge=1, le=1024)
+    alpha: float = Field(
+        default=16.0, description="Scaling numerator (the update is scaled by alpha/rank).", gt=0
+    )
+    dropout: float = Field(default=0.05, description="Dropout on the adapter input.", ge=0, lt=1)
+    target_modules: Annotated[list[ModuleName], AfterValidator(distinct)] = Field(
+        default_factory=list,
+        description=(
+            "Names of the linear layers to adapt (`q_proj`, `v_proj`, ...); empty means every "
+            "linear layer except the output head."
+        ),
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        default="none",
+        description="`4bit`: QLoRA, the frozen base in 4-bit NF4 (needs GPUs and bitsandbytes).",
+    )
+    merge: bool = Field(
+        default=False,
+        description="Also export the base model with the adapter merged in (a plain model).",
+    )
 
 
 class TrainingResources(Resources):
@@ -340,6 +450,29 @@ class TrainingRunSpec(ApiModel):
             check=lambda s: "bleu" not in s.evaluation.metrics or s.model.objective == "sft",
             field_path=".evaluation.metrics",
         ),
+        Rule(
+            cel="!has(self.adapter) || has(self.model.pretrained)",
+            message="an adapter fine-tunes a pretrained model: set model.pretrained",
+            check=lambda s: s.adapter is None or s.model.pretrained is not None,
+            field_path=".adapter",
+        ),
+        Rule(
+            cel="!has(self.model.pretrained) || !has(self.init)",
+            message="set at most one of model.pretrained and init (both give starting weights)",
+            check=lambda s: s.model.pretrained is None or s.init is None,
+            field_path=".init",
+        ),
+        Rule(
+            cel="!has(self.adapter) || self.adapter.quantization == 'none' || "
+            "self.resources.gpusPerNode > 0",
+            message="4-bit quantization (QLoRA) needs GPUs (resources.gpusPerNode)",
+            check=lambda s: (
+                s.adapter is None
+                or s.adapter.quantization == "none"
+                or s.resources.gpus_per_node > 0
+            ),
+            field_path=".adapter.quantization",
+        ),
     )
 
     dataset_ref: LocalObjectReference = Field(
@@ -364,6 +497,16 @@ class TrainingRunSpec(ApiModel):
     )
     init: Initialization | None = Field(
         default=None, description="Starting weights; unset means from scratch."
+    )
+    adapter: Adapter | None = Field(
+        default=None,
+        description="Fine-tune with adapters (LoRA) instead of all weights; needs "
+        "model.pretrained.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "adapter is immutable"}
+            ]
+        },
     )
     hyperparameters: Hyperparameters = Field(description="Optimization settings.")
     deepspeed: DeepSpeed = nested(DeepSpeed, "DeepSpeed ZeRO settings.")

@@ -30,6 +30,7 @@ from llmops.api.trainingrun import FinalEvaluation, TrainingRunSpec
 TRAINER_MODULE = "llmops_trainer.train"
 DATA_MODULE = "llmops_trainer.data"
 SERVER_MODULE = "llmops_trainer.serve"
+MODEL_INIT_MODULE = "llmops_trainer.model_init"  # fetches and verifies a pretrained model
 
 # -- ports -----------------------------------------------------------------------------------
 
@@ -47,6 +48,10 @@ INIT_DIR = "/init"  # weights to start from
 CHECKPOINT_DIR = "/checkpoints"
 OUTPUT_SUBDIR = "output"  # under the checkpoint folder: progress, reports, card, model/
 FINAL_MODEL_SUBDIR = "model"  # under the output folder: the exported model
+ADAPTER_SUBDIR = "adapter"  # under the output folder: a LoRA run's adapter (peft layout)
+PRETRAINED_SUBDIR = "pretrained"  # under the checkpoint folder: a fetched pretrained model
+PRETRAINED_MOUNT_DIR = "/pretrained"  # a pretrained model on a volume, mounted read-only
+TOKENIZER_MODEL_DIR = "/tmp/llmops-tokenizer-model"  # a data pod's fetched model tokenizer
 DATASET_OUTPUT_DIR = "/output"  # a Dataset's volume, one folder per version
 DATASET_VOLUMES_DIR = "/mnt/llmops/volumes"  # a Dataset's source volumes, one per claim
 REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"  # another Dataset's tokenizer
@@ -77,6 +82,10 @@ class Env:
     LOG_INTERVAL = "LLMOPS_LOG_INTERVAL"
     SAMPLE_LOG = "LLMOPS_SAMPLE_LOG"
     PEAK_FLOPS = "LLMOPS_PEAK_FLOPS"
+    # model initializer (init container) and trainer: a pretrained model
+    PRETRAINED_URI = "LLMOPS_PRETRAINED_URI"  # where it comes from (PretrainedModel.uri)
+    PRETRAINED_FILES = "LLMOPS_PRETRAINED_FILES"  # https: JSON list of {name, sha256}
+    PRETRAINED_DIR = "LLMOPS_PRETRAINED_DIR"  # the verified local folder the trainer loads
     # serving pods
     MODEL_DIR = "LLMOPS_MODEL_DIR"
     AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
@@ -183,6 +192,13 @@ def data_command(stage: str) -> list[str]:
         "--stage",
         stage,
     ]
+
+
+def model_init_command(*, tokenizer_only: bool = False) -> list[str]:
+    """argv of the initializer that fetches `Env.PRETRAINED_URI` into `Env.PRETRAINED_DIR`
+    (or verifies it in place) before the workload starts."""
+    command = ["python", "-m", MODEL_INIT_MODULE]
+    return [*command, "--tokenizer-only"] if tokenizer_only else command
 
 
 def server_command() -> list[str]:
@@ -338,11 +354,25 @@ class DataMergeReport(Record):
 
 
 class FailureReport(Record):
-    """A workload pod's termination message when it failed: which stage, why."""
+    """A workload pod's termination message when it failed: which stage, why. The model
+    initializer uses stage `model-init` and one of MODEL_INIT_REASONS."""
 
     stage: str
     reason: str
     message: str = ""
+
+
+# Why a model initializer failed: the condition reason the TrainingRun or Dataset shows.
+MODEL_INIT_STAGE = "model-init"
+MODEL_INIT_REASONS = (
+    "ModelNotFound",  # nothing at the URI (or no access to it)
+    "MissingModelConfig",  # no config.json
+    "UnknownArchitecture",  # config.json names an architecture transformers does not know
+    "MissingTokenizer",  # no tokenizer.json / tokenizer_config.json
+    "MissingWeights",  # no *.safetensors / *.bin
+    "ChecksumMismatch",  # an https file's SHA-256 differs from the spec
+    "ModelFetchFailed",  # the download failed (network, credentials, storage)
+)
 
 
 R = TypeVar("R", bound=Record)
