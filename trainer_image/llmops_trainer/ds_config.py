@@ -52,8 +52,8 @@ def _optimizer(spec: TrainingRunSpec) -> dict[str, Any]:
     hp = spec.hyperparameters
     params: dict[str, Any] = {
         "lr": hp.learning_rate,
-        "betas": [0.9, 0.95],
-        "eps": 1e-8,
+        "betas": [hp.adam_beta1, hp.adam_beta2],
+        "eps": hp.adam_epsilon,
         "weight_decay": hp.weight_decay,
     }
     if spec.deepspeed.offload_optimizer == "none":

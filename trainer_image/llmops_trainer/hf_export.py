@@ -90,12 +90,17 @@ def export(
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, folder / "tokenizer.json")
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": (config.context_length),
-        }
-        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        write_tokenizer_config(folder, config.context_length)
     return folder
+
+
+def write_tokenizer_config(folder: Path, context_length: int) -> None:
+    """What AutoTokenizer needs beside a bare tokenizer.json."""
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": context_length,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
 def is_export(folder: Path) -> bool:

@@ -23,6 +23,21 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _summary(model: dict[str, Any], objective: str) -> str:
+    shape = (
+        f"{model['num_layers']}-layer, {model['hidden_size']}-wide "
+        f"{model.get('architecture', 'transformer')} ({model['parameters']:,} parameters)"
+    )
+    if "pretrained" not in model:
+        return f"A {shape} trained with the `{objective}` objective by llmops."
+    adapter = model.get("adapter")
+    how = f"with LoRA adapters (rank {adapter['rank']})" if adapter else "in full"
+    return (
+        f"`{model['pretrained']}`, a {shape}, fine-tuned {how} with the `{objective}` "
+        "objective by llmops."
+    )
+
+
 def render(
     name: str,
     spec: dict[str, Any],
@@ -38,9 +53,7 @@ def render(
     lines = [
         f"# {name}",
         "",
-        f"A {model['num_layers']}-layer, {model['hidden_size']}-wide transformer "
-        f"({model['parameters']:,} parameters) trained with the `{spec['model']['objective']}` "
-        "objective by llmops.",
+        _summary(model, spec["model"]["objective"]),
         "",
         "## Data",
         "",

@@ -10,13 +10,14 @@ from typing import Any
 
 from llmops.api.trainingrun import TrainingRun
 from llmops.api.workload import (
+    ADAPTER_SUBDIR,
     EVALUATION_REPORT_FILE,
     FINAL_MODEL_SUBDIR,
     MODEL_CARD_FILE,
     EvaluationReport,
     FinalReport,
 )
-from llmops_trainer import checkpoint, hf_export, model_card
+from llmops_trainer import checkpoint, hf_export, hf_models, model_card
 from llmops_trainer.model import GPTConfig
 from llmops_trainer.progress import ProgressState
 from llmops_trainer.shards import Manifest
@@ -32,6 +33,11 @@ class Finished:
     manifest: Manifest
     model_config: GPTConfig
     state: ProgressState
+    # A transformers model (open-weights or llama): exported with save_pretrained.
+    transformers: bool = False
+    pretrained: Path | None = None
+    description: dict[str, Any] | None = None
+    parameters: int | None = None
 
 
 def write(
@@ -43,8 +49,11 @@ def write(
     latest = checkpoint.read_pointer(done.checkpoints, checkpoint.LATEST)
     assert latest is not None
     weights = consolidated_state_dict(done.checkpoints / latest)
-    model_dir = done.output / FINAL_MODEL_SUBDIR
-    _export(done, weights, model_dir)
+    if done.transformers:
+        folders = _export_transformers(done, weights)
+    else:
+        folders = [done.output / FINAL_MODEL_SUBDIR]
+        _export(done, weights, folders[0])
     report = EvaluationReport(
         final=final,
         worst_passages=worst,
@@ -53,7 +62,9 @@ def write(
         latest_checkpoint=latest,
     )
     (done.output / EVALUATION_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-    parameters = sum(t.numel() for k, t in weights.items() if k != "lm_head.weight")
+    parameters = done.parameters or sum(
+        t.numel() for k, t in weights.items() if k != "lm_head.weight"
+    )
     spec = done.run.spec
     card = model_card.render(
         done.run.metadata.name or "model",
@@ -64,14 +75,35 @@ def write(
             "vocab_size": done.manifest.vocab_size,
             "supervised": done.manifest.supervised,
         },
-        {**done.model_config.to_dict(), "parameters": parameters},
+        {**(done.description or done.model_config.to_dict()), "parameters": parameters},
         done.state.history,
         final.to_dict(),
         worst,
         examples,
     )
     (done.output / MODEL_CARD_FILE).write_text(card)
-    (model_dir / "README.md").write_text(card)
+    for folder in folders:
+        (folder / "README.md").write_text(card)
+
+
+def _export_transformers(done: Finished, weights: dict[str, Any]) -> list[Path]:
+    spec = done.run.spec
+    folders = hf_models.export(
+        spec.model,
+        spec.adapter,
+        done.pretrained,
+        done.manifest.vocab_size,
+        weights,
+        done.output,
+        FINAL_MODEL_SUBDIR,
+        ADAPTER_SUBDIR,
+        # The model's own tokenizer files; a llama trained from scratch has the Dataset's.
+        [p for p in (done.pretrained, done.data) if p is not None],
+    )
+    for folder in folders:
+        if not (folder / "tokenizer_config.json").is_file():
+            hf_export.write_tokenizer_config(folder, spec.model.context_length)
+    return folders
 
 
 def _export(done: Finished, weights: dict[str, Any], model_dir: Path) -> None:

@@ -37,7 +37,7 @@ from llmops.api.workload import (
     TrainingPhase,
     ValidationScores,
 )
-from llmops_trainer import checkpoint, evaluate, outputs
+from llmops_trainer import checkpoint, evaluate, hf_models, outputs
 from llmops_trainer.batches import (
     Objective,
     SampleOrder,
@@ -69,6 +69,7 @@ class Paths:
     checkpoints: Path
     output: Path
     init: Path | None
+    pretrained: Path | None  # the verified open-weights model folder (model.pretrained)
 
     @classmethod
     def from_env(cls, spec: TrainingRunSpec) -> Paths:
@@ -76,25 +77,39 @@ class Paths:
         init = os.environ.get(Env.INIT_CHECKPOINT)
         if not init and spec.init is not None and spec.init.path and spec.init.path[0] == "/":
             init = spec.init.path  # a path inside the image needs no help from the operator
+        pretrained = None
+        if spec.model.pretrained is not None:
+            uri = spec.model.pretrained.uri
+            folder = os.environ.get(Env.PRETRAINED_DIR) or (uri if uri[0] == "/" else None)
+            if folder is None:
+                raise RuntimeError(f"model.pretrained needs {Env.PRETRAINED_DIR} (the initializer)")
+            pretrained = Path(folder)
         return cls(
             data=Path(os.environ[Env.DATA_DIR]),
             checkpoints=Path(os.environ.get(Env.CHECKPOINT_DIR, str(output / "checkpoints"))),
             output=output,
             init=Path(init) if init else None,
+            pretrained=pretrained,
         )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only, not on biases, norms (nanoGPT, GPT-3)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """Weight decay on matrices only, not on biases, norms (nanoGPT, GPT-3); frozen
+    parameters (a LoRA run's base) are not the optimizer's."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # ZeRO-3 leaves a 0-d placeholder on each rank; ds_shape is the real shape.
+    decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def load_weights(model: GPT, state_dict: dict[str, torch.Tensor]) -> None:
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    if isinstance(model, hf_models.CausalLM):
+        hf_models.load_trained(model, state_dict)
+        return
     state_dict = dict(state_dict)
     # The tied head may be stored once, under the embedding's name.
     state_dict.setdefault("lm_head.weight", state_dict["transformer.wte.weight"])
@@ -164,6 +179,7 @@ class Trainer:
         self.ds_config = deepspeed_config(spec, self.plan)
         self.train_windows = Windows(paths.data, self.manifest, "train", spec.model.context_length)
         self.order = SampleOrder(len(self.train_windows), hp.seed)
+        self.validates = self._has_samples("validation")
         self.model_config = GPTConfig(
             vocab_size=self.objective.model_vocab_size,
             context_length=spec.model.context_length,
@@ -173,6 +189,9 @@ class Trainer:
             dropout=spec.model.dropout,
             causal=spec.model.objective != "masked-lm",
         )
+        # Models from transformers: an open-weights checkpoint or a llama built from the spec.
+        self.transformers = spec.model.pretrained is not None or spec.model.architecture == "llama"
+        self.shape: hf_models.Shape | None = None
         self.state = ProgressState()
         self.engine: Any = None
         # DeepSpeed reports the gradient norm except without ZeRO in fp32; then we compute it.
@@ -196,12 +215,50 @@ class Trainer:
         dist.broadcast_object_list(choice, src=0)
         return Path(choice[0]) if choice[0] else None
 
+    def _build_model(self) -> torch.nn.Module:
+        spec = self.spec
+        if not self.transformers:
+            return GPT(self.model_config)
+        network = hf_models.build(
+            spec.model, self.objective.model_vocab_size, self.paths.pretrained, self.ds_config
+        )
+        self.shape = hf_models.Shape.of(network.config)
+        hf_models.check_compatible(self.shape, self.manifest.vocab_size, spec.model.context_length)
+        if spec.deepspeed.activation_checkpointing:
+            hf_models.enable_activation_checkpointing(network)
+        if spec.adapter is not None:
+            network = hf_models.add_adapter(network, spec.adapter, self.device)
+        model = hf_models.CausalLM(network, spec.model.context_length)
+        self._info(
+            f"{self.shape.architecture}: {model.num_parameters():,} parameters, "
+            f"{model.num_trainable_parameters():,} trained"
+            + (f", from {spec.model.pretrained.uri}" if spec.model.pretrained else "")
+        )
+        return model
+
+    def model_description(self) -> dict[str, Any]:
+        if self.shape is None:
+            return self.model_config.to_dict()
+        source = self.spec.model.pretrained
+        return hf_models.describe(self.shape, source.uri if source else None, self.spec.adapter)
+
+    def _flops_per_token(self) -> float:
+        module = self.engine.module
+        if self.shape is None:
+            return flops_per_token(self.model_config, module.num_parameters())
+        return hf_models.flops_per_token(
+            self.shape,
+            module.num_parameters(),
+            self.spec.model.context_length,
+            self.spec.adapter is not None,
+        )
+
     def setup(self) -> None:
         import deepspeed
 
         resume = self._pick_checkpoint()
         torch.manual_seed(self.spec.hyperparameters.seed)
-        model = GPT(self.model_config)
+        model = self._build_model()
         exact = False
         if resume is not None:
             saved = checkpoint.read_state(resume)
@@ -243,7 +300,7 @@ class Trainer:
         spec = self.spec
         plan = self.plan
         tokens_per_step = plan.global_batch_size * spec.model.context_length
-        flops = flops_per_token(self.model_config, self.engine.module.num_parameters())
+        flops = self._flops_per_token()
         peak = peak_flops(self.device)
         window_start, window_steps = time.perf_counter(), 0
         last_saved = self.state.step
@@ -270,7 +327,7 @@ class Trainer:
                 self._log_step(mean_loss, tokens_per_second, mfu, window_steps * tokens_per_step)
                 window_start, window_steps = time.perf_counter(), 0
             stopped_early = False
-            if step % spec.evaluation.interval_steps == 0 and "validation" in self.manifest.splits:
+            if step % spec.evaluation.interval_steps == 0 and self.validates:
                 stopped_early = self._validate()
             if stop:
                 self._save("SIGTERM")
@@ -420,7 +477,13 @@ class Trainer:
             root.mkdir(parents=True, exist_ok=True)
             checkpoint.clean_partials(root)
         dist.barrier()
-        self.engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+        # A LoRA checkpoint holds the adapter only: the frozen base comes from the model.
+        self.engine.save_checkpoint(
+            str(root),
+            tag=partial.name,
+            save_latest=False,
+            exclude_frozen_parameters=self.spec.adapter is not None,
+        )
         dist.barrier()  # every rank's shards are on disk
         name = checkpoint.name_for(step)
         # Every rank keeps the same view of the checkpoints (rank 0 reports it).
@@ -433,7 +496,7 @@ class Trainer:
                     "worldSize": self.world,
                     "zeroStage": self.spec.deepspeed.zero_stage,
                     "validationLoss": self.state.latest_checkpoint_validation_loss,
-                    "model": self.model_config.to_dict(),
+                    "model": self.model_description(),
                     "reason": reason,
                 },
             )
@@ -462,8 +525,11 @@ class Trainer:
     def finish(self, reason: str) -> dict[str, Any]:
         """Test-split evaluation, generation, export, reports and the model card."""
         self._report("Evaluating")
-        split = "test" if "test" in self.manifest.splits else "validation"
-        final: dict[str, Any] = {"stopReason": reason, "steps": self.state.step}
+        # A Dataset may have no test split (split.test: 0), or an empty one: then the
+        # validation split is evaluated, or nothing, and the report says which.
+        usable = [s for s in ("test", "validation") if self._has_samples(s)]
+        split = usable[0] if usable else "none"
+        final: dict[str, Any] = {"stopReason": reason, "steps": self.state.step, "split": split}
         worst: list[dict[str, Any]] = []
         examples: list[dict[str, str]] = []
         decode = evaluate.decoder(self.paths.data / self.manifest.tokenizer)
@@ -475,7 +541,7 @@ class Trainer:
             final["unigramPerplexity"] = evaluate.unigram_perplexity(
                 self.paths.data, self.manifest, "train", split
             )
-            if split != "validation" and "validation" in self.manifest.splits:
+            if split != "validation" and self._has_samples("validation"):
                 # The same comparison on the validation split, as training curves show it.
                 validation = self._score("validation", self.spec.evaluation.batches)
                 final["validationPerplexity"] = validation.perplexity
@@ -496,6 +562,10 @@ class Trainer:
                     self.manifest,
                     self.model_config,
                     self.state,
+                    pretrained=self.paths.pretrained if self.transformers else None,
+                    transformers=self.transformers,
+                    description=self.model_description(),
+                    parameters=self.engine.module.num_parameters(),
                 ),
                 report,
                 worst,
@@ -504,6 +574,12 @@ class Trainer:
             write_termination_message(trainer_report(self.state, report).to_dict())
         dist.barrier()
         return final
+
+    def _has_samples(self, split: str) -> bool:
+        if split not in self.manifest.splits:
+            return False
+        windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
+        return len(windows) > 0
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -572,6 +572,13 @@ class Checkpoints(StatusModel):
 class FinalEvaluation(StatusModel):
     """Evaluation on the test split after training."""
 
+    split: Literal["test", "validation", "none"] | None = Field(
+        default=None,
+        description=(
+            "The split evaluated: `test`; `validation` when the Dataset has no test split; "
+            "`none` when it has neither (no final evaluation)."
+        ),
+    )
     loss: float | None = Field(default=None, description="Test loss.")
     perplexity: float | None = Field(default=None, description="Test perplexity.")
     accuracy: float | None = Field(default=None, description="Test token accuracy.")

@@ -86,6 +86,8 @@ class Env:
     PRETRAINED_URI = "LLMOPS_PRETRAINED_URI"  # where it comes from (PretrainedModel.uri)
     PRETRAINED_FILES = "LLMOPS_PRETRAINED_FILES"  # https: JSON list of {name, sha256}
     PRETRAINED_DIR = "LLMOPS_PRETRAINED_DIR"  # the verified local folder the trainer loads
+    # "1": the folder is on a volume every pod of the gang sees; pod 0 downloads, others wait
+    PRETRAINED_SHARED = "LLMOPS_PRETRAINED_SHARED"
     # serving pods
     MODEL_DIR = "LLMOPS_MODEL_DIR"
     AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
@@ -301,6 +303,7 @@ class FinalReport(Record):
 
     stop_reason: str = Field(description="Completed, EarlyStopped.")
     steps: int = Field(description="Optimizer steps done.", ge=0)
+    split: Literal["test", "validation", "none"] | None = None  # what was evaluated
     loss: float | None = None
     perplexity: float | None = None
     accuracy: float | None = None
@@ -313,7 +316,11 @@ class FinalReport(Record):
 
     def evaluation(self) -> FinalEvaluation:
         return FinalEvaluation(
-            loss=self.loss, perplexity=self.perplexity, accuracy=self.accuracy, bleu=self.bleu
+            split=self.split,
+            loss=self.loss,
+            perplexity=self.perplexity,
+            accuracy=self.accuracy,
+            bleu=self.bleu,
         )
 
 
