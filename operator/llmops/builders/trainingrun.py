@@ -21,18 +21,22 @@ from llmops.api.workload import (
     INIT_DIR,
     METRICS_PORT,
     OUTPUT_SUBDIR,
+    PRETRAINED_SUBDIR,
     RENDEZVOUS_PORT,
     ROLE_LABEL,
     TERMINATION_LOG,
     WORKER_ROLE,
     Env,
 )
-from llmops.builders import pods, storage
+from llmops.builders import pods, pretrained, storage
 from llmops.builders.common import OWNER_LABEL, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
 COMPONENT = "training"
 CONFIG_FILE = workload.TRAINING_CONFIG_FILE
+# Where a remote pretrained model goes when the run has no checkpoint volume (each pod then
+# downloads its own copy into scratch).
+SCRATCH_PRETRAINED_DIR = "/tmp/llmops-pretrained"
 # Time a pod gets between SIGTERM and SIGKILL: enough to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 300
 COMPLETION_INDEX = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
@@ -152,12 +156,28 @@ def worker_job(
         )
         env += init_env
     env += [{"name": k, "value": v} for k, v in workload.trainer_env(spec).items()]
+    init_containers: list[dict[str, Any]] = []
+    if spec.model.pretrained is not None:
+        # On the checkpoint volume a restarted gang finds the model already fetched.
+        on_volume = bool(ckpt_mounts)
+        model = pretrained.model_input(
+            spec.model.pretrained,
+            target=f"{CHECKPOINT_DIR}/{PRETRAINED_SUBDIR}" if on_volume else SCRATCH_PRETRAINED_DIR,
+            shared=on_volume,
+            resources=spec.resources,
+            extra_mounts=ckpt_mounts,
+        )
+        init_containers.append(model.init_container)
+        init_volumes += model.volumes
+        init_mounts += model.mounts
+        env += model.env
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": service_name(name),  # pods resolve as <job>-<index>.<service>
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": pods.pod_security_context(),
+        **({"initContainers": init_containers} if init_containers else {}),
         "containers": [
             {
                 "name": "trainer",

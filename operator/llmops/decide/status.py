@@ -5,12 +5,13 @@ old status into a new one."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from llmops import conditions as cond
 from llmops.api.common import Condition, ConditionStatus
+from llmops.api.workload import MODEL_INIT_STAGE, FailureReport, read_record
 
 # Conditions whose turning True is bad news (a Warning event).
 WARNING_TYPES = frozenset({"Failed", "Degraded", "Restarting", "InvalidChild"})
@@ -159,6 +160,20 @@ def termination_message(pod: Mapping[str, Any] | None) -> str | None:
         message = ((container.get("state") or {}).get("terminated") or {}).get("message")
         if message:
             return str(message)
+    return None
+
+
+def model_init_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
+    """The model initializer's report, when an init container failed on a bad model source
+    (Kubernetes keeps its termination message in initContainerStatuses)."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode", 0) == 0:
+                continue
+            report = read_record(FailureReport, terminated.get("message"))
+            if report is not None and report.stage == MODEL_INIT_STAGE:
+                return report
     return None
 
 

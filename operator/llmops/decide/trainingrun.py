@@ -30,9 +30,19 @@ from llmops.api.workload import (
 )
 from llmops.builders import storage
 from llmops.builders import trainingrun as build
-from llmops.decide.status import Child, Conditions, Event, finish, is_complete, job_failure
+from llmops.decide.status import (
+    Child,
+    Conditions,
+    Event,
+    finish,
+    is_complete,
+    job_failure,
+    model_init_failure,
+)
 
 KIND = "TrainingRun"
+# The initializer failures worth a restart (network, storage); the others are the source's.
+TRANSIENT_MODEL_INIT_FAILURE = "ModelFetchFailed"
 TERMINAL = ("Succeeded", "Failed")
 # On a Job the operator suspended itself: only such a suspension is the operator's to lift
 # (Kueue's webhook suspends queued Jobs and admission lifts that one).
@@ -355,6 +365,10 @@ def _failed(
 ) -> None:
     status, limit = decision.status, run.spec.max_restarts
     restarts = status.restart_count
+    problem = model_init_failure(pods)
+    if problem is not None and problem.reason != TRANSIENT_MODEL_INIT_FAILURE:
+        # A missing file or a wrong checksum does not heal by restarting: fail now, saying why.
+        return _finish(status, conditions, "Failed", problem.reason, problem.message, now)
     if any(was_disrupted(p) for p in pods):
         status.preemption_count += 1
         return _restart(decision, conditions, "Preempted", f"gang member preempted: {failure}")
