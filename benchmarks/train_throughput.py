@@ -17,8 +17,17 @@ T context: 6N for the weight matmuls forward and backward, 12LHT for attention (
 The peak is the card's dense bf16 figure on GPUs (or --peak-flops); on CPUs it is the FLOP/s
 each process measures for a large fp32 matmul, i.e. an achievable peak, not a datasheet one.
 
+The same comparison on a Llama-shaped `transformers` model (RoPE, RMSNorm, SwiGLU,
+grouped-query attention): the baseline trains that very module under DDP, ours builds it
+from the spec (`architecture: llama`); with --lora both train rank-16 LoRA adapters of a
+saved random checkpoint (`model.pretrained`), and the result also gives the trained
+parameters and optimizer-state bytes next to a full fine-tune's.
+
     python benchmarks/train_throughput.py              # small model, 2 CPU processes
+    python benchmarks/train_throughput.py --llama      # small Llama-shaped model, 2 CPUs
+    python benchmarks/train_throughput.py --llama --lora
     python benchmarks/train_throughput.py --gpt2-small # GPT-2 small (124M), every GPU, bf16
+    python benchmarks/train_throughput.py --llama-1b   # ~1.1B Llama-shaped, every GPU, bf16
 """
 
 from __future__ import annotations
@@ -38,6 +47,17 @@ from typing import Any
 import numpy as np
 
 SMALL = {"layers": 4, "hidden": 128, "heads": 4, "context": 128, "vocab": 512, "micro": 8}
+LLAMA_SMALL = {**SMALL, "kv_heads": 2}
+# TinyLlama-1.1B's shape.
+LLAMA_1B = {
+    "layers": 22,
+    "hidden": 2048,
+    "heads": 32,
+    "kv_heads": 4,
+    "context": 2048,
+    "vocab": 32000,
+    "micro": 8,
+}
 GPT2_SMALL = {
     "layers": 12,
     "hidden": 768,
@@ -51,6 +71,9 @@ GPT2_SMALL = {
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpt2-small", action="store_true", help="GPT-2 small on GPUs")
+    parser.add_argument("--llama", action="store_true", help="a small Llama-shaped model")
+    parser.add_argument("--llama-1b", action="store_true", help="~1.1B Llama-shaped, on GPUs")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (with a llama)")
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default 40 / 300)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--nproc", type=int, help="processes (default: 2 on CPU, every GPU)")
@@ -60,11 +83,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ds-config", default="{}", help="raw DeepSpeed overlay (JSON)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.lora and not args.llama_1b:
+        args.llama = True
+    return args
 
 
 def sizes(args: argparse.Namespace) -> dict[str, int]:
+    if args.llama_1b:
+        return LLAMA_1B
+    if args.llama:
+        return LLAMA_SMALL
     return GPT2_SMALL if args.gpt2_small else SMALL
+
+
+def on_gpus(args: argparse.Namespace) -> bool:
+    return bool(args.gpt2_small or args.llama_1b)
+
+
+def model_spec(size: dict[str, int], pretrained: str | None) -> dict[str, Any]:
+    if pretrained is not None:
+        return {"contextLength": size["context"], "pretrained": {"uri": pretrained}}
+    spec: dict[str, Any] = {
+        "numLayers": size["layers"],
+        "numHeads": size["heads"],
+        "hiddenSize": size["hidden"],
+        "contextLength": size["context"],
+    }
+    if "kv_heads" in size:
+        spec.update(architecture="llama", numKeyValueHeads=size["kv_heads"])
+    return spec
+
+
+def save_random_llama(folder: Path, size: dict[str, int]) -> None:
+    """The stand-in checkpoint a LoRA run fine-tunes."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llmops.api.trainingrun import ModelArchitecture
+    from llmops_trainer.hf_models import llama_config
+
+    architecture = ModelArchitecture.model_validate(model_spec(size, None))
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(architecture, size["vocab"])).save_pretrained(folder)
 
 
 def write_data(root: Path, size: dict[str, int], tokens: int) -> None:
@@ -83,13 +144,15 @@ def launch(args: argparse.Namespace) -> int:
     """Write the data once, then run the workers under torchrun."""
     import torch
 
-    gpus = torch.cuda.device_count() if args.gpt2_small else 0
+    gpus = torch.cuda.device_count() if on_gpus(args) else 0
     nproc = args.nproc or (gpus or 2)
-    steps = args.steps or (300 if args.gpt2_small else 40)
+    steps = args.steps or (300 if on_gpus(args) else 40)
     size = sizes(args)
     with tempfile.TemporaryDirectory() as tmp:
         total = (steps + args.warmup + 1) * 2 * size["micro"] * nproc * (size["context"] + 1)
         write_data(Path(tmp), size, total)
+        if args.lora:
+            save_random_llama(Path(tmp) / "base", size)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -104,8 +167,8 @@ def launch(args: argparse.Namespace) -> int:
             f"--zero-stage={args.zero_stage}", f"--precision={args.precision}",
             f"--ds-config={args.ds_config}",
         ]  # fmt: skip
-        if args.gpt2_small:
-            argv.append("--gpt2-small")
+        argv += [f"--{flag}" for flag in ("gpt2-small", "llama", "llama-1b", "lora")
+                 if getattr(args, flag.replace("-", "_"))]  # fmt: skip
         if args.peak_flops:
             argv.append(f"--peak-flops={args.peak_flops}")
         return subprocess.run(argv, env=env, check=False).returncode
@@ -124,6 +187,32 @@ def measured_peak(device: Any) -> float:
     return 2 * 1024**3 * repeats / (time.perf_counter() - start)
 
 
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state (moments, fp32 master copies) this rank holds."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper
+    add(inner.state)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        add(getattr(optimizer, name, None))
+    return total
+
+
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -131,6 +220,7 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from llmops.api.trainingrun import TrainingRun
+    from llmops_trainer import hf_models
     from llmops_trainer.batches import Objective, SampleOrder, Windows, make_batch, rank_positions
     from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
     from llmops_trainer.plan import batch_plan
@@ -147,6 +237,9 @@ def worker(args: argparse.Namespace) -> None:
     size = sizes(args)
     steps = args.warmup + args.steps
     assert args.data is not None
+    llama = "kv_heads" in size
+    pretrained = str(args.data / "base") if args.lora else None
+    lora = {"rank": 16, "alpha": 32, "dropout": 0.0} if args.lora else None
     run = TrainingRun.model_validate(
         {
             "apiVersion": "llmops.dev/v1alpha1",
@@ -154,12 +247,8 @@ def worker(args: argparse.Namespace) -> None:
             "metadata": {"name": "bench"},
             "spec": {
                 "datasetRef": {"name": "bench"},
-                "model": {
-                    "numLayers": size["layers"],
-                    "numHeads": size["heads"],
-                    "hiddenSize": size["hidden"],
-                    "contextLength": size["context"],
-                },
+                "model": model_spec(size, pretrained),
+                **({"adapter": lora} if lora else {}),
                 "hyperparameters": {
                     "maxSteps": steps,
                     "microBatchSize": size["micro"],
@@ -192,10 +281,25 @@ def worker(args: argparse.Namespace) -> None:
     )
     tokens_per_step = plan.global_batch_size * size["context"]
 
+    def make_model() -> torch.nn.Module:
+        """The model ours trains, built the same way: GPT, or the transformers llama (with
+        the same adapters) wrapped as the trainer wraps it."""
+        if not llama:
+            return GPT(config)
+        network = hf_models.build(
+            spec.model,
+            manifest.vocab_size,
+            None if pretrained is None else Path(pretrained),
+            {"zero_optimization": {"stage": 0}},
+        )
+        if spec.adapter is not None:
+            network = hf_models.add_adapter(network, spec.adapter, device)
+        return hf_models.CausalLM(network, size["context"])
+
     # -- baseline: plain DDP --------------------------------------------------------------
     def baseline() -> tuple[float, int]:
         torch.manual_seed(spec.hyperparameters.seed)
-        model = GPT(config).to(device)
+        model = make_model().to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if on_gpu else None
         )
@@ -234,6 +338,8 @@ def worker(args: argparse.Namespace) -> None:
     os.environ["LLMOPS_PEAK_FLOPS"] = str(peak)
     os.environ["LLMOPS_LOG_INTERVAL"] = str(args.warmup)
 
+    trained: dict[str, int] = {}
+
     def ours() -> float:
         with tempfile.TemporaryDirectory() as out:
             paths = Paths(
@@ -242,7 +348,10 @@ def worker(args: argparse.Namespace) -> None:
             trainer = Trainer(run, paths)
             trainer.setup()
             trainer.train()
-            history = [h for h in trainer.state["history"] if "tokensPerSecond" in h]
+            history = [h for h in trainer.state.history if "tokensPerSecond" in h]
+            module = trainer.engine.module
+            trained["parameters"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            trained["optimizerStateBytes"] = optimizer_state_bytes(trainer.engine.optimizer)
         # The trainer's own log windows after the first (warm-up) one, combined by time.
         lengths = [b["step"] - a["step"] for a, b in itertools.pairwise(history)]
         seconds = sum(
@@ -257,7 +366,13 @@ def worker(args: argparse.Namespace) -> None:
     after, _ = baseline()
     baseline_tps = (before + after) / 2
 
-    flops = flops_per_token(config, parameters)
+    if llama:
+        shape = hf_models.Shape(
+            "llama", size["layers"], size["hidden"], size["vocab"], size["context"]
+        )
+        flops = hf_models.flops_per_token(shape, parameters, size["context"], lora is not None)
+    else:
+        flops = flops_per_token(config, parameters)
     if rank == 0:
         result = {
             "machine": torch.cuda.get_device_name(device)
@@ -266,7 +381,10 @@ def worker(args: argparse.Namespace) -> None:
             "processes": world,
             "precision": precision,
             "zeroStage": args.zero_stage,
+            "model": ("llama" if llama else "gpt") + ("+lora" if lora else ""),
             "parameters": parameters,
+            "trainedParameters": trained["parameters"],
+            "optimizerStateBytesRank0": trained["optimizerStateBytes"],
             "tokensPerStep": tokens_per_step,
             "timedSteps": args.steps,
             "peakFlopsPerProcess": peak,

@@ -69,7 +69,7 @@ class Paths:
     checkpoints: Path
     output: Path
     init: Path | None
-    pretrained: Path | None  # the verified open-weights model folder (model.pretrained)
+    pretrained: Path | None = None  # the verified open-weights model folder (model.pretrained)
 
     @classmethod
     def from_env(cls, spec: TrainingRunSpec) -> Paths:
