@@ -10,7 +10,14 @@ import pytest
 from llmops.api.common import Scheduling
 from llmops.api.dataset import Dataset
 from llmops.api.trainingrun import TrainingRun, TrainingRunStatus
-from llmops.api.workload import TrainerReport, TrainingProgress, last_progress, read_record
+from llmops.api.workload import (
+    PRETRAINED_MOUNT_DIR,
+    TOKENIZER_MODEL_DIR,
+    TrainerReport,
+    TrainingProgress,
+    last_progress,
+    read_record,
+)
 from llmops.builders import dataset as ds_build
 from llmops.builders import storage
 from llmops.builders import trainingrun as tr_build
@@ -223,6 +230,77 @@ def test_dataset_pods_get_source_claims_credentials_and_a_reference_tokenizer():
     assert env["LLMOPS_REF_TOKENIZER"]["value"] == "/mnt/llmops/reference/g2/tokenizer.json"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["reference-tokenizer"]["persistentVolumeClaim"]["claimName"] == "base-data"
+
+
+def _chat_dataset(model: dict[str, object]) -> tuple[dict[str, object], Dataset]:
+    spec = {
+        "sources": [
+            {"name": "chats", "path": "/data/chats", "format": "jsonl", "messagesField": "messages"}
+        ],
+        "tokenizer": {"fromModel": model},
+    }
+    body = {**DATASET, "spec": spec}
+    return body, Dataset.model_validate(body)
+
+
+def test_dataset_pods_fetch_a_remote_model_tokenizer_with_an_initializer():
+    body, dataset = _chat_dataset(
+        {"uri": "hf://org/chat-7b@v1", "credentialsSecret": {"name": "hf-token"}}
+    )
+    for job in (ds_build.slices_job(body, dataset, 4), ds_build.merge_job(body, dataset, 4)):
+        pod = job["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        assert init["name"] == "model-init"
+        assert init["command"] == ["python", "-m", "llmops_trainer.model_init", "--tokenizer-only"]
+        init_env = {e["name"]: e for e in init["env"]}
+        assert init_env["LLMOPS_PRETRAINED_URI"]["value"] == "hf://org/chat-7b@v1"
+        assert init_env["LLMOPS_PRETRAINED_DIR"]["value"] == TOKENIZER_MODEL_DIR
+        assert init_env["LLMOPS_PRETRAINED_SHARED"]["value"] == "0"
+        # The token is referenced, never copied, and only the initializer gets it.
+        assert init_env["HF_TOKEN"] == {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}},
+        }
+        assert "value" not in init_env["HF_TOKEN"]
+        # The download lands in the scratch volume the main container also mounts.
+        assert TOKENIZER_MODEL_DIR.startswith("/tmp/")
+        init_mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+        container = pod["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert init_mounts["/tmp"] == mounts["/tmp"] == "tmp"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["LLMOPS_PRETRAINED_DIR"]["value"] == TOKENIZER_MODEL_DIR
+        assert "HF_TOKEN" not in env and "LLMOPS_PRETRAINED_URI" not in env
+        assert "LLMOPS_REF_TOKENIZER" not in env
+        assert "hf-token" not in json.dumps(container)
+        names = [v["name"] for v in pod["volumes"]]
+        assert len(names) == len(set(names))
+        assert init["securityContext"]["readOnlyRootFilesystem"]
+
+
+def test_dataset_pods_read_a_model_tokenizer_on_a_claim_in_place():
+    body, dataset = _chat_dataset({"uri": "pvc://models/qwen/instruct"})
+    pod = ds_build.merge_job(body, dataset, 4)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["pretrained"]["persistentVolumeClaim"] == {
+        "claimName": "models",
+        "readOnly": True,
+    }
+    (init,) = pod["initContainers"]
+    container = pod["containers"][0]
+    for mounts in (init["volumeMounts"], container["volumeMounts"]):
+        (mount,) = [m for m in mounts if m["name"] == "pretrained"]
+        assert mount["readOnly"] and mount["mountPath"] == PRETRAINED_MOUNT_DIR
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert env["LLMOPS_PRETRAINED_DIR"] == f"{PRETRAINED_MOUNT_DIR}/qwen/instruct"
+
+
+def test_dataset_pods_without_a_model_tokenizer_have_no_initializer():
+    dataset = Dataset.model_validate(DATASET)
+    pod = ds_build.slices_job(DATASET, dataset, 4)["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert "LLMOPS_PRETRAINED_DIR" not in env
 
 
 def test_spot_placement_comes_from_the_chart_values(monkeypatch: pytest.MonkeyPatch) -> None:

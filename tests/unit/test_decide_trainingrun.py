@@ -109,7 +109,13 @@ def test_every_metric_and_checkpoint_field_is_produced_by_the_trainer_records() 
 
 def test_every_final_evaluation_field_is_produced_by_the_trainer_report() -> None:
     final = FinalReport(
-        stop_reason="Completed", steps=20, loss=2.0, perplexity=7.4, accuracy=0.41, bleu=13.0
+        stop_reason="Completed",
+        steps=20,
+        split="test",
+        loss=2.0,
+        perplexity=7.4,
+        accuracy=0.41,
+        bleu=13.0,
     )
     report = read_record(TrainerReport, trainer_report(full_state(), final).to_json())
     assert report is not None

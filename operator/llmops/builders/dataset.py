@@ -7,6 +7,12 @@ and reports each part on its own, and a rerun of the slice Job skips finished sl
 
 Each version of the spec (its metadata.generation) writes to its own folder `g<generation>`
 on the output volume, so reprocessing never overwrites data a TrainingRun may still read.
+
+With `tokenizer.fromModel`, every pod of both Jobs first runs the model initializer with
+`--tokenizer-only`: it verifies the model's tokenizer files in place (an image path, a
+read-only claim) or downloads only those into the pod's scratch space, and the engine finds
+them through Env.PRETRAINED_DIR. The slices need them too: they check the model against the
+spec and render chats with its template before the long part of the work.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from llmops.api.workload import (
     REFERENCE_TOKENIZER_DIR,
     STAGE_LABEL,
     TERMINATION_LOG,
+    TOKENIZER_MODEL_DIR,
     Env,
     data_command,
 )
-from llmops.builders import pods, storage
+from llmops.builders import pods, pretrained, storage
 from llmops.builders.common import child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
@@ -99,6 +106,23 @@ def credentials_env(dataset: Dataset) -> list[dict[str, Any]]:
     ]
 
 
+def tokenizer_model(dataset: Dataset) -> pretrained.ModelInput | None:
+    """The initializer that fetches (or verifies) the tokenizer of `tokenizer.fromModel`, its
+    volumes and the env that tells the engine where the files are; None without fromModel.
+    Each pod fetches its own copy into its scratch space: tokenizer files are small."""
+    model = dataset.spec.tokenizer.from_model
+    if model is None:
+        return None
+    return pretrained.model_input(
+        model,
+        target=TOKENIZER_MODEL_DIR,
+        shared=False,
+        resources=dataset.spec.resources,
+        extra_mounts=[],
+        tokenizer_only=True,
+    )
+
+
 def _job(
     body: Mapping[str, Any],
     dataset: Dataset,
@@ -120,6 +144,10 @@ def _job(
             "reference-tokenizer", tokenizer_uri, REFERENCE_TOKENIZER_DIR
         )
         tokenizer_env = [{"name": Env.REF_TOKENIZER, "value": path or tokenizer_uri}]
+    model = tokenizer_model(dataset)
+    if model is not None:  # an open-weights model's tokenizer, fetched by the initializer
+        tokenizer_volumes, tokenizer_mounts = model.volumes, model.mounts
+        tokenizer_env = model.env
     output_dir = f"{OUTPUT_DIR}/{version(generation)}"
     env = [
         {"name": Env.OUTPUT_DIR, "value": output_dir},
@@ -178,6 +206,8 @@ def _job(
             },
         },
     }
+    if model is not None:
+        job_spec["template"]["spec"]["initContainers"] = [model.init_container]
     if stage == "slice":
         job_spec.update(
             completionMode="Indexed", backoffLimitPerIndex=RETRIES_PER_SLICE, maxFailedIndexes=0

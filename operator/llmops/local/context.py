@@ -19,6 +19,7 @@ from llmops import conditions as cond
 from llmops.local import state, volumes
 from llmops.local.pod import DEFAULT_TERMINATION_PATH, LocalPod, process_env, translate
 from llmops.local.process import LineCallback, Process
+from llmops.local.volumes import MountTable
 
 Key = tuple[str, str, str]  # kind, namespace, name
 
@@ -119,12 +120,19 @@ class Context:
     ) -> LocalPod:
         namespace = body["metadata"]["namespace"]
         spec = template["spec"]
-        container = spec["containers"][0]
-        table = volumes.mount_table(spec, container, self.layout, namespace, pod_name)
         configmaps = {n: c for (ns, n), c in self.configmaps.items() if ns == namespace}
-        volumes.materialize(table, spec, configmaps)
-        termination = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
-        termination_file = self.layout.pod_dir(namespace, pod_name) / termination.lstrip("/")
+        pod_dir = self.layout.pod_dir(namespace, pod_name)
+
+        def files(container: Mapping[str, Any], folder: Path) -> tuple[MountTable, Path]:
+            """A container's mounts (folders made) and its termination message file."""
+            table = volumes.mount_table(spec, container, self.layout, namespace, pod_name)
+            volumes.materialize(table, spec, configmaps)
+            termination = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
+            return table, folder / termination.lstrip("/")
+
+        table, termination_file = files(spec["containers"][0], pod_dir)
+        # Each init container has a file of its own: they share the default path.
+        init = [files(c, pod_dir / "init" / c["name"]) for c in spec.get("initContainers") or []]
         return translate(
             template,
             name=pod_name,
@@ -135,6 +143,7 @@ class Context:
             ports=ports,
             index=index,
             cwd=self.cwd,
+            init=init,
         )
 
     def start(
@@ -147,9 +156,6 @@ class Context:
         detach: bool = False,
     ) -> Process:
         extra = {
-            # The kubelet gives the container a file at terminationMessagePath; locally the
-            # workload is told where that file is.
-            "LLMOPS_TERMINATION_LOG": str(pod.termination_file),
             "PYTHONUNBUFFERED": "1",  # progress lines arrive as they are printed
             # An image ships DeepSpeed's compiled ops; locally they are compiled once per
             # machine, not in every pod's fresh HOME (minutes each time).
@@ -159,8 +165,21 @@ class Context:
         }
         if self.gpus == 0:
             extra["DS_ACCELERATOR"] = "cpu"
-        env = process_env(pod, extra)
-        process = Process(pod, env, self.log_file(body, pod.name), on_line, detach=detach)
+
+        def environment(container: LocalPod) -> dict[str, str]:
+            # The kubelet gives each container a file at its terminationMessagePath; locally
+            # the workload is told where that file is.
+            termination = {"LLMOPS_TERMINATION_LOG": str(container.termination_file)}
+            return process_env(container, {**extra, **termination})
+
+        process = Process(
+            pod,
+            environment(pod),
+            self.log_file(body, pod.name),
+            on_line,
+            detach=detach,
+            init_env=[environment(c) for c in pod.init_containers],
+        )
         if not detach:
             self.processes = [p for p in self.processes if p.poll() is None] + [process]
         return process

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmops.local.process import Process
+from llmops.local.process import Ended, Process
 
 POLL_SECONDS = 0.2
 DEFAULT_BACKOFF_LIMIT = 6
@@ -24,9 +24,10 @@ EXIT_SIGTERM = 143
 class PodResult:
     name: str
     index: int | None
-    exit_code: int
-    message: str
+    exit_code: int  # of the container that ended the pod (a failed init container's)
+    message: str  # that container's termination message
     log_file: str
+    init_containers: list[Ended] = field(default_factory=list)
 
     def as_pod(self) -> dict[str, Any]:
         """Shaped like a core/v1 Pod, for the controllers' helpers."""
@@ -35,15 +36,31 @@ class PodResult:
             if self.index is None
             else {"batch.kubernetes.io/job-completion-index": str(self.index)}
         )
-        return {
-            "metadata": {"name": self.name, "annotations": annotations},
-            "status": {
-                "phase": "Succeeded" if self.exit_code == 0 else "Failed",
-                "containerStatuses": [
-                    {"state": {"terminated": {"exitCode": self.exit_code, "message": self.message}}}
-                ],
-            },
+        failed_init = any(c.exit_code != 0 for c in self.init_containers)
+        container: dict[str, Any] = (
+            {"waiting": {"reason": "PodInitializing"}}  # it never started
+            if failed_init
+            else {"terminated": {"exitCode": self.exit_code, "message": self.message}}
+        )
+        status: dict[str, Any] = {
+            "phase": "Succeeded" if self.exit_code == 0 else "Failed",
+            "containerStatuses": [{"state": container}],
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [
+                {"name": c.container, "state": {"terminated": terminated(c)}}
+                for c in self.init_containers
+            ]
+        return {"metadata": {"name": self.name, "annotations": annotations}, "status": status}
+
+
+def terminated(container: Ended) -> dict[str, Any]:
+    """`state.terminated` of a container status, as the kubelet fills it in."""
+    return {
+        "exitCode": container.exit_code,
+        "reason": "Completed" if container.exit_code == 0 else "Error",
+        "message": container.message,
+    }
 
 
 @dataclass
@@ -107,6 +124,7 @@ def run_job(job: dict[str, Any], start_pod: StartPod, stop: threading.Event) -> 
                 exit_code=code,
                 message=process.termination_message(),
                 log_file=str(process.log_file),
+                init_containers=list(process.init_ended),
             )
             result.pods.append(pod)
             if code == 0:

@@ -10,13 +10,17 @@ What changes on the way, and only this:
   is not used);
 - an Indexed Job's pod gets its completion index annotation and JOB_COMPLETION_INDEX, as the
   Job controller sets them.
+
+Init containers are translated by the same code as the pod's container, each with its own
+mount table and termination message file; `process.Process` runs them in order first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +64,19 @@ class Rewriter:
 
 @dataclass(frozen=True)
 class LocalPod:
-    """Everything needed to start one pod's (single) container as a process."""
+    """Everything needed to start one pod's (single) container as a process, and before it
+    its init containers (each a LocalPod of the same pod, without init containers)."""
 
     name: str
     argv: list[str]
-    env: dict[str, str]  # the pod's own env, resolved and rewritten
+    env: dict[str, str]  # the container's own env, resolved and rewritten
     mounts: MountTable
     termination_file: Path
     grace_seconds: float
     cwd: Path
     index: int | None = None
+    container: str = ""  # the container's name in the pod spec
+    init_containers: tuple[LocalPod, ...] = ()
 
 
 def pod_object(
@@ -113,31 +120,63 @@ def translate(
     ports: Mapping[int, int] | None = None,
     index: int | None = None,
     cwd: Path | None = None,
+    init: Sequence[tuple[MountTable, Path]] = (),
 ) -> LocalPod:
+    """The pod's container with `mounts` and `termination_file`; `init` holds the mount
+    table and termination file of each of `spec.initContainers`, in order."""
     spec = template["spec"]
     containers = spec.get("containers") or []
     if len(containers) != 1:
         raise ValueError(f"pod {name}: the local runtime runs pods of exactly one container")
-    if spec.get("initContainers"):
-        raise ValueError(f"pod {name}: init containers are not supported locally")
-    container = containers[0]
-    rewrite = Rewriter(mounts, hosts, dict(ports or {}))
+    init_specs = spec.get("initContainers") or []
+    if len(init) != len(init_specs):
+        raise ValueError(f"pod {name}: {len(init_specs)} init container(s), {len(init)} given")
     pod = pod_object(template, name, namespace, index)
+
+    def local(container: Mapping[str, Any], table: MountTable, file: Path) -> LocalPod:
+        return _container(
+            container,
+            pod,
+            Rewriter(table, hosts, dict(ports or {})),
+            termination_file=file,
+            grace_seconds=float(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)),
+            index=index,
+            cwd=cwd,
+        )
+
+    main = local(containers[0], mounts, termination_file)
+    inits = tuple(local(c, t, f) for c, (t, f) in zip(init_specs, init, strict=True))
+    return dataclasses.replace(main, init_containers=inits)
+
+
+def _container(
+    container: Mapping[str, Any],
+    pod: Mapping[str, Any],
+    rewrite: Rewriter,
+    *,
+    termination_file: Path,
+    grace_seconds: float,
+    index: int | None,
+    cwd: Path | None,
+) -> LocalPod:
+    """One container (init or not) of `pod`: env, command and working folder rewritten."""
     env = expand.resolve_env(container, pod, rewrite)
     if index is not None:
+        # The Job controller sets it in every container of the pod, init containers too.
         env.setdefault("JOB_COMPLETION_INDEX", str(index))
     argv = expand.command_line(container, env, rewrite)
     argv[0] = resolve_executable(argv[0])
     working = container.get("workingDir")
     return LocalPod(
-        name=name,
+        name=pod["metadata"]["name"],
         argv=argv,
         env=env,
-        mounts=mounts,
+        mounts=rewrite.mounts,
         termination_file=termination_file,
-        grace_seconds=float(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)),
+        grace_seconds=grace_seconds,
         cwd=Path(rewrite(working)) if working else (cwd or Path.cwd()),
         index=index,
+        container=str(container.get("name") or ""),
     )
 
 

@@ -29,6 +29,7 @@ from typing import IO, Any, Literal
 
 from llmops.api.dataset import DatasetSpec, DataSource
 from llmops.api.workload import Env
+from llmops_trainer.data.chat import Message, parse_messages
 
 # Where the controller mounts each `volume` source's claim: <root>/<claimName>.
 VOLUMES_DIR_ENV = Env.VOLUMES_DIR
@@ -37,6 +38,9 @@ HTTP_ATTEMPTS = 5
 CHUNK = 1 << 20
 # `$(VAR)` as Kubernetes expands it in args; `$$` is a literal `$`.
 _VARIABLE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+# Why a record yields no document (drop reasons of the normalize step).
+UNREADABLE = "unreadable"  # not JSON, or without the source's fields as strings
+MALFORMED_CHAT = "malformed-chat"  # messagesField is not a list of {role, content} messages
 
 
 class ChecksumError(RuntimeError):
@@ -45,10 +49,14 @@ class ChecksumError(RuntimeError):
 
 @dataclass(frozen=True)
 class Document:
-    """One document; supervised pairs keep prompt (`text`) and `response` apart."""
+    """One document; supervised pairs keep prompt (`text`) and `response` apart, a chat
+    keeps its messages (and `text` is empty). A record that could not be read is a document
+    with the reason in `unreadable`, so that it is counted."""
 
     text: str
     response: str | None = None
+    messages: list[Message] | None = None
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -293,14 +301,28 @@ def open_input(spec: DatasetSpec, ref: InputRef) -> Iterator[tuple[IO[bytes], _H
         raw.close()
 
 
-def read_documents(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
+def read_documents(
+    stream: IO[bytes], source: DataSource, *, unreadable: bool = False
+) -> Iterator[Document]:
+    """The documents of one input. `unreadable`: also yield a document (with the reason
+    set) for every record that is not one, so that the caller can count it."""
     if source.format == "parquet":
-        yield from _parquet(stream, source)
+        documents = _parquet(stream, source)
+    elif source.format == "jsonl":
+        documents = _jsonl(
+            io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None), source
+        )
+    else:
+        yield from _text(stream, source)
         return
+    for document in documents:
+        if unreadable or document.unreadable is None:
+            yield document
+
+
+def _text(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
     text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None)
-    if source.format == "jsonl":
-        yield from _jsonl(text, source)
-    elif source.document_separator == "file":
+    if source.document_separator == "file":
         yield Document(text.read())
     elif source.document_separator == "line":
         for line in text:
@@ -329,7 +351,12 @@ def _field(record: Any, name: str) -> Any:
     return record
 
 
-def _make(record: Any, source: DataSource) -> Document | None:
+def _make(record: Any, source: DataSource) -> Document:
+    if source.messages_field is not None:
+        messages = parse_messages(_field(record, source.messages_field))
+        if messages is None:
+            return Document("", unreadable=MALFORMED_CHAT)
+        return Document("", messages=messages)
     if source.prompt_field is not None and source.response_field is not None:
         prompt, response = (
             _field(record, source.prompt_field),
@@ -337,9 +364,9 @@ def _make(record: Any, source: DataSource) -> Document | None:
         )
         if isinstance(prompt, str) and isinstance(response, str):
             return Document(prompt, response)
-        return None
+        return Document("", unreadable=UNREADABLE)
     text = _field(record, source.text_field)
-    return Document(text) if isinstance(text, str) else None
+    return Document(text) if isinstance(text, str) else Document("", unreadable=UNREADABLE)
 
 
 def _jsonl(lines: IO[str], source: DataSource) -> Iterator[Document]:
@@ -349,10 +376,10 @@ def _jsonl(lines: IO[str], source: DataSource) -> Iterator[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn line is dropped, not fatal; counted as unreadable upstream
-        document = _make(record, source)
-        if document is not None:
-            yield document
+            # A torn line is dropped and counted, not fatal.
+            yield Document("", unreadable=UNREADABLE)
+            continue
+        yield _make(record, source)
 
 
 def _parquet(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
@@ -364,12 +391,12 @@ def _parquet(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
             spool.write(block)
         spool.seek(0)
         table = pq.ParquetFile(spool)
-        if source.prompt_field is not None and source.response_field is not None:
+        if source.messages_field is not None:
+            columns = [source.messages_field]
+        elif source.prompt_field is not None and source.response_field is not None:
             columns = [source.prompt_field, source.response_field]
         else:
             columns = [source.text_field]
         for batch in table.iter_batches(batch_size=4096, columns=columns):
             for record in batch.to_pylist():
-                document = _make(record, source)
-                if document is not None:
-                    yield document
+                yield _make(record, source)

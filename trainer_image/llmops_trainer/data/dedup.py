@@ -29,6 +29,12 @@ def content_hash(text: str, response: str | None = None) -> bytes:
     return xxhash.xxh3_128_digest(data.encode("utf-8", "surrogatepass"))
 
 
+def chat_hash(messages: Sequence[tuple[str, str]]) -> bytes:
+    """128-bit identity of a whole conversation: every role and content, in order."""
+    data = "\x00chat" + "".join(f"\x1e{role}\x1f{content}" for role, content in messages)
+    return xxhash.xxh3_128_digest(data.encode("utf-8", "surrogatepass"))
+
+
 class MinHasher:
     def __init__(self, num_permutations: int, shingle_size: int, seed: int = 1) -> None:
         rng = np.random.default_rng(seed)

@@ -4,6 +4,10 @@ It orders every document by (input, position), so the result does not depend on 
 of slices, finds exact duplicates across slices and near-duplicates with LSH over all
 signatures, trains or loads the tokenizer, splits by document (seeded hash), tokenizes in
 parallel and writes shards, tokenizer, manifest and dataset card.
+
+With `tokenizer.fromModel` the tokenizer is the model's: its `tokenizer.json` encodes the
+text, its end-of-sequence token separates documents, its chat template renders chats (with
+a loss mask on the assistant's turns), and its tokenizer files are copied into the output.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +29,11 @@ from llmops.api.dataset import Dataset, DatasetSpec
 from llmops_trainer.data import dedup, report
 from llmops_trainer.data import tokenize as tok
 from llmops_trainer.data.augment import augment
+from llmops_trainer.data.chat import ChatEncoder, Message, contents
 from llmops_trainer.data.corpus import Corpus, load_corpus
 from llmops_trainer.data.registry import Options, Registry
 from llmops_trainer.data.slice_stage import config_key
-from llmops_trainer.data.steps import EMPTY, EXACT, NEAR, PIPELINE
+from llmops_trainer.data.steps import CONTENTLESS, EXACT, NEAR, PIPELINE
 from llmops_trainer.shards import (
     MANIFEST,
     SPLITS,
@@ -37,6 +43,7 @@ from llmops_trainer.shards import (
     TokenDtype,
     dtype_for_vocab,
     read_manifest,
+    sha256_file,
     write_manifest,
 )
 
@@ -46,18 +53,34 @@ TOKENIZER = "tokenizer.json"
 TOKENIZE_BATCH = 1024
 
 
-def fingerprint(key: str, inputs: list[dict[str, Any]]) -> str:
+def fingerprint(key: str, inputs: list[dict[str, Any]], tokenizer: str = "") -> str:
+    """`tokenizer`: the sha256 of a model's tokenizer files (tokenizer.fromModel), an input
+    too: `hf://org/name` without a revision may change under the same spec."""
     digest = hashlib.sha256(key.encode())
     for item in inputs:
         digest.update(item["sha256"].encode())
+    if tokenizer:
+        digest.update(tokenizer.encode())
     return digest.hexdigest()
+
+
+@dataclass
+class _Item:
+    """A document on its way into the shards."""
+
+    text: str
+    response: str | None
+    messages: list[Message] | None
+    source: str
 
 
 def _cross_slice_exact(corpus: Corpus) -> None:
     """The first copy (in global order) of every content hash stays; a later copy is an
-    exact duplicate even if its slice dropped it for another reason."""
-    empty, exact = corpus.code(EMPTY), corpus.code(EXACT)
-    candidates = np.flatnonzero((corpus.codes != empty) & (corpus.codes != exact))
+    exact duplicate even if its slice dropped it for another reason (other than having no
+    content: empty and unreadable records are not copies of each other)."""
+    exact = corpus.code(EXACT)
+    skip = [exact, *(corpus.code(reason) for reason in CONTENTLESS)]
+    candidates = np.flatnonzero(~np.isin(corpus.codes, skip))
     if not len(candidates):
         return
     keys = np.ascontiguousarray(corpus.hashes[candidates]).view("V16").ravel()
@@ -130,17 +153,45 @@ def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return x
 
 
+def _text(record: dict[str, Any]) -> str:
+    """A stored document's text: prompt and response, or a chat's contents."""
+    if "m" in record:
+        return contents(record["m"])
+    return record["t"] if "r" not in record else f"{record['t']}\n{record['r']}"
+
+
 def _tokenizer(dataset: Dataset, corpus: Corpus, train_mask: npt.NDArray[np.bool_]) -> Any:
     config = dataset.spec.tokenizer
     if config.train is not None:
 
         def texts() -> Iterator[str]:
             for _, record in corpus.documents(train_mask):
-                yield record["t"] if "r" not in record else f"{record['t']}\n{record['r']}"
+                yield _text(record)
 
         return tok.train(texts(), config.train), list(config.train.special_tokens)
     path = config.path if config.path is not None else str(tok.ref_tokenizer_path())
     return tok.load(path), None
+
+
+def _model_digest(model: tok.ModelTokenizer) -> str:
+    digest = hashlib.sha256()
+    for relative in tok.model_files(model.folder):
+        digest.update(f"{relative.as_posix()}\x00".encode())
+        digest.update(bytes.fromhex(sha256_file(model.folder / relative)))
+    return digest.hexdigest()
+
+
+def _augmented_chat(
+    messages: list[Message], methods: Sequence[str], probability: float, seed: int
+) -> list[Message]:
+    """Noise in the user's turns only, as in the prompt of a pair: the targets stay clean."""
+    return [
+        (
+            role,
+            augment(content, methods, probability, seed + (i << 32)) if role == "user" else content,
+        )
+        for i, (role, content) in enumerate(messages)
+    ]
 
 
 def run_merge(
@@ -150,7 +201,8 @@ def run_merge(
     registry = (options or Options()).steps or PIPELINE
     key = config_key(spec)
     corpus = load_corpus(work_dir, count, key)
-    print_ = fingerprint(key, corpus.inputs)
+    model = tok.model_tokenizer(spec) if spec.tokenizer.from_model is not None else None
+    print_ = fingerprint(key, corpus.inputs, _model_digest(model) if model else "")
     manifest_path = output_dir / MANIFEST
     if manifest_path.is_file():
         existing = read_manifest(output_dir)
@@ -172,19 +224,30 @@ def run_merge(
     kept = np.flatnonzero(corpus.codes == 0)
     split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
     split_of[kept] = _splits(corpus, spec, kept)
-    tokenizer, special = _tokenizer(dataset, corpus, split_of == 0)
-    vocab = int(tokenizer.get_vocab_size())
-    eos = tok.eos_id(tokenizer, special)
+    if model is not None:
+        tokenizer, vocab, eos = model.tokenizer, model.vocab_size, model.eos_id
+    else:
+        tokenizer, special = _tokenizer(dataset, corpus, split_of == 0)
+        vocab = tok.vocab_size(tokenizer)
+        eos = tok.eos_id(tokenizer, special)
     dtype: TokenDtype = (
         dtype_for_vocab(vocab) if spec.sharding.token_dtype == "auto" else spec.sharding.token_dtype
     )
     if dtype == "uint16" and vocab > 2**16:
-        raise ValueError(f"vocabulary of {vocab} does not fit uint16 tokens")
+        raise ValueError(
+            f"spec.sharding.tokenDtype: a vocabulary of {vocab} does not fit uint16 tokens "
+            "(ids up to 65535); use uint32 or auto"
+        )
+    chats = (
+        ChatEncoder(model.folder, model.tokenizer, model.eos_id)
+        if model is not None and any(s.messages_field for s in spec.sources)
+        else None
+    )
 
     for name in SPLITS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    supervised = all(s.prompt_field is not None for s in spec.sources)
+    supervised = all(s.supervised for s in spec.sources)
     writers = [
         ShardWriter(output_dir, name, dtype, eos, spec.sharding.tokens_per_shard, supervised)
         for name in SPLITS
@@ -196,28 +259,41 @@ def run_merge(
     per_source: dict[str, Counter[str]] = {s.name: Counter() for s in spec.sources}
     kept_bytes = 0
     augmented = 0
-    batches: list[list[tuple[str, str | None, str]]] = [[], [], []]
+    batches: list[list[_Item]] = [[], [], []]
 
     def flush(split: int) -> None:
         batch = batches[split]
         if not batch:
             return
-        if supervised:
-            encoded = tok.encode_pairs(
-                tokenizer, [b[0] for b in batch], [b[1] or "" for b in batch]
+        if supervised:  # pairs and chats (sources may mix them), each encoded in a batch
+            pairs = [b for b in batch if b.messages is None]
+            dialogues = [b.messages for b in batch if b.messages is not None]
+            if dialogues and chats is None:
+                raise ValueError("chat sources (messagesField) need tokenizer.fromModel")
+            by_pair = iter(
+                tok.encode_pairs(
+                    tokenizer, [b.text for b in pairs], [b.response or "" for b in pairs]
+                )
             )
-            for (ids, mask), item in zip(encoded, batch, strict=True):
+            by_chat = iter(chats.encode(dialogues) if chats is not None else [])
+            for item in batch:
+                ids, mask = next(by_pair) if item.messages is None else next(by_chat)
                 writers[split].add(ids, mask)
-                per_source[item[2]]["tokens"] += len(ids) + 1
+                per_source[item.source]["tokens"] += len(ids) + 1
         else:
-            for ids, item in zip(tok.encode(tokenizer, [b[0] for b in batch]), batch, strict=True):
+            for ids, item in zip(
+                tok.encode(tokenizer, [b.text for b in batch]), batch, strict=True
+            ):
                 writers[split].add(ids)
-                per_source[item[2]]["tokens"] += len(ids) + 1
+                per_source[item.source]["tokens"] += len(ids) + 1
         batch.clear()
 
     for index, record in corpus.documents(split_of >= 0):
         split = int(split_of[index])
-        text, response, lang = record["t"], record.get("r"), record["l"]
+        text, response, lang = record.get("t", ""), record.get("r"), record["l"]
+        messages: list[Message] | None = (
+            [(role, content) for role, content in record["m"]] if "m" in record else None
+        )
         source = int(source_of[index])
         name = spec.sources[source].name
         languages[lang] += 1
@@ -231,12 +307,17 @@ def run_merge(
             frac = float(_mix(corpus.hashes[index, :8].view("<u8").copy())[0]) / 2.0**64
             copies = int(weight) + (1 if frac < weight - int(weight) else 0)
         for _ in range(copies):
-            batches[split].append((text, response, name))
+            batches[split].append(_Item(text, response, messages, name))
         if split == 0 and augmentation.enabled:
             seed = int.from_bytes(corpus.hashes[index, :8].tobytes(), "little")
+            methods, probability = list(augmentation.methods), augmentation.probability
             for copy in range(augmentation.copies):
-                noisy = augment(text, augmentation.methods, augmentation.probability, seed + copy)
-                batches[split].append((noisy, response, name))
+                if messages is not None:
+                    noisy_chat = _augmented_chat(messages, methods, probability, seed + copy)
+                    batches[split].append(_Item("", None, noisy_chat, name))
+                else:
+                    noisy = augment(text, methods, probability, seed + copy)
+                    batches[split].append(_Item(noisy, response, None, name))
                 augmented += 1
         if len(batches[split]) >= TOKENIZE_BATCH:
             flush(split)
@@ -251,7 +332,10 @@ def run_merge(
         "slices": sum(s.get("seconds", 0) for s in corpus.slice_stats),
         "merge": round(time.monotonic() - started, 3),
     }
-    tokenizer.save(str(output_dir / TOKENIZER))
+    if model is not None:
+        tok.copy_model_files(model.folder, output_dir)  # tokenizer.json, config, templates
+    else:
+        tokenizer.save(str(output_dir / TOKENIZER))
     manifest = Manifest(
         fingerprint=print_,
         dtype=dtype,

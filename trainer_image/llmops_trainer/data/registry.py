@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmops.api.dataset import DatasetSpec
+from llmops_trainer.data.chat import Message, contents
 from llmops_trainer.data.filters import QualityRules
 from llmops_trainer.data.language import UNKNOWN, detect
 
@@ -19,18 +20,23 @@ KEPT = "kept"  # the reason code 0 of every slice: not a drop
 
 @dataclass(slots=True)
 class Document:
-    """A normalized document on its way through the steps; a step may rewrite its text."""
+    """A normalized document on its way through the steps; a step may rewrite its text (and
+    the contents of a chat's messages)."""
 
-    text: str
+    text: str  # a chat: the contents of its messages, one after the other
     response: str | None  # set for prompt/response pairs
-    supervised: bool  # from a source of prompt/response pairs
-    digest: bytes  # content hash of the normalized text and response
+    supervised: bool  # from a source of prompt/response pairs or chats
+    digest: bytes  # content hash of the normalized text and response (a chat: all of it)
     normalized: str  # text and response as normalized, before any step rewrote them
     detect_language: bool = True  # False: every document's language is unknown
+    messages: list[Message] | None = None  # set for chats: (role, content) in order
+    unreadable: str | None = None  # why the record gave no document: the normalize step drops it
     _language: tuple[str, float] | None = None
 
     @property
     def combined(self) -> str:
+        if self.messages is not None:
+            return contents(self.messages)
         return self.text if self.response is None else f"{self.text}\n{self.response}"
 
     @property

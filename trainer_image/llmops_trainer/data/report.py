@@ -83,6 +83,20 @@ def _license(dataset: Dataset, index: int) -> str:
     )
 
 
+def _tokenizer(dataset: Dataset) -> str:
+    config = dataset.spec.tokenizer
+    if config.from_model is not None:
+        chats = any(s.messages_field for s in dataset.spec.sources)
+        extra = "; chats rendered with its chat template, loss on the assistant's turns"
+        return f"the model's, `{config.from_model.uri}`" + (extra if chats else "")
+    if config.train is not None:
+        return f"byte-level BPE trained on the training split ({config.train.vocab_size} tokens)"
+    if config.path is not None:
+        return f"`{config.path}`"
+    assert config.dataset_ref is not None
+    return f"that of Dataset `{config.dataset_ref.name}`"
+
+
 def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> str:
     spec = dataset.spec
     processing = spec.processing
@@ -90,7 +104,11 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
     sources = [["source", "location", "format", "weight", "licence", "documents kept"]]
     for i, source in enumerate(spec.sources):
         kept = stats.get("sources", {}).get(source.name, {}).get("documents", 0)
-        kind = source.format + (" (prompt/response pairs)" if source.prompt_field else "")
+        kind: str = source.format
+        if source.messages_field:
+            kind += " (chats)"
+        elif source.prompt_field:
+            kind += " (prompt/response pairs)"
         sources.append(
             [
                 source.name,
@@ -125,6 +143,8 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         "",
         f"Fingerprint `{fingerprint}`; {stats.get('documents', 0)} documents, "
         f"{stats.get('totalTokens', 0)} tokens, vocabulary of {stats.get('vocabSize', 0)}.",
+        "",
+        f"Tokenizer: {_tokenizer(dataset)}.",
         "",
         "## Sources",
         "",

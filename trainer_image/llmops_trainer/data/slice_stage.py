@@ -28,11 +28,13 @@ import numpy as np
 
 from llmops.api.dataset import Dataset, DatasetSpec
 from llmops_trainer.data import dedup
+from llmops_trainer.data.chat import contents
 from llmops_trainer.data.collect import Document as RawDocument
 from llmops_trainer.data.collect import list_inputs, open_input, read_documents, slice_inputs
 from llmops_trainer.data.normalize import Normalizer
 from llmops_trainer.data.registry import KEPT, Document, Options
 from llmops_trainer.data.steps import PIPELINE
+from llmops_trainer.data.tokenize import model_tokenizer
 
 log = logging.getLogger("llmops.data")
 ENGINE_VERSION = 1
@@ -117,6 +119,8 @@ def run_slice(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     started = time.monotonic()
+    if spec.tokenizer.from_model is not None:
+        model_tokenizer(spec)  # fail now, not after slicing, when the model does not fit
 
     normalize = Normalizer(spec.processing.normalization)
     checks = (options.steps or PIPELINE).build(spec, options)
@@ -134,21 +138,26 @@ def run_slice(
         for input_index in slice_inputs(inputs, index, count):
             ref = inputs[input_index]
             source = spec.sources[ref.source]
-            supervised = source.prompt_field is not None
+            supervised = source.supervised
             with open_input(spec, ref) as (stream, hashing):
-                for position, read in enumerate(read_documents(stream, source)):
+                documents = read_documents(stream, source, unreadable=True)
+                for position, read in enumerate(documents):
                     document = _normalized(read, normalize, supervised, options.detect_language)
                     state.inputs.append(input_index)
                     state.positions.append(position)
                     state.hashes += document.digest
-                    state.raw_bytes.append(_size(read.text) + _size(read.response or ""))
+                    state.raw_bytes.append(_raw_size(read))
                     state.out_bytes.append(_size(document.normalized))
                     reason = checks(document)
                     if reason is not None:
                         state.reasons.append(state.reason(reason))
                         state.rows.append(-1)
                         continue
-                    record: dict[str, Any] = {"t": document.text, "l": document.language}
+                    record: dict[str, Any]
+                    if document.messages is not None:
+                        record = {"m": document.messages, "l": document.language}
+                    else:
+                        record = {"t": document.text, "l": document.language}
                     if document.response is not None:
                         record["r"] = document.response
                     docs_out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -189,9 +198,27 @@ def _size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def _raw_size(read: RawDocument) -> int:
+    if read.messages is not None:
+        return sum(_size(content) for _, content in read.messages)
+    return _size(read.text) + _size(read.response or "")
+
+
 def _normalized(
     read: RawDocument, normalize: Normalizer, supervised: bool, detect: bool
 ) -> Document:
+    if read.messages is not None:
+        messages = [(role, normalize(content)) for role, content in read.messages]
+        text = contents(messages)
+        return Document(
+            text=text,
+            response=None,
+            supervised=True,
+            digest=dedup.chat_hash(messages),
+            normalized=text,
+            detect_language=detect,
+            messages=messages,
+        )
     text = normalize(read.text)
     response = None if read.response is None else normalize(read.response)
     return Document(
@@ -201,6 +228,7 @@ def _normalized(
         digest=dedup.content_hash(text, response),
         normalized=text if response is None else f"{text}\n{response}",
         detect_language=detect,
+        unreadable=read.unreadable,
     )
 
 

@@ -2,27 +2,53 @@
 
 A new filter is one entry here (with the Dataset API field that configures it). The slice
 normalizes every document before the steps run, because content hashes and sizes are those
-of the normalized text; the normalize step drops what normalization left empty.
+of the normalized text; the normalize step drops the records that could not be read and
+what normalization left empty.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
-from llmops.api.dataset import LanguageFilter, Normalization, PiiScrubbing, QualityFilters
-from llmops_trainer.data import filters
+from jinja2 import TemplateError
+
+from llmops.api.dataset import (
+    LanguageFilter,
+    Normalization,
+    PiiScrubbing,
+    QualityFilters,
+    Tokenizer,
+)
+from llmops_trainer.data import filters, tokenize
+from llmops_trainer.data.chat import ASSISTANT, ChatEncoder, ChatTemplateError, contents
+from llmops_trainer.data.collect import MALFORMED_CHAT, UNREADABLE
 from llmops_trainer.data.language import UNKNOWN
 from llmops_trainer.data.pii import PiiScrubber
 from llmops_trainer.data.registry import Check, Counters, Document, Options, Registry, Step
 
+log = logging.getLogger("llmops.data")
 EMPTY = "empty"
+NO_ASSISTANT = "no-assistant-turn"  # a chat with nothing to learn from
 EXACT = "exact-duplicate"
 NEAR = "near-duplicate"
 LANGUAGE = "language"
+CHAT_TEMPLATE = "chat-template"  # the model's chat template refused or rewrote the chat
+# Records without content: never duplicates of each other.
+CONTENTLESS = (EMPTY, UNREADABLE, MALFORMED_CHAT)
+LOGGED_TEMPLATE_ERRORS = 5
 
 
 def _not_empty(config: Normalization, options: Options, counts: Counter[str]) -> Check:
     def check(document: Document) -> str | None:
+        if document.unreadable is not None:
+            return document.unreadable
+        if document.messages is not None:
+            if not any(content for _, content in document.messages):
+                return EMPTY
+            if not any(role == ASSISTANT for role, _ in document.messages):
+                return NO_ASSISTANT
+            return None
         return EMPTY if not document.text or document.response == "" else None
 
     return check
@@ -107,6 +133,10 @@ def _pii(config: PiiScrubbing, options: Options, counts: Counter[str]) -> Check 
     scrub.counts = counts  # replacements per kind are the step's counters
 
     def check(document: Document) -> str | None:
+        if document.messages is not None:
+            document.messages = [(role, scrub(content)) for role, content in document.messages]
+            document.text = contents(document.messages)
+            return None
         document.text = scrub(document.text)
         if document.response is not None:
             document.response = scrub(document.response)
@@ -115,9 +145,42 @@ def _pii(config: PiiScrubbing, options: Options, counts: Counter[str]) -> Check 
     return check
 
 
+def _chat_template(config: Tokenizer, options: Options, counts: Counter[str]) -> Check | None:
+    """Chats the model's chat template cannot render (a template that raises, e.g. on roles
+    that do not alternate) or renders with contents changed beyond trimming, so that the
+    assistant-only loss mask cannot be computed, are dropped here rather than failing the
+    merge. The template is loaded on the first chat."""
+    if config.from_model is None:
+        return None
+    model = config.from_model
+    encoder: list[ChatEncoder] = []
+
+    def check(document: Document) -> str | None:
+        if document.messages is None:
+            return None
+        if not encoder:
+            loaded = tokenize.load_model(tokenize.model_folder(model))
+            encoder.append(ChatEncoder(loaded.folder, loaded.tokenizer, loaded.eos_id))
+        try:
+            encoder[0].spans(document.messages)
+        except (ChatTemplateError, TemplateError) as error:  # TemplateError: raise_exception()
+            counts["errors"] += 1
+            if counts["errors"] <= LOGGED_TEMPLATE_ERRORS:
+                log.warning("chat dropped by the chat template: %s", error)
+            return CHAT_TEMPLATE
+        return None
+
+    return check
+
+
 PIPELINE = Registry(
     (
-        Step("normalize", "processing.normalization", frozenset({EMPTY}), _not_empty),
+        Step(
+            "normalize",
+            "processing.normalization",
+            frozenset({EMPTY, UNREADABLE, MALFORMED_CHAT, NO_ASSISTANT}),
+            _not_empty,
+        ),
         Step("dedup-exact", "processing.deduplication.exact", frozenset({EXACT}), _exact),
         Step("filter-quality", "processing.filters", filters.QUALITY_REASONS, _quality),
         Step("filter-repetition", "processing.filters", filters.REPETITION_REASONS, _repetition),
@@ -130,6 +193,8 @@ PIPELINE = Registry(
         ),
         Step("language", "processing.languages", frozenset({LANGUAGE}), _language),
         Step("pii", "processing.pii", frozenset(), _pii, Counters("pii", "replaced")),
+        # Chats are rendered as they will be tokenized, with their contents final.
+        Step("chat-template", "tokenizer", frozenset({CHAT_TEMPLATE}), _chat_template),
         # Near duplicates are found in the merge, over the signatures of every slice.
         Step("dedup-near", "processing.deduplication.near", frozenset({NEAR})),
     )

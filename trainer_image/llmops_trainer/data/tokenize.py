@@ -1,23 +1,35 @@
-"""Tokenize: train a byte-level BPE tokenizer with HF `tokenizers`, or load one, and encode
-documents in batches (the Rust side spreads a batch over all cores)."""
+"""Tokenize: train a byte-level BPE tokenizer with HF `tokenizers`, or load one (a file, or an
+open-weights model's tokenizer folder), and encode documents in batches (the Rust side
+spreads a batch over all cores)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from llmops.api.dataset import TokenizerTraining
+from llmops.api.common import PretrainedModel
+from llmops.api.dataset import DatasetSpec, TokenizerTraining
 from llmops.api.workload import Env
 
 # A reused tokenizer (tokenizer.datasetRef) is mounted here by the controller.
 REF_TOKENIZER_ENV = Env.REF_TOKENIZER
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 BATCH = 512
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATES_DIR = "additional_chat_templates"  # named templates (transformers >= 4.54)
+# What a prepared dataset carries of a model's tokenizer, for the trainer and the server.
+MODEL_TOKENIZER_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", *CHAT_TEMPLATE_FILES)
 
 
 def train(texts: Iterable[str], config: TokenizerTraining) -> Tokenizer:
@@ -82,3 +94,140 @@ def encode_pairs(
         mask = np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(r), np.uint8)])
         out.append((np.concatenate([p, r]), mask))
     return out
+
+
+# -- an open-weights model's tokenizer (tokenizer.fromModel) ----------------------------------
+
+
+@dataclass
+class ModelTokenizer:
+    """The tokenizer of an open-weights model, read from its folder."""
+
+    folder: Path
+    tokenizer: Tokenizer
+    eos_id: int
+    vocab_size: int  # token ids are below it
+    chat_template: bool
+
+
+def model_tokenizer(spec: DatasetSpec) -> ModelTokenizer:
+    """The tokenizer of `spec.tokenizer.fromModel`, checked against the spec: its token ids
+    fit `sharding.tokenDtype` and it has a chat template when a source holds chats. The
+    slices check it too, so that a wrong model fails in minutes, not after the slicing."""
+    model = spec.tokenizer.from_model
+    if model is None:
+        raise ValueError("the Dataset does not take its tokenizer from a model")
+    loaded = load_model(model_folder(model))
+    if spec.sharding.token_dtype == "uint16" and loaded.vocab_size > 2**16:
+        raise ValueError(
+            f"spec.sharding.tokenDtype: uint16 holds token ids up to 65535, but the tokenizer "
+            f"of {model.uri} has {loaded.vocab_size} tokens; use uint32 or auto"
+        )
+    chats = [s.name for s in spec.sources if s.messages_field is not None]
+    if chats and not loaded.chat_template:
+        raise ValueError(
+            f"the tokenizer of {model.uri} has no chat template, which chat sources "
+            f"({', '.join(chats)}: messagesField) need"
+        )
+    return loaded
+
+
+def model_folder(model: PretrainedModel) -> Path:
+    """Where the model's tokenizer files are: Env.PRETRAINED_DIR, which the model
+    initializer sets (and fills for a remote model); an absolute path in the image also
+    works without it (the engine run in-process)."""
+    folder = os.environ.get(Env.PRETRAINED_DIR)
+    if folder:
+        return Path(folder)
+    if model.uri.startswith("/"):
+        return Path(model.uri)
+    raise RuntimeError(
+        f"tokenizer.fromModel {model.uri!r} needs {Env.PRETRAINED_DIR}: the folder where the "
+        "model initializer put its tokenizer files"
+    )
+
+
+def load_model(folder: Path) -> ModelTokenizer:
+    """The tokenizer of the model in `folder`: its `tokenizer.json`, the end-of-sequence
+    token of its tokenizer_config.json (or generation_config.json, config.json) and whether
+    it has a chat template."""
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {TOKENIZER_FILE}: tokenizer.fromModel needs a model with a fast "
+            "(Hugging Face tokenizers) tokenizer"
+        )
+    tokenizer = Tokenizer.from_file(str(path))
+    return ModelTokenizer(
+        folder=folder,
+        tokenizer=tokenizer,
+        eos_id=model_eos_id(folder, tokenizer),
+        vocab_size=vocab_size(tokenizer),
+        chat_template=has_chat_template(folder),
+    )
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """One more than the largest token id (added tokens may sit above the base vocabulary)."""
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    return max(int(tokenizer.get_vocab_size(with_added_tokens=True)), int(largest) + 1)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def model_eos_id(folder: Path, tokenizer: Tokenizer) -> int:
+    """The model's `eos_token` (tokenizer_config.json), else the first `eos_token_id` of
+    generation_config.json or config.json, else a well-known end-of-text token."""
+    token = _json(folder / TOKENIZER_CONFIG).get("eos_token")
+    if isinstance(token, dict):  # an AddedToken as older transformers serialise it
+        token = token.get("content")
+    token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    if token_id is not None:
+        return int(token_id)
+    for name in ("generation_config.json", "config.json"):
+        ids = _json(folder / name).get("eos_token_id")
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(first, int) and not isinstance(first, bool):
+            return first
+    try:
+        return eos_id(tokenizer)
+    except ValueError:
+        raise ValueError(
+            f"the tokenizer in {folder} names no end-of-sequence token (eos_token in "
+            "tokenizer_config.json or eos_token_id in generation_config.json)"
+        ) from None
+
+
+def has_chat_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    templates = folder / CHAT_TEMPLATES_DIR
+    if templates.is_dir() and any(templates.iterdir()):
+        return True
+    return bool(_json(folder / TOKENIZER_CONFIG).get("chat_template"))
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The tokenizer files of the model, relative to its folder, that exist."""
+    found = [Path(TOKENIZER_FILE)]
+    found += [Path(name) for name in MODEL_TOKENIZER_FILES if (folder / name).is_file()]
+    templates = folder / CHAT_TEMPLATES_DIR
+    if templates.is_dir():
+        found += sorted(p.relative_to(folder) for p in templates.rglob("*") if p.is_file())
+    return found
+
+
+def copy_model_files(folder: Path, output_dir: Path) -> list[Path]:
+    """Copy the model's tokenizer files (tokenizer.json byte for byte, tokenizer_config.json,
+    chat templates) next to the shards, where the trainer and the server load them."""
+    copied = model_files(folder)
+    for relative in copied:
+        target = output_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / relative, target)
+    return copied
