@@ -343,7 +343,11 @@ def worker(args: argparse.Namespace) -> None:
     def ours() -> float:
         with tempfile.TemporaryDirectory() as out:
             paths = Paths(
-                data=args.data, checkpoints=Path(out) / "ckpt", output=Path(out), init=None
+                data=args.data,
+                checkpoints=Path(out) / "ckpt",
+                output=Path(out),
+                init=None,
+                pretrained=None if pretrained is None else Path(pretrained),
             )
             trainer = Trainer(run, paths)
             trainer.setup()

@@ -219,6 +219,8 @@ class Trainer:
         spec = self.spec
         if not self.transformers:
             return GPT(self.model_config)
+        if (spec.model.pretrained is None) != (self.paths.pretrained is None):
+            raise ValueError("model.pretrained and the pretrained model folder go together")
         network = hf_models.build(
             spec.model, self.objective.model_vocab_size, self.paths.pretrained, self.ds_config
         )

@@ -13,7 +13,7 @@ from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
 from llmops.controllers import common
-from llmops.decide.dataset import fail, mark_processed, merge_report
+from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
 
 KIND = "Dataset"
 
@@ -80,7 +80,7 @@ def _reconcile(
 
     failure = common.job_failure(slices)
     if failure:
-        fail(status, "SliceFailed", failure)
+        fail(status, *failure_of(_pods(slices, namespace), "SliceFailed", failure))
         return
     if not common.is_complete(slices):
         active = (slices.get("status") or {}).get("active", 0)
@@ -99,15 +99,20 @@ def _reconcile(
     )
     failure = common.job_failure(merge)
     if failure:
-        fail(status, "MergeFailed", failure)
+        fail(status, *failure_of(_pods(merge, namespace), "MergeFailed", failure))
         return
     if not common.is_complete(merge):
         status.set(phase="Running")
         status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
         return
 
-    pods = kube.list("v1", "Pod", namespace, label_selector=f"job-name={merge['metadata']['name']}")
-    mark_processed(status, dataset, generation, merge_report(pods))
+    mark_processed(status, dataset, generation, merge_report(_pods(merge, namespace)))
+
+
+def _pods(job: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
+    selector = f"job-name={job['metadata']['name']}"
+    pods: list[dict[str, Any]] = common.kube().list("v1", "Pod", namespace, label_selector=selector)
+    return pods
 
 
 common.register(KIND, "datasets", reconcile)

@@ -10,7 +10,7 @@ from llmops.api.dataset import Dataset
 from llmops.api.workload import DataMergeReport, read_record
 from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
-from llmops.decide.status import StatusDraft, termination_message
+from llmops.decide.status import StatusDraft, model_init_failure, termination_message
 
 
 def merge_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:
@@ -52,3 +52,12 @@ def fail(status: StatusDraft, reason: str, message: str) -> None:
     status.condition("Running", "False", reason)
     status.condition("Failed", "True", reason, message)
     status.condition("Ready", "False", reason, message)
+
+
+def failure_of(pods: Sequence[Mapping[str, Any]], reason: str, message: str) -> tuple[str, str]:
+    """Reason and message of a failed data Job: the model initializer's own reason when a bad
+    tokenizer.fromModel source made it fail (ModelNotFound, ChecksumMismatch, ...)."""
+    problem = model_init_failure(pods)
+    if problem is not None:
+        return problem.reason, f"tokenizer.fromModel: {problem.message}"
+    return reason, message

@@ -22,6 +22,7 @@ from llmops.api.trainingrun import (
     TrainingRunStatus,
 )
 from llmops.api.workload import (
+    ADAPTER_SUBDIR,
     COMPLETION_INDEX_ANNOTATION,
     FINAL_MODEL_SUBDIR,
     OUTPUT_SUBDIR,
@@ -329,6 +330,13 @@ def _stopped(
     return False
 
 
+def model_subdir(run: TrainingRun) -> str:
+    """The run's model in its output folder: a LoRA run without `merge` leaves the adapter
+    (peft layout) only."""
+    adapter = run.spec.adapter
+    return ADAPTER_SUBDIR if adapter is not None and not adapter.merge else FINAL_MODEL_SUBDIR
+
+
 def _succeeded(
     run: TrainingRun,
     report: TrainerReport | None,
@@ -339,7 +347,7 @@ def _succeeded(
     status = decision.status
     _finish(status, conditions, "Succeeded", "TrainingComplete", "training finished", now)
     base = checkpoint_base_uri(run)
-    status.model_uri = f"{base}/{OUTPUT_SUBDIR}/{FINAL_MODEL_SUBDIR}"
+    status.model_uri = f"{base}/{OUTPUT_SUBDIR}/{model_subdir(run)}"
     if report is not None:
         status.step = report.step
         if report.final_evaluation is not None and report.final_evaluation.to_dict():

@@ -8,7 +8,7 @@ from typing import Any
 
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
-from llmops.decide.dataset import fail, mark_processed, merge_report
+from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
 from llmops.decide.status import StatusDraft
 from llmops.local.common import copy_if_exists, host_path, timestamp
 from llmops.local.context import Context, key_of
@@ -103,8 +103,7 @@ def _stopped(
         status.condition("Running", "False", "Interrupted", "stopped; `llmops run` resumes")
         ctx.save(body, status.status)
         return False
-    failure = result.failure or "failed"
-    fail(status, reason, failure)
+    fail(status, *failure_of(result.pod_objects(), reason, result.failure or "failed"))
     ctx.save(body, status.status)
     if result.failed_pod is not None:
         log = Path(result.failed_pod.log_file)

@@ -302,7 +302,7 @@ def _succeeded(ctx: Context, gang: Gang) -> None:
         final = report.final
         for split, model, unigram in (
             ("validation", final.validation_perplexity, final.validation_unigram_perplexity),
-            ("test", final.perplexity, final.unigram_perplexity),
+            (final.split or "test", final.perplexity, final.unigram_perplexity),
         ):
             if model and unigram:
                 ctx.view.message(
