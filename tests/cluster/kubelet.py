@@ -127,6 +127,43 @@ def end_pod(
     )
 
 
+def fail_init_container(
+    core: client.CoreV1Api, namespace: str, name: str, container: str, message: str
+) -> None:
+    """The pod's init container `container` exits 1 leaving `message`; the main containers
+    never start (what the kubelet reports for a failed init container with restartPolicy
+    Never)."""
+    pod = core.read_namespaced_pod(name, namespace)
+    now = "2026-01-01T00:00:00Z"
+    terminated = {
+        "exitCode": 1,
+        "reason": "Error",
+        "startedAt": now,
+        "finishedAt": now,
+        "message": message,
+    }
+    waiting = {"waiting": {"reason": "PodInitializing"}}
+    core.patch_namespaced_pod_status(
+        name,
+        namespace,
+        {
+            "status": {
+                "phase": "Failed",
+                "initContainerStatuses": [
+                    {"name": container, "image": c.image, "imageID": "", "ready": False,
+                     "restartCount": 0, "state": {"terminated": terminated}}
+                    for c in pod.spec.init_containers or [] if c.name == container
+                ],
+                "containerStatuses": [
+                    {"name": c.name, "image": c.image, "imageID": "", "ready": False,
+                     "restartCount": 0, "state": waiting}
+                    for c in pod.spec.containers
+                ],
+            }
+        },
+    )  # fmt: skip
+
+
 def wait_phase(
     api_client: client.ApiClient,
     namespace: str,

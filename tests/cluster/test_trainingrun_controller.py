@@ -11,6 +11,7 @@ from kubelet import (
     condition,
     create,
     end_pod,
+    fail_init_container,
     finished_dataset,
     get,
     wait_phase,
@@ -302,3 +303,38 @@ def test_a_wall_time_budget_stops_the_run(api_client: client.ApiClient, operator
     failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
     assert condition(failed, "Failed")["reason"] == "BudgetExhausted"
     assert "maxWallTimeSeconds=2" in condition(failed, "Failed")["message"]
+
+
+def test_a_hub_model_is_fetched_by_an_initializer_whose_failure_fails_the_run(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    model = {
+        "objective": "sft",
+        "contextLength": 64,
+        "pretrained": {"uri": "hf://Qwen/Qwen2.5-0.5B@main", "credentialsSecret": {"name": "hub"}},
+    }
+    create(api_client, namespace, training_run(model=model, adapter={"rank": 16}))
+    pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
+
+    # The token is referenced from the Secret; no value of it is in the Job the API stored.
+    job = batch.read_namespaced_job(f"{RUN}-workers-0", namespace)
+    (init,) = job.spec.template.spec.init_containers
+    env = {e.name: e for e in init.env}
+    assert env["HF_TOKEN"].value is None
+    assert env["HF_TOKEN"].value_from.secret_key_ref.name == "hub"
+    assert env["LLMOPS_PRETRAINED_URI"].value == "hf://Qwen/Qwen2.5-0.5B@main"
+    assert env["LLMOPS_PRETRAINED_DIR"].value == "/checkpoints/pretrained"
+    trainer = job.spec.template.spec.containers[0]
+    assert "HF_TOKEN" not in {e.name for e in trainer.env}
+    stored = get(api_client, namespace, "TrainingRun", RUN)
+    assert stored["spec"]["adapter"]["rank"] == 16 and stored["spec"]["adapter"]["type"] == "lora"
+
+    report = {"stage": "model-init", "reason": "UnknownArchitecture", "message": "qwen9 unknown"}
+    fail_init_container(core, namespace, pods[0].metadata.name, "model-init", json.dumps(report))
+    failed = wait_phase(api_client, namespace, "TrainingRun", RUN, "Failed")
+    reason = condition(failed, "Failed")
+    assert reason["reason"] == "UnknownArchitecture" and "qwen9" in reason["message"]
+    assert (failed["status"].get("restartCount") or 0) == 0  # a bad source is not retried

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,17 @@ class Job:
             self.env["LLMOPS_INIT_CHECKPOINT"] = str(init)
         self.process: subprocess.Popen[str] | None = None
         self.log = work / "log.txt"
+
+    def resume_from(self, other: Job, step: int) -> None:
+        """Start from `other`'s checkpoints as they were at `step`: later ones removed,
+        `latest` pointing at step-<step>."""
+        from llmops_trainer import checkpoint
+
+        shutil.copytree(other.checkpoints, self.checkpoints)
+        for folder in self.checkpoints.glob("step-*"):
+            if int(folder.name.removeprefix("step-")) > step:
+                shutil.rmtree(folder)
+        checkpoint.write_pointer(self.checkpoints, "latest", f"step-{step}")
 
     def start(self) -> subprocess.Popen[str]:
         handle = self.log.open("a")

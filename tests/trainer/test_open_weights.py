@@ -235,9 +235,7 @@ def test_lora_resumes_on_another_world_size(
         lora_run(base_model, resources={"numNodes": 1, "procsPerNode": 1}),
         data=chat_data,
     )
-    shutil.copytree(lora_reference.checkpoints, run.checkpoints)
-    shutil.rmtree(run.checkpoints / "step-16")
-    checkpoint.write_pointer(run.checkpoints, "latest", "step-8")
+    run.resume_from(lora_reference, 8)
 
     assert run.run() == 0, run.log.read_text()[-4000:]
     assert "world size 2 -> 1" in run.log.read_text()

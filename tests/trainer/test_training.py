@@ -149,9 +149,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_an_older_one(
 def test_resume_on_a_different_world_size(reference: Job, job: Callable[..., Job]) -> None:
     # Same global batch on one process: accumulation 2 instead of 2 ranks.
     run = job(reference_run(resources={"numNodes": 1, "procsPerNode": 1}))
-    shutil.copytree(reference.checkpoints, run.checkpoints)
-    shutil.rmtree(run.checkpoints / "step-40")
-    checkpoint.write_pointer(run.checkpoints, "latest", "step-30")
+    run.resume_from(reference, 30)
 
     assert run.run() == 0, run.log.read_text()[-4000:]
     assert "world size 2 -> 1" in run.log.read_text()
