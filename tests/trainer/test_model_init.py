@@ -17,14 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pytest
+from fixtures.fake_hub import COMMIT, FakeHub, serve
 from fixtures.tiny_llama import build
 
 from llmops.api.workload import (
@@ -404,96 +403,13 @@ def test_https_files_are_checked_against_their_digests(
 
 # -- hf:// ---------------------------------------------------------------------------------
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class FakeHub(http.server.ThreadingHTTPServer):
-    """The endpoints `snapshot_download` uses, for one repository at one commit: model info
-    (`/api/models/{repo}/revision/{rev}`: sha, siblings), the tree listing and the files
-    (`/{repo}/resolve/{commit}/{path}`, HEAD with X-Repo-Commit, ETag, Content-Length)."""
-
-    def __init__(self, repo: str, files: Mapping[str, bytes]) -> None:
-        super().__init__(("127.0.0.1", 0), HubHandler)
-        self.repo = repo
-        self.files = dict(files)
-        self.requests: Counter[str] = Counter()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class HubHandler(http.server.BaseHTTPRequestHandler):
-    server: FakeHub
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.answer(body=True)
-
-    def do_HEAD(self) -> None:
-        self.answer(body=False)
-
-    def answer(self, *, body: bool) -> None:
-        hub = self.server
-        path = unquote(urlsplit(self.path).path)
-        hub.requests[f"{self.command} {path}"] += 1
-        api = f"/api/models/{hub.repo}/"
-        resolve = f"/{hub.repo}/resolve/"
-        if path == api.rstrip("/") or path.startswith(api + "revision/"):
-            if unquote(path[len(api + "revision/") :] or "main") not in ("main", COMMIT):
-                return self.error("RevisionNotFound")
-            siblings = [{"rfilename": name} for name in hub.files]
-            return self.json({"id": hub.repo, "sha": COMMIT, "siblings": siblings}, body)
-        if path.startswith(api + "tree/"):
-            tree = [
-                {"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                for n, d in hub.files.items()
-            ]
-            return self.json(tree, body)
-        if path.startswith(resolve):
-            revision, _, name = path[len(resolve) :].partition("/")
-            if revision not in ("main", COMMIT) or name not in hub.files:
-                return self.error("EntryNotFound")
-            data = hub.files[name]
-            self.send_response(200)
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("ETag", f'"{sha256(data)}"')
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-            return None
-        return self.error("RepoNotFound", status=401)  # what the Hub answers without a token
-
-    def json(self, document: Any, body: bool) -> None:
-        data = json.dumps(document).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def error(self, code: str, status: int = 404) -> None:
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
 
 @pytest.fixture
 def hub(model_files: dict[str, bytes]) -> Iterator[FakeHub]:
     # The same weights once more in the old format: a download prefers the safetensors.
     files = {**model_files, "pytorch_model.bin": b"old format"}
-    server = FakeHub("org/tiny-llama", files)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve(FakeHub(models={"org/tiny-llama": files})) as server:
         yield server
-    finally:
-        server.shutdown()
 
 
 def test_hf_snapshot_from_a_mirror(

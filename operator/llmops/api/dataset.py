@@ -51,14 +51,46 @@ class VolumeSource(ApiModel):
     )
 
 
+class HubDatasetSource(ApiModel):
+    """A dataset repository on the Hugging Face Hub (or a mirror of it)."""
+
+    repo: str = Field(
+        description="Repository id, `<org>/<name>` (e.g. `HuggingFaceH4/ultrachat_200k`).",
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$",
+    )
+    revision: str | None = Field(
+        default=None,
+        description=(
+            "Branch, tag or commit to read; unset means `main`. It is resolved to a commit "
+            "once per version of the Dataset, so every worker pod reads the same files."
+        ),
+        max_length=256,
+        pattern=r"^[^\s]+$",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="URL of a Hub mirror (as `HF_ENDPOINT`); unset means the Hugging Face Hub.",
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+    )
+    credentials_secret: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret holding `HF_TOKEN`, for gated or private datasets; referenced, never "
+            "copied. Unset means anonymous access."
+        ),
+    )
+
+
 class DataSource(ApiModel):
     """One input of the corpus: where it is, how it is encoded, and how much of it to mix in."""
 
     cel_rules = (
         Rule(
-            cel=cel_exactly_one("path", "volume", "urls", "s3"),
-            message="exactly one of path, volume, urls or s3 must be set",
-            check=lambda s: exactly_one(s, "path", "volume", "urls", "s3"),
+            cel=cel_exactly_one("path", "volume", "urls", "s3", "hf"),
+            message="exactly one of path, volume, urls, s3 or hf must be set",
+            check=lambda s: exactly_one(s, "path", "volume", "urls", "s3", "hf"),
         ),
         Rule(
             cel="has(self.promptField) == has(self.responseField)",
@@ -85,7 +117,7 @@ class DataSource(ApiModel):
                 "!has(self.urls) || ((!has(self.include) || size(self.include) == 0) && "
                 "(!has(self.exclude) || size(self.exclude) == 0))"
             ),
-            message="include and exclude select files of a path, volume or s3 source, not urls",
+            message="include and exclude select files of a path, volume, s3 or hf source, not urls",
             check=lambda s: s.urls is None or not (s.include or s.exclude),
             field_path=".include",
         ),
@@ -114,12 +146,20 @@ class DataSource(ApiModel):
     s3: S3Location | None = Field(
         default=None, description="All objects under a prefix of an S3-compatible bucket."
     )
+    hf: HubDatasetSource | None = Field(
+        default=None,
+        description=(
+            "The data files of a dataset repository on the Hugging Face Hub (what "
+            "`datasets.Dataset.push_to_hub` uploads), read as `format` says."
+        ),
+    )
     include: list[GlobPattern] = Field(
         default_factory=list,
         description=(
-            "Keep only files whose path (relative to the folder, or to the S3 prefix) matches "
-            "one of these glob patterns; `*` stays inside a folder, `**` spans folders. "
-            "Empty keeps every file."
+            "Keep only files whose path (relative to the folder, the S3 prefix or the Hub "
+            "repository) matches one of these glob patterns; `*` stays inside a folder, `**` "
+            "spans folders. Empty keeps every file, except in a Hub repository its README, "
+            "licence, scripts and dot files, which only a pattern here selects."
         ),
         max_length=64,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmops.api.common import LocalObjectReference
 from llmops.api.dataset import Dataset
 from llmops.api.workload import (
     CONFIG_DIR,
@@ -90,19 +91,46 @@ def input_volumes(dataset: Dataset) -> tuple[list[dict[str, Any]], list[dict[str
 
 
 def credentials_env(dataset: Dataset) -> list[dict[str, Any]]:
-    """S3 credentials as the standard AWS variables, read from the Secret by the kubelet: the
-    values never pass through the operator, the ConfigMap or the pod spec."""
+    """S3 credentials as the standard AWS variables and the Hub token as `HF_TOKEN`, read
+    from their Secrets by the kubelet: the values never pass through the operator, the
+    ConfigMap or the pod spec."""
     locations = [s.s3 for s in dataset.spec.sources if s.s3]
     if dataset.spec.output is not None and dataset.spec.output.s3 is not None:
         locations.append(dataset.spec.output.s3)
-    secrets = sorted({loc.credentials_secret.name for loc in locations if loc.credentials_secret})
-    if len(secrets) > 1:
-        raise ValueError(f"one credentials Secret per Dataset is supported, got {secrets}")
-    if not secrets:
-        return []
+    s3_secrets = [loc.credentials_secret for loc in locations]
+    hub_secrets = [s.hf.credentials_secret for s in dataset.spec.sources if s.hf]
     return [
-        {"name": var, "valueFrom": {"secretKeyRef": {"name": secrets[0], "key": var}}}
-        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        *_secret_env("credentials Secret", s3_secrets, pretrained.S3_KEYS),
+        *_secret_env("Hub token Secret", hub_secrets, (pretrained.HF_TOKEN_KEY,)),
+    ]
+
+
+def _secret_env(
+    what: str, references: list[LocalObjectReference | None], keys: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """`keys` of the one Secret the references name (a variable holds one value per pod)."""
+    secrets = sorted({ref.name for ref in references if ref is not None})
+    if len(secrets) > 1:
+        raise ValueError(f"one {what} per Dataset is supported, got {secrets}")
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for secret in secrets
+        for key in keys
+    ]
+
+
+def hub_env(dataset: Dataset) -> list[dict[str, Any]]:
+    """`HF_ENDPOINT` when the `hf` sources name a mirror; a pod has one, so they all must."""
+    endpoints = {s.hf.endpoint for s in dataset.spec.sources if s.hf}
+    if len(endpoints) > 1:
+        named = sorted(e or "the Hugging Face Hub" for e in endpoints)
+        raise ValueError(f"the hf sources of a Dataset read from one endpoint, got {named}")
+    if not any(s.hf for s in dataset.spec.sources):
+        return []
+    # The Hub client's usage reports are not the pods' business (and fail offline).
+    return [
+        *({"name": "HF_ENDPOINT", "value": e} for e in endpoints if e),
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
     ]
 
 
@@ -157,6 +185,7 @@ def _job(
         {"name": Env.VOLUMES_DIR, "value": VOLUMES_DIR},
         {"name": "HOME", "value": "/tmp"},
         *credentials_env(dataset),
+        *hub_env(dataset),
         *tokenizer_env,
     ]
     role = f"{'slices' if stage == 'slice' else 'merge'}-{version(generation)}"

@@ -42,7 +42,10 @@ def is_remote(model: PretrainedModel) -> bool:
 
 def source_env(model: PretrainedModel) -> list[dict[str, Any]]:
     """The initializer's view of the source: URI, https files, endpoint and credentials."""
-    env: list[dict[str, Any]] = [{"name": Env.PRETRAINED_URI, "value": model.uri}]
+    env: list[dict[str, Any]] = [
+        {"name": Env.PRETRAINED_URI, "value": model.uri},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},  # usage reports: not ours to send
+    ]
     if model.files:
         files = [f.model_dump() for f in model.files]
         env.append({"name": Env.PRETRAINED_FILES, "value": json.dumps(files)})

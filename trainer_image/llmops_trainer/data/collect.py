@@ -29,6 +29,7 @@ from typing import IO, Any, Literal
 
 from llmops.api.dataset import DatasetSpec, DataSource
 from llmops.api.workload import Env
+from llmops_trainer.data import hub
 from llmops_trainer.data.chat import Message, parse_messages
 
 # Where the controller mounts each `volume` source's claim: <root>/<claimName>.
@@ -61,14 +62,19 @@ class Document:
 
 @dataclass(frozen=True)
 class InputRef:
-    """One file-like input: a local file, a URL or an object in a bucket."""
+    """One file-like input: a local file, a URL, an object in a bucket or a file of a Hub
+    dataset repository (`hf://datasets/<repo>@<commit>/<path>`)."""
 
     source: int  # index into spec.sources
-    kind: Literal["file", "url", "s3"]
+    kind: Literal["file", "url", "s3", "hf"]
     location: str
 
 
-def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[InputRef]:
+def list_inputs(
+    spec: DatasetSpec, volumes_dir: Path | None = None, work_dir: Path | None = None
+) -> list[InputRef]:
+    """`work_dir`: the slices' shared work folder, where a Hub revision is pinned to one
+    commit (default: LLMOPS_WORK_DIR, else <LLMOPS_OUTPUT_DIR>/.work, else not pinned)."""
     volumes = volumes_dir or Path(os.environ.get(VOLUMES_DIR_ENV, DEFAULT_VOLUMES_DIR))
     inputs: list[InputRef] = []
     for index, source in enumerate(spec.sources):
@@ -81,7 +87,17 @@ def list_inputs(spec: DatasetSpec, volumes_dir: Path | None = None) -> list[Inpu
             inputs += [InputRef(index, "url", url) for url in source.urls]
         elif source.s3 is not None:
             inputs += [InputRef(index, "s3", key) for key in _s3_keys(source)]
+        elif source.hf is not None:
+            pins = work_dir or _work_dir()
+            inputs += [InputRef(index, "hf", f) for f in _hub_files(source, pins)]
     return inputs
+
+
+def _work_dir() -> Path | None:
+    if os.environ.get(Env.WORK_DIR):
+        return Path(os.environ[Env.WORK_DIR])
+    output = os.environ.get(Env.OUTPUT_DIR)
+    return Path(output) / ".work" if output else None
 
 
 def expand_path(path: str, environ: Mapping[str, str] | None = None) -> str:
@@ -176,6 +192,24 @@ def _s3_keys(source: DataSource) -> list[str]:
             and selected(obj["Key"][len(source.s3.prefix) :].lstrip("/"), source)
         ]
     return sorted(keys)
+
+
+def _hub_files(source: DataSource, pin_dir: Path | None) -> list[str]:
+    """The selected files of a Hub dataset repository at its pinned commit; what is not data
+    (README.md, .gitattributes, ...) only when an include pattern names it."""
+    assert source.hf is not None
+    sha = hub.commit(source, pin_dir)
+    names = sorted(
+        name
+        for name in hub.files(source, sha)
+        if selected(name, source) and (bool(source.include) or not hub.not_data(name))
+    )
+    if not names:
+        raise FileNotFoundError(
+            f"source {source.name}: no data file selected in Hub dataset {source.hf.repo} "
+            f"at commit {sha}"
+        )
+    return [hub.location(source.hf, sha, name) for name in names]
 
 
 class _Hashing(io.RawIOBase):
@@ -290,6 +324,8 @@ def open_input(spec: DatasetSpec, ref: InputRef) -> Iterator[tuple[IO[bytes], _H
         raw = open(ref.location, "rb")  # noqa: SIM115 - closed below
     elif ref.kind == "url":
         raw = _HttpStream(ref.location)  # type: ignore[assignment]
+    elif ref.kind == "hf":
+        raw = hub.open_file(source, ref.location)
     else:
         assert source.s3 is not None
         body = _s3_client(source).get_object(Bucket=source.s3.bucket, Key=ref.location)["Body"]

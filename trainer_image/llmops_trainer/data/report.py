@@ -68,6 +68,8 @@ def _source_location(dataset: Dataset, index: int) -> str:
         return f"volume `{source.volume.claim_name}:{source.volume.path or '/'}`"
     if source.urls is not None:
         return f"{len(source.urls)} URL(s), first `{source.urls[0]}`"
+    if source.hf is not None:
+        return f"Hub dataset `{source.hf.repo}@{source.hf.revision or 'main'}`"
     assert source.s3 is not None
     return f"`s3://{source.s3.bucket}/{source.s3.prefix}`"
 
