@@ -130,7 +130,7 @@ def running_server(
     )
     metrics = ServingMetrics(CollectorRegistry())
     loaded = loading.load(model_dir)
-    context = loaded.config.context_length
+    context = loaded.context_length
     state = ServerState(
         served_name, loaded.label, context, min(max_new_tokens, context - 1), metrics,
         auth_token_file,

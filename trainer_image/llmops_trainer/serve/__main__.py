@@ -25,6 +25,7 @@ from llmops.api.modeldeployment import ModelDeployment
 from llmops_trainer.model import GPT
 from llmops_trainer.serve import loading
 from llmops_trainer.serve.api import ServerState, create_app
+from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, UnsupportedModel
 from llmops_trainer.serve.engine import Engine, KVCacheModel
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.settings import AUTH_TOKEN_FILE_ENV, MODEL_DIR_ENV, ServeSettings
@@ -101,7 +102,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_engine(
     loaded: loading.LoadedModel, settings: ServeSettings, metrics: ServingMetrics
 ) -> Engine:
-    context = loaded.config.context_length
+    context = loaded.context_length
     if settings.context_length is not None:
         if settings.context_length > context:
             raise loading.ModelFolderError(
@@ -109,12 +110,28 @@ def build_engine(
             )
         context = settings.context_length
     device = pick_device(settings.device)
-    model = GPT(loaded.config)
-    model.load_state_dict(loaded.state_dict, strict=False)  # the tied head may be absent
-    runner = KVCacheModel(
-        model, settings.max_batch_size, context, device, pick_dtype(settings.dtype, device)
+    dtype = pick_dtype(settings.dtype, device)
+    runner: KVCacheModel | DecoderKVCacheModel
+    if loaded.config is None:
+        try:
+            runner = DecoderKVCacheModel(
+                loaded.transformers_model, settings.max_batch_size, context, device, dtype
+            )
+        except UnsupportedModel as error:
+            raise loading.ModelFolderError(str(error)) from error
+    else:
+        model = GPT(loaded.config)
+        model.load_state_dict(loaded.state_dict, strict=False)  # the tied head may be absent
+        runner = KVCacheModel(model, settings.max_batch_size, context, device, dtype)
+    return Engine(
+        runner,
+        loaded.tokenizer,
+        loaded.eos_token_id,
+        metrics,
+        settings.max_concurrency,
+        stop_token_ids=loaded.stop_token_ids,
+        chat=loaded.chat,
     )
-    return Engine(runner, loaded.tokenizer, loaded.eos_token_id, metrics, settings.max_concurrency)
 
 
 class Server(uvicorn.Server):

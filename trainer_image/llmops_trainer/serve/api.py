@@ -271,10 +271,18 @@ def create_app(
     ) -> JSONResponse | StreamingResponse:
         authorize(request)
         engine = engine_for(body.model)
-        prompt = chat_prompt([(m.role, m.text()) for m in body.messages])
+        messages = [(m.role, m.text()) for m in body.messages]
+        stops: tuple[str, ...]
+        if engine.chat is not None:  # the model's own template; its end-of-turn id stops
+            try:
+                prompt, stops = engine.chat.render(messages), ()
+            except ValueError as error:
+                raise RequestError(str(error), 400, "messages") from error
+        else:
+            prompt, stops = chat_prompt(messages), CHAT_STOPS
         ids = _encode(engine, prompt)
         limit = _token_limit(state, engine, ids, body.token_limit())
-        params = body.sampling(limit, extra_stops=CHAT_STOPS)
+        params = body.sampling(limit, extra_stops=stops)
         return await _respond(state, request, engine, ids, params, body, chat=True)
 
     return app

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -28,10 +28,16 @@ import torch.nn.functional as F
 
 from llmops_trainer.model import GPT, Block, GPTConfig
 from llmops_trainer.serve.batching import Scheduler
+from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.protocol import SamplingParams
 from llmops_trainer.serve.sampling import sample
-from llmops_trainer.serve.text import IncrementalDecoder, StopMatcher, TextTokenizer
+from llmops_trainer.serve.text import (
+    ChatTemplate,
+    IncrementalDecoder,
+    StopMatcher,
+    TextTokenizer,
+)
 
 log = logging.getLogger("llmops_trainer.serve")
 
@@ -188,16 +194,21 @@ class Stream:
 class Engine:
     def __init__(
         self,
-        model: KVCacheModel,
+        model: KVCacheModel | DecoderKVCacheModel,
         tokenizer: TextTokenizer,
         eos_token_id: int | None,
         metrics: ServingMetrics,
         capacity: int,
         prefill_budget: int = 4096,
+        stop_token_ids: Collection[int] = (),
+        chat: ChatTemplate | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
+        # Every id that ends a reply (a chat model's end of turn as well as end of text).
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.chat = chat
         self.metrics = metrics
         self.context_length = model.context_length
         self.scheduler: Scheduler[Generation] = Scheduler(
@@ -319,7 +330,8 @@ class Engine:
         g.last_token_at = now
         reason: str | None = None
         text = ""
-        end_of_text = token == self.eos_token_id and not g.params.ignore_eos
+        ends = token == self.eos_token_id or token in self.stop_token_ids
+        end_of_text = ends and not g.params.ignore_eos
         if end_of_text:
             reason = "stop"
         else:

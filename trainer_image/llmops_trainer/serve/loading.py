@@ -3,7 +3,10 @@
 - the final model (`<LLMOPS_OUTPUT_DIR>/model`, the GPT-2 layout of `hf_export`, with
   tokenizer.json and llmops_model.json), or the output folder above it;
 - a checkpoint folder (`step-<N>`, DeepSpeed files plus trainer_state.json), verified against
-  its checkpoint.json before use; or a checkpoint root or pointer file (`latest`, `best`).
+  its checkpoint.json before use; or a checkpoint root or pointer file (`latest`, `best`);
+- a `transformers` model folder (config.json, safetensors, tokenizer files) of a Llama-family
+  architecture: what the trainer exports for open-weights and llama runs, or a downloaded
+  model. Its chat template renders chat requests; every end-of-turn id it names stops.
 
 The tokenizer is LLMOPS_TOKENIZER_PATH when set, else a tokenizer.json in the folder or next
 to the checkpoint root; without one, prompts are token ids written as numbers.
@@ -16,13 +19,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmops.api.workload import Env
 from llmops_trainer import checkpoint, hf_export
 from llmops_trainer.model import GPTConfig
-from llmops_trainer.serve.text import HFTokenizer, NumericTokenizer, TextTokenizer
+from llmops_trainer.serve.text import (
+    ChatTemplate,
+    HFTokenizer,
+    NumericTokenizer,
+    TextTokenizer,
+)
 
 TOKENIZER_ENV = Env.TOKENIZER_PATH
 MODEL_CONFIG = "llmops_model.json"  # our full model config, next to the export
@@ -35,12 +44,21 @@ class ModelFolderError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    config: GPTConfig
+    config: GPTConfig | None  # the built-in GPT's; None for a transformers model
     state_dict: dict[str, torch.Tensor]
     tokenizer: TextTokenizer
     eos_token_id: int | None
     folder: Path
     label: str  # what is served: the checkpoint name or the folder name
+    transformers_model: Any = None  # a transformers *ForCausalLM, loaded on the CPU
+    stop_token_ids: frozenset[int] = frozenset()  # besides eos: other end-of-turn ids
+    chat: ChatTemplate | None = None  # the model's own chat template
+
+    @property
+    def context_length(self) -> int:
+        if self.config is not None:
+            return self.config.context_length
+        return int(self.transformers_model.config.max_position_embeddings)
 
 
 def model_folder(path: Path) -> Path:
@@ -52,8 +70,18 @@ def model_folder(path: Path) -> Path:
     return checkpoint.resolve(path)
 
 
+def is_transformers_model(folder: Path) -> bool:
+    """A transformers folder other than our GPT-2 layout (which the GPT path loads)."""
+    config = folder / hf_export.CONFIG
+    if not config.is_file() or (folder / MODEL_CONFIG).is_file():
+        return False
+    return bool(json.loads(config.read_text()).get("model_type") != "gpt2")
+
+
 def load(path: Path) -> LoadedModel:
     folder = model_folder(path)
+    if is_transformers_model(folder):
+        return _load_transformers(folder)
     if hf_export.is_export(folder):
         config, state_dict = hf_export.load_export(folder)
         ours = folder / MODEL_CONFIG
@@ -80,6 +108,37 @@ def load(path: Path) -> LoadedModel:
         raise ModelFolderError(f"{folder} holds a masked-lm (encoder) model; it cannot generate")
     tokenizer, eos = _tokenizer(folder, config.vocab_size)
     return LoadedModel(config, state_dict, tokenizer, eos, folder, label)
+
+
+def _load_transformers(folder: Path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    from llmops_trainer.serve.decoder_cache import SUPPORTED
+
+    model_type = json.loads((folder / hf_export.CONFIG).read_text()).get("model_type")
+    if model_type not in SUPPORTED:
+        raise ModelFolderError(
+            f"{folder}: the built-in engine serves {', '.join(SUPPORTED)} and llmops GPT "
+            f"models, not {model_type!r}; serve it with runtime vllm"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    vocab = int(model.config.vocab_size)
+    tokenizer, eos = _tokenizer(folder, vocab)
+    stops = set(_generation_eos_ids(folder))
+    if eos is not None:
+        stops.add(eos)
+    label = folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+    return LoadedModel(
+        None,
+        {},
+        tokenizer,
+        eos,
+        folder,
+        label,
+        transformers_model=model,
+        stop_token_ids=frozenset(stops),
+        chat=ChatTemplate.of(folder),
+    )
 
 
 def _tokenizer_path(folder: Path) -> Path | None:
@@ -115,9 +174,18 @@ def _tokenizer(folder: Path, vocab_size: int) -> tuple[TextTokenizer, int | None
 
 
 def _generation_eos(folder: Path) -> int | None:
+    ids = _generation_eos_ids(folder)
+    return ids[0] if ids else None
+
+
+def _generation_eos_ids(folder: Path) -> list[int]:
+    """generation_config.json's eos_token_id: one id, or a list (Llama 3 ends turns and
+    documents with different tokens)."""
     path = folder / "generation_config.json"
     if path.is_file():
         value = json.loads(path.read_text()).get("eos_token_id")
         if isinstance(value, int):
-            return value
-    return None
+            return [value]
+        if isinstance(value, list):
+            return [v for v in value if isinstance(v, int)]
+    return []

@@ -3,7 +3,9 @@ chat template. No torch here, so all of it is unit-tested as plain functions."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 # Chat messages are rendered as `role: content` lines and the model continues after
@@ -118,6 +120,41 @@ class StopMatcher:
     def flush(self) -> str:
         text, self._pending = self._pending, ""
         return text
+
+
+class ChatTemplate:
+    """A model's own chat template, rendered by `transformers` exactly as the Dataset rendered
+    the chats it was fine-tuned on."""
+
+    FILES = ("chat_template.jinja", "chat_template.json")
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def of(cls, folder: Path) -> ChatTemplate | None:
+        config = folder / "tokenizer_config.json"
+        declared = config.is_file() and "chat_template" in json.loads(config.read_text())
+        if not declared and not any((folder / name).is_file() for name in cls.FILES):
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+
+    def render(self, messages: Sequence[tuple[str, str]]) -> str:
+        """The prompt text, ending where the assistant's reply begins. A template that
+        refuses the conversation (roles out of order, say) raises ValueError."""
+        from jinja2 import TemplateError
+
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        try:
+            text = self._tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError as error:
+            raise ValueError(f"messages: {error}") from error
+        return str(text)
 
 
 def chat_prompt(messages: Sequence[tuple[str, str]]) -> str:

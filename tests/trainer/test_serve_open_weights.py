@@ -1,0 +1,154 @@
+"""The built-in engine serving `transformers` models: the KV cache against the models' own
+forward for each supported family, batched greedy against unbatched against `generate`, and
+chat requests through the official `openai` client rendered with the model's chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from fixtures.tiny_llama import build
+from serve_support import running_server
+from test_serve_engine import GREEDY, run_engine
+
+from llmops_trainer.serve import loading
+from llmops_trainer.serve.__main__ import build_engine
+from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel
+from llmops_trainer.serve.engine import Engine
+from llmops_trainer.serve.metrics import ServingMetrics
+from llmops_trainer.serve.settings import ServeSettings
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 9, 13], [40], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7], [100, 3, 61, 2, 2], [17, 18]]
+SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def family_model(family: str) -> Any:
+    """A random model of each family the engine claims, with its quirks switched on: Qwen2's
+    projection biases, Qwen3's per-head norms and explicit head_dim, Mistral's window."""
+    configs = {
+        "llama": transformers.LlamaConfig(**SMALL),
+        "mistral": transformers.MistralConfig(**SMALL, sliding_window=64),
+        "qwen2": transformers.Qwen2Config(**SMALL),
+        "qwen3": transformers.Qwen3Config(**SMALL, head_dim=16),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[family]).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kv_cache_logits_match_the_models_own_forward(family: str) -> None:
+    model = family_model(family)
+    reference = family_model(family)
+    cached = DecoderKVCacheModel(model, 4, 64, torch.device("cpu"), torch.float32)
+    sequences = [[1, 2, 3, 4, 5], [9], [3, 1, 4, 1, 5, 9, 2, 6], [50, 51]]
+    logits = cached.prefill(0, sequences)
+    for _ in range(5):
+        with torch.no_grad():
+            for row, sequence in enumerate(sequences):
+                expected = reference(input_ids=torch.tensor([sequence])).logits[0, -1]
+                torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4)
+        for sequence, token in zip(sequences, logits.argmax(-1).tolist(), strict=True):
+            sequence.append(token)
+        logits = cached.decode([s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+
+
+def engine(folder: Path, max_batch_size: int) -> Engine:
+    settings = ServeSettings(
+        folder, "tiny", max_batch_size=max_batch_size, max_concurrency=16,
+        device="cpu", dtype="float32",
+    )  # fmt: skip
+    metrics = ServingMetrics(__import__("prometheus_client").CollectorRegistry())
+    return build_engine(loading.load(folder), settings, metrics)
+
+
+def test_batched_greedy_equals_unbatched_equals_transformers_generate(llama: Path) -> None:
+    batched = run_engine(engine(llama, 4), PROMPTS, [GREEDY] * len(PROMPTS))
+    one_at_a_time = run_engine(engine(llama, 1), PROMPTS, [GREEDY] * len(PROMPTS))
+    assert batched == one_at_a_time
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llama)).eval()
+    for prompt, produced in zip(PROMPTS, batched, strict=True):
+        generated = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=GREEDY.max_tokens,
+            do_sample=False,
+            eos_token_id=None,  # GREEDY ignores end of text, so generate must too
+            pad_token_id=0,
+        )
+        assert generated[0, len(prompt) :].tolist() == produced
+
+
+def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(llama: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(llama))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llama)).eval()
+    messages = [
+        {"role": "system", "content": "you count"},
+        {"role": "user", "content": "three"},
+        {"role": "assistant", "content": "three four five"},
+        {"role": "user", "content": "seven"},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(prompt, dict) or hasattr(prompt, "keys"):
+        prompt = prompt["input_ids"]
+    expected = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(prompt) :].tolist()
+    with running_server(llama, max_new_tokens=20) as server:
+        assert server.engine.chat is not None
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=20,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        # The prompt the server built is apply_chat_template's, token for token.
+        assert reply.usage is not None and reply.usage.prompt_tokens == len(prompt)
+        ended = tokenizer.eos_token_id in expected
+        produced = expected[: expected.index(tokenizer.eos_token_id)] if ended else expected
+        assert reply.choices[0].message.content == tokenizer.decode(
+            produced, skip_special_tokens=True
+        )
+        assert reply.choices[0].finish_reason == ("stop" if ended else "length")
+        streamed = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+        assert text == reply.choices[0].message.content
+        models = client.models.list().data
+        assert [m.id for m in models] == ["tiny"]
+
+
+def test_an_unsupported_family_is_refused_naming_vllm(tmp_path: Path) -> None:
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(loading.ModelFolderError, match="runtime vllm"):
+        loading.load(tmp_path)

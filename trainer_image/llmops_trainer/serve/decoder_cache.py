@@ -1,0 +1,167 @@
+"""Prefill and single-token decoding of a `transformers` Llama-family model (Llama, Mistral,
+Qwen2, Qwen3) with the engine's slot-based KV cache.
+
+The same contract as `engine.KVCacheModel` for the built-in GPT: running sequences occupy
+cache slots 0..B-1, a step reads the cache as a slice, and a finished sequence's slot is
+refilled by moving the last one. The layers' own modules (projections, norms, MLP, rotary
+embedding) do the arithmetic, so the weights are used exactly as `transformers` uses them;
+only the attention over the cache is ours. Grouped-query attention keeps the cache at the
+key/value head count.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Families whose decoder layer is: x + o_proj(attn(rope(q, k), v)) on input_layernorm(x),
+# then x + mlp(post_attention_layernorm(x)), scaled by 1/sqrt(head_dim).
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class DecoderKVCacheModel:
+    def __init__(
+        self,
+        model: Any,  # a transformers *ForCausalLM of a SUPPORTED family
+        max_batch: int,
+        context_length: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED:
+            raise UnsupportedModel(
+                f"the built-in engine serves {', '.join(SUPPORTED)} and llmops GPT models, not "
+                f"{config.model_type!r}; serve it with runtime vllm"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and context_length > window:
+            raise UnsupportedModel(
+                f"context {context_length} exceeds the model's sliding window {window}; "
+                "set server.contextLength at most that"
+            )
+        self.config = config
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.max_batch = max_batch
+        self.context_length = context_length
+        self.decoder = self.model.model
+        self.layers = list(self.decoder.layers)
+        # Each modeling file defines its own rotary helper (same maths, family quirks).
+        self._rotate = sys.modules[type(self.model).__module__].apply_rotary_pos_emb
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        shape = (len(self.layers), max_batch, self.kv_heads, context_length, self.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def _project(
+        self, attn: Any, h: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values (batch, heads, length, head_dim) with rotary positions."""
+        batch, length, _ = h.shape
+        q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
+        k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
+        v = attn.v_proj(h).view(batch, length, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.decoder.rotary_emb(v, positions)
+        q, k = self._rotate(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.kv_heads != self.heads:
+            groups = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+    def _layer(
+        self,
+        index: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        store: Any,
+        read: Any,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        layer = self.layers[index]
+        q, k, v = self._project(layer.self_attn, layer.input_layernorm(x), positions)
+        store(index, k, v)
+        k, v = read(index, k, v)
+        y = self._attend(q, k, v, mask)
+        x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(*x.shape[:2], -1))
+        out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
+        return out
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Whole prompts into slots first_slot.. (right-padded); the logits (n, vocab) of
+        each prompt's last position."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = ids.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        positions = torch.arange(longest, device=self.device)
+        mask: torch.Tensor | None = None
+        if n > 1:  # padding keys are invisible; causality as usual
+            causal = positions[None, :] <= positions[:, None]
+            mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
+        slots = slice(first_slot, first_slot + n)
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys[layer, slots, :, :longest] = k
+            self.values[layer, slots, :, :longest] = v
+
+        x = self.decoder.embed_tokens(ids)
+        for index in range(len(self.layers)):
+            x = self._layer(index, x, positions[None].expand(n, -1), store, _same, mask)
+        last = self.decoder.norm(x[torch.arange(n, device=self.device), lengths - 1])
+        logits: torch.Tensor = self.model.lm_head(last)
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each sequence in slots 0..len(tokens)-1 at its position; the logits
+        (batch, vocab) of the next token."""
+        batch = len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        span = max(positions) + 1
+        rows = torch.arange(batch, device=self.device)
+        # Always masked: one query attends to its own cache prefix, which causality alone
+        # would not express for a single position against `span` keys.
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys[layer, rows, :, pos] = k[:, :, 0]
+            self.values[layer, rows, :, pos] = v[:, :, 0]
+
+        def read(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return self.keys[layer, :batch, :, :span], self.values[layer, :batch, :, :span]
+
+        x = self.decoder.embed_tokens(ids)
+        for index in range(len(self.layers)):
+            x = self._layer(index, x, pos[:, None], store, read, mask)
+        logits: torch.Tensor = self.model.lm_head(self.decoder.norm(x[:, 0]))
+        return logits.float()
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+def _same(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return k, v
