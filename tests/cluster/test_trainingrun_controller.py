@@ -317,10 +317,14 @@ def test_a_hub_model_is_fetched_by_an_initializer_whose_failure_fails_the_run(
         "pretrained": {"uri": "hf://Qwen/Qwen2.5-0.5B@main", "credentialsSecret": {"name": "hub"}},
     }
     create(api_client, namespace, training_run(model=model, adapter={"rank": 16}))
-    pods = wait_gang_running(core, namespace, f"{RUN}-workers-0")
+    job_name = f"{RUN}-workers-0"
+    # The simulated nodes do not run init containers: the pods exist, their initializer is
+    # what the test plays.
+    wait_for("gang pods", lambda: len(gang_pods(core, namespace, job_name)) == 2, 60)
+    pods = gang_pods(core, namespace, job_name)
 
     # The token is referenced from the Secret; no value of it is in the Job the API stored.
-    job = batch.read_namespaced_job(f"{RUN}-workers-0", namespace)
+    job = batch.read_namespaced_job(job_name, namespace)
     (init,) = job.spec.template.spec.init_containers
     env = {e.name: e for e in init.env}
     assert env["HF_TOKEN"].value is None
