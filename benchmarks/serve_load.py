@@ -1,20 +1,23 @@
 """Load test of the inference server: 1, 8 and 32 concurrent streaming clients.
 
     python benchmarks/serve_load.py [--model-dir DIR] [--device cpu|cuda] [--max-tokens 64]
+    python benchmarks/serve_load.py --llama --clients 1,8,32,64   # a Llama-shaped model
 
 Compares, on the same prompts (token ids of equal length) with greedy decoding of exactly
 `--max-tokens` tokens (eos ignored):
 
 - llmops, batching on: `python -m llmops_trainer.serve` with --max-batch-size 32;
 - llmops, batching off: the same server with --max-batch-size 1 (requests queue);
-- transformers: `GPT2LMHeadModel.generate` on the exported GPT-2-layout folder, loaded from
+- transformers: `AutoModelForCausalLM.generate` on the same exported folder, loaded from
   disk only, called in this process with static batches of as many requests as there are
   clients (each wave starts when the previous one ends, as the clients' next requests would).
   It pays no HTTP, tokenization or scheduling cost, which favours it.
 
 Prints tokens/s and p50/p99 time to first token (TTFT) and end-to-end latency per system and
 client count, then the ratios. Without --model-dir a random model in the trainer's export
-format is written to a temporary folder (the speed of a model does not depend on its training).
+format is written to a temporary folder (the speed of a model does not depend on its training):
+the built-in GPT, or with --llama a `transformers` Llama (RoPE, RMSNorm, SwiGLU, grouped-query
+attention), as the trainer exports open-weights and llama runs.
 Needs the `bench` extra for transformers; nothing is downloaded.
 """
 
@@ -86,6 +89,36 @@ def make_random_model(folder: Path, device: str) -> Path:
     eos = tokenize.eos_id(tokenizer)
     hf_export.export(model.state_dict(), config, eos, folder, folder.parent / "tokenizer.json")
     (folder / "llmops_model.json").write_text(json.dumps(config.to_dict()))
+    return folder
+
+
+def make_random_llama(folder: Path, device: str) -> Path:
+    """A random Llama-shaped `transformers` model with a trained tokenizer; TinyLlama-1.1B's
+    shape on a GPU, a small one on CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmops.api.dataset import TokenizerTraining
+    from llmops_trainer import hf_export
+    from llmops_trainer.data import tokenize
+
+    words = [f"w{i}" for i in range(3000)]
+    texts = [" ".join(words[(i * 7) % 3000 : (i * 7) % 3000 + 50]) for i in range(2000)]
+    tokenizer = tokenize.train(texts, TokenizerTraining(vocab_size=4096, min_frequency=1))
+    if device.startswith("cuda"):
+        shape = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                 "num_attention_heads": 32, "num_key_value_heads": 4,
+                 "max_position_embeddings": 2048}  # fmt: skip
+    else:
+        shape = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+                 "num_attention_heads": 8, "num_key_value_heads": 4,
+                 "max_position_embeddings": 512}  # fmt: skip
+    eos = tokenize.eos_id(tokenizer)
+    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), eos_token_id=eos, **shape)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    hf_export.write_tokenizer_config(folder, shape["max_position_embeddings"])
     return folder
 
 
@@ -187,14 +220,14 @@ def bench_server(model_dir: Path, batch: int, system: str, vocab: int,
 
 def bench_transformers(model_dir: Path, vocab: int, args: argparse.Namespace) -> list[Result]:
     import torch
-    from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]  # fmt: skip
     if dtype is None:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.set_num_threads(args.threads)
-    model = GPT2LMHeadModel.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     model = model.to(args.device).eval()
 
     class FirstToken(LogitsProcessor):
@@ -288,10 +321,12 @@ def main() -> int:
         "competing with the load generator distort every number)",
     )
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--llama", action="store_true", help="a random Llama-shaped model")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir or make_random_model(Path(scratch) / "model", args.device)
+        make = make_random_llama if args.llama else make_random_model
+        model_dir = args.model_dir or make(Path(scratch) / "model", args.device)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         results = bench_server(model_dir, 32, "llmops batching", vocab, args)
         results += bench_server(model_dir, 1, "llmops no batching", vocab, args)

@@ -116,6 +116,7 @@ def running_server(
     auth_token_file: Path | None = None,
     max_body_bytes: int = 1 << 20,
     wrap: Callable[[Engine], None] | None = None,
+    adapters: list[tuple[str, Path]] | None = None,
 ) -> Iterator[RunningServer]:
     """uvicorn with the app on a free loopback port, in a thread of this process."""
     settings = ServeSettings(
@@ -127,6 +128,7 @@ def running_server(
         auth_token_file=auth_token_file,
         device="cpu",
         dtype="float32",
+        adapters=list(adapters or []),
     )
     metrics = ServingMetrics(CollectorRegistry())
     loaded = loading.load(model_dir)

@@ -305,9 +305,9 @@ def gated(gate: threading.Event) -> Callable[[Engine], None]:
     def wrap(engine: Engine) -> None:
         decode = engine.model.decode
 
-        def waiting(tokens: list[int], positions: list[int]) -> Any:
+        def waiting(tokens: list[int], positions: list[int], adapters: Any = None) -> Any:
             assert gate.wait(60)
-            return decode(tokens, positions)
+            return decode(tokens, positions, adapters)
 
         engine.model.decode = waiting  # type: ignore[method-assign]
 

@@ -152,3 +152,71 @@ def test_an_unsupported_family_is_refused_naming_vllm(tmp_path: Path) -> None:
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(loading.ModelFolderError, match="runtime vllm"):
         loading.load(tmp_path)
+
+
+def random_adapter(base: Path, folder: Path, seed: int, targets: Any) -> Path:
+    """A LoRA adapter with random (non-zero) updates, saved as peft saves a fine-tune's."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(str(folder))
+    return folder
+
+
+def test_adapters_by_model_name_give_their_own_models_outputs(llama: Path, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    adapters = [
+        ("counting", random_adapter(llama, tmp_path / "a", 1, "all-linear")),
+        ("attention-only", random_adapter(llama, tmp_path / "b", 2, ["q_proj", "v_proj"])),
+    ]
+    prompt = [5, 9, 13, 40]
+
+    def expected(adapter: Path | None) -> list[int]:
+        model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(llama))
+        if adapter is not None:
+            model = peft.PeftModel.from_pretrained(model, str(adapter))
+        out = model.eval().generate(
+            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )  # fmt: skip
+        return [int(t) for t in out[0, len(prompt) :]]
+
+    wanted = {"tiny": expected(None), **{name: expected(folder) for name, folder in adapters}}
+    assert len({tuple(v) for v in wanted.values()}) == 3  # three different models
+
+    with running_server(llama, adapters=adapters, max_batch_size=4, max_concurrency=16) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        listed = client.models.list().data
+        assert [m.id for m in listed] == ["tiny", "counting", "attention-only"]
+
+        import concurrent.futures
+
+        def ask(name: str) -> str:
+            reply = client.completions.create(
+                model=name, prompt=prompt, max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert reply.model == name
+            return reply.choices[0].text
+
+        # All three at once, several times: sequences of different adapters share batches.
+        names = list(wanted) * 3
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            results = list(pool.map(ask, names))
+        tokenizer = server.engine.tokenizer
+        for name, produced in zip(names, results, strict=True):
+            assert produced == tokenizer.decode(wanted[name]), name
+
+        with pytest.raises(openai.NotFoundError, match="counting"):
+            client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_an_adapter_of_another_base_is_refused(llama: Path, tmp_path: Path) -> None:
+    other = build(tmp_path / "wider", hidden_size=32)
+    adapter = random_adapter(other, tmp_path / "adapter", 3, "all-linear")
+    settings = ServeSettings(llama, "tiny", device="cpu", dtype="float32",
+                             adapters=[("wrong", adapter)])  # fmt: skip
+    metrics = ServingMetrics(__import__("prometheus_client").CollectorRegistry())
+    with pytest.raises(loading.ModelFolderError, match="another model"):
+        build_engine(loading.load(llama), settings, metrics)

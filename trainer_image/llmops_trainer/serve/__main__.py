@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from llmops.api.modeldeployment import ModelDeployment
 from llmops_trainer.model import GPT
-from llmops_trainer.serve import loading
+from llmops_trainer.serve import adapters, loading
 from llmops_trainer.serve.api import ServerState, create_app
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, UnsupportedModel
 from llmops_trainer.serve.engine import Engine, KVCacheModel
@@ -48,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto)")
     parser.add_argument("--grace-seconds", type=float, help="drain time after SIGTERM")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve a LoRA adapter folder (peft layout) as model NAME (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,6 +85,11 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
     for name, value in overrides.items():
         if value is not None:
             setattr(settings, name, value)
+    for value in args.adapter:
+        name, _, folder = value.partition("=")
+        if not name or not folder:
+            raise SystemExit(f"--adapter wants NAME=DIR, got {value!r}")
+        settings.adapters.append((name, Path(folder)))
     settings.device, settings.dtype = args.device, args.dtype
     settings.max_concurrency = max(settings.max_concurrency, settings.max_batch_size)
     return settings
@@ -112,13 +124,17 @@ def build_engine(
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     runner: KVCacheModel | DecoderKVCacheModel
+    names = [name for name, _ in settings.adapters]
     if loaded.config is None:
         try:
+            lora = [adapters.load(name, folder) for name, folder in settings.adapters]
             runner = DecoderKVCacheModel(
-                loaded.transformers_model, settings.max_batch_size, context, device, dtype
+                loaded.transformers_model, settings.max_batch_size, context, device, dtype, lora
             )
-        except UnsupportedModel as error:
+        except (UnsupportedModel, adapters.AdapterError) as error:
             raise loading.ModelFolderError(str(error)) from error
+    elif names:
+        raise loading.ModelFolderError("LoRA adapters are served on transformers models only")
     else:
         model = GPT(loaded.config)
         model.load_state_dict(loaded.state_dict, strict=False)  # the tied head may be absent
@@ -131,6 +147,7 @@ def build_engine(
         settings.max_concurrency,
         stop_token_ids=loaded.stop_token_ids,
         chat=loaded.chat,
+        adapter_names=names,
     )
 
 

@@ -207,21 +207,24 @@ def create_app(
             metrics.rejected.labels(reason="unauthorized").inc()
             raise RequestError("missing or invalid bearer token", 401, code="invalid_api_key")
 
-    def engine_for(model: str) -> Engine:
+    def engine_for(model: str) -> tuple[Engine, int]:
+        """The engine and the adapter (0: the base) a request's `model` names."""
         if state.draining:
             metrics.rejected.labels(reason="draining").inc()
             raise RequestError("the server is shutting down", 503)
         if state.engine is None or not state.ready:
             raise RequestError("the model is still loading", 503)
-        if model != state.served_name:
+        names = [state.served_name, *state.engine.adapter_names]
+        if model not in names:
             metrics.rejected.labels(reason="not_found").inc()
+            served = ", ".join(repr(n) for n in names)
             raise RequestError(
-                f"the model {model!r} does not exist; this server serves {state.served_name!r}",
+                f"the model {model!r} does not exist; this server serves {served}",
                 404,
                 "model",
                 "model_not_found",
             )
-        return state.engine
+        return state.engine, names.index(model)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> PlainTextResponse:
@@ -252,25 +255,30 @@ def create_app(
             "root": state.label,
             "max_model_len": state.context_length,
         }
-        return {"object": "list", "data": [card]}
+        adapter_names = state.engine.adapter_names if state.engine is not None else []
+        cards = [card] + [
+            {**card, "id": name, "root": name, "parent": state.served_name}
+            for name in adapter_names
+        ]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
         authorize(request)
-        engine = engine_for(body.model)
+        engine, adapter = engine_for(body.model)
         prompt = body.single_prompt()
         ids = _encode(engine, prompt) if isinstance(prompt, str) else _check_ids(engine, prompt)
         params = body.sampling(_token_limit(state, engine, ids, body.max_tokens))
-        return await _respond(state, request, engine, ids, params, body, chat=False)
+        return await _respond(state, request, engine, adapter, ids, params, body, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse:
         authorize(request)
-        engine = engine_for(body.model)
+        engine, adapter = engine_for(body.model)
         messages = [(m.role, m.text()) for m in body.messages]
         stops: tuple[str, ...]
         if engine.chat is not None:  # the model's own template; its end-of-turn id stops
@@ -283,7 +291,7 @@ def create_app(
         ids = _encode(engine, prompt)
         limit = _token_limit(state, engine, ids, body.token_limit())
         params = body.sampling(limit, extra_stops=stops)
-        return await _respond(state, request, engine, ids, params, body, chat=True)
+        return await _respond(state, request, engine, adapter, ids, params, body, chat=True)
 
     return app
 
@@ -362,12 +370,13 @@ async def _respond(
     state: ServerState,
     request: Request,
     engine: Engine,
+    adapter: int,
     ids: list[int],
     params: SamplingParams,
     body: CompletionRequest | ChatCompletionRequest,
     chat: bool,
 ) -> JSONResponse | StreamingResponse:
-    stream = engine.submit(ids, params)
+    stream = engine.submit(ids, params, adapter)
     if stream is None:
         if state.draining or engine.scheduler.closed:
             state.metrics.rejected.labels(reason="draining").inc()
@@ -376,7 +385,7 @@ async def _respond(
         raise RequestError(
             "the server is at capacity; retry later", 429, code="rate_limit_exceeded"
         )
-    reply = _Reply(state.served_name, chat)
+    reply = _Reply(body.model, chat)  # the base's or an adapter's name, as asked
     if body.stream:
         return StreamingResponse(
             _sse(engine, stream, reply, body.include_usage()),

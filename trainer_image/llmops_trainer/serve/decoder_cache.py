@@ -6,16 +6,23 @@ cache slots 0..B-1, a step reads the cache as a slice, and a finished sequence's
 refilled by moving the last one. The layers' own modules (projections, norms, MLP, rotary
 embedding) do the arithmetic, so the weights are used exactly as `transformers` uses them;
 only the attention over the cache is ours. Grouped-query attention keeps the cache at the
-key/value head count.
+key/value head count. LoRA adapters (serve/adapters.py) are applied per row: a batch mixes
+sequences of several adapters and of the base.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from llmops_trainer.serve.adapters import Adapter, check_fits
+
+# Rows of a batch per adapter (1-based; the base's rows are not listed).
+Groups = list[tuple[int, torch.Tensor]]
 
 # Families whose decoder layer is: x + o_proj(attn(rope(q, k), v)) on input_layernorm(x),
 # then x + mlp(post_attention_layernorm(x)), scaled by 1/sqrt(head_dim).
@@ -34,6 +41,7 @@ class DecoderKVCacheModel:
         context_length: int,
         device: torch.device,
         dtype: torch.dtype,
+        adapters: Sequence[Adapter] = (),
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED:
@@ -62,15 +70,55 @@ class DecoderKVCacheModel:
         shape = (len(self.layers), max_batch, self.kv_heads, context_length, self.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shapes = {
+            (index, f"{part}.{name}"): tuple(getattr(getattr(layer, part), name).weight.shape)
+            for index, layer in enumerate(self.layers)
+            for part, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+            for name in (f"{n}_proj" for n in names)
+        }
+        self.adapters: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = []
+        for adapter in adapters:
+            check_fits(adapter, shapes)
+            self.adapters.append(
+                {
+                    where: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+                    for where, (a, b) in adapter.updates.items()
+                }
+            )
+
+    def _groups(self, adapters: Sequence[int] | None) -> Groups:
+        if not adapters or not any(adapters):
+            return []
+        ids = torch.tensor(list(adapters))
+        return [
+            (int(a), torch.nonzero(ids == a).flatten().to(self.device))
+            for a in sorted(set(adapters) - {0})
+        ]
+
+    def _linear(
+        self, layer: int, name: str, module: Any, x: torch.Tensor, groups: Groups
+    ) -> torch.Tensor:
+        """The base projection, plus each row's adapter update where it has one."""
+        y: torch.Tensor = module(x)
+        for adapter, rows in groups:
+            update = self.adapters[adapter - 1].get((layer, name))
+            if update is not None:
+                a, b = update
+                y[rows] += (x[rows] @ a.T) @ b.T
+        return y
 
     def _project(
-        self, attn: Any, h: torch.Tensor, positions: torch.Tensor
+        self, index: int, attn: Any, h: torch.Tensor, positions: torch.Tensor, groups: Groups
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (batch, heads, length, head_dim) with rotary positions."""
         batch, length, _ = h.shape
-        q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
-        k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
-        v = attn.v_proj(h).view(batch, length, -1, self.head_dim)
+
+        def project(name: str) -> torch.Tensor:
+            module = getattr(attn, name)
+            out = self._linear(index, f"self_attn.{name}", module, h, groups)
+            return out.view(batch, length, -1, self.head_dim)
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -86,6 +134,15 @@ class DecoderKVCacheModel:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
+    def _mlp(self, index: int, mlp: Any, h: torch.Tensor, groups: Groups) -> torch.Tensor:
+        if not groups:
+            out: torch.Tensor = mlp(h)
+            return out
+        # The gated MLP of these families, with each projection adapted per row.
+        gate = self._linear(index, "mlp.gate_proj", mlp.gate_proj, h, groups)
+        up = self._linear(index, "mlp.up_proj", mlp.up_proj, h, groups)
+        return self._linear(index, "mlp.down_proj", mlp.down_proj, mlp.act_fn(gate) * up, groups)
+
     def _layer(
         self,
         index: int,
@@ -94,20 +151,27 @@ class DecoderKVCacheModel:
         store: Any,
         read: Any,
         mask: torch.Tensor | None,
+        groups: Groups,
     ) -> torch.Tensor:
         layer = self.layers[index]
-        q, k, v = self._project(layer.self_attn, layer.input_layernorm(x), positions)
+        attn = layer.self_attn
+        q, k, v = self._project(index, attn, layer.input_layernorm(x), positions, groups)
         store(index, k, v)
         k, v = read(index, k, v)
-        y = self._attend(q, k, v, mask)
-        x = x + layer.self_attn.o_proj(y.transpose(1, 2).reshape(*x.shape[:2], -1))
-        out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
+        y = self._attend(q, k, v, mask).transpose(1, 2).reshape(*x.shape[:2], -1)
+        x = x + self._linear(index, "self_attn.o_proj", attn.o_proj, y, groups)
+        out: torch.Tensor = x + self._mlp(
+            index, layer.mlp, layer.post_attention_layernorm(x), groups
+        )
         return out
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(
+        self, first_slot: int, prompts: list[list[int]], adapters: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Whole prompts into slots first_slot.. (right-padded); the logits (n, vocab) of
-        each prompt's last position."""
+        each prompt's last position. `adapters[i]` is prompt i's adapter (0: the base)."""
+        groups = self._groups(adapters)
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, longest), dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -127,15 +191,18 @@ class DecoderKVCacheModel:
 
         x = self.decoder.embed_tokens(ids)
         for index in range(len(self.layers)):
-            x = self._layer(index, x, positions[None].expand(n, -1), store, _same, mask)
+            x = self._layer(index, x, positions[None].expand(n, -1), store, _same, mask, groups)
         last = self.decoder.norm(x[torch.arange(n, device=self.device), lengths - 1])
         logits: torch.Tensor = self.model.lm_head(last)
         return logits.float()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self, tokens: list[int], positions: list[int], adapters: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """One token for each sequence in slots 0..len(tokens)-1 at its position; the logits
         (batch, vocab) of the next token."""
+        groups = self._groups(adapters)
         batch = len(tokens)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -154,7 +221,7 @@ class DecoderKVCacheModel:
 
         x = self.decoder.embed_tokens(ids)
         for index in range(len(self.layers)):
-            x = self._layer(index, x, pos[:, None], store, read, mask)
+            x = self._layer(index, x, pos[:, None], store, read, mask, groups)
         logits: torch.Tensor = self.model.lm_head(self.decoder.norm(x[:, 0]))
         return logits.float()
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -69,9 +69,13 @@ class KVCacheModel:
         return t.view(batch, length, self.config.num_heads, -1).transpose(1, 2)
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, prompts: list[list[int]]) -> torch.Tensor:
+    def prefill(
+        self, first_slot: int, prompts: list[list[int]], adapters: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Process whole prompts into slots first_slot.. (right-padded to the longest);
-        returns the logits (n, vocab) of each prompt's last position."""
+        returns the logits (n, vocab) of each prompt's last position. The built-in GPT has
+        no adapters: `adapters` must be all 0."""
+        assert not any(adapters or ()), "adapters need a transformers model"
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, longest), dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -99,7 +103,9 @@ class KVCacheModel:
         return logits.float()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(
+        self, tokens: list[int], positions: list[int], adapters: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """One token for each of the sequences in slots 0..len(tokens)-1, at their positions;
         returns the logits (batch, vocab) of the next token."""
         batch = len(tokens)
@@ -164,6 +170,7 @@ class Generation:
     cancelled: bool = False
     last_token_at: float | None = None
     generator: torch.Generator | None = None
+    adapter: int = 0  # 0: the base model; i: the engine's adapter_names[i - 1]
     stopper: StopMatcher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -202,6 +209,7 @@ class Engine:
         prefill_budget: int = 4096,
         stop_token_ids: Collection[int] = (),
         chat: ChatTemplate | None = None,
+        adapter_names: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -209,6 +217,7 @@ class Engine:
         # Every id that ends a reply (a chat model's end of turn as well as end of text).
         self.stop_token_ids = frozenset(stop_token_ids)
         self.chat = chat
+        self.adapter_names = list(adapter_names)  # served by name, in the model's order
         self.metrics = metrics
         self.context_length = model.context_length
         self.scheduler: Scheduler[Generation] = Scheduler(
@@ -224,12 +233,16 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream | None:
-        """Queue a generation; None when the queue is full or the engine is draining."""
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: int = 0
+    ) -> Stream | None:
+        """Queue a generation (with adapter `adapter`, 0 for the base); None when the queue
+        is full or the engine is draining."""
         stream = Stream(asyncio.get_running_loop())
         generation = Generation(
             prompt_ids, params, stream.put, IncrementalDecoder(self.tokenizer.decode)
         )
+        generation.adapter = adapter
         if params.seed is not None and not params.greedy:
             generation.generator = torch.Generator(device=self.model.device)
             generation.generator.manual_seed(params.seed)
@@ -298,7 +311,9 @@ class Engine:
         for offset, generation in enumerate(admitted):
             generation.slot = first + offset
             self._running.append(generation)
-        logits = self.model.prefill(first, [g.prompt_ids for g in admitted])
+        logits = self.model.prefill(
+            first, [g.prompt_ids for g in admitted], [g.adapter for g in admitted]
+        )
         for generation in admitted:
             generation.cached = len(generation.prompt_ids)
             self.metrics.prompt_tokens.inc(generation.cached)
@@ -307,7 +322,9 @@ class Engine:
     def _decode(self) -> None:
         batch = list(self._running)
         self.metrics.batch_size.observe(len(batch))
-        logits = self.model.decode([g.output_ids[-1] for g in batch], [g.cached for g in batch])
+        logits = self.model.decode(
+            [g.output_ids[-1] for g in batch], [g.cached for g in batch], [g.adapter for g in batch]
+        )
         for generation in batch:
             generation.cached += 1
         self._accept(batch, logits)

@@ -4,7 +4,7 @@ the controller, command-line flags when run by hand."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmops.api.modeldeployment import ModelDeployment
@@ -31,6 +31,8 @@ class ServeSettings:
     dtype: str = "auto"
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     max_body_bytes: int = 1 << 20
+    # LoRA adapters served by name on the model: (name, folder in peft's layout)
+    adapters: list[tuple[str, Path]] = field(default_factory=list)
 
     @classmethod
     def from_deployment(cls, md: ModelDeployment, model_dir: Path) -> ServeSettings:
