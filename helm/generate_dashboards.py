@@ -5,7 +5,8 @@
 
 Every panel queries metrics our components export: the operator's (llmops.metrics), the
 trainer's rank 0 (llmops_training_*, label llmops_training_run) and the servers'
-(llmops_serving_*, label llmops_model_deployment); tests/unit/test_dashboards.py checks it.
+(llmops_serving_*, label llmops_model_deployment), or the pinned vLLM release's (vllm:*, the
+same label, for ModelDeployments with runtime vllm); tests/unit/test_dashboards.py checks it.
 """
 
 from __future__ import annotations
@@ -137,13 +138,24 @@ BY_RUN = "{{namespace}}/{{llmops_training_run}}"
 BY_MD = "{{namespace}}/{{llmops_model_deployment}}"
 
 
-def _quantiles(metric: str, by: str = "namespace, llmops_model_deployment") -> dict[str, str]:
+# Serving series of either runtime, for the variables (a deployment runs one or the other).
+SERVING_SERIES = '{__name__=~"llmops_serving_model_info|vllm:num_requests_running"}'
+
+
+def _quantiles(
+    metric: str, by: str = "namespace, llmops_model_deployment", legend: str = ""
+) -> dict[str, str]:
     return {
-        f"p{q} {BY_MD}": (
+        f"{legend}p{q} {BY_MD}": (
             f"histogram_quantile(0.{q}, sum by ({by}, le) (rate({metric}_bucket{{{MD}}}[5m])))"
         )
         for q in ("50", "95", "99")
     }
+
+
+def _both(ours: str, vllm: str) -> dict[str, str]:
+    """p50/p95/p99 of a latency histogram of the built-in server and of vLLM."""
+    return {**_quantiles(ours), **_quantiles(vllm, legend="vllm ")}
 
 
 def dashboards() -> list[Dashboard]:
@@ -287,13 +299,14 @@ def dashboards() -> list[Dashboard]:
     serving = Dashboard(
         "llmops-serving",
         "llmops / Serving",
-        "ModelDeployments: requests, time to first token, latency percentiles, queue, replicas.",
+        "ModelDeployments: requests, time to first token, latency percentiles, queue, replicas; "
+        "the built-in server's metrics and vLLM's (runtime vllm, legends starting with vllm).",
         [
-            ("namespace", "Namespace", "label_values(llmops_serving_model_info, namespace)"),
+            ("namespace", "Namespace", f"label_values({SERVING_SERIES}, namespace)"),
             (
                 "deployment",
                 "ModelDeployment",
-                "label_values(llmops_serving_model_info, llmops_model_deployment)",
+                f"label_values({SERVING_SERIES}, llmops_model_deployment)",
             ),
         ],
         [
@@ -306,7 +319,11 @@ def dashboards() -> list[Dashboard]:
                             f"{{{{finish_reason}}}} {BY_MD}": (
                                 "sum by (namespace, llmops_model_deployment, finish_reason) "
                                 f"(rate(llmops_serving_requests_total{{{MD}}}[5m]))"
-                            )
+                            ),
+                            f"vllm {{{{finished_reason}}}} {BY_MD}": (
+                                "sum by (namespace, llmops_model_deployment, finished_reason) "
+                                f"(rate(vllm:request_success_total{{{MD}}}[5m]))"
+                            ),
                         },
                         unit="reqps",
                     ),
@@ -316,7 +333,11 @@ def dashboards() -> list[Dashboard]:
                             f"{{{{reason}}}} {BY_MD}": (
                                 "sum by (namespace, llmops_model_deployment, reason) "
                                 f"(rate(llmops_serving_requests_rejected_total{{{MD}}}[5m]))"
-                            )
+                            ),
+                            f"vllm {{{{reason}}}} {BY_MD}": (
+                                "sum by (namespace, llmops_model_deployment, reason) "
+                                f"(rate(vllm:admission_rejections_total{{{MD}}}[5m]))"
+                            ),
                         },
                         unit="reqps",
                     ),
@@ -331,13 +352,24 @@ def dashboards() -> list[Dashboard]:
                                 "sum by (namespace, llmops_model_deployment) "
                                 f"(rate(llmops_serving_prompt_tokens_total{{{MD}}}[5m]))"
                             ),
+                            f"vllm generated {BY_MD}": (
+                                "sum by (namespace, llmops_model_deployment) "
+                                f"(rate(vllm:generation_tokens_total{{{MD}}}[5m]))"
+                            ),
+                            f"vllm prompt {BY_MD}": (
+                                "sum by (namespace, llmops_model_deployment) "
+                                f"(rate(vllm:prompt_tokens_total{{{MD}}}[5m]))"
+                            ),
                         },
                     ),
                     Panel(
                         "Replicas serving",
                         {
                             BY_MD: "count by (namespace, llmops_model_deployment) "
-                            f"(llmops_serving_model_info{{{MD}}})"
+                            f"(llmops_serving_model_info{{{MD}}})",
+                            # One engine per vLLM pod: its scheduler gauge counts the replicas.
+                            f"vllm {BY_MD}": "count by (namespace, llmops_model_deployment) "
+                            f"(vllm:num_requests_running{{{MD}}})",
                         },
                     ),
                 ],
@@ -347,17 +379,26 @@ def dashboards() -> list[Dashboard]:
                 [
                     Panel(
                         "Time to first token",
-                        _quantiles("llmops_serving_time_to_first_token_seconds"),
+                        _both(
+                            "llmops_serving_time_to_first_token_seconds",
+                            "vllm:time_to_first_token_seconds",
+                        ),
                         unit="s",
                     ),
                     Panel(
                         "End-to-end request latency",
-                        _quantiles("llmops_serving_e2e_request_latency_seconds"),
+                        _both(
+                            "llmops_serving_e2e_request_latency_seconds",
+                            "vllm:e2e_request_latency_seconds",
+                        ),
                         unit="s",
                     ),
                     Panel(
                         "Inter-token latency",
-                        _quantiles("llmops_serving_inter_token_latency_seconds"),
+                        _both(
+                            "llmops_serving_inter_token_latency_seconds",
+                            "vllm:inter_token_latency_seconds",
+                        ),
                         unit="s",
                     ),
                     Panel(
@@ -380,8 +421,23 @@ def dashboards() -> list[Dashboard]:
                             f"(llmops_serving_requests_running{{{MD}}})",
                             f"waiting {BY_MD}": "sum by (namespace, llmops_model_deployment) "
                             f"(llmops_serving_requests_waiting{{{MD}}})",
+                            f"vllm running {BY_MD}": "sum by (namespace, llmops_model_deployment) "
+                            f"(vllm:num_requests_running{{{MD}}})",
+                            f"vllm waiting {BY_MD}": "sum by (namespace, llmops_model_deployment) "
+                            f"(vllm:num_requests_waiting{{{MD}}})",
                         },
-                        width=24,
+                    ),
+                    Panel(
+                        "KV cache usage (vLLM)",
+                        {
+                            f"vllm max {BY_MD}": "max by (namespace, llmops_model_deployment) "
+                            f"(vllm:kv_cache_usage_perc{{{MD}}})"
+                        },
+                        unit="percentunit",
+                        description=(
+                            "Fraction of the KV cache blocks in use, highest replica; near 1 "
+                            "with requests waiting means the replicas are full."
+                        ),
                     ),
                 ],
             ),

@@ -27,7 +27,7 @@ def promtool(*args: str) -> str:
 
 def test_promtool_check_rules():
     out = promtool("check", "rules", "llmops.rules.yaml")
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 12 rules found" in out
 
 
 def test_promtool_unit_tests_fire_each_alert_when_it_should():

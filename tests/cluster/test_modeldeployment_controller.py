@@ -222,3 +222,111 @@ def test_policy_latest_rolls_to_the_new_checkpoint(
 def keda_crd(api_client: client.ApiClient) -> None:
     """Stands in for an installed KEDA: its ScaledObject kind, schema left open."""
     install_stand_in_crd(api_client, "keda.sh", "v1alpha1", "ScaledObject")
+
+
+def test_vllm_runtime_is_admitted_as_restricted_and_switches_back_to_builtin(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """runtime vllm: vLLM's container (flags, API key by reference, GPUs, probes) in a
+    namespace that enforces the `restricted` Pod Security Standard; switching back to the
+    built-in server rolls the same Deployment."""
+    namespace = operator
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    core.patch_namespace(
+        namespace,
+        {
+            "metadata": {
+                "labels": {
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                }
+            }
+        },
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "api-token"}, "stringData": {"token": "sk-test"}, "type": "Opaque"},
+    )
+    claim(api_client, namespace, "models")
+    create(
+        api_client,
+        namespace,
+        model_deployment(
+            model={"uri": "pvc://models/llama/final", "servedName": "llama-chat"},
+            replicas=1,
+            runtime="vllm",
+            vllm={"maxModelLen": 4096, "dtype": "bfloat16"},
+            resources={"gpus": 2},
+            server={"authTokenSecret": {"name": "api-token", "key": "token"}},
+        ),
+    )
+    ready = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Ready")
+    assert ready["status"]["readyReplicas"] == 1
+    assert ready["status"]["model"] == "llama-chat"
+
+    deployment = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+    uid = deployment.metadata.uid
+    container = deployment.spec.template.spec.containers[0]
+    assert container.image.startswith("vllm/vllm-openai:v")
+    assert container.command == ["vllm", "serve"]
+    args = container.args
+    assert args[0] == "/model/llama/final"
+    for flag, value in (
+        ("--served-model-name", "llama-chat"),
+        ("--tensor-parallel-size", "2"),
+        ("--max-model-len", "4096"),
+        ("--dtype", "bfloat16"),
+        ("--port", "8000"),
+        ("--host", "0.0.0.0"),
+    ):
+        assert args[args.index(flag) + 1] == value
+    (key,) = [e for e in container.env if e.name == "VLLM_API_KEY"]
+    assert key.value is None
+    assert (key.value_from.secret_key_ref.name, key.value_from.secret_key_ref.key) == (
+        "api-token",
+        "token",
+    )
+    assert container.resources.limits["nvidia.com/gpu"] == "2"
+    for probe in (container.startup_probe, container.readiness_probe, container.liveness_probe):
+        assert probe.http_get.path == "/health"
+    # The ReplicaSet's pod passed Pod Security admission (restricted) and is running.
+    pods = core.list_namespaced_pod(namespace, label_selector=ready["status"]["selector"]).items
+    assert len(pods) == 1 and pods[0].spec.containers[0].command == ["vllm", "serve"]
+
+    custom(api_client).patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "modeldeployments",
+        NAME,
+        {"spec": {"runtime": "builtin", "vllm": None}},
+    )
+
+    def rolled_back() -> bool:
+        current = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+        command = current.spec.template.spec.containers[0].command
+        return bool(command and command[:3] == ["python", "-m", "llmops_trainer.serve"])
+
+    wait_for("the built-in server in the Deployment", rolled_back, 30)
+    wait_status(
+        api_client,
+        namespace,
+        "ModelDeployment",
+        NAME,
+        "rolled out to the built-in server",
+        phase="Ready",
+        updatedReplicas=1,
+        readyReplicas=1,
+    )
+    deployment = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+    assert deployment.metadata.uid == uid  # the same Deployment, updated in place
+    container = deployment.spec.template.spec.containers[0]
+    assert container.args is None
+    assert not [e for e in container.env if e.name.startswith("VLLM_")]
+    assert container.readiness_probe.http_get.path == "/readyz"
+    assert {v.name for v in deployment.spec.template.spec.volumes} >= {"model", "auth", "config"}
+    assert "vllm-home" not in {v.name for v in deployment.spec.template.spec.volumes}
+    assert len(apps.list_namespaced_replica_set(namespace).items) == 2  # a rolling update
+    pods = core.list_namespaced_pod(namespace, label_selector=ready["status"]["selector"]).items
+    running = [p for p in pods if p.metadata.deletion_timestamp is None]
+    assert running and all(p.spec.containers[0].command[0] == "python" for p in running)

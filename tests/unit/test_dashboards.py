@@ -3,7 +3,8 @@
 What is exported is read from the code itself: the operator's registry (llmops.metrics plus
 prometheus-client's process collectors) and every metrics class of the trainer image (each
 class in an llmops_trainer module that uses prometheus_client and takes a `registry`),
-instantiated on a fresh registry.
+instantiated on a fresh registry; and, for runtime vllm, the metrics of the pinned vLLM
+release (vllm_interface.txt, read from its source).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
+from vllm_interface import load, series
 
 pytestmark = pytest.mark.unit
 
@@ -84,7 +86,7 @@ def trainer_series() -> set[str]:
 
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
-    return operator_series() | trainer_series() | PROMETHEUS_OWN
+    return operator_series() | trainer_series() | series(load()) | PROMETHEUS_OWN
 
 
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -164,6 +166,12 @@ def test_dashboards_cover_training_serving_data_and_the_operator(exported: set[s
         "llmops_serving_time_to_first_token_seconds_bucket",
         "llmops_serving_e2e_request_latency_seconds_bucket",
         "llmops_serving_requests_waiting",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total",
         "llmops_operator_resources",
         "llmops_operator_reconcile_errors_total",
     ):
@@ -182,8 +190,14 @@ def test_alert_rules_query_metrics_our_components_export(exported: set[str]):
         "LLMOpsDatasetJobFailed",
         "LLMOpsServingErrorRateHigh",
         "LLMOpsServingLatencySLO",
+        "LLMOpsServingKVCacheFull",
         "LLMOpsOperatorDown",
     } <= set(alerts)
+    # The serving alerts cover both runtimes.
+    for name in ("LLMOpsServingErrorRateHigh", "LLMOpsServingLatencySLO"):
+        used = metrics_in(alerts[name])
+        assert any(m.startswith("llmops_serving_") for m in used), name
+        assert any(m.startswith("vllm:") for m in used), name
     for name, expr in alerts.items():
         used = metrics_in(expr)
         assert used and not used - exported, f"{name} queries {sorted(used - exported)}"

@@ -189,3 +189,37 @@ def test_a_bad_model_source_fails_the_run_with_the_initializers_reason() -> None
     # A network failure is worth a restart.
     flaky = decided(body, job=failed, pods=[init_failed("ModelFetchFailed", "timed out")])
     assert flaky.restarted and flaky.status.restart_count == 1
+
+
+def deployment(**spec: Any) -> Any:
+    from llmops.api.modeldeployment import ModelDeployment
+
+    return ModelDeployment.model_validate(
+        {
+            "apiVersion": "llmops.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "chat"},
+            "spec": {"model": {"trainingRun": {"name": "ft"}}, **spec},
+        }
+    )
+
+
+def test_a_transformers_run_is_served_only_once_exported() -> None:
+    from llmops.decide.modeldeployment import resolve_model
+
+    training = {
+        "spec": {"model": {"pretrained": {"uri": "/m"}}},
+        "status": {
+            "phase": "Running",
+            "checkpoints": {"latest": {"name": "step-20", "uri": "pvc://ft-checkpoints/step-20"}},
+        },
+    }
+    uri, why = resolve_model(deployment(), "ft", "latest", training)
+    assert uri is None and "not exported its final model" in why
+    training["status"] = {"phase": "Succeeded", "modelUri": "pvc://ft-checkpoints/output/model"}
+    assert resolve_model(deployment(), "ft", "latest", training)[0] == (
+        "pvc://ft-checkpoints/output/model"
+    )
+    # The built-in GPT's checkpoints stay servable while it trains.
+    gpt = {"spec": {"model": {}}, "status": {"checkpoints": {"latest": {"uri": "pvc://c/step-5"}}}}
+    assert resolve_model(deployment(), "ft", "latest", gpt)[0] == "pvc://c/step-5"

@@ -1,5 +1,6 @@
 """The HPA of a ModelDeployment asks the custom metrics API for names that the chart's
-prometheus-adapter rules serve, from series the server exports, with KEDA's meaning."""
+prometheus-adapter rules serve, from series the server exports (the built-in server's, or
+the pinned vLLM release's with runtime vllm), with KEDA's meaning."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from typing import Any, get_args
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from vllm_interface import load, series
 
 from llmops.api.modeldeployment import Autoscaling, ModelDeployment
-from llmops.builders.modeldeployment import METRIC_QUERIES, autoscaler
+from llmops.builders.modeldeployment import METRIC_QUERIES, VLLM_METRIC_QUERIES, autoscaler
 from llmops_trainer.serve.metrics import ServingMetrics
 
 pytestmark = pytest.mark.unit
 
 VALUES = Path(__file__).resolve().parents[2] / "helm" / "llmops" / "prometheus-adapter-values.yaml"
 REQUEST_METRICS = [m for m in get_args(Autoscaling.model_fields["metric"].annotation) if m != "cpu"]
+RUNTIMES = ["builtin", "vllm"]
+QUERIES = {"builtin": METRIC_QUERIES, "vllm": VLLM_METRIC_QUERIES}
 
 
 def _rules() -> list[dict[str, Any]]:
@@ -26,7 +30,9 @@ def _rules() -> list[dict[str, Any]]:
     return rules
 
 
-def _exported() -> set[str]:
+def _exported(runtime: str = "builtin") -> set[str]:
+    if runtime == "vllm":
+        return series(load())
     registry = CollectorRegistry()
     ServingMetrics(registry)
     return {sample.name for family in registry.collect() for sample in family.samples}
@@ -51,7 +57,7 @@ def _served_as(rule: dict[str, Any], series: str) -> str:
     return re.sub(r"\$\{(\d+)\}", lambda m: found.group(int(m.group(1))), rule["name"]["as"])
 
 
-def _hpa_metric(metric: str) -> str:
+def _hpa_metric(metric: str, runtime: str) -> str:
     body: dict[str, Any] = {
         "apiVersion": "llmops.dev/v1alpha1",
         "kind": "ModelDeployment",
@@ -59,6 +65,8 @@ def _hpa_metric(metric: str) -> str:
         "spec": {
             "model": {"trainingRun": {"name": "r"}},
             "autoscaling": {"maxReplicas": 4, "metric": metric, "target": 100},
+            "runtime": runtime,
+            "resources": {"gpus": 1},
         },
     }
     hpa = autoscaler(body, ModelDeployment.model_validate(body))
@@ -69,14 +77,16 @@ def _hpa_metric(metric: str) -> str:
     return name
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("metric", REQUEST_METRICS)
-def test_the_adapter_serves_what_the_hpa_asks_for(metric: str) -> None:
-    asked = _hpa_metric(metric)
+def test_the_adapter_serves_what_the_hpa_asks_for(metric: str, runtime: str) -> None:
+    asked = _hpa_metric(metric, runtime)
+    assert ":" not in asked  # a custom metrics API name
     # KEDA's query names the exported series, bare or inside rate(...[window]).
-    keda = re.fullmatch(r"(?:rate\()?(\w+)(\[\w+\]\))?", METRIC_QUERIES[metric])
-    assert keda, METRIC_QUERIES[metric]
+    keda = re.fullmatch(r"(?:rate\()?([\w:]+)(\[\w+\]\))?", QUERIES[runtime][metric])
+    assert keda, QUERIES[runtime][metric]
     series, window = keda.group(1), keda.group(2)
-    assert series in _exported()
+    assert series in _exported(runtime)
     serving = [r for r in _rules() if _selects(r, series) and _served_as(r, series) == asked]
     assert len(serving) == 1, f"no adapter rule serves {asked} from {series}"
     (rule,) = serving
@@ -94,6 +104,6 @@ def test_the_adapter_serves_what_the_hpa_asks_for(metric: str) -> None:
 
 
 def test_every_rule_selects_an_exported_series() -> None:
-    exported = _exported()
+    exported = _exported("builtin") | _exported("vllm")
     for rule in _rules():
         assert any(_selects(rule, name) for name in exported), rule["seriesQuery"]

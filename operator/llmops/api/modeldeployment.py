@@ -218,7 +218,9 @@ class Autoscaling(ApiModel):
         default="in-flight-requests",
         description=(
             "Scaling signal: `cpu` utilization percent, `in-flight-requests` or `queue-depth` "
-            "per replica, or generated `tokens-per-second` per replica."
+            "per replica, or generated `tokens-per-second` per replica (with runtime vllm: "
+            "vLLM's `vllm:num_requests_running`, `vllm:num_requests_waiting` and the rate of "
+            "`vllm:generation_tokens_total`)."
         ),
     )
     target: float = Field(description="Target value of the metric per replica.", gt=0)
@@ -274,7 +276,56 @@ class Server(ApiModel):
 class ServingResources(Resources):
     """Compute per replica."""
 
-    gpus: int = Field(default=0, description="GPUs (`nvidia.com/gpu`) per replica.", ge=0, le=16)
+    gpus: int = Field(
+        default=0,
+        description=(
+            "GPUs (`nvidia.com/gpu`) per replica; with runtime vllm also the tensor-parallel "
+            "size (at least 1)."
+        ),
+        ge=0,
+        le=16,
+    )
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Container image; unset means the image the operator is configured with for the "
+            "runtime: the trainer image (builtin) or the pinned vLLM image (vllm)."
+        ),
+        max_length=512,
+        pattern=r"^[^\s]+$",
+    )
+
+
+class VllmSettings(ApiModel):
+    """Engine settings of vLLM's OpenAI-compatible server (runtime vllm). The model is the
+    folder of `model`, the served name `model.servedName`, the tensor-parallel size
+    `resources.gpus`, the port `server.port` and the API key `server.authTokenSecret`."""
+
+    max_model_len: int | None = Field(
+        default=None,
+        description=(
+            "Prompt plus generated tokens per sequence (`--max-model-len`); unset means the "
+            "model's context length."
+        ),
+        ge=1,
+        le=16777216,
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description=(
+            "Data type of weights and activations (`--dtype`); `auto`: the checkpoint's own "
+            "precision, except that float32 checkpoints run in float16."
+        ),
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        description=(
+            "Fraction of each GPU's memory vLLM may use for weights, activations and KV cache "
+            "(`--gpu-memory-utilization`), above 0 and at most 1."
+        ),
+        gt=0,
+        le=1,
+    )
 
 
 class Rollout(ApiModel):
@@ -324,7 +375,49 @@ class Rollout(ApiModel):
 class ModelDeploymentSpec(ApiModel):
     """Desired state of a ModelDeployment."""
 
+    cel_rules = (
+        Rule(
+            cel="!has(self.vllm) || self.runtime == 'vllm'",
+            message="vllm settings apply only with runtime vllm",
+            check=lambda s: s.vllm is None or s.runtime == "vllm",
+            field_path=".vllm",
+        ),
+        Rule(
+            cel="self.runtime != 'vllm' || self.resources.gpus >= 1",
+            message="runtime vllm needs at least one GPU per replica (resources.gpus >= 1)",
+            check=lambda s: s.runtime != "vllm" or s.resources.gpus >= 1,
+            field_path=".resources.gpus",
+        ),
+        Rule(
+            cel="self.runtime != 'vllm' || !has(self.model.trainingRun) || "
+            "self.model.trainingRun.policy == 'latest'",
+            message=(
+                "runtime vllm loads Hugging Face model folders: a TrainingRun's final model "
+                "(policy latest), not its DeepSpeed checkpoints (best, pinned)"
+            ),
+            check=lambda s: (
+                s.runtime != "vllm"
+                or s.model.training_run is None
+                or s.model.training_run.policy == "latest"
+            ),
+            field_path=".model.trainingRun.policy",
+        ),
+    )
+
     model: ModelSource = Field(description="The model to serve.")
+    runtime: Literal["builtin", "vllm"] = Field(
+        default="builtin",
+        description=(
+            "Inference server: `builtin` (llmops' own engine: CPU or GPU, every model folder "
+            "the trainer writes) or `vllm` (vLLM's OpenAI-compatible server, GPUs only, Hugging "
+            "Face-format models; `server.port` and `server.authTokenSecret` apply, the other "
+            "`server` fields are the builtin engine's, and `vllm` tunes the engine). Changing "
+            "it rolls the same Deployment over to the other server."
+        ),
+    )
+    vllm: VllmSettings | None = Field(
+        default=None, description="vLLM engine settings; only with runtime vllm."
+    )
     replicas: int = Field(
         default=1,
         description="Replicas when autoscaling is off (also the `kubectl scale` target).",

@@ -393,3 +393,29 @@ def read_record(model: type[R], text: str | None) -> R | None:
         return model.model_validate_json(text)
     except ValidationError:
         return None
+
+
+# -- vLLM's metrics (runtime vllm) -----------------------------------------------------------
+
+
+class VllmMetric:
+    """Metric names vLLM's OpenAI-compatible server exports (runtime vllm; checked against
+    the pinned vLLM release by tests/unit/test_vllm.py): ServingMetric's meanings under vLLM's
+    own names. The autoscalers read them from here."""
+
+    PREFIX = "vllm:"
+    REQUESTS_RUNNING = PREFIX + "num_requests_running"
+    REQUESTS_WAITING = PREFIX + "num_requests_waiting"
+    TIME_TO_FIRST_TOKEN = PREFIX + "time_to_first_token_seconds"
+    INTER_TOKEN_LATENCY = PREFIX + "inter_token_latency_seconds"
+    E2E_LATENCY = PREFIX + "e2e_request_latency_seconds"
+    KV_CACHE_USAGE = PREFIX + "kv_cache_usage_perc"  # 0-1 (`gpu_cache_usage_perc` formerly)
+    PROMPT_TOKENS = PREFIX + "prompt_tokens"  # a counter: exposed with `_total`
+    GENERATION_TOKENS = PREFIX + "generation_tokens"  # a counter: exposed with `_total`
+    REQUEST_SUCCESS = PREFIX + "request_success"  # a counter (`_total`), by finished_reason
+    # The names prometheus-adapter serves them under to the HPA (custom metrics API names
+    # without the colon; helm/llmops/prometheus-adapter-values.yaml): the gauges as they are,
+    # the token counter as its per-second rate.
+    HPA_REQUESTS_RUNNING = "vllm_num_requests_running"
+    HPA_REQUESTS_WAITING = "vllm_num_requests_waiting"
+    HPA_GENERATION_TOKENS_PER_SECOND = "vllm_generation_tokens_per_second"

@@ -1,6 +1,9 @@
 """ModelDeployment -> its children: config, Deployment, Service, PodDisruptionBudget and an
 autoscaler (HorizontalPodAutoscaler or KEDA ScaledObject).
 
+The Deployment runs the built-in server or, with runtime vllm, vLLM's (builders/vllm.py);
+the autoscalers query each runtime's own metric names for the same signals.
+
 The autoscaler targets the ModelDeployment's own scale subresource, so spec.replicas stays the
 single source of truth and the controller copies it to the Deployment.
 """
@@ -26,9 +29,10 @@ from llmops.api.workload import (
     SERVING_CONFIG_FILE,
     Env,
     ServingMetric,
+    VllmMetric,
     server_command,
 )
-from llmops.builders import pods, storage
+from llmops.builders import pods, storage, vllm
 from llmops.builders.common import child_labels, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
@@ -44,6 +48,12 @@ METRIC_QUERIES = {
     "queue-depth": ServingMetric.REQUESTS_WAITING,
     "tokens-per-second": f"rate({ServingMetric.GENERATION_TOKENS}_total[1m])",
 }
+# The same signals under vLLM's names (runtime vllm).
+VLLM_METRIC_QUERIES = {
+    "in-flight-requests": VllmMetric.REQUESTS_RUNNING,
+    "queue-depth": VllmMetric.REQUESTS_WAITING,
+    "tokens-per-second": f"rate({VllmMetric.GENERATION_TOKENS}_total[1m])",
+}
 # What the HPA asks the custom metrics API for, per pod. The HPA averages the values as they
 # come, so the token counter is asked for as its per-second rate, a series Prometheus does not
 # have: the prometheus-adapter rules in helm/llmops/prometheus-adapter-values.yaml serve each
@@ -53,6 +63,21 @@ HPA_METRICS = {
     "queue-depth": ServingMetric.REQUESTS_WAITING,
     "tokens-per-second": ServingMetric.GENERATION_TOKENS_PER_SECOND,
 }
+VLLM_HPA_METRICS = {
+    "in-flight-requests": VllmMetric.HPA_REQUESTS_RUNNING,
+    "queue-depth": VllmMetric.HPA_REQUESTS_WAITING,
+    "tokens-per-second": VllmMetric.HPA_GENERATION_TOKENS_PER_SECOND,
+}
+
+
+def metric_queries(md: ModelDeployment) -> dict[str, str]:
+    """PromQL of each autoscaling metric for the deployment's runtime (KEDA)."""
+    return VLLM_METRIC_QUERIES if md.spec.runtime == "vllm" else METRIC_QUERIES
+
+
+def hpa_metrics(md: ModelDeployment) -> dict[str, str]:
+    """Custom metrics API name of each autoscaling metric for the deployment's runtime."""
+    return VLLM_HPA_METRICS if md.spec.runtime == "vllm" else HPA_METRICS
 
 
 def selector_labels(body: Mapping[str, Any]) -> dict[str, str]:
@@ -87,14 +112,14 @@ def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, 
     return volumes, mounts, path
 
 
-def deployment(
-    body: Mapping[str, Any], md: ModelDeployment, replicas: int, model_uri: str
-) -> dict[str, Any]:
+def _builtin_server(
+    md: ModelDeployment,
+    model_dir: str,
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The built-in server's container fields, mounts and volumes (besides scratch and model)."""
     spec = md.spec
-    name = md.metadata.name
-    port = spec.server.port
-    model_volumes, model_mounts, model_dir = _model_volume(model_uri)
-    scratch_volumes, scratch_mounts = pods.scratch_volumes()
     env = [
         {"name": Env.MODEL_DIR, "value": model_dir},
         {"name": "HOME", "value": "/tmp"},
@@ -115,20 +140,11 @@ def deployment(
         ]
         auth_mounts = [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
         env.append({"name": Env.AUTH_TOKEN_FILE, "value": f"{AUTH_DIR}/token"})
-    labels = {**child_labels(body, COMPONENT, "server"), **selector_labels(body)}
     http_get = {"port": "http"}
-    rollout: dict[str, Any] = {"type": spec.rollout.strategy}
-    if spec.rollout.strategy == "RollingUpdate":
-        rollout["rollingUpdate"] = {
-            "maxSurge": _int_or_percent(spec.rollout.max_surge or "25%"),
-            "maxUnavailable": _int_or_percent(spec.rollout.max_unavailable or "25%"),
-        }
-    container = {
-        "name": "server",
+    fields = {
         "image": pods.trainer_image(spec.resources),
         "command": server_command(),
         "env": env,
-        "ports": [{"name": "http", "containerPort": port}],
         "startupProbe": {
             "httpGet": {**http_get, "path": "/healthz"},
             "periodSeconds": PROBE_PERIOD,
@@ -144,16 +160,62 @@ def deployment(
             "periodSeconds": 10,
             "failureThreshold": 3,
         },
+    }
+    config = "config"
+    return (
+        fields,
+        [{"name": config, "mountPath": CONFIG_DIR, "readOnly": True}, *mounts, *auth_mounts],
+        [
+            {"name": config, "configMap": {"name": child_name(md.metadata.name, "config")}},
+            *volumes,
+            *auth_volumes,
+        ],
+    )
+
+
+def _vllm_server(
+    md: ModelDeployment,
+    model_dir: str,
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """vLLM's container fields, mounts and volumes (besides scratch and model)."""
+    home_volumes, home_mounts = vllm.home_volume()
+    return (
+        vllm.container_fields(md, served_name(md), model_dir),
+        [*mounts, *home_mounts],
+        [*volumes, *home_volumes],
+    )
+
+
+def deployment(
+    body: Mapping[str, Any], md: ModelDeployment, replicas: int, model_uri: str
+) -> dict[str, Any]:
+    """The serving Deployment. Either runtime yields the same Deployment (name, selector,
+    labels, strategy), so switching runtime is a rolling update of its pod template."""
+    spec = md.spec
+    model_volumes, model_mounts, model_dir = _model_volume(model_uri)
+    scratch_volumes, scratch_mounts = pods.scratch_volumes()
+    server = _vllm_server if spec.runtime == "vllm" else _builtin_server
+    fields, mounts, volumes = server(
+        md, model_dir, [*scratch_mounts, *model_mounts], [*scratch_volumes, *model_volumes]
+    )
+    labels = {**child_labels(body, COMPONENT, "server"), **selector_labels(body)}
+    rollout: dict[str, Any] = {"type": spec.rollout.strategy}
+    if spec.rollout.strategy == "RollingUpdate":
+        rollout["rollingUpdate"] = {
+            "maxSurge": _int_or_percent(spec.rollout.max_surge or "25%"),
+            "maxUnavailable": _int_or_percent(spec.rollout.max_unavailable or "25%"),
+        }
+    container = {
+        "name": "server",
+        **fields,
+        "ports": [{"name": "http", "containerPort": spec.server.port}],
         # Endpoints drop the pod before SIGTERM lands; the server then finishes in-flight work.
         "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
         "resources": pods.container_resources(spec.resources, spec.resources.gpus),
         "securityContext": pods.container_security_context(),
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            *scratch_mounts,
-            *model_mounts,
-            *auth_mounts,
-        ],
+        "volumeMounts": mounts,
     }
     return {
         "apiVersion": "apps/v1",
@@ -170,12 +232,7 @@ def deployment(
                     "securityContext": pods.pod_security_context(),
                     "terminationGracePeriodSeconds": 60,
                     "containers": [container],
-                    "volumes": [
-                        {"name": "config", "configMap": {"name": child_name(name, "config")}},
-                        *scratch_volumes,
-                        *model_volumes,
-                        *auth_volumes,
-                    ],
+                    "volumes": volumes,
                     **pods.scheduling_fields(spec.scheduling),
                 },
             },
@@ -251,7 +308,7 @@ def autoscaler(body: Mapping[str, Any], md: ModelDeployment) -> dict[str, Any] |
         metric = {
             "type": "Pods",
             "pods": {
-                "metric": {"name": HPA_METRICS[scaling.metric]},
+                "metric": {"name": hpa_metrics(md)[scaling.metric]},
                 "target": {"type": "AverageValue", "averageValue": _quantity(scaling.target)},
             },
         }
@@ -291,7 +348,7 @@ def _scaled_object(
             "metadata": {"value": str(int(scaling.target))},
         }
     else:
-        series = METRIC_QUERIES[scaling.metric]
+        series = metric_queries(md)[scaling.metric]
         query = (
             f"sum({series.replace('[1m]', '{' + selector + '}[1m]')})"
             if series.startswith("rate(")

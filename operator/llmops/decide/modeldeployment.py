@@ -32,7 +32,18 @@ def resolve_model(
         )
     if policy == "latest" and status.get("phase") == "Succeeded" and status.get("modelUri"):
         return status["modelUri"], f"{run_name}/final"
+    if needs_export(md, run):
+        # vLLM, and the built-in engine for a transformers run, load exported models only
+        # (config.json and safetensors), never DeepSpeed checkpoints.
+        return None, f"TrainingRun {run_name!r} has not exported its final model yet"
     chosen = checkpoints.get(policy)
     if not chosen:
         return None, f"TrainingRun {run_name!r} has no {policy} checkpoint yet"
     return chosen["uri"], f"{run_name}/{chosen.get('name', chosen['uri'].rsplit('/', 1)[-1])}"
+
+
+def needs_export(md: ModelDeployment, run: Mapping[str, Any]) -> bool:
+    """Whether only the run's exported model can be served (not one of its checkpoints)."""
+    model = (run.get("spec") or {}).get("model") or {}
+    transformers_run = "pretrained" in model or model.get("architecture") == "llama"
+    return md.spec.runtime == "vllm" or transformers_run

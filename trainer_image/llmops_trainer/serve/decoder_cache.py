@@ -129,10 +129,10 @@ class DecoderKVCacheModel:
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.kv_heads != self.heads:
-            groups = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # Grouped-query attention without copying the cache out to every query head.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
+        )
 
     def _mlp(self, index: int, mlp: Any, h: torch.Tensor, groups: Groups) -> torch.Tensor:
         if not groups:
