@@ -9,6 +9,7 @@ from pydantic import Field
 from llmops.api.base import ApiModel, Rule, StatusModel, cel_exactly_one, exactly_one, nested
 from llmops.api.common import (
     Condition,
+    LocalObjectReference,
     Name,
     ObjectMeta,
     Resources,
@@ -328,6 +329,39 @@ class VllmSettings(ApiModel):
     )
 
 
+class AdapterSource(ApiModel):
+    """A LoRA adapter served under its own model name on the deployment's base model."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("trainingRun", "uri"),
+            message="exactly one of trainingRun or uri must be set",
+            check=lambda s: exactly_one(s, "training_run", "uri"),
+        ),
+    )
+
+    name: str = Field(
+        description="Model name clients send to get this adapter (`model` in a request).",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+    )
+    training_run: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "A LoRA TrainingRun (spec.adapter) whose exported adapter is served once it "
+            "succeeded; a newer run of the same name is picked up on its completion."
+        ),
+    )
+    uri: str | None = Field(
+        default=None,
+        description="An adapter folder in peft's layout: `pvc://<claim>/<path>` or an "
+        "absolute path in the image.",
+        max_length=4096,
+        pattern=r"^(/|pvc://)[^\s]*$",
+    )
+
+
 class Rollout(ApiModel):
     """How a new model version or spec replaces running replicas."""
 
@@ -383,6 +417,19 @@ class ModelDeploymentSpec(ApiModel):
             field_path=".vllm",
         ),
         Rule(
+            cel="self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
+            message="adapter names must be distinct",
+            check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
+            field_path=".adapters",
+        ),
+        Rule(
+            cel="!has(self.adapters) || !has(self.model.servedName) || "
+            "self.adapters.all(a, a.name != self.model.servedName)",
+            message="an adapter's name must differ from model.servedName",
+            check=lambda s: all(a.name != s.model.served_name for a in s.adapters),
+            field_path=".adapters",
+        ),
+        Rule(
             cel="self.runtime != 'vllm' || self.resources.gpus >= 1",
             message="runtime vllm needs at least one GPU per replica (resources.gpus >= 1)",
             check=lambda s: s.runtime != "vllm" or s.resources.gpus >= 1,
@@ -417,6 +464,18 @@ class ModelDeploymentSpec(ApiModel):
     )
     vllm: VllmSettings | None = Field(
         default=None, description="vLLM engine settings; only with runtime vllm."
+    )
+    adapters: list[AdapterSource] = Field(
+        default_factory=list,
+        description=(
+            "LoRA adapters of the base model, each served under its own name; a request "
+            "naming the base gets the base. Both runtimes batch them with the base."
+        ),
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
     )
     replicas: int = Field(
         default=1,
@@ -454,6 +513,11 @@ class ModelDeploymentStatus(StatusModel):
         default=None, description="Label selector of the replicas (the scale subresource)."
     )
     model: str | None = Field(default=None, description="Model name served.")
+    adapters: list[str] | None = Field(
+        default=None,
+        description="Names of the LoRA adapters served beside the model.",
+        max_length=16,
+    )
     checkpoint: str | None = Field(
         default=None, description="Checkpoint being served (`<run>/step-<N>` or the uri)."
     )

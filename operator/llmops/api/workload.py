@@ -56,6 +56,7 @@ DATASET_OUTPUT_DIR = "/output"  # a Dataset's volume, one folder per version
 DATASET_VOLUMES_DIR = "/mnt/llmops/volumes"  # a Dataset's source volumes, one per claim
 REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"  # another Dataset's tokenizer
 MODEL_DIR = "/model"  # the served model
+ADAPTERS_DIR = "/adapters"  # its LoRA adapters, one folder per served name
 AUTH_DIR = "/var/run/llmops/auth"  # the served API's bearer token, as a file
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes keeps 4096 bytes of it
 
@@ -92,6 +93,7 @@ class Env:
     MODEL_DIR = "LLMOPS_MODEL_DIR"
     AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
     TOKENIZER_PATH = "LLMOPS_TOKENIZER_PATH"
+    ADAPTERS = "LLMOPS_ADAPTERS"  # JSON list of {name, path}: LoRA adapters served by name
 
 
 # -- labels and annotations ------------------------------------------------------------------

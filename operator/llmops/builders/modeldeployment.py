@@ -10,8 +10,10 @@ single source of truth and the controller copies it to the Deployment.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llmops.api import workload
@@ -22,6 +24,7 @@ from llmops.api.modeldeployment import (
     ScalingRules,
 )
 from llmops.api.workload import (
+    ADAPTERS_DIR,
     AUTH_DIR,
     CONFIG_DIR,
     MODEL_DIR,
@@ -112,11 +115,39 @@ def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, 
     return volumes, mounts, path
 
 
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A LoRA adapter resolved to a folder: served as model `name`."""
+
+    name: str
+    uri: str
+    rank: int | None = None  # known when it comes from a TrainingRun's spec
+
+
+def _adapter_volumes(
+    adapters: Sequence[ServedAdapter],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, str]]]:
+    """Read-only volumes and mounts of the adapters, and (name, folder in the container)."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    folders: list[tuple[str, str]] = []
+    for index, adapter in enumerate(adapters):
+        found = storage.read_only_volume(f"adapter-{index}", adapter.uri, f"{ADAPTERS_DIR}/{index}")
+        if found[2] is None:
+            raise ValueError(f"adapter {adapter.name}: serving from s3:// is not supported yet")
+        volumes += found[0]
+        mounts += found[1]
+        folders.append((adapter.name, found[2]))
+    return volumes, mounts, folders
+
+
 def _builtin_server(
     md: ModelDeployment,
     model_dir: str,
     mounts: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
+    adapters: Sequence[ServedAdapter],
+    adapter_folders: list[tuple[str, str]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """The built-in server's container fields, mounts and volumes (besides scratch and model)."""
     spec = md.spec
@@ -124,6 +155,9 @@ def _builtin_server(
         {"name": Env.MODEL_DIR, "value": model_dir},
         {"name": "HOME", "value": "/tmp"},
     ]
+    if adapter_folders:
+        listed = [{"name": name, "path": path} for name, path in adapter_folders]
+        env.append({"name": Env.ADAPTERS, "value": json.dumps(listed)})
     auth_volumes: list[dict[str, Any]] = []
     auth_mounts: list[dict[str, Any]] = []
     secret = spec.server.auth_token_secret
@@ -178,27 +212,44 @@ def _vllm_server(
     model_dir: str,
     mounts: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
+    adapters: Sequence[ServedAdapter],
+    adapter_folders: list[tuple[str, str]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """vLLM's container fields, mounts and volumes (besides scratch and model)."""
     home_volumes, home_mounts = vllm.home_volume()
+    fields = vllm.container_fields(md, served_name(md), model_dir)
+    if adapter_folders:
+        # An adapter given by folder has a rank the operator cannot see: leave room for one.
+        rank = max(a.rank or vllm.DEFAULT_LORA_RANK for a in adapters)
+        fields["args"] += vllm.lora_args(adapter_folders, rank)
     return (
-        vllm.container_fields(md, served_name(md), model_dir),
+        fields,
         [*mounts, *home_mounts],
         [*volumes, *home_volumes],
     )
 
 
 def deployment(
-    body: Mapping[str, Any], md: ModelDeployment, replicas: int, model_uri: str
+    body: Mapping[str, Any],
+    md: ModelDeployment,
+    replicas: int,
+    model_uri: str,
+    adapters: Sequence[ServedAdapter] = (),
 ) -> dict[str, Any]:
     """The serving Deployment. Either runtime yields the same Deployment (name, selector,
     labels, strategy), so switching runtime is a rolling update of its pod template."""
     spec = md.spec
     model_volumes, model_mounts, model_dir = _model_volume(model_uri)
+    adapter_volumes, adapter_mounts, adapter_folders = _adapter_volumes(adapters)
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
     server = _vllm_server if spec.runtime == "vllm" else _builtin_server
     fields, mounts, volumes = server(
-        md, model_dir, [*scratch_mounts, *model_mounts], [*scratch_volumes, *model_volumes]
+        md,
+        model_dir,
+        [*scratch_mounts, *model_mounts, *adapter_mounts],
+        [*scratch_volumes, *model_volumes, *adapter_volumes],
+        adapters,
+        adapter_folders,
     )
     labels = {**child_labels(body, COMPONENT, "server"), **selector_labels(body)}
     rollout: dict[str, Any] = {"type": spec.rollout.strategy}

@@ -58,6 +58,26 @@ def args(md: ModelDeployment, served_name: str, model_dir: str) -> list[str]:
     return flags
 
 
+# The ranks --max-lora-rank accepts (vllm/config/lora.py MaxLoRARanks of the pinned release).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_LORA_RANK = 64  # for adapters given by folder, whose rank the operator cannot see
+
+
+def lora_args(folders: list[tuple[str, str]], rank: int) -> list[str]:
+    """Serve LoRA adapters by name: `--lora-modules name=folder ...`, with room for all of
+    them at once and for the largest rank among them."""
+    room = next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
+    return [
+        "--enable-lora",
+        "--max-loras",
+        str(len(folders)),
+        "--max-lora-rank",
+        str(room),
+        "--lora-modules",
+        *(f"{name}={folder}" for name, folder in folders),
+    ]
+
+
 def env(md: ModelDeployment) -> list[dict[str, Any]]:
     cache = f"{HOME}/.cache"
     entries: list[dict[str, Any]] = [

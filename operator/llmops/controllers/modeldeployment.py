@@ -13,7 +13,7 @@ from llmops.api.modeldeployment import ModelDeployment
 from llmops.api.workload import MODEL_URI_ANNOTATION
 from llmops.builders import modeldeployment as build
 from llmops.controllers import common
-from llmops.decide.modeldeployment import resolve_model
+from llmops.decide.modeldeployment import report_adapters, resolve_adapters, resolve_model
 
 KIND = "ModelDeployment"
 
@@ -106,8 +106,15 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         status.set(servedRun=run_name, servedEvaluation=evaluation or None)
 
     common.ensure_child(KIND, build.config_map(body))
+    adapter_runs = {
+        a.training_run.name: kube.get(API_VERSION, "TrainingRun", a.training_run.name, namespace)
+        for a in md.spec.adapters
+        if a.training_run is not None
+    }
+    adapters, waiting_adapters = resolve_adapters(md, adapter_runs)
+    report_adapters(status, md, adapters, waiting_adapters)
     try:
-        manifest = build.deployment(body, md, md.spec.replicas, model_uri)
+        manifest = build.deployment(body, md, md.spec.replicas, model_uri, adapters)
     except ValueError as error:
         status.set(phase="Failed")
         status.condition("Degraded", "True", "UnsupportedModelSource", str(error))

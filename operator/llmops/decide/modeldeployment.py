@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmops.api.modeldeployment import ModelDeployment
+from llmops.api.workload import ADAPTER_SUBDIR
+from llmops.builders.modeldeployment import ServedAdapter
+from llmops.decide.status import StatusDraft
 
 
 def resolve_model(
@@ -47,3 +50,50 @@ def needs_export(md: ModelDeployment, run: Mapping[str, Any]) -> bool:
     model = (run.get("spec") or {}).get("model") or {}
     transformers_run = "pretrained" in model or model.get("architecture") == "llama"
     return md.spec.runtime == "vllm" or transformers_run
+
+
+def resolve_adapters(
+    md: ModelDeployment, runs: Mapping[str, Mapping[str, Any] | None]
+) -> tuple[list[ServedAdapter], list[str]]:
+    """The adapters that can be served now, and why the others cannot yet. `runs` holds the
+    TrainingRuns the adapters name (None: not found)."""
+    ready: list[ServedAdapter] = []
+    waiting: list[str] = []
+    for adapter in md.spec.adapters:
+        if adapter.uri is not None:
+            ready.append(ServedAdapter(adapter.name, adapter.uri, None))
+            continue
+        assert adapter.training_run is not None
+        run_name = adapter.training_run.name
+        run = runs.get(run_name)
+        lora = ((run or {}).get("spec") or {}).get("adapter")
+        status = (run or {}).get("status") or {}
+        if run is None:
+            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} not found")
+        elif lora is None:
+            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} has no spec.adapter")
+        elif status.get("phase") != "Succeeded" or not status.get("modelUri"):
+            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} has not finished")
+        else:
+            # Its output folder holds adapter/ (and model/ when merged): serve the adapter.
+            output = str(status["modelUri"]).rsplit("/", 1)[0]
+            rank = lora.get("rank")
+            ready.append(ServedAdapter(adapter.name, f"{output}/{ADAPTER_SUBDIR}", int(rank or 8)))
+    return ready, waiting
+
+
+def report_adapters(
+    status: StatusDraft,
+    md: ModelDeployment,
+    ready: list[ServedAdapter],
+    waiting: list[str],
+) -> None:
+    """`status.adapters` names what is served; AdaptersReady says what is still missing (the
+    base and the ready adapters are served meanwhile)."""
+    if not md.spec.adapters:
+        return
+    status.set(adapters=[a.name for a in ready])
+    if waiting:
+        status.condition("AdaptersReady", "False", "WaitingForAdapter", "; ".join(waiting))
+    else:
+        status.condition("AdaptersReady", "True", "AdaptersServed", f"{len(ready)} adapter(s)")

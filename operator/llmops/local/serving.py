@@ -18,7 +18,7 @@ from typing import Any
 
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.builders import modeldeployment as build
-from llmops.decide.modeldeployment import resolve_model
+from llmops.decide.modeldeployment import report_adapters, resolve_adapters, resolve_model
 from llmops.decide.status import StatusDraft
 from llmops.local import network
 from llmops.local.context import Context, key_of
@@ -108,7 +108,14 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
         ctx.view.update(key, note=f"{described} (not served: --no-serve)")
         return None
 
-    deployment = build.deployment(body, md, 1, model_uri)
+    adapter_runs = {
+        a.training_run.name: ctx.get("TrainingRun", namespace, a.training_run.name)
+        for a in md.spec.adapters
+        if a.training_run is not None
+    }
+    adapters, waiting_adapters = resolve_adapters(md, adapter_runs)
+    report_adapters(status, md, adapters, waiting_adapters)
+    deployment = build.deployment(body, md, 1, model_uri, adapters)
     ctx.record_children(
         body,
         [

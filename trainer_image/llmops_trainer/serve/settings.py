@@ -3,6 +3,7 @@ the controller, command-line flags when run by hand."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,10 @@ class ServeSettings:
     def from_deployment(cls, md: ModelDeployment, model_dir: Path) -> ServeSettings:
         server = md.spec.server
         auth = os.environ.get(AUTH_TOKEN_FILE_ENV)
+        # The controller resolves each adapter to a mounted folder (the spec names runs).
+        listed = json.loads(os.environ.get(Env.ADAPTERS) or "[]")
         return cls(
+            adapters=[(a["name"], Path(a["path"])) for a in listed],
             model_dir=model_dir,
             served_name=md.spec.model.served_name or md.metadata.name or model_dir.name,
             port=server.port,
