@@ -95,10 +95,9 @@ def test_the_builtin_server_gets_each_adapter_mounted_read_only_by_name() -> Non
     pod = served(md(adapters=ADAPTERS), READY)
     (server,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in server["env"]}
-    assert json.loads(env[Env.ADAPTERS]) == [
-        {"name": "support", "path": "/adapters/0/output/adapter"},
-        {"name": "legal", "path": "/adapters/1/legal-v2"},
-    ]
+    assert json.loads(env[Env.ADAPTERS]) == ["support", "legal"]
+    assert env[f"{Env.ADAPTER_PATH}0"] == "/adapters/0/output/adapter"
+    assert env[f"{Env.ADAPTER_PATH}1"] == "/adapters/1/legal-v2"
     claims = {
         v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "adapter" in v["name"]
     }
@@ -139,8 +138,9 @@ def test_the_server_reads_the_adapters_the_pod_was_given(monkeypatch: pytest.Mon
     from llmops_trainer.serve.settings import ServeSettings
 
     (server,) = served(md(adapters=ADAPTERS), READY)["containers"]
-    given = next(e["value"] for e in server["env"] if e["name"] == Env.ADAPTERS)
-    monkeypatch.setenv(Env.ADAPTERS, given)
+    for entry in server["env"]:
+        if entry["name"].startswith(("LLMOPS_ADAPTER", Env.ADAPTERS)):
+            monkeypatch.setenv(entry["name"], entry["value"])
     settings = ServeSettings.from_deployment(md(adapters=ADAPTERS), Path("/model"))
     assert settings.adapters == [
         ("support", Path("/adapters/0/output/adapter")),

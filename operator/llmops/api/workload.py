@@ -93,7 +93,10 @@ class Env:
     MODEL_DIR = "LLMOPS_MODEL_DIR"
     AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
     TOKENIZER_PATH = "LLMOPS_TOKENIZER_PATH"
-    ADAPTERS = "LLMOPS_ADAPTERS"  # JSON list of {name, path}: LoRA adapters served by name
+    # LoRA adapters served by name: their names (a JSON list), and adapter i's folder in
+    # ADAPTER_PATH + str(i) (a variable of its own, so a path is a whole value)
+    ADAPTERS = "LLMOPS_ADAPTERS"
+    ADAPTER_PATH = "LLMOPS_ADAPTER_PATH_"
 
 
 # -- labels and annotations ------------------------------------------------------------------

@@ -156,8 +156,12 @@ def _builtin_server(
         {"name": "HOME", "value": "/tmp"},
     ]
     if adapter_folders:
-        listed = [{"name": name, "path": path} for name, path in adapter_folders]
-        env.append({"name": Env.ADAPTERS, "value": json.dumps(listed)})
+        names = [name for name, _ in adapter_folders]
+        env.append({"name": Env.ADAPTERS, "value": json.dumps(names)})
+        env += [
+            {"name": f"{Env.ADAPTER_PATH}{index}", "value": path}
+            for index, (_, path) in enumerate(adapter_folders)
+        ]
     auth_volumes: list[dict[str, Any]] = []
     auth_mounts: list[dict[str, Any]] = []
     secret = spec.server.auth_token_secret

@@ -40,9 +40,10 @@ class ServeSettings:
         server = md.spec.server
         auth = os.environ.get(AUTH_TOKEN_FILE_ENV)
         # The controller resolves each adapter to a mounted folder (the spec names runs).
-        listed = json.loads(os.environ.get(Env.ADAPTERS) or "[]")
+        names = json.loads(os.environ.get(Env.ADAPTERS) or "[]")
+        adapters = [(n, Path(os.environ[f"{Env.ADAPTER_PATH}{i}"])) for i, n in enumerate(names)]
         return cls(
-            adapters=[(a["name"], Path(a["path"])) for a in listed],
+            adapters=adapters,
             model_dir=model_dir,
             served_name=md.spec.model.served_name or md.metadata.name or model_dir.name,
             port=server.port,
