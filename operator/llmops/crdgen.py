@@ -74,7 +74,8 @@ KINDS = [
     Kind(
         Dataset,
         "datasets",
-        "ds",
+        # Not `ds`: that is DaemonSets' (kubectl would list those for `kubectl get ds`).
+        "dset",
         [
             _column("Phase", ".status.phase", "string", "Lifecycle phase."),
             _column("Documents", ".status.documents", "integer", "Documents in the corpus."),

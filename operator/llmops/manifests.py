@@ -48,7 +48,8 @@ def load_manifests(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 # `kubectl`'s short names, for `--set tr/<name>.spec...`.
-SHORT_KINDS = {"ds": "Dataset", "tr": "TrainingRun", "md": "ModelDeployment"}
+# `--set <short>/<name>.<path>=...`: the CRDs' short names (and `ds`, accepted as before).
+SHORT_KINDS = {"dset": "Dataset", "ds": "Dataset", "tr": "TrainingRun", "md": "ModelDeployment"}
 
 
 def apply_overrides(documents: list[dict[str, Any]], overrides: Iterable[str]) -> None:

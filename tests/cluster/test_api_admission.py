@@ -116,12 +116,38 @@ def test_immutable_fields_cannot_change(api_client: client.ApiClient, namespace:
 
 def test_discovery_lists_short_names_and_category(api_client: client.ApiClient) -> None:
     resources = {r["name"]: r for r in _get(api_client, f"/apis/{GROUP}/{VERSION}")["resources"]}
-    for plural, short in (("datasets", "ds"), ("trainingruns", "tr"), ("modeldeployments", "md")):
+    for plural, short in (("datasets", "dset"), ("trainingruns", "tr"), ("modeldeployments", "md")):
         assert resources[plural]["shortNames"] == [short]
         assert resources[plural]["categories"] == ["llmops"]
         assert resources[plural]["namespaced"] is True
         assert f"{plural}/status" in resources
     assert "modeldeployments/scale" in resources
+
+
+def test_short_names_are_not_taken_by_any_other_served_resource(
+    api_client: client.ApiClient,
+) -> None:
+    """`kubectl get <short>` must reach our kind, not a built-in one of the pinned Kubernetes
+    (`ds` is DaemonSets', which once hid Datasets from `kubectl get tr,ds,md`)."""
+    ours = {
+        short: r["name"]
+        for r in _get(api_client, f"/apis/{GROUP}/{VERSION}")["resources"]
+        for short in r.get("shortNames") or []
+    }
+    assert len(ours) == len(PLURALS)
+    lists = [_get(api_client, "/api/v1")]
+    for group in _get(api_client, "/apis")["groups"]:
+        if group["name"] != GROUP:
+            lists += [_get(api_client, f"/apis/{v['groupVersion']}") for v in group["versions"]]
+    taken = {
+        short: f"{r['name']} ({found.get('groupVersion')})"
+        for found in lists
+        for r in found["resources"]
+        for short in r.get("shortNames") or []
+    }
+    assert "ds" in taken  # the check sees the built-ins
+    clashes = {short: taken[short] for short in ours if short in taken}
+    assert not clashes, f"short names also served by: {clashes}"
 
 
 def test_openapi_documents_every_field_in_depth(api_client: client.ApiClient) -> None:

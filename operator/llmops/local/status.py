@@ -17,7 +17,8 @@ from llmops.local import state
 from llmops.local.view import PHASE_STYLE, duration, number
 
 SHORT_NAMES = {
-    "ds": "Dataset",
+    "dset": "Dataset",
+    "ds": "Dataset",  # accepted as before; `dset` is the cluster's short name
     "dataset": "Dataset",
     "datasets": "Dataset",
     "tr": "TrainingRun",
