@@ -342,3 +342,42 @@ def test_a_hub_model_is_fetched_by_an_initializer_whose_failure_fails_the_run(
     reason = condition(failed, "Failed")
     assert reason["reason"] == "UnknownArchitecture" and "qwen9" in reason["message"]
     assert (failed["status"].get("restartCount") or 0) == 0  # a bad source is not retried
+
+
+def test_a_child_the_api_server_rejects_becomes_a_condition_and_an_event(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """Admitted, but the Job it yields is invalid (affinity is passed through as given): the
+    run says so in InvalidChild and a Warning event; fixing the spec clears it."""
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    bogus = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]
+            }
+        }
+    }
+    create(api_client, namespace, training_run(scheduling={**HOLD_SCHEDULING, "affinity": bogus}))
+
+    def invalid() -> dict[str, Any] | None:
+        return condition(get(api_client, namespace, "TrainingRun", RUN), "InvalidChild")
+
+    wait_for("InvalidChild", lambda: (invalid() or {}).get("status") == "True", 60)
+    found = invalid()
+    assert found is not None and f"Job '{RUN}-workers-0'" in found["message"]
+    assert "Near" in found["message"]  # the API server's own words
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={RUN}")
+    warnings = [e for e in events.items if e.reason == "InvalidChild"]
+    assert warnings and warnings[0].type == "Warning"
+
+    client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", RUN,
+        {"spec": {"scheduling": {"affinity": None}}},
+    )  # fmt: skip
+    wait_for("InvalidChild cleared", lambda: (invalid() or {}).get("status") == "False", 60)
+    assert gang_pods(core, namespace, f"{RUN}-workers-0")  # the gang now exists
+    # One warning for the one rejection, not one per retry.
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={RUN}")
+    assert sum(e.count or 1 for e in events.items if e.reason == "InvalidChild") == 1

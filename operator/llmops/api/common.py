@@ -3,6 +3,7 @@ conditions and object metadata."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,15 @@ QUANTITY = (
 )
 
 Name = Annotated[str, StringConstraints(pattern=DNS_LABEL, max_length=63)]
+# Label keys and values as the API server checks them on pods ([prefix/]name; value up to 63).
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY, max_length=316)]
+LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE, max_length=63)]
+INT32_MAX = 2**31 - 1
 Path = Annotated[str, StringConstraints(pattern=FILE_PATH, max_length=4096)]
 Quantity = Annotated[
     str,
@@ -252,29 +262,39 @@ class Resources(ApiModel):
 class Toleration(ApiModel):
     """A core/v1 Toleration, copied to the pods."""
 
-    key: str | None = Field(
+    key: LabelKey | None = Field(
         default=None,
         description="Taint key to tolerate; unset with Exists matches every taint.",
-        max_length=316,
     )
     operator: Literal["Exists", "Equal"] = Field(
         default="Equal", description="`Equal` matches key and value; `Exists` only the key."
     )
-    value: str | None = Field(
-        default=None, description="Taint value to match (with Equal).", max_length=63
-    )
+    value: LabelValue | None = Field(default=None, description="Taint value to match (with Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; unset matches every effect."
     )
     toleration_seconds: int | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated before eviction.", ge=0
+        default=None,
+        description="How long a NoExecute taint is tolerated before eviction.",
+        ge=0,
+        le=INT32_MAX,
     )
 
 
 class Scheduling(ApiModel):
     """Where and with what priority the pods run."""
 
-    node_selector: dict[str, str] = Field(
+    cel_rules = (
+        Rule(
+            # CRD schemas cannot constrain map keys; CEL can (what the pods' API checks).
+            cel=f"self.nodeSelector.all(k, size(k) <= 316 && k.matches('{LABEL_KEY}'))",
+            message="nodeSelector keys must be label keys ([prefix/]name)",
+            check=lambda s: all(len(k) <= 316 and re.match(LABEL_KEY, k) for k in s.node_selector),
+            field_path=".nodeSelector",
+        ),
+    )
+
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict,
         description="Node labels the pods require.",
         max_length=32,

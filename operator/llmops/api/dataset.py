@@ -279,9 +279,14 @@ class QualityFilters(ApiModel):
         ),
     )
 
-    min_words: int = Field(default=5, description="Fewest words a document may have.", ge=0)
+    min_words: int = Field(
+        default=5, description="Fewest words a document may have.", ge=0, le=1_000_000
+    )
     max_words: int | None = Field(
-        default=None, description="Most words a document may have; unset means no limit.", ge=1
+        default=None,
+        description="Most words a document may have; unset means no limit.",
+        ge=1,
+        le=1_000_000_000,
     )
     max_symbol_ratio: float = Field(
         default=0.3, description="Largest share of non-alphanumeric characters.", ge=0, le=1

@@ -137,7 +137,9 @@ class ScalingPolicy(ApiModel):
     """How fast replicas may change (an HPA scaling policy)."""
 
     type: Literal["Pods", "Percent"] = Field(description="Change by a number or a percentage.")
-    value: int = Field(description="Replicas (Pods) or percent (Percent) per period.", ge=1)
+    value: int = Field(
+        description="Replicas (Pods) or percent (Percent) per period.", ge=1, le=100000
+    )
     period_seconds: int = Field(
         default=60, description="Window the change is allowed in.", ge=1, le=1800
     )
@@ -224,7 +226,9 @@ class Autoscaling(ApiModel):
             "`vllm:generation_tokens_total`)."
         ),
     )
-    target: float = Field(description="Target value of the metric per replica.", gt=0)
+    target: float = Field(
+        description="Target value of the metric per replica.", gt=0, le=1_000_000_000
+    )
     scale_up: ScalingRules | None = Field(default=None, description="Scale-up behaviour.")
     scale_down: ScalingRules | None = Field(default=None, description="Scale-down behaviour.")
 

@@ -230,7 +230,10 @@ class Hyperparameters(ApiModel):
     adam_beta2: float = Field(default=0.95, description="AdamW beta2.", ge=0, lt=1)
     adam_epsilon: float = Field(default=1e-8, description="AdamW epsilon.", gt=0, le=1)
     gradient_clipping: float = Field(
-        default=1.0, description="Clip the global gradient norm to this; 0 disables.", ge=0
+        default=1.0,
+        description="Clip the global gradient norm to this; 0 disables.",
+        ge=0,
+        le=1_000_000,
     )
     seed: int = Field(default=1234, description="Random seed.", ge=0, le=4294967295)
 
@@ -351,7 +354,7 @@ class EarlyStopping(ApiModel):
         default=5, description="Evaluations without improvement before stopping.", ge=1, le=1000
     )
     min_delta: float = Field(
-        default=0.0, description="Smallest change that counts as improvement.", ge=0
+        default=0.0, description="Smallest change that counts as improvement.", ge=0, le=1_000_000
     )
 
 

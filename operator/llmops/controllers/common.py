@@ -3,6 +3,7 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -14,7 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from llmops import GROUP, VERSION
 from llmops.api.base import StatusModel
-from llmops.controllers.kube import ChildConflict, ChildTerminating, Kube, default_kube
+from llmops.controllers.kube import (
+    ChildConflict,
+    ChildRejected,
+    ChildTerminating,
+    Kube,
+    default_kube,
+)
 from llmops.decide.status import Event, StatusDraft, status_patch
 
 # Shared with the decisions: the clock and the reading of child objects.
@@ -25,6 +32,7 @@ from llmops.decide.status import parse_time as parse_time
 from llmops.decide.status import timestamp as timestamp
 from llmops.metrics import CHILDREN_CREATED, RESOURCES, observe_reconcile
 
+log = logging.getLogger("llmops.controllers")
 M = TypeVar("M", bound=BaseModel)
 
 # How often each resource is compared with its children (level-triggered reconcile).
@@ -135,9 +143,38 @@ def _reconcile_alone(
         if fresh is None:
             return  # deleted meanwhile
         with observe_reconcile(kind):
-            reconcile(fresh, patch)
+            try:
+                reconcile(fresh, patch)
+            except ChildRejected as error:
+                # Retrying the same spec cannot help: say so in the status and an event, and
+                # let the next spec change (or the regular timer) try again.
+                log.warning("%s %s: %s", kind, fresh["metadata"]["name"], error)
+                _invalid_child(kind, fresh, patch, str(error))
+            else:
+                _invalid_child(kind, fresh, patch, None)
     finally:
         lock.release()
+
+
+def _invalid_child(
+    kind: str, body: Mapping[str, Any], patch: kopf.Patch, error: str | None
+) -> None:
+    """Set InvalidChild (a Warning event when it turns True), or clear it once every child
+    was accepted again; on top of whatever status the reconcile already patched."""
+    current = {**(body.get("status") or {}), **dict(patch.status or {})}
+    had = any(
+        c.get("type") == "InvalidChild" and c.get("status") == "True"
+        for c in current.get("conditions") or []
+    )
+    if error is None and not had:
+        return
+    draft = StatusDraft({**body, "status": current}, kind)
+    if error is None:
+        draft.condition("InvalidChild", "False", "ChildrenAccepted", "")
+    else:
+        draft.condition("InvalidChild", "True", "InvalidChild", error)
+    patch.status["conditions"] = draft.status["conditions"]
+    post_events(body, draft.events)
 
 
 Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]

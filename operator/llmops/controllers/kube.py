@@ -8,6 +8,7 @@ between two creates and restarted finds the first child and creates only the sec
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 
 import kubernetes
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError, ResourceNotFoundError
 
 FIELD_MANAGER = "llmops"
 # Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
@@ -32,6 +33,26 @@ class ChildConflict(Exception):
 
 class ChildTerminating(Exception):
     """A child with this name is being deleted; creating it again must wait."""
+
+
+class ChildRejected(Exception):
+    """The API server refused a child as invalid (4xx): retrying the same spec cannot help;
+    the owner's spec must change."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(f"{kind} {name!r} was rejected by the API server: {message}")
+
+
+# Answers that say the request itself is wrong. 404, 409 and 429 are not: they pass.
+_REJECTIONS = frozenset({400, 403, 413, 422})
+
+
+def _rejection_message(error: DynamicApiError) -> str:
+    try:
+        body = json.loads(error.body or "")
+    except (TypeError, ValueError):
+        return str(error.reason or error.status)
+    return str(body.get("message") or error.reason)
 
 
 class Ensured(NamedTuple):
@@ -106,13 +127,19 @@ class Kube:
                 return Ensured(dict(existing), created=False)
         # Server-side apply creates or converges under one field manager, and is a no-op
         # (no new resourceVersion) when nothing differs.
-        applied = resource.server_side_apply(
-            body=dict(manifest),
-            name=meta["name"],
-            namespace=meta.get("namespace"),
-            field_manager=FIELD_MANAGER,
-            force_conflicts=True,
-        )
+        try:
+            applied = resource.server_side_apply(
+                body=dict(manifest),
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
+        except DynamicApiError as error:
+            if error.status in _REJECTIONS:
+                message = _rejection_message(error)
+                raise ChildRejected(manifest["kind"], meta["name"], message) from error
+            raise
         return Ensured(dict(applied.to_dict()), created=existing is None)
 
     def patch(
