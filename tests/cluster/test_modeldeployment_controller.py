@@ -327,6 +327,12 @@ def test_vllm_runtime_is_admitted_as_restricted_and_switches_back_to_builtin(
     assert {v.name for v in deployment.spec.template.spec.volumes} >= {"model", "auth", "config"}
     assert "vllm-home" not in {v.name for v in deployment.spec.template.spec.volumes}
     assert len(apps.list_namespaced_replica_set(namespace).items) == 2  # a rolling update
-    pods = core.list_namespaced_pod(namespace, label_selector=ready["status"]["selector"]).items
-    running = [p for p in pods if p.metadata.deletion_timestamp is None]
-    assert running and all(p.spec.containers[0].command[0] == "python" for p in running)
+
+    def only_builtin_pods() -> bool:
+        # The old ReplicaSet's pod goes once the new one is ready; wait for that, not race it.
+        selector = ready["status"]["selector"]
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        running = [p for p in pods if p.metadata.deletion_timestamp is None]
+        return bool(running) and all(p.spec.containers[0].command[0] == "python" for p in running)
+
+    wait_for("only built-in server pods", only_builtin_pods, 60)

@@ -136,7 +136,8 @@ def finish(api_client: client.ApiClient, namespace: str, trial: str, loss: float
     report(api_client, namespace, trial, 100, loss)
     core = client.CoreV1Api(api_client)
     (pod,) = core.list_namespaced_pod(namespace, label_selector=f"job-name={trial}-workers-0").items
-    end_pod(core, namespace, pod.metadata.name, exit_code=0)
+    summary = {"step": 100, "finalEvaluation": {"loss": loss}, "latestCheckpoint": "step-100"}
+    end_pod(core, namespace, pod.metadata.name, exit_code=0, message=json.dumps(summary))
     wait_phase(api_client, namespace, "TrainingRun", trial, "Succeeded", timeout=30)
 
 

@@ -201,3 +201,10 @@ def test_a_finished_run_is_left_alone() -> None:
     done = TrainingRunStatus(phase="Succeeded")
     decision = decided(run_body(), done, job=job())
     assert decision.children == [] and decision.status == done and decision.events == []
+
+
+def test_a_gang_that_ends_without_a_report_has_not_succeeded() -> None:
+    complete = job({"type": "Complete", "status": "True"})
+    decision = decided(run_body(), job=complete, pods=[pod(0, "Succeeded")], report=None)
+    assert decision.status.phase == "Failed" and decision.status.model_uri is None
+    assert condition(decision, "Failed") == ("True", "NoFinalReport")

@@ -267,6 +267,14 @@ def _decide(
     if _stopped(run, job, decision, conditions, now):
         return
     if is_complete(job):
+        if observed.report is None:
+            # Without rank 0's report nothing says what was trained or where the model is:
+            # a run that cannot show its result has not succeeded.
+            why = (
+                "the training pods exited 0 but rank 0 left no final report (termination "
+                "message): steps, checkpoints and evaluation are unknown"
+            )
+            return _finish(decision.status, conditions, "Failed", "NoFinalReport", why, now)
         return _succeeded(run, observed.report, decision, conditions, now)
     failure = job_failure(job)
     if failure:
@@ -339,7 +347,7 @@ def model_subdir(run: TrainingRun) -> str:
 
 def _succeeded(
     run: TrainingRun,
-    report: TrainerReport | None,
+    report: TrainerReport,
     decision: Decision,
     conditions: Conditions,
     now: datetime.datetime,
@@ -348,11 +356,10 @@ def _succeeded(
     _finish(status, conditions, "Succeeded", "TrainingComplete", "training finished", now)
     base = checkpoint_base_uri(run)
     status.model_uri = f"{base}/{OUTPUT_SUBDIR}/{model_subdir(run)}"
-    if report is not None:
-        status.step = report.step
-        if report.final_evaluation is not None and report.final_evaluation.to_dict():
-            status.final_evaluation = report.final_evaluation
-        status.checkpoints = checkpoints(report, base) or status.checkpoints
+    status.step = report.step
+    if report.final_evaluation is not None and report.final_evaluation.to_dict():
+        status.final_evaluation = report.final_evaluation
+    status.checkpoints = checkpoints(report, base) or status.checkpoints
 
 
 def was_disrupted(pod: Mapping[str, Any]) -> bool:
