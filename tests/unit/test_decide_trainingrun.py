@@ -208,3 +208,23 @@ def test_a_gang_that_ends_without_a_report_has_not_succeeded() -> None:
     decision = decided(run_body(), job=complete, pods=[pod(0, "Succeeded")], report=None)
     assert decision.status.phase == "Failed" and decision.status.model_uri is None
     assert condition(decision, "Failed") == ("True", "NoFinalReport")
+
+
+def test_accelerator_hours_are_written_once_a_minute_and_when_the_gang_stops() -> None:
+    running_job = job()
+    pods = [pod(0), pod(1)]
+    start = TrainingRunStatus(phase="Running", accounted_until=NOW, accelerator_hours=1.0)
+    later = NOW + datetime.timedelta(seconds=20)
+    run = TrainingRun.model_validate(run_body())
+    found = decide.Observed(body=run_body(), dataset=DATASET, job=running_job, pods=pods)
+    quiet = decide.decide(run, start, found, later)
+    # 20 s in: nothing rewritten (the status stays as it was).
+    assert quiet.status.accelerator_hours == 1.0 and quiet.status.accounted_until == NOW
+    minute = decide.decide(run, start, found, NOW + datetime.timedelta(seconds=60))
+    assert minute.status.accelerator_hours == pytest.approx(1.0 + 2 / 60)  # 2 pods, 1 min
+    # The gang stops 20 s in: those 20 s are counted at once.
+    failed = job({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+    done = decide.Observed(body=run_body(maxRestarts=0), dataset=DATASET, job=failed, pods=pods)
+    stopped = decide.decide(TrainingRun.model_validate(run_body(maxRestarts=0)), start, done, later)
+    assert stopped.status.phase == "Failed"
+    assert stopped.status.accelerator_hours == pytest.approx(1.0 + 2 * 20 / 3600)

@@ -42,6 +42,8 @@ from llmops.decide.status import (
 )
 
 KIND = "TrainingRun"
+# How often a running gang's accelerator-hours are added to its status.
+ACCOUNTING_SECONDS = 60
 # The initializer failures worth a restart (network, storage); the others are the source's.
 TRANSIENT_MODEL_INIT_FAILURE = "ModelFetchFailed"
 TERMINAL = ("Succeeded", "Failed")
@@ -217,18 +219,31 @@ def decide(
     _account(run, new, now)
     _decide(run, observed, decision, conditions, now)
     if new.phase != "Running":
+        if status.phase == "Running":
+            _account(run, new, now, final=True)  # the last stretch, however short
         new.accounted_until = None  # nothing runs: nothing to count until it does
     return decision
 
 
-def _account(run: TrainingRun, status: TrainingRunStatus, now: datetime.datetime) -> None:
-    """Add the time the gang ran since the last decision that saw it running (an operator
-    that was down meanwhile still counts that time: the pods ran)."""
+def _account(
+    run: TrainingRun, status: TrainingRunStatus, now: datetime.datetime, final: bool = False
+) -> None:
+    """Add the time the gang ran since it was last counted (an operator that was down
+    meanwhile still counts that time: the pods ran). Counted once a minute, when a budget is
+    about to be crossed, and when the gang stops (`final`): every write of the status is
+    seen by every watcher, so it is not rewritten at every reconcile."""
     since = status.accounted_until
-    if status.phase == "Running" and since is not None:
-        hours = max(0.0, (now - since).total_seconds()) / 3600 * accelerators(run)
-        status.accelerator_hours = round((status.accelerator_hours or 0.0) + hours, 6)
-    status.accounted_until = now
+    if since is None:
+        status.accounted_until = now  # starts counting
+        return
+    if status.phase != "Running" and not final:
+        return
+    pending = max(0.0, (now - since).total_seconds()) / 3600 * accelerators(run)
+    limit = run.spec.budget.max_accelerator_hours if run.spec.budget else None
+    crossing = limit is not None and (status.accelerator_hours or 0.0) + pending >= limit
+    if final or crossing or (now - since).total_seconds() >= ACCOUNTING_SECONDS:
+        status.accelerator_hours = round((status.accelerator_hours or 0.0) + pending, 6)
+        status.accounted_until = now
 
 
 def _waiting(status: TrainingRunStatus, conditions: Conditions, reason: str, why: str) -> None:
