@@ -483,7 +483,11 @@ class ModelDeploymentSpec(ApiModel):
     )
     replicas: int = Field(
         default=1,
-        description="Replicas when autoscaling is off (also the `kubectl scale` target).",
+        description=(
+            "Replicas when autoscaling is off (also the `kubectl scale` target). With "
+            "autoscaling the autoscaler owns this field through the scale subresource: leave "
+            "it out of manifests applied by GitOps, or they fight over it."
+        ),
         ge=0,
         le=1000,
     )
