@@ -381,3 +381,22 @@ def test_a_child_the_api_server_rejects_becomes_a_condition_and_an_event(
     # One warning for the one rejection, not one per retry.
     events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={RUN}")
     assert sum(e.count or 1 for e in events.items if e.reason == "InvalidChild") == 1
+
+
+def test_a_gang_that_cannot_be_created_says_why(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """A missing PriorityClass: the Job controller cannot create the pods and says so only in
+    FailedCreate events; the run's Running condition carries that message."""
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    scheduling = {**HOLD_SCHEDULING, "priorityClassName": "no-such-priority"}
+    create(api_client, namespace, training_run(scheduling=scheduling))
+
+    def running() -> dict[str, Any]:
+        return condition(get(api_client, namespace, "TrainingRun", RUN), "Running") or {}
+
+    wait_for("GangNotSchedulable", lambda: running().get("reason") == "GangNotSchedulable", 60)
+    message = running()["message"]
+    assert message.startswith("0/2 pods running: Job:") and "no-such-priority" in message
+    assert get(api_client, namespace, "TrainingRun", RUN)["status"]["phase"] == "Pending"

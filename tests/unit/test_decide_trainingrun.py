@@ -228,3 +228,41 @@ def test_accelerator_hours_are_written_once_a_minute_and_when_the_gang_stops() -
     stopped = decide.decide(TrainingRun.model_validate(run_body(maxRestarts=0)), start, done, later)
     assert stopped.status.phase == "Failed"
     assert stopped.status.accelerator_hours == pytest.approx(1.0 + 2 * 20 / 3600)
+
+
+def test_pods_that_cannot_run_are_named_in_the_running_condition() -> None:
+    unschedulable = pod(
+        1,
+        "Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": '0/3 nodes are available: persistentvolumeclaim "corpora" not found.',
+            }
+        ],
+    )
+    stuck = pod(
+        0,
+        "Pending",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {"waiting": {"reason": "ImagePullBackOff", "message": "x"}},
+            }
+        ],
+    )
+    decision = decided(run_body(), job=job(), pods=[stuck, unschedulable])
+    running = next(c for c in decision.status.conditions if c.type == "Running")
+    assert running.reason == "GangNotSchedulable"
+    assert "p0: ImagePullBackOff" in running.message and '"corpora" not found' in running.message
+    found = decide.Observed(
+        body=run_body(), dataset=DATASET, job=job(), job_warnings=["no PriorityClass x"]
+    )
+    created = decide.decide(TrainingRun.model_validate(run_body()), TrainingRunStatus(), found, NOW)
+    assert "Job: no PriorityClass x" in condition_message(created, "Running")
+
+
+def condition_message(decision: decide.Decision, type_: str) -> str:
+    return next(c.message for c in decision.status.conditions if c.type == type_)

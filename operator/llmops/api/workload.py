@@ -136,6 +136,15 @@ class ServingMetric:
     # The per-second rate of GENERATION_TOKENS per pod, as prometheus-adapter serves it to
     # the HPA (helm/llmops/prometheus-adapter-values.yaml).
     GENERATION_TOKENS_PER_SECOND = PREFIX + "generation_tokens_per_second"
+    # Every series also carries `model_name` (the served name), as vLLM's do.
+    KV_CACHE_USAGE = PREFIX + "kv_cache_usage_ratio"  # 0-1, as vLLM's kv_cache_usage_perc
+    QUEUE_TIME = PREFIX + "request_queue_time_seconds"
+    REQUEST_PROMPT_TOKENS = PREFIX + "request_prompt_tokens"  # a histogram per request
+    REQUEST_GENERATION_TOKENS = PREFIX + "request_generation_tokens"  # a histogram per request
+    REQUESTS = PREFIX + "requests"  # a counter (`_total`) of finished ones, by finish_reason
+    REQUESTS_REJECTED = PREFIX + "requests_rejected"  # a counter (`_total`), by reason
+    HTTP_REQUESTS = PREFIX + "http_requests"  # a counter (`_total`), by path, method, status
+    MODEL_INFO = PREFIX + "model_info"
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -119,6 +119,18 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
     return ensured.object
 
 
+def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
+    """The Job controller's FailedCreate events: why the Job has fewer pods than it wants
+    (a missing PriorityClass, a quota, a webhook); recorded nowhere in the Job's status."""
+    name = job["metadata"]["name"]
+    events = kube().list("v1", "Event", namespace, field_selector=f"involvedObject.name={name}")
+    return [
+        str(e.get("message", ""))
+        for e in events
+        if e.get("reason") == "FailedCreate" and e.get("involvedObject", {}).get("kind") == "Job"
+    ][-1:]
+
+
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
 

@@ -14,6 +14,7 @@ from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
 from llmops.controllers import common
 from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
+from llmops.decide.status import why_not_running
 
 KIND = "Dataset"
 
@@ -85,13 +86,17 @@ def _reconcile(
     if not common.is_complete(slices):
         active = (slices.get("status") or {}).get("active", 0)
         done = (slices.get("status") or {}).get("succeeded", 0)
-        status.set(phase="Running" if active or done else "Pending")
-        status.condition(
-            "Running",
-            "True" if active else "False",
-            "Slicing",
-            f"{done}/{dataset.spec.parallelism} slices done",
+        progress = f"{done}/{dataset.spec.parallelism} slices done"
+        # Pods that exist are "active" even when nothing can schedule them: say why.
+        problem = why_not_running(
+            _pods(slices, namespace), common.failed_creates(slices, namespace)
         )
+        if problem:
+            status.set(phase="Pending")
+            status.condition("Running", "False", "SlicesNotSchedulable", f"{progress}: {problem}")
+            return
+        status.set(phase="Running" if active or done else "Pending")
+        status.condition("Running", "True" if active else "False", "Slicing", progress)
         return
 
     merge = common.ensure_child(

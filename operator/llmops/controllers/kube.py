@@ -179,9 +179,10 @@ class Kube:
         kind: str,
         namespace: str | None = None,
         label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
         found = self._resource(api_version, kind).get(
-            namespace=namespace, label_selector=label_selector
+            namespace=namespace, label_selector=label_selector, field_selector=field_selector
         )
         return [dict(item.to_dict()) for item in found.items]
 

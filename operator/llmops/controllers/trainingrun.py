@@ -40,7 +40,10 @@ def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
     if leader is not None and decide.gang_running(run, pods):  # only then is progress read
         progress = last_progress(kube.pod_log_tail(leader["metadata"]["name"], namespace))
     report = read_record(TrainerReport, termination_message(leader))
-    return decide.Observed(body, dataset, parent, job, pods, progress, report)
+    warnings: list[str] = []
+    if len(decide.running_pods(pods)) < run.spec.resources.num_nodes:
+        warnings = common.failed_creates(job, namespace)
+    return decide.Observed(body, dataset, parent, job, pods, progress, report, warnings)
 
 
 def act(run: TrainingRun, decision: decide.Decision) -> None:

@@ -163,6 +163,44 @@ def termination_message(pod: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+# Container waiting reasons that will not resolve by waiting a little longer.
+STUCK_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+    }
+)
+
+
+def why_not_running(
+    pods: Sequence[Mapping[str, Any]], job_warnings: Sequence[str] = ()
+) -> str | None:
+    """What keeps a Job's pods from running, in the API's own words: the Job could not create
+    them (FailedCreate events), the scheduler cannot place them, or a container is stuck."""
+    found: list[str] = [f"Job: {warning}" for warning in job_warnings]
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "pod")
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                found.append(f"{name}: {condition.get('reason')}: {condition.get('message', '')}")
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_REASONS:
+                found.append(f"{name}: {waiting['reason']}: {waiting.get('message', '')}")
+    if not found:
+        return None
+    unique = list(dict.fromkeys(text.strip().rstrip(":") for text in found))
+    return "; ".join(unique[:3]) + (f" (and {len(unique) - 3} more)" if len(unique) > 3 else "")
+
+
 def model_init_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
     """The model initializer's report, when an init container failed on a bad model source
     (Kubernetes keeps its termination message in initContainerStatuses)."""

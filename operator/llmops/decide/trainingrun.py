@@ -39,6 +39,7 @@ from llmops.decide.status import (
     is_complete,
     job_failure,
     model_init_failure,
+    why_not_running,
 )
 
 KIND = "TrainingRun"
@@ -63,6 +64,7 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()
     progress: TrainingProgress | None = None  # rank 0's latest progress record
     report: TrainerReport | None = None  # rank 0's termination message, once it finished
+    job_warnings: Sequence[str] = ()  # the Job's FailedCreate events, while pods are missing
 
 
 @dataclass
@@ -449,7 +451,12 @@ def _gang(
     if len(running) < nodes:
         if status.phase != "Restarting":
             status.phase = "Pending"
-        conditions.set("Running", "False", "WaitingForGang", f"{len(running)}/{nodes} pods running")
+        waiting = f"{len(running)}/{nodes} pods running"
+        problem = why_not_running(observed.pods, observed.job_warnings)
+        if problem:
+            conditions.set("Running", "False", "GangNotSchedulable", f"{waiting}: {problem}")
+        else:
+            conditions.set("Running", "False", "WaitingForGang", waiting)
         return
     status.phase = "Running"
     conditions.set("Running", "True", "GangRunning", f"{len(running)}/{nodes} pods running")
