@@ -59,7 +59,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import llmops.controllers  # noqa: F401  (registers the handlers)
 
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.bind_address)
     kopf.configure(verbose=args.verbose)
     if not args.verbose:
         # kopf logs every successful timer run at INFO; keep the log for what matters.
@@ -68,7 +68,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         standalone=True,  # one replica (Recreate), so no peering between operators
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
-        liveness_endpoint=args.liveness or None,
+        liveness_endpoint=(
+            f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None
+        ),
     )
     return 0
 
@@ -108,9 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the Prometheus /metrics endpoint (0 disables it)",
     )
     operator.add_argument(
-        "--liveness",
-        default="http://0.0.0.0:8080/healthz",
-        help="URL of the liveness endpoint kopf serves (empty disables it)",
+        "--health-port",
+        type=int,
+        default=8080,
+        help="port of the /healthz liveness endpoint kopf serves (0 disables it)",
+    )
+    operator.add_argument(
+        "--bind-address",
+        default="127.0.0.1",
+        help=(
+            "address the metrics and health endpoints listen on (the chart passes 0.0.0.0 so "
+            "the kubelet and Prometheus reach them)"
+        ),
     )
     operator.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     operator.set_defaults(func=_cmd_operator)

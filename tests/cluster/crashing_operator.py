@@ -26,4 +26,4 @@ def ensure_then_die(self: kube.Kube, manifest: Any, *, update: bool = True) -> k
 
 
 kube.Kube.ensure = ensure_then_die  # type: ignore[method-assign]
-sys.exit(main(["operator", "--namespace", namespace, "--metrics-port", "0", "--liveness", ""]))
+sys.exit(main(["operator", "--namespace", namespace, "--metrics-port", "0", "--health-port", "0"]))

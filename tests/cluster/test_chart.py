@@ -97,7 +97,8 @@ def test_operator_deployment_and_watch_scope():
         "operator",
         "--all-namespaces",
         "--metrics-port=8000",
-        "--liveness=http://0.0.0.0:8080/healthz",
+        "--health-port=8080",
+        "--bind-address=0.0.0.0",
     ]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["limits"]["memory"]

@@ -43,7 +43,7 @@ from llmops.search import random_point
 
 SWEEP = "lr"
 TERMINAL = ("Succeeded", "Failed")
-OPERATOR_ARGS = ["--metrics-port", "0", "--liveness", ""]
+OPERATOR_ARGS = ["--metrics-port", "0", "--health-port", "0"]
 
 
 def sweep(**spec: Any) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def test_a_restarted_operator_starts_no_run_twice(
     create(api_client, namespace, schedule())
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LLMOPS_RECONCILE_SECONDS": "1"}
     first = subprocess.Popen(
-        [*OPERATOR, "--namespace", namespace, "--metrics-port", "0", "--liveness", ""],
+        [*OPERATOR, "--namespace", namespace, "--metrics-port", "0", "--health-port", "0"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -39,7 +39,8 @@ app.kubernetes.io/component: operator
 - --all-namespaces
 {{- end }}
 - --metrics-port={{ .Values.operator.metricsPort }}
-- --liveness=http://0.0.0.0:{{ .Values.operator.healthPort }}/healthz
+- --health-port={{ .Values.operator.healthPort }}
+- --bind-address={{ .Values.operator.bindAddress }}
 {{- if .Values.operator.verbose }}
 - --verbose
 {{- end }}

@@ -132,17 +132,20 @@ def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
 
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+BUSY_WAIT_SECONDS = 30.0
 
 
 def _reconcile_alone(
     kind: str, reconcile: Reconcile, body: kopf.Body, patch: kopf.Patch, *, retry_if_busy: bool
 ) -> None:
     """One reconcile of an object at a time: kopf runs timers and change handlers side by
-    side, and a reconcile that waited for another would act on a body the other has already
-    made stale. A busy timer tick is skipped (the next one comes soon); a busy change
-    handler is retried by kopf, with a fresh body."""
+    side. A busy timer tick is skipped (the next one comes soon); a change handler waits its
+    turn, and acts on the object as it is then (read afresh below), not on the stale body
+    kopf handed over."""
     lock = _locks[body["metadata"]["uid"]]
-    if not lock.acquire(blocking=False):
+    # A change waits for the running reconcile (it then reads the object afresh); only a
+    # long wait is handed back to kopf as a retry, which kopf logs as an error.
+    if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
         if retry_if_busy:
             raise kopf.TemporaryError("another reconcile of this object is running", delay=1)
         return
