@@ -1,0 +1,89 @@
+"""Every kind can be deleted while the operator runs, with and without children: the
+resource goes (kopf's finalizer is released) and its children are garbage-collected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubelet import create, finished_dataset, get
+from kubernetes import client
+
+from controlplane import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PLURALS = {
+    "Dataset": "datasets",
+    "TrainingRun": "trainingruns",
+    "ModelDeployment": "modeldeployments",
+    "Sweep": "sweeps",
+    "TrainingSchedule": "trainingschedules",
+}
+
+
+def examples() -> list[dict[str, Any]]:
+    """One of each kind, as users write them."""
+    docs = []
+    for name in ("dataset", "trainingrun", "modeldeployment", "sweep", "retraining"):
+        docs += list(yaml.safe_load_all((ROOT / "examples" / f"{name}.yaml").read_text()))
+    return docs
+
+
+def children(api_client: client.ApiClient, namespace: str) -> list[str]:
+    """Objects in the namespace that some resource owns."""
+    found = []
+    batch, core, apps = (
+        client.BatchV1Api(api_client),
+        client.CoreV1Api(api_client),
+        client.AppsV1Api(api_client),
+    )
+    for listing in (
+        batch.list_namespaced_job(namespace).items,
+        core.list_namespaced_config_map(namespace).items,
+        core.list_namespaced_service(namespace).items,
+        apps.list_namespaced_deployment(namespace).items,
+    ):
+        found += [f"{o.kind or type(o).__name__}/{o.metadata.name}" for o in listing
+                  if o.metadata.owner_references]  # fmt: skip
+    return found
+
+
+def test_every_kind_is_deleted_with_its_children(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")  # what the runs and trials train on
+    created = [create(api_client, namespace, doc) for doc in examples()]
+    kinds = {doc["kind"] for doc in created}
+    assert kinds == set(PLURALS)
+
+    def handled() -> bool:
+        # The operator has seen each one (kopf's finalizer is on it) and made what it can.
+        return all(
+            "finalizers"
+            in get(api_client, namespace, doc["kind"], doc["metadata"]["name"])["metadata"]
+            for doc in created
+        )
+
+    wait_for("the operator took every resource", handled, 60)
+    wait_for("children exist", lambda: bool(children(api_client, namespace)), 60)
+
+    objects = client.CustomObjectsApi(api_client)
+    for doc in created:
+        objects.delete_namespaced_custom_object(
+            "llmops.dev", "v1alpha1", namespace, PLURALS[doc["kind"]], doc["metadata"]["name"]
+        )
+
+    def gone() -> list[str]:
+        left = []
+        for doc in created:
+            name = doc["metadata"]["name"]
+            found = objects.list_namespaced_custom_object(
+                "llmops.dev", "v1alpha1", namespace, PLURALS[doc["kind"]]
+            )["items"]
+            left += [f"{doc['kind']}/{name}" for o in found if o["metadata"]["name"] == name]
+        return left
+
+    wait_for("every resource gone", lambda: not gone(), 60)
+    wait_for("children garbage-collected", lambda: not children(api_client, namespace), 90)
