@@ -87,3 +87,51 @@ def test_every_kind_is_deleted_with_its_children(
 
     wait_for("every resource gone", lambda: not gone(), 60)
     wait_for("children garbage-collected", lambda: not children(api_client, namespace), 90)
+
+
+def test_a_served_checkpoint_claim_outlives_its_training_run(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    finished_dataset(api_client, namespace, "corpus")
+    run = next(d for d in examples() if d["kind"] == "TrainingRun")
+    run["spec"]["datasetRef"] = {"name": "corpus"}
+    run["spec"]["checkpointing"]["storage"] = {"volume": {"size": "1Gi"}}
+    name = run["metadata"]["name"]
+    create(api_client, namespace, run)
+    claim = f"{name}-checkpoints"
+
+    def claim_exists() -> bool:
+        return any(c.metadata.name == claim for c in core.list_namespaced_persistent_volume_claim(
+            namespace).items)  # fmt: skip
+
+    wait_for("the checkpoint claim", claim_exists, 60)
+    deployment = {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "served"},
+        "spec": {"model": {"uri": f"pvc://{claim}/output/model"}},
+    }
+    create(api_client, namespace, deployment)
+
+    def owners() -> set[str]:
+        found = core.read_namespaced_persistent_volume_claim(claim, namespace)
+        return {o.kind for o in found.metadata.owner_references or []}
+
+    wait_for(
+        "the deployment keeps the claim", lambda: owners() == {"TrainingRun", "ModelDeployment"}, 60
+    )
+    objects = client.CustomObjectsApi(api_client)
+    objects.delete_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", name
+    )
+    wait_for("the run gone", lambda: not objects.list_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns")["items"], 60)  # fmt: skip
+    # The garbage collector has dropped the run's reference; the claim stays for the server.
+    wait_for("only the deployment owns it", lambda: owners() == {"ModelDeployment"}, 60)
+    assert claim_exists()
+    objects.delete_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "modeldeployments", "served"
+    )
+    wait_for("the claim collected with its last user", lambda: not claim_exists(), 90)

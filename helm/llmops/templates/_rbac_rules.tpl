@@ -22,7 +22,8 @@ with exactly these rules):
   verbs: ["create", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  # list: a Job's FailedCreate events say why its pods do not exist
+  verbs: ["create", "list"]
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
   verbs: ["get", "create", "patch"]

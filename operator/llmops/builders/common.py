@@ -53,6 +53,19 @@ def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def user_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """A non-controlling owner reference: the garbage collector deletes an object only when
+    all its owners are gone, so a user keeps what it uses alive."""
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
 def child_metadata(
     owner: Mapping[str, Any], role: str, component: str, **labels: str
 ) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from llmops.api import API_VERSION
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.api.workload import MODEL_URI_ANNOTATION
 from llmops.builders import modeldeployment as build
+from llmops.builders.common import user_reference
 from llmops.controllers import common
 from llmops.decide.modeldeployment import report_adapters, resolve_adapters, resolve_model
 
@@ -119,6 +120,8 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         status.set(phase="Failed")
         status.condition("Degraded", "True", "UnsupportedModelSource", str(error))
         return
+    for uri in (model_uri, *(a.uri for a in adapters)):
+        keep_claim(body, uri, namespace)
     deployment = common.ensure_child(KIND, manifest)
     common.ensure_child(KIND, build.service(body, md))
     common.ensure_child(KIND, build.disruption_budget(body))
@@ -196,3 +199,22 @@ def _current_model(namespace: str, md: ModelDeployment) -> str | None:
 
 
 common.register(KIND, "modeldeployments", reconcile)
+
+
+def keep_claim(body: Mapping[str, Any], uri: str, namespace: str) -> None:
+    """A served checkpoint claim gets this ModelDeployment as a second owner: deleting the
+    TrainingRun that made it then leaves it (and the model) until the deployment goes too."""
+    if not uri.startswith("pvc://"):
+        return
+    name = uri.removeprefix("pvc://").split("/", 1)[0]
+    kube = common.kube()
+    claim = kube.get("v1", "PersistentVolumeClaim", name, namespace)
+    if claim is None:
+        return
+    owners = list(claim["metadata"].get("ownerReferences") or [])
+    if not owners or any(o.get("uid") == body["metadata"]["uid"] for o in owners):
+        return  # not one the operator made (nothing deletes it), or already kept
+    owners.append(user_reference(body))
+    kube.patch(
+        "v1", "PersistentVolumeClaim", name, namespace, {"metadata": {"ownerReferences": owners}}
+    )
