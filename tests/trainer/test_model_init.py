@@ -291,6 +291,22 @@ def test_s3_tokenizer_only_and_an_empty_prefix(s3: S3, tmp_path: Path) -> None:
     assert looks_complete(tmp_path) == [tokenizer / MARKER]
 
 
+def test_any_model_fetches_a_served_folder_without_the_hugging_face_checks(
+    s3: S3, tmp_path: Path
+) -> None:
+    """A ModelDeployment serving an s3:// checkpoint: not a Hugging Face folder, fetched as is."""
+    served = tmp_path / "served"
+    results = run_all(
+        {
+            "strict": Init(tmp_path / "a", "s3://models/other/", tmp_path / "s", **s3.env),
+            "any": Init(tmp_path / "b", "s3://models/other/", served, "--any-model", **s3.env),
+        }
+    )
+    results["strict"].failed_with("MissingModelConfig")
+    assert results["any"].code == 0, results["any"].stderr
+    assert files_of(served) == {"readme.txt": b"not a model"}
+
+
 # -- https:// ------------------------------------------------------------------------------
 
 

@@ -146,3 +146,28 @@ def test_the_server_reads_the_adapters_the_pod_was_given(monkeypatch: pytest.Mon
         ("support", Path("/adapters/0/output/adapter")),
         ("legal", Path("/adapters/1/legal-v2")),
     ]
+
+
+def test_an_s3_model_is_fetched_by_the_initializer_with_the_buckets_credentials() -> None:
+    from llmops.api.common import S3Location
+    from llmops.api.workload import model_init_command
+
+    bucket = S3Location(
+        bucket="checkpoints", endpoint="http://minio:9000", credentialsSecret={"name": "s3"}
+    )
+    deployment = md(model={"uri": "s3://checkpoints/gpt/step-100"})
+    body = deployment.to_dict() | {"metadata": {"name": "chat", "namespace": "ml", "uid": "u"}}
+    manifest = build.deployment(body, deployment, 1, "s3://checkpoints/gpt/step-100", (), bucket)
+    pod = manifest["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == model_init_command(any_model=True)
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in init["env"]}
+    assert env[Env.PRETRAINED_URI] == "s3://checkpoints/gpt/step-100"
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
+    (server,) = pod["containers"]
+    served = {e["name"]: e.get("value") for e in server["env"]}
+    assert served[Env.MODEL_DIR] == env[Env.PRETRAINED_DIR] == build.SCRATCH_MODEL_DIR
+    assert "AWS_SECRET_ACCESS_KEY" not in served

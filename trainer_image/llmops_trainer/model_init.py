@@ -95,10 +95,13 @@ class Source:
     folder: Path
     tokenizer_only: bool
     shared: bool
+    any_model: bool  # any folder the server loads (an llmops checkpoint too): no HF checks
     index: str | None  # JOB_COMPLETION_INDEX: the pod's place in an Indexed Job
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], *, tokenizer_only: bool) -> Source:
+    def from_env(
+        cls, env: Mapping[str, str], *, tokenizer_only: bool, any_model: bool = False
+    ) -> Source:
         uri = env.get(Env.PRETRAINED_URI, "")
         folder = env.get(Env.PRETRAINED_DIR, "")
         if not uri or not folder:
@@ -118,6 +121,7 @@ class Source:
             folder=Path(folder),
             tokenizer_only=tokenizer_only,
             shared=env.get(Env.PRETRAINED_SHARED) == "1",
+            any_model=any_model,
             index=env.get("JOB_COMPLETION_INDEX"),
         )
 
@@ -416,6 +420,11 @@ def fetch_hf(uri: str, into: Path, tokenizer_only: bool) -> dict[str, Any]:
 def verify(source: Source, folder: Path | None = None) -> str:
     """Check that the folder is a loadable Hugging Face model; what it found."""
     folder = folder or source.folder
+    if source.any_model:
+        count = sum(1 for path in folder.rglob("*") if path.is_file())
+        if not count:
+            raise InitError("ModelNotFound", f"{source.uri}: no files")
+        return f"{count} files"
     config = read_config(folder)
     tokenizer = check_tokenizer(folder)
     weights = "tokenizer only" if source.tokenizer_only else check_weights(folder)
@@ -534,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer-only", action="store_true", help="fetch and verify the tokenizer only"
     )
     parser.add_argument(
+        "--any-model",
+        action="store_true",
+        help="the folder may be any model the server loads (an llmops checkpoint or export): "
+        "fetch it without the Hugging Face format checks",
+    )
+    parser.add_argument(
         "--wait-seconds",
         type=float,
         default=DEFAULT_WAIT_SECONDS,
@@ -541,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        source = Source.from_env(os.environ, tokenizer_only=args.tokenizer_only)
+        source = Source.from_env(
+            os.environ, tokenizer_only=args.tokenizer_only, any_model=args.any_model
+        )
         print(f"model-init: {initialize(source, args.wait_seconds)}", flush=True)
     except InitError as error:
         return fail(error)

@@ -210,11 +210,16 @@ def data_command(stage: str) -> list[str]:
     ]
 
 
-def model_init_command(*, tokenizer_only: bool = False) -> list[str]:
+def model_init_command(*, tokenizer_only: bool = False, any_model: bool = False) -> list[str]:
     """argv of the initializer that fetches `Env.PRETRAINED_URI` into `Env.PRETRAINED_DIR`
-    (or verifies it in place) before the workload starts."""
+    (or verifies it in place) before the workload starts. `any_model`: a served model, which
+    may be an llmops checkpoint rather than a Hugging Face folder."""
     command = ["python", "-m", MODEL_INIT_MODULE]
-    return [*command, "--tokenizer-only"] if tokenizer_only else command
+    if tokenizer_only:
+        command.append("--tokenizer-only")
+    if any_model:
+        command.append("--any-model")
+    return command
 
 
 def server_command() -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmops.api import workload
+from llmops.api.common import PretrainedModel, S3Location
 from llmops.api.modeldeployment import (
     Autoscaling,
     EvaluationGate,
@@ -35,7 +36,7 @@ from llmops.api.workload import (
     VllmMetric,
     server_command,
 )
-from llmops.builders import pods, storage, vllm
+from llmops.builders import pods, pretrained, storage, vllm
 from llmops.builders.common import child_labels, child_metadata, child_name
 from llmops.builders.common import config_map as common_config_map
 
@@ -107,12 +108,34 @@ def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
     return common_config_map(body, CONFIG_FILE, COMPONENT)
 
 
-def _model_volume(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """Volumes, mounts and the model folder inside the container."""
-    volumes, mounts, path = storage.read_only_volume("model", model_uri, MODEL_DIR)
-    if path is None:
-        raise ValueError("serving from s3:// needs a model download step, not supported yet")
-    return volumes, mounts, path
+# Where an s3:// model is downloaded to, in the pod's scratch space.
+SCRATCH_MODEL_DIR = "/tmp/llmops-model"
+
+
+def _model_volume(
+    md: ModelDeployment, model_uri: str, s3: S3Location | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str, list[dict[str, Any]]]:
+    """Volumes, mounts, the model folder inside the container and the init containers: a
+    claim is mounted read-only; an s3:// model is fetched into scratch by the model
+    initializer before the server starts (`s3`: the bucket's endpoint and credentials)."""
+    if not model_uri.startswith("s3://"):
+        volumes, mounts, path = storage.read_only_volume("model", model_uri, MODEL_DIR)
+        assert path is not None
+        return volumes, mounts, path, []
+    source = PretrainedModel(
+        uri=model_uri,
+        endpoint=s3.endpoint if s3 else None,
+        credentials_secret=s3.credentials_secret if s3 else None,
+    )
+    fetch = pretrained.model_input(
+        source,
+        target=SCRATCH_MODEL_DIR,
+        shared=False,
+        resources=md.spec.resources,
+        extra_mounts=[],
+        any_model=True,
+    )
+    return [], [], SCRATCH_MODEL_DIR, [fetch.init_container]
 
 
 @dataclass(frozen=True)
@@ -239,11 +262,13 @@ def deployment(
     replicas: int,
     model_uri: str,
     adapters: Sequence[ServedAdapter] = (),
+    s3: S3Location | None = None,
 ) -> dict[str, Any]:
     """The serving Deployment. Either runtime yields the same Deployment (name, selector,
-    labels, strategy), so switching runtime is a rolling update of its pod template."""
+    labels, strategy), so switching runtime is a rolling update of its pod template. `s3`
+    says how to reach the bucket of an s3:// model (a TrainingRun's checkpoint storage)."""
     spec = md.spec
-    model_volumes, model_mounts, model_dir = _model_volume(model_uri)
+    model_volumes, model_mounts, model_dir, init_containers = _model_volume(md, model_uri, s3)
     adapter_volumes, adapter_mounts, adapter_folders = _adapter_volumes(adapters)
     scratch_volumes, scratch_mounts = pods.scratch_volumes()
     server = _vllm_server if spec.runtime == "vllm" else _builtin_server
@@ -286,6 +311,7 @@ def deployment(
                 "spec": {
                     "securityContext": pods.pod_security_context(),
                     "terminationGracePeriodSeconds": 60,
+                    **({"initContainers": init_containers} if init_containers else {}),
                     "containers": [container],
                     "volumes": volumes,
                     **pods.scheduling_fields(spec.scheduling),

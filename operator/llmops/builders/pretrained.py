@@ -70,6 +70,7 @@ def model_input(
     resources: Resources,
     extra_mounts: list[dict[str, Any]],
     tokenizer_only: bool = False,
+    any_model: bool = False,
 ) -> ModelInput:
     """The initializer and env for `model`. `target` is where a remote model is downloaded
     (inside `extra_mounts`, which the initializer also gets); `shared` says whether every
@@ -95,7 +96,7 @@ def model_input(
     init_container = {
         "name": INIT_CONTAINER,
         "image": pods.trainer_image(resources),
-        "command": model_init_command(tokenizer_only=tokenizer_only),
+        "command": model_init_command(tokenizer_only=tokenizer_only, any_model=any_model),
         "env": init_env,
         "securityContext": pods.container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,

@@ -14,7 +14,12 @@ from llmops.api.workload import MODEL_URI_ANNOTATION
 from llmops.builders import modeldeployment as build
 from llmops.builders.common import user_reference
 from llmops.controllers import common
-from llmops.decide.modeldeployment import report_adapters, resolve_adapters, resolve_model
+from llmops.decide.modeldeployment import (
+    model_store,
+    report_adapters,
+    resolve_adapters,
+    resolve_model,
+)
 
 KIND = "ModelDeployment"
 
@@ -115,7 +120,9 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
     adapters, waiting_adapters = resolve_adapters(md, adapter_runs)
     report_adapters(status, md, adapters, waiting_adapters)
     try:
-        manifest = build.deployment(body, md, md.spec.replicas, model_uri, adapters)
+        manifest = build.deployment(
+            body, md, md.spec.replicas, model_uri, adapters, model_store(run)
+        )
     except ValueError as error:
         status.set(phase="Failed")
         status.condition("Degraded", "True", "UnsupportedModelSource", str(error))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmops.api.common import S3Location
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.api.workload import ADAPTER_SUBDIR
 from llmops.builders.modeldeployment import ServedAdapter
@@ -97,3 +98,10 @@ def report_adapters(
         status.condition("AdaptersReady", "False", "WaitingForAdapter", "; ".join(waiting))
     else:
         status.condition("AdaptersReady", "True", "AdaptersServed", f"{len(ready)} adapter(s)")
+
+
+def model_store(run: Mapping[str, Any] | None) -> S3Location | None:
+    """The bucket (endpoint, credentials) a TrainingRun keeps its checkpoints in, for
+    serving an s3:// model of it."""
+    storage = (((run or {}).get("spec") or {}).get("checkpointing") or {}).get("storage") or {}
+    return S3Location.model_validate(storage["s3"]) if storage.get("s3") else None
