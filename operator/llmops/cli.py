@@ -57,6 +57,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     import llmops.controllers  # noqa: F401  (registers the handlers)
+    from llmops import config
+
+    config.current()  # a bad chart value stops the operator here, naming the variable
 
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.bind_address)

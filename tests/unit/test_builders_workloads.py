@@ -303,19 +303,24 @@ def test_dataset_pods_without_a_model_tokenizer_have_no_initializer():
     assert "LLMOPS_PRETRAINED_DIR" not in env
 
 
-def test_spot_placement_comes_from_the_chart_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spot_placement_comes_from_the_chart_values() -> None:
+    from llmops import config
+
     scheduling = Scheduling(spot=True, node_selector={"pool": "gpu"})
-    monkeypatch.setenv(
-        "LLMOPS_SPOT_TOLERATIONS",
-        '[{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"}]',
-    )
-    monkeypatch.setenv("LLMOPS_SPOT_NODE_SELECTOR", '{"example.com/capacity": "spot"}')
-    fields = scheduling_fields(scheduling)
+    chart_values = {
+        "LLMOPS_SPOT_TOLERATIONS": (
+            '[{"key": "example.com/spot", "operator": "Exists", "effect": "NoSchedule"}]'
+        ),
+        "LLMOPS_SPOT_NODE_SELECTOR": '{"example.com/capacity": "spot"}',
+    }
+    config.configure(config.OperatorConfig.from_env(chart_values))
+    try:
+        fields = scheduling_fields(scheduling)
+    finally:
+        config.configure(config.OperatorConfig())
     assert [t["key"] for t in fields["tolerations"]] == ["example.com/spot"]
     # The spec's own selector wins where both name a label.
     assert fields["nodeSelector"] == {"example.com/capacity": "spot", "pool": "gpu"}
-    monkeypatch.delenv("LLMOPS_SPOT_TOLERATIONS")
-    monkeypatch.delenv("LLMOPS_SPOT_NODE_SELECTOR")
     assert {t["key"] for t in scheduling_fields(Scheduling(spot=True))["tolerations"]} == {
         "cloud.google.com/gke-spot",
         "kubernetes.azure.com/scalesetpriority",

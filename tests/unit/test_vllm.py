@@ -262,12 +262,18 @@ def test_metrics_are_scraped_from_the_api_port() -> None:
     assert "- port: http\n      path: /metrics" in monitor
 
 
-def test_the_image_is_pinned_and_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_image_is_pinned_and_configurable() -> None:
+    from llmops import config
+
     assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm.DEFAULT_IMAGE)
-    monkeypatch.delenv(vllm.IMAGE_ENV, raising=False)
+    config.configure(config.OperatorConfig())
     assert container(FULL)["image"] == vllm.DEFAULT_IMAGE
-    monkeypatch.setenv(vllm.IMAGE_ENV, "registry.local/vllm-openai:v0.33.0")
-    assert container(FULL)["image"] == "registry.local/vllm-openai:v0.33.0"
+    chart = {vllm.IMAGE_ENV: "registry.local/vllm-openai:v0.33.0"}
+    config.configure(config.OperatorConfig.from_env(chart))
+    try:
+        assert container(FULL)["image"] == "registry.local/vllm-openai:v0.33.0"
+    finally:
+        config.configure(config.OperatorConfig())
     own = body(resources={"gpus": 1, "image": "registry.local/vllm-custom:1"})
     assert container(own)["image"] == "registry.local/vllm-custom:1"
 

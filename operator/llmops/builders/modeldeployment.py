@@ -11,11 +11,11 @@ single source of truth and the controller copies it to the Deployment.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmops import config
 from llmops.api import workload
 from llmops.api.common import PretrainedModel, S3Location
 from llmops.api.modeldeployment import (
@@ -45,7 +45,6 @@ CONFIG_FILE = SERVING_CONFIG_FILE
 # Loading weights can take minutes; the startup probe allows for it before liveness counts.
 STARTUP_SECONDS = 600
 PROBE_PERIOD = 5
-DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 # Metrics the servers export (llmops_trainer.serve), per replica, as KEDA queries them.
 METRIC_QUERIES = {
     "in-flight-requests": ServingMetric.REQUESTS_RUNNING,
@@ -438,8 +437,7 @@ def _scaled_object(
         trigger = {
             "type": "prometheus",
             "metadata": {
-                "serverAddress": scaling.prometheus_address
-                or os.environ.get("LLMOPS_PROMETHEUS_URL", DEFAULT_PROMETHEUS),
+                "serverAddress": scaling.prometheus_address or config.current().prometheus_url,
                 "query": query,
                 "threshold": _quantity(scaling.target),
                 # One request wakes a deployment scaled to zero.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
-from llmops import __version__
+from llmops import config
 from llmops.api.common import Resources, Scheduling
+from llmops.config import DEFAULT_TRAINER_IMAGE as DEFAULT_TRAINER_IMAGE
 
 # Pods run as this non-root user; the images create it.
 RUN_AS_USER = 65532
-DEFAULT_TRAINER_IMAGE = f"ghcr.io/llmops/trainer:{__version__}"
 # Taints cloud providers put on spot/preemptible nodes.
 SPOT_TOLERATIONS = [
     {"key": "cloud.google.com/gke-spot", "operator": "Exists", "effect": "NoSchedule"},
@@ -32,13 +30,12 @@ SPOT_TOLERATIONS = [
 
 def spot_tolerations() -> list[dict[str, Any]]:
     """The operator's spot tolerations (Helm value `spot.tolerations`), else the usual ones."""
-    configured: list[dict[str, Any]] = json.loads(os.environ.get("LLMOPS_SPOT_TOLERATIONS") or "[]")
-    return configured or SPOT_TOLERATIONS
+    return list(config.current().spot_tolerations) or SPOT_TOLERATIONS
 
 
 def trainer_image(resources: Resources) -> str:
     """The spec's image, else the one the operator was deployed with."""
-    return resources.image or os.environ.get("LLMOPS_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE)
+    return resources.image or config.current().trainer_image
 
 
 def pod_security_context() -> dict[str, Any]:
@@ -94,7 +91,7 @@ def scheduling_fields(scheduling: Scheduling) -> dict[str, Any]:
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations]
     if scheduling.spot:
         tolerations += spot_tolerations()
-        spot_nodes = json.loads(os.environ.get("LLMOPS_SPOT_NODE_SELECTOR") or "{}")
+        spot_nodes = config.current().spot_node_selector
         fields["nodeSelector"] = {**spot_nodes, **fields.get("nodeSelector", {})}
         if not fields["nodeSelector"]:
             del fields["nodeSelector"]

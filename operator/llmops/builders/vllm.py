@@ -9,13 +9,13 @@ tests/unit/test_vllm.py checks them against the list taken from that release's s
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from llmops import config
 from llmops.api.modeldeployment import ModelDeployment, ServingResources, VllmSettings
+from llmops.config import VLLM_VERSION as VLLM_VERSION
 
-VLLM_VERSION = "0.33.0"
-DEFAULT_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
+DEFAULT_IMAGE = config.DEFAULT_VLLM_IMAGE  # the pin, where the operator's configuration has none
 IMAGE_ENV = "LLMOPS_VLLM_IMAGE"  # the chart's `vllmImage`
 # vLLM reads its API key from here (or --api-key, which would show the key in the pod spec).
 API_KEY_ENV = "VLLM_API_KEY"
@@ -31,7 +31,7 @@ HOME = "/home/vllm"
 
 def image(resources: ServingResources) -> str:
     """The spec's image, else the one the operator was configured with, else the pin."""
-    return resources.image or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+    return resources.image or config.current().vllm_image
 
 
 def args(md: ModelDeployment, served_name: str, model_dir: str) -> list[str]:
