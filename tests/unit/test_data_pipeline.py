@@ -171,3 +171,20 @@ def test_cli_stages(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     status = DatasetStatus.model_validate(report)
     assert status.documents and status.total_tokens and status.steps
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_switching_deduplication_off_keeps_every_copy(
+    corpus: Path, tmp_path: Path, slices: int
+) -> None:
+    """Off means off, also across slices (the copy of docs[0] sits in another file)."""
+    on = _dataset([{"name": "s", "path": str(corpus)}])
+    off = _dataset(
+        [{"name": "s", "path": str(corpus)}],
+        processing={"deduplication": {"exact": False, "near": {"enabled": False}}},
+    )
+    kept = run_local(on, tmp_path / "on", slices)
+    everything = run_local(off, tmp_path / "off", slices)
+    assert everything.stats["documents"] == kept.stats["documents"] + 2  # the copy, the near one
+    steps = {s["name"]: s for s in everything.stats["steps"]}
+    assert not steps["dedup-exact"].get("dropped") and not steps["dedup-near"].get("dropped")

@@ -210,7 +210,8 @@ def run_merge(
             log.info("merge already done (fingerprint %s), skipping", print_[:12])
             return existing
     started = time.monotonic()
-    _cross_slice_exact(corpus)
+    if spec.processing.deduplication.exact:  # off means off: duplicates across slices stay
+        _cross_slice_exact(corpus)
     _near(corpus, spec)
 
     # Every document's fate, for audits and for comparing engines (benchmarks/).
