@@ -290,3 +290,22 @@ def test_llama_from_scratch_learns_and_a_run_without_a_test_split_finishes(
     assert exported.config.num_key_value_heads == 2
     report = json.loads((run.output / "eval_report.json").read_text())
     assert report["final"]["split"] == "validation"
+
+
+def test_a_spec_the_model_cannot_take_fails_with_a_report_not_a_restart(
+    base_model: Path, chat_data: Path, job: Callable[..., Job], tmp_path: Path
+) -> None:
+    """contextLength beyond the model's positions: the set-up refuses it, and says so in the
+    termination message the operator reads (InvalidTrainingSetup: fail, do not restart)."""
+    from llmops.api.workload import FailureReport, read_record
+
+    spec = fine_tune(base_model)
+    spec["spec"]["model"]["contextLength"] = 512
+    run = job(spec, data=chat_data)
+    termination = tmp_path / "termination-log"
+    run.env["LLMOPS_TERMINATION_LOG"] = str(termination)
+    assert run.run() != 0
+    report = read_record(FailureReport, termination.read_text())
+    assert report is not None and report.stage == "train"
+    assert report.reason == "InvalidTrainingSetup"
+    assert "contextLength 512 exceeds the model's 256 positions" in report.message

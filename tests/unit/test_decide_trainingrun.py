@@ -266,3 +266,19 @@ def test_pods_that_cannot_run_are_named_in_the_running_condition() -> None:
 
 def condition_message(decision: decide.Decision, type_: str) -> str:
     return next(c.message for c in decision.status.conditions if c.type == type_)
+
+
+def test_an_error_a_restart_would_repeat_fails_at_once_and_a_crash_restarts() -> None:
+    failed = job({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+
+    def crashed(message: str) -> dict[str, Any]:
+        terminated = {"exitCode": 1, "message": message}
+        return pod(0, "Failed", containerStatuses=[{"state": {"terminated": terminated}}])
+
+    report = '{"stage": "train", "reason": "FinalEvaluationFailed", "message": "ValueError: x"}'
+    decision = decided(run_body(), job=failed, pods=[crashed(report)])
+    assert decision.status.phase == "Failed" and not decision.restarted
+    assert condition(decision, "Failed") == ("True", "FinalEvaluationFailed")
+    # No report (a killed process, a lost peer): the gang restarts.
+    decision = decided(run_body(), job=failed, pods=[crashed("")])
+    assert decision.restarted and decision.status.restart_count == 1

@@ -32,7 +32,9 @@ from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
 from llmops.api.workload import (
     METRICS_HISTORY_FILE,
     METRICS_PORT,
+    TRAINER_STAGE,
     Env,
+    FailureReport,
     FinalReport,
     TrainingPhase,
     ValidationScores,
@@ -55,6 +57,8 @@ from llmops_trainer.termination import write_termination_message
 from llmops_trainer.weights import consolidated_state_dict
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a killed process would have returned
+# Errors a restart would meet again: the set-up (spec, data, model) and what follows training.
+PERMANENT_AT = {"setup": "InvalidTrainingSetup", "finish": "FinalEvaluationFailed"}
 BLEU_EXAMPLES = 16
 WORST_PASSAGES = 10
 log = logging.getLogger("llmops_trainer")
@@ -603,17 +607,28 @@ def main(argv: list[str] | None = None) -> int:
     run = TrainingRun.model_validate_json(args.config.read_text())
     Stop.install()
     trainer = Trainer(run, Paths.from_env(run.spec))
+    stage = "setup"
     try:
         trainer.setup()
+        stage = "training"
         reason = trainer.train()
         if reason == "Interrupted":
             trainer._report("Interrupted")
             return EXIT_PREEMPTED
+        stage = "finish"
         trainer.finish(reason)
         trainer._report("Completed")
         return 0
-    except BaseException:
+    except BaseException as error:
         trainer._report("Failed")
+        permanent = PERMANENT_AT.get(stage)
+        if permanent is not None and isinstance(error, Exception):
+            report = FailureReport(
+                stage=TRAINER_STAGE,
+                reason=permanent,
+                message=f"{type(error).__name__}: {error}"[:1000],
+            )
+            write_termination_message(report.to_dict())
         raise
     finally:
         if dist.is_initialized():

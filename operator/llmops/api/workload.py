@@ -401,6 +401,14 @@ MODEL_INIT_REASONS = (
 )
 
 
+# A trainer that fails where a restart would fail the same way (its set-up refuses the spec or
+# the data, or the final evaluation or export breaks after training) says so with stage
+# `train` and one of these reasons; the run then fails at once instead of spending restarts.
+# Anything else (a crash mid-training, a lost peer, an OOM kill) stays a reason to restart.
+TRAINER_STAGE = "train"
+TRAINER_PERMANENT_REASONS = ("InvalidTrainingSetup", "FinalEvaluationFailed")
+
+
 R = TypeVar("R", bound=Record)
 
 

@@ -204,13 +204,22 @@ def why_not_running(
 def model_init_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
     """The model initializer's report, when an init container failed on a bad model source
     (Kubernetes keeps its termination message in initContainerStatuses)."""
+    return failure_report(pods, MODEL_INIT_STAGE)
+
+
+def failure_report(pods: Sequence[Mapping[str, Any]], stage: str) -> FailureReport | None:
+    """The first FailureReport of `stage` a failed container of these pods left."""
     for pod in pods:
-        for container in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        status = pod.get("status") or {}
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
             terminated = (container.get("state") or {}).get("terminated") or {}
             if terminated.get("exitCode", 0) == 0:
                 continue
             report = read_record(FailureReport, terminated.get("message"))
-            if report is not None and report.stage == MODEL_INIT_STAGE:
+            if report is not None and report.stage == stage:
                 return report
     return None
 

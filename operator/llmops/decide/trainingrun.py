@@ -26,6 +26,8 @@ from llmops.api.workload import (
     COMPLETION_INDEX_ANNOTATION,
     FINAL_MODEL_SUBDIR,
     OUTPUT_SUBDIR,
+    TRAINER_PERMANENT_REASONS,
+    TRAINER_STAGE,
     TrainerReport,
     TrainingProgress,
 )
@@ -35,6 +37,7 @@ from llmops.decide.status import (
     Child,
     Conditions,
     Event,
+    failure_report,
     finish,
     is_complete,
     job_failure,
@@ -401,6 +404,10 @@ def _failed(
     if problem is not None and problem.reason != TRANSIENT_MODEL_INIT_FAILURE:
         # A missing file or a wrong checksum does not heal by restarting: fail now, saying why.
         return _finish(status, conditions, "Failed", problem.reason, problem.message, now)
+    crash = failure_report(pods, TRAINER_STAGE)
+    if crash is not None and crash.reason in TRAINER_PERMANENT_REASONS:
+        # The same spec and data would fail the same way: no restart is spent on it.
+        return _finish(status, conditions, "Failed", crash.reason, crash.message, now)
     if any(was_disrupted(p) for p in pods):
         status.preemption_count += 1
         return _restart(decision, conditions, "Preempted", f"gang member preempted: {failure}")
