@@ -33,6 +33,7 @@ from llmops.api.common import (
 MAX_SOURCES = 64
 MAX_URLS = 100
 SourceFormat = Literal["text", "jsonl", "parquet"]
+SplitName = Literal["train", "validation", "test"]
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
 # A relative glob over "/"-separated paths (`*`, `?`, `[...]` inside a segment; `**` spans them).
@@ -213,6 +214,14 @@ class DataSource(ApiModel):
         gt=0,
         le=1000,
     )
+    split: SplitName | None = Field(
+        default=None,
+        description=(
+            "Put every document of this source in one split, e.g. `test` to hold a whole "
+            "source out as the test set (then spec.split.test must be 0: the held-out sources "
+            "are the whole test split). Unset: spec.split divides the source by its ratios."
+        ),
+    )
 
     @property
     def supervised(self) -> bool:
@@ -224,11 +233,22 @@ class Normalization(ApiModel):
     """Text normalization, applied first."""
 
     unicode: Literal["NFC", "NFKC", "none"] = Field(
-        default="NFKC", description="Unicode normalization form."
+        default="NFKC",
+        description=(
+            "Unicode normalization form: `NFKC` also folds compatibility characters (the "
+            "ligature U+FB01 becomes `fi`, the full-width U+FF21 becomes `A`), `NFC` only "
+            "composes characters (e + U+0301 becomes U+00E9), `none` keeps them as read."
+        ),
     )
     lowercase: bool = Field(default=False, description="Lowercase every document.")
     collapse_whitespace: bool = Field(
-        default=True, description="Collapse runs of spaces and tabs; strip line ends."
+        default=True,
+        description=(
+            "Collapse each run of spaces and tabs (Unicode spaces too) to one space, drop the "
+            "space at a line's start and end and cut longer runs of blank lines to one; "
+            "false keeps spaces, tabs and blank lines as read (either way CRLF line ends "
+            "become LF and the document's leading and trailing whitespace is stripped)."
+        ),
     )
 
 
@@ -263,7 +283,13 @@ class NearDuplicates(ApiModel):
 class Deduplication(ApiModel):
     """Duplicate removal: exact (content hash), then near-duplicate (MinHash)."""
 
-    exact: bool = Field(default=True, description="Remove documents with identical content.")
+    exact: bool = Field(
+        default=True,
+        description=(
+            "Remove documents with identical content (after normalization). Off, identical "
+            "copies are still near duplicates (similarity 1): switch near off too to keep them."
+        ),
+    )
     near: NearDuplicates = nested(NearDuplicates, "Near-duplicate removal with MinHash LSH.")
 
 
@@ -344,7 +370,13 @@ DEFAULT_PII: tuple[PiiKind, ...] = ("email", "phone", "ip-address")
 class PiiScrubbing(ApiModel):
     """Replace personal data with placeholder tokens."""
 
-    enabled: bool = Field(default=True, description="Scrub personal data.")
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Replace personal data with placeholders (`<EMAIL>`, `<PHONE>`, `<IP_ADDRESS>`, "
+            "`<CREDIT_CARD>`); false keeps the text as it is."
+        ),
+    )
     kinds: Annotated[list[PiiKind], AfterValidator(distinct)] = Field(
         default_factory=lambda: list(DEFAULT_PII),
         description="What to scrub.",
@@ -365,7 +397,13 @@ class Augmentation(ApiModel):
         ),
     )
 
-    enabled: bool = Field(default=False, description="Add augmented copies.")
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Add augmented copies of the training split's documents (validation and test "
+            "stay clean; with pairs and chats only the prompts and user turns are perturbed)."
+        ),
+    )
     methods: Annotated[list[AugmentationMethod], AfterValidator(distinct)] = Field(
         default_factory=list,
         description="Perturbations applied to each copy.",
@@ -389,6 +427,10 @@ class Processing(ApiModel):
     augmentation: Augmentation = nested(Augmentation, "Optional data augmentation.")
 
 
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+SPECIAL_TOKENS_DESCRIPTION = "Special tokens added to the vocabulary (end of text first)."
+
+
 class TokenizerTraining(ApiModel):
     """Train a byte-level BPE tokenizer on the training split."""
 
@@ -397,25 +439,86 @@ class TokenizerTraining(ApiModel):
         default=2, description="Fewest occurrences for a merge.", ge=1, le=1000000
     )
     special_tokens: list[SpecialToken] = Field(
-        default_factory=lambda: ["<|endoftext|>", "<|pad|>"],
-        description="Special tokens added to the vocabulary (end of text first).",
+        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
+        description=SPECIAL_TOKENS_DESCRIPTION,
         max_length=64,
     )
 
 
+class ByteTokenizer(ApiModel):
+    """One token per byte: ids 0-255 are the UTF-8 bytes of the text, the special tokens
+    follow (256, 257, ...). Nothing is trained and every text decodes back exactly."""
+
+    special_tokens: list[SpecialToken] = Field(
+        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
+        description=SPECIAL_TOKENS_DESCRIPTION,
+        min_length=1,
+        max_length=64,
+    )
+
+
+class CharTokenizer(ApiModel):
+    """One token per character of the training split, numbered in code point order (as
+    nanoGPT's shakespeare_char numbers them), then the fallback, then the special tokens."""
+
+    special_tokens: list[SpecialToken] = Field(
+        default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS),
+        description=SPECIAL_TOKENS_DESCRIPTION,
+        min_length=1,
+        max_length=64,
+    )
+    min_frequency: int = Field(
+        default=1,
+        description=(
+            "Fewest occurrences in the training split for a character to get its own token; "
+            "rarer characters are encoded with the fallback."
+        ),
+        ge=1,
+        le=1000000,
+    )
+    fallback: Literal["unknown-token", "bytes"] = Field(
+        default="unknown-token",
+        description=(
+            "How a character without a token (unseen in the training split, e.g. only in a "
+            "held-out source, or rarer than minFrequency) is encoded: `unknown-token`: as "
+            "one `<|unk|>` token, which decodes to the text `<|unk|>` (one more token in the "
+            "vocabulary); `bytes`: as the tokens of its UTF-8 bytes (`<0x00>`..`<0xFF>`, 256 "
+            "more tokens), so that every text decodes back exactly."
+        ),
+    )
+
+
 class Tokenizer(ApiModel):
-    """Which tokenizer to use: exactly one of train, path, datasetRef or fromModel."""
+    """Which tokenizer to use: exactly one of train, byte, char, path, datasetRef or
+    fromModel."""
 
     cel_rules = (
         Rule(
-            cel=cel_exactly_one("train", "path", "datasetRef", "fromModel"),
-            message="exactly one of train, path, datasetRef or fromModel must be set",
-            check=lambda s: exactly_one(s, "train", "path", "dataset_ref", "from_model"),
+            cel=cel_exactly_one("train", "byte", "char", "path", "datasetRef", "fromModel"),
+            message="exactly one of train, byte, char, path, datasetRef or fromModel must be set",
+            check=lambda s: exactly_one(
+                s, "train", "byte", "char", "path", "dataset_ref", "from_model"
+            ),
         ),
     )
 
     train: TokenizerTraining | None = Field(
         default=None, description="Train a new byte-level BPE tokenizer on this data."
+    )
+    byte: ByteTokenizer | None = Field(
+        default=None,
+        description=(
+            "Bytes as tokens (256 plus the special tokens), nothing trained: small corpora, "
+            "teaching, byte-level baselines. `{}` takes the defaults."
+        ),
+    )
+    char: CharTokenizer | None = Field(
+        default=None,
+        description=(
+            "Characters as tokens: the characters of the training split, the special tokens "
+            "and a fallback for unseen characters (as nanoGPT's shakespeare_char). `{}` takes "
+            "the defaults."
+        ),
     )
     path: Path | None = Field(
         default=None, description="A `tokenizer.json` file inside the preprocessing image."
@@ -444,10 +547,46 @@ class Split(ApiModel):
         ),
     )
 
-    train: float = Field(default=0.98, description="Share for training.", gt=0, le=1)
-    validation: float = Field(default=0.01, description="Share for validation.", ge=0, lt=1)
-    test: float = Field(default=0.01, description="Share for the final test.", ge=0, lt=1)
-    seed: int = Field(default=1234, description="Seed of the split.", ge=0, le=4294967295)
+    mode: Literal["hash", "contiguous"] = Field(
+        default="hash",
+        description=(
+            "How documents are divided by the ratios. `hash`: by a seeded hash of each "
+            "document's content (a document keeps its split when others are added or "
+            "removed). `contiguous`: by position in the stream (sources in spec order, their "
+            "files sorted by path, URLs as listed, documents in file order): the first `train` "
+            "share of the kept documents (rounded) trains, the next `validation` share "
+            "validates, the rest tests, as nanoGPT's prepare scripts cut a text; the same for "
+            "any number of slices. Either way a split with a share above zero gets at least "
+            "one document when training keeps one."
+        ),
+    )
+    train: float = Field(
+        default=0.98,
+        description="Share for training (of the sources without a split of their own).",
+        gt=0,
+        le=1,
+    )
+    validation: float = Field(
+        default=0.01,
+        description=(
+            "Share for validation (of the sources without a split of their own); 0 when a "
+            "source is held out as the validation set."
+        ),
+        ge=0,
+        lt=1,
+    )
+    test: float = Field(
+        default=0.01,
+        description=(
+            "Share for the final test (of the sources without a split of their own); 0 when "
+            "a source is held out as the test set."
+        ),
+        ge=0,
+        lt=1,
+    )
+    seed: int = Field(
+        default=1234, description="Seed of the split (mode hash).", ge=0, le=4294967295
+    )
 
 
 class Sharding(ApiModel):
@@ -496,6 +635,32 @@ class DatasetSpec(ApiModel):
             ),
             field_path=".sharding.tokenDtype",
         ),
+        Rule(
+            cel="self.sources.exists(s, !has(s.split) || s.split == 'train')",
+            message="at least one source must feed the training split: sources[].split holds "
+            "every source out",
+            check=lambda s: any(x.split in (None, "train") for x in s.sources),
+            field_path=".sources",
+        ),
+        Rule(
+            cel="!self.sources.exists(s, has(s.split) && s.split == 'validation') || "
+            "self.split.validation == 0.0",
+            message="a source held out as the validation set (sources[].split: validation) is "
+            "the whole validation split: set split.validation to 0 (and the other ratios to "
+            "sum to 1)",
+            check=lambda s: (
+                all(x.split != "validation" for x in s.sources) or s.split.validation == 0
+            ),
+            field_path=".split.validation",
+        ),
+        Rule(
+            cel="!self.sources.exists(s, has(s.split) && s.split == 'test') || "
+            "self.split.test == 0.0",
+            message="a source held out as the test set (sources[].split: test) is the whole "
+            "test split: set split.test to 0 (and the other ratios to sum to 1)",
+            check=lambda s: all(x.split != "test" for x in s.sources) or s.split.test == 0,
+            field_path=".split.test",
+        ),
     )
 
     sources: list[DataSource] = Field(
@@ -505,7 +670,7 @@ class DatasetSpec(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     processing: Processing = nested(Processing, "The cleaning pipeline.")
-    tokenizer: Tokenizer = Field(description="Tokenizer to train or reuse.")
+    tokenizer: Tokenizer = Field(description="Tokenizer to build, train or reuse.")
     split: Split = nested(Split, "Train/validation/test split.")
     sharding: Sharding = nested(Sharding, "Token shard files.")
     output: Storage | None = Field(

@@ -2,8 +2,9 @@
 
 It orders every document by (input, position), so the result does not depend on the number
 of slices, finds exact duplicates across slices and near-duplicates with LSH over all
-signatures, trains or loads the tokenizer, splits by document (seeded hash), tokenizes in
-parallel and writes shards, tokenizer, manifest and dataset card.
+signatures, trains, builds or loads the tokenizer, splits by document (a seeded hash of the
+content, or the position in the stream; a source with a split of its own goes there whole),
+tokenizes in parallel and writes shards, tokenizer, manifest and dataset card.
 
 With `tokenizer.fromModel` the tokenizer is the model's: its `tokenizer.json` encodes the
 text, its end-of-sequence token separates documents, its chat template renders chats (with
@@ -126,13 +127,29 @@ def _near(corpus: Corpus, spec: DatasetSpec) -> None:
 
 
 def _splits(corpus: Corpus, spec: DatasetSpec, kept: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
-    """0/1/2 (train/validation/test) per kept document from a seeded hash of its content;
-    a split with a share above zero gets at least one document when there are enough."""
+    """0/1/2 (train/validation/test) per kept document: a source with a split of its own
+    (sources[].split) goes there whole; the others are divided by the ratios, by a seeded
+    hash of the content (mode hash) or by position in global order (mode contiguous)."""
+    fixed = np.array([-1 if s.split is None else SPLITS.index(s.split) for s in spec.sources])
+    assigned = fixed[corpus.source_index()[kept]].astype(np.int8)
+    free = np.flatnonzero(assigned < 0)
+    if spec.split.mode == "contiguous":
+        assigned[free] = _contiguous_split(len(free), spec)
+    else:
+        assigned[free] = _hash_split(corpus, spec, kept[free])
+    return assigned
+
+
+def _hash_split(
+    corpus: Corpus, spec: DatasetSpec, documents: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int8]:
+    """By a seeded hash of each document's content; a split with a share above zero gets at
+    least one document when there are enough."""
     split = spec.split
-    head = np.ascontiguousarray(corpus.hashes[kept, :8]).view("<u8").ravel()
+    head = np.ascontiguousarray(corpus.hashes[documents, :8]).view("<u8").ravel()
     unit = _mix(head ^ np.uint64(split.seed * 0x9E3779B97F4A7C15 % 2**64)).astype(np.float64)
     unit /= 2.0**64
-    out = np.zeros(len(kept), dtype=np.int8)
+    out = np.zeros(len(documents), dtype=np.int8)
     out[unit >= split.train] = 1
     out[unit >= split.train + split.validation] = 2
     for target, share in ((1, split.validation), (2, split.test)):
@@ -140,6 +157,21 @@ def _splits(corpus: Corpus, spec: DatasetSpec, kept: npt.NDArray[np.int64]) -> n
             train = np.flatnonzero(out == 0)
             out[train[np.argmax(unit[train])]] = target
     return out
+
+
+def _contiguous_split(count: int, spec: DatasetSpec) -> npt.NDArray[np.int8]:
+    """In stream order: the first `count * train` documents (rounded) train, the next
+    `count * validation` validate, the rest test; a split with a share above zero gets at
+    least one document when the training split has more than one to give."""
+    split = spec.split
+    train = int(count * split.train + 0.5)
+    sizes = [train, int(count * (split.train + split.validation) + 0.5) - train, 0]
+    sizes[2] = count - sizes[0] - sizes[1]
+    for target, share in ((1, split.validation), (2, split.test)):
+        if share > 0 and sizes[target] == 0 and sizes[0] > 1:
+            sizes[0] -= 1
+            sizes[target] = 1
+    return np.repeat(np.arange(3, dtype=np.int8), sizes)
 
 
 def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -162,13 +194,17 @@ def _text(record: dict[str, Any]) -> str:
 
 def _tokenizer(dataset: Dataset, corpus: Corpus, train_mask: npt.NDArray[np.bool_]) -> Any:
     config = dataset.spec.tokenizer
+
+    def texts() -> Iterator[str]:
+        for _, record in corpus.documents(train_mask):
+            yield _text(record)
+
     if config.train is not None:
-
-        def texts() -> Iterator[str]:
-            for _, record in corpus.documents(train_mask):
-                yield _text(record)
-
         return tok.train(texts(), config.train), list(config.train.special_tokens)
+    if config.byte is not None:
+        return tok.byte_level(config.byte), list(config.byte.special_tokens)
+    if config.char is not None:
+        return tok.characters(texts(), config.char), list(config.char.special_tokens)
     path = config.path if config.path is not None else str(tok.ref_tokenizer_path())
     return tok.load(path), None
 

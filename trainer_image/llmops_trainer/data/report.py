@@ -93,10 +93,27 @@ def _tokenizer(dataset: Dataset) -> str:
         return f"the model's, `{config.from_model.uri}`" + (extra if chats else "")
     if config.train is not None:
         return f"byte-level BPE trained on the training split ({config.train.vocab_size} tokens)"
+    if config.byte is not None:
+        return "bytes (256 tokens) and the special tokens"
+    if config.char is not None:
+        fallback = "their UTF-8 bytes" if config.char.fallback == "bytes" else "`<|unk|>`"
+        return (
+            "the characters of the training split and the special tokens; other characters "
+            f"become {fallback}"
+        )
     if config.path is not None:
         return f"`{config.path}`"
     assert config.dataset_ref is not None
     return f"that of Dataset `{config.dataset_ref.name}`"
+
+
+def _split(dataset: Dataset) -> str:
+    split = dataset.spec.split
+    ratios = f"{split.train:g}/{split.validation:g}/{split.test:g}"
+    how = f"split seed {split.seed}" if split.mode == "hash" else "contiguous split"
+    text = f"{how}, ratios {ratios}"
+    held = [f"{s.name} to {s.split}" for s in dataset.spec.sources if s.split is not None]
+    return text + (f"; whole sources: {', '.join(held)}" if held else "")
 
 
 def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> str:
@@ -176,7 +193,7 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         _table(steps),
         "",
         f"Tokens: train {tokens.get('train', 0)}, validation {tokens.get('validation', 0)}, "
-        f"test {tokens.get('test', 0)} (split seed {spec.split.seed}).",
+        f"test {tokens.get('test', 0)} ({_split(dataset)}).",
         "",
         f"Languages of the kept documents: {languages}.",
         "",

@@ -1,12 +1,24 @@
-"""Tokenize: train a byte-level BPE tokenizer with HF `tokenizers`, or load one (a file, or an
-open-weights model's tokenizer folder), and encode documents in batches (the Rust side
-spreads a batch over all cores)."""
+"""Tokenize: train a byte-level BPE tokenizer with HF `tokenizers`, build a byte or a
+character tokenizer, or load one (a file, or an open-weights model's tokenizer folder), and
+encode documents in batches (the Rust side spreads a batch over all cores).
+
+The byte and character tokenizers are `tokenizers` BPE models without merges, so their
+`tokenizer.json` loads wherever a trained one does (`Tokenizer.from_file`, the trainer, the
+server), and decoding gives back the text exactly:
+
+- byte: ids 0-255 are the bytes of the UTF-8 text (written as GPT-2's byte-level characters,
+  with the byte-level decoder of a trained tokenizer), then the special tokens;
+- char: the characters of the training split in code point order (nanoGPT's shakespeare_char
+  numbering), then the fallback (`<|unk|>`, or `<0x00>`..`<0xFF>` for the UTF-8 bytes of an
+  unseen character, as Llama's byte fallback), then the special tokens.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +26,18 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from llmops.api.common import PretrainedModel
-from llmops.api.dataset import DatasetSpec, TokenizerTraining
+from llmops.api.dataset import ByteTokenizer, CharTokenizer, DatasetSpec, TokenizerTraining
 from llmops.api.workload import Env
 
 # A reused tokenizer (tokenizer.datasetRef) is mounted here by the controller.
@@ -30,6 +50,7 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 CHAT_TEMPLATES_DIR = "additional_chat_templates"  # named templates (transformers >= 4.54)
 # What a prepared dataset carries of a model's tokenizer, for the trainer and the server.
 MODEL_TOKENIZER_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", *CHAT_TEMPLATE_FILES)
+UNKNOWN = "<|unk|>"  # the character tokenizer's fallback token (fallback: unknown-token)
 
 
 def train(texts: Iterable[str], config: TokenizerTraining) -> Tokenizer:
@@ -46,6 +67,55 @@ def train(texts: Iterable[str], config: TokenizerTraining) -> Tokenizer:
     )
     tokenizer.train_from_iterator(_batches(texts), trainer=trainer)
     return tokenizer
+
+
+def byte_level(config: ByteTokenizer) -> Tokenizer:
+    """256 byte tokens (id = byte value), then the special tokens; nothing to train."""
+    alphabet = _byte_alphabet()
+    tokenizer = Tokenizer(models.BPE({alphabet[b]: b for b in range(256)}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens(_specials(config.special_tokens))
+    return tokenizer
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable character for each byte (what byte-level BPE vocabularies hold)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    table = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + extra)
+    return [table[b] for b in range(256)]
+
+
+def characters(texts: Iterable[str], config: CharTokenizer) -> Tokenizer:
+    """A token per character seen at least `min_frequency` times in `texts` (the training
+    split), in code point order, then the fallback for the others, then the specials."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    specials = set(config.special_tokens)
+    seen = sorted(c for c, n in counts.items() if n >= config.min_frequency and c not in specials)
+    vocab = {c: i for i, c in enumerate(seen)}
+    decoder: decoders.Decoder
+    if config.fallback == "bytes":
+        vocab.update({f"<0x{b:02X}>": len(seen) + b for b in range(256)})
+        model = models.BPE(vocab, [], byte_fallback=True)
+        decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        vocab[UNKNOWN] = len(seen)
+        model = models.BPE(vocab, [], unk_token=UNKNOWN)
+        decoder = decoders.Fuse()
+    tokenizer = Tokenizer(model)
+    tokenizer.decoder = decoder
+    tokenizer.add_special_tokens(_specials(config.special_tokens))
+    return tokenizer
+
+
+def _specials(tokens: Iterable[str]) -> list[AddedToken]:
+    return [AddedToken(token, special=True, normalized=False) for token in tokens]
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
