@@ -117,6 +117,8 @@ def running_server(
     max_body_bytes: int = 1 << 20,
     wrap: Callable[[Engine], None] | None = None,
     adapters: list[tuple[str, Path]] | None = None,
+    max_queued: int | None = None,
+    queue_timeout: float = 30.0,
 ) -> Iterator[RunningServer]:
     """uvicorn with the app on a free loopback port, in a thread of this process."""
     settings = ServeSettings(
@@ -129,6 +131,8 @@ def running_server(
         device="cpu",
         dtype="float32",
         adapters=list(adapters or []),
+        max_queued=max_queued,
+        queue_timeout=queue_timeout,
     )
     metrics = ServingMetrics(CollectorRegistry())
     loaded = loading.load(model_dir)
@@ -161,6 +165,24 @@ def running_server(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """A sample's value on the server's /metrics (0 when absent); `labels` as written in the
+    exposition (`reason="too_large"`), matched as a subset of the sample's labels."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = dict(part.split("=", 1) for part in labels.split(",") if part)
+    wanted = {key.strip(): value.strip().strip('"') for key, value in wanted.items()}
+    text = httpx.get(url + "/metrics").text
+    total, found = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and wanted.items() <= sample.labels.items():
+                total += sample.value
+                found = True
+    return total if found else 0.0
 
 
 def wait_until(condition: Callable[[], bool], what: str, limit: float = 30.0) -> None:

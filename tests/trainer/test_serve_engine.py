@@ -68,7 +68,7 @@ def test_kv_cache_logits_match_the_trainer_forward() -> None:
     reference = random_model(config, seed=1).eval()
     cached = KVCacheModel(random_model(config, seed=1), 4, 24, torch.device("cpu"), torch.float32)
     sequences = [[1, 2, 3, 4, 5], [9], [3, 1, 4, 1, 5, 9, 2, 6], [50, 51]]
-    logits = cached.prefill(0, sequences)
+    logits = cached.prefill(0, sequences).logits
     for _ in range(6):
         with torch.no_grad():
             for row, sequence in enumerate(sequences):

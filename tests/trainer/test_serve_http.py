@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from serve_support import RunningServer, make_model, running_server, wait_until
+from serve_support import metric as support_metric
 
 from llmops_trainer.serve.engine import Engine
 
@@ -38,13 +39,7 @@ def client(server: RunningServer, **kwargs: Any) -> openai.OpenAI:
 
 
 def metric(server: RunningServer, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + (labels and "{" + labels + "}")) and " " in line:
-            head = line.split(" ")[0]
-            if head == name or head == f"{name}{{{labels}}}":
-                return float(line.split(" ")[1])
-    return 0.0
+    return support_metric(server.url, name, labels)
 
 
 # -- the OpenAI client ------------------------------------------------------------------------
@@ -167,8 +162,9 @@ def test_metrics_count_tokens_and_latencies(server: RunningServer) -> None:
     assert delta["llmops_serving_inter_token_latency_seconds_count"] == 4
     text = httpx.get(server.url + "/metrics").text
     for name in ("llmops_serving_requests_running", "llmops_serving_requests_waiting"):
-        assert f"\n{name} 0.0" in text
-    assert 'llmops_serving_requests_total{finish_reason="length"}' in text
+        assert f'\n{name}{{model_name="tiny"}} 0.0' in text
+    assert 'llmops_serving_requests_total{finish_reason="length",model_name="tiny"}' in text
+    assert "_created" not in text
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -184,12 +180,49 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/v1/completions", {"model": "tiny"}, 400, "prompt: Field required"),
     ("POST", "/v1/completions", {"prompt": "x"}, 400, "model: Field required"),
     ("POST", "/v1/completions", {**OK, "model": "gpt-4"}, 404, "does not exist"),
-    ("POST", "/v1/completions", {**OK, "n": 2}, 400, "only n=1"),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "n": 17},
+        400,
+        "n: Input should be less than or equal to 16",
+    ),
+    ("POST", "/v1/completions", {**OK, "n": 3, "best_of": 2}, 400, "best_of: must be at least n"),
+    ("POST", "/v1/completions", {**OK, "best_of": 9}, 400, "needs 9 sequences"),
     ("POST", "/v1/completions", {**OK, "temperature": -1}, 400, "temperature"),
     ("POST", "/v1/completions", {**OK, "temperature": "hot"}, 400, "temperature"),
     ("POST", "/v1/completions", {**OK, "top_p": 1.5}, 400, "top_p"),
     ("POST", "/v1/completions", {**OK, "top_k": -5}, 400, "top_k"),
-    ("POST", "/v1/completions", {**OK, "max_tokens": 0}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {**OK, "max_tokens": -1}, 400, "max_tokens"),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "max_tokens": "2"},
+        400,
+        "max_tokens: Input should be a valid integer",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "max_tokens": True},
+        400,
+        "max_tokens: Input should be a valid integer",
+    ),
+    ("POST", "/v1/completions", {**OK, "temperature": True}, 400, "temperature"),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "logit_bias": {"9999": 1}},
+        400,
+        "logit_bias: token id 9999",
+    ),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "logit_bias": {"x": 1}},
+        400,
+        "logit_bias: String should match",
+    ),
     ("POST", "/v1/completions", {**OK, "max_tokens": 33}, 400, "at most 32"),
     (
         "POST",
@@ -206,7 +239,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         "maximum context length",
     ),
     ("POST", "/v1/completions", {**OK, "prompt": [10**6]}, 400, "token ids must be below"),
-    ("POST", "/v1/completions", {**OK, "prompt": ["a", "b"]}, 400, "one prompt"),
+    ("POST", "/v1/completions", {**OK, "prompt": [["a"]]}, 400, "prompt"),
+    ("POST", "/v1/completions", {**OK, "prompt": ["a", 1]}, 400, "prompt"),
     ("POST", "/v1/completions", {**OK, "prompt": 5}, 400, "prompt"),
     ("POST", "/v1/completions", {**OK, "unknown": 1}, 400, "unknown: unrecognized"),
     ("POST", "/v1/completions", {**OK, "stop": ["a"] * 5}, 400, "at most 4"),
@@ -217,8 +251,15 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         400,
         "only allowed when stream",
     ),
-    ("POST", "/v1/completions", {**OK, "logprobs": 1}, 400, "logprobs is not supported"),
-    ("POST", "/v1/completions", {**OK, "echo": True}, 400, "echo"),
+    ("POST", "/v1/completions", {**OK, "logprobs": 21}, 400, "logprobs: Input should be less"),
+    ("POST", "/v1/completions", {**OK, "suffix": "x"}, 400, "suffix: not supported"),
+    (
+        "POST",
+        "/v1/completions",
+        {**OK, "stream": True, "best_of": 2},
+        400,
+        "best_of: cannot be streamed",
+    ),
     ("POST", "/v1/completions", {**OK, "seed": 2**70}, 400, "seed"),
     ("POST", "/v1/chat/completions", {**CHAT_OK, "messages": []}, 400, "messages"),
     ("POST", "/v1/chat/completions", {**CHAT_OK, "messages": [{"role": "x"}]}, 400, "role"),
@@ -230,7 +271,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         400,
         "content",
     ),
-    ("POST", "/v1/chat/completions", {**CHAT_OK, "logprobs": True}, 400, "logprobs"),
+    ("POST", "/v1/chat/completions", {**CHAT_OK, "top_logprobs": 2}, 400, "needs logprobs"),
     ("POST", "/v1/chat/completions", {**CHAT_OK, "max_completion_tokens": 99}, 400, "at most"),
     ("POST", "/v1/completions", b"x" * 5000, 413, "larger than 4096 bytes"),
     ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
@@ -314,11 +355,11 @@ def gated(gate: threading.Event) -> Callable[[Engine], None]:
     return wrap
 
 
-def test_full_queue_gets_429_with_retry_after(model_dir: Path) -> None:
+def test_full_queue_without_a_wait_gets_429_with_a_spread_retry_after(model_dir: Path) -> None:
     gate = threading.Event()
     gate.set()
     with running_server(
-        model_dir, max_batch_size=1, max_concurrency=2, wrap=gated(gate)
+        model_dir, max_batch_size=1, max_concurrency=2, wrap=gated(gate), max_queued=0
     ) as running:
         gate.clear()
         body = {**OK, "max_tokens": 8, "stream": True, "ignore_eos": True}
@@ -330,7 +371,9 @@ def test_full_queue_gets_429_with_retry_after(model_dir: Path) -> None:
             wait_until(lambda: running.engine.scheduler.waiting == 1, "one queued request")
             rejected = [httpx.post(running.url + "/v1/completions", json=OK) for _ in range(3)]
             assert [r.status_code for r in rejected] == [429] * 3
-            assert all(r.headers["retry-after"] == "1" for r in rejected)
+            assert all(int(r.headers["retry-after"]) >= 1 for r in rejected)
+            # Spread, so that refused clients do not all come back at the same moment.
+            assert len({r.headers["retry-after-ms"] for r in rejected}) > 1
             assert "capacity" in rejected[0].json()["error"]["message"]
             with pytest.raises(openai.RateLimitError):
                 client(running).completions.create(model="tiny", prompt="x", max_tokens=1)

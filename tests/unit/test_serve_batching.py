@@ -146,3 +146,28 @@ def test_wait_for_work_and_idle() -> None:
     s.admit()
     s.finish(job)
     assert s.wait_idle(0.0)
+
+
+def test_submit_all_is_all_or_nothing() -> None:
+    s = scheduler(max_running=2, capacity=4)
+    assert s.submit_all([Job("a"), Job("b"), Job("c")])
+    assert not s.submit_all([Job("d"), Job("e")])  # one place left: neither goes in
+    assert s.waiting == 3
+    assert s.submit_all([Job("d")])
+    s.close()
+    assert not s.submit_all([])  # closed
+
+
+def test_on_free_is_told_when_room_appears() -> None:
+    s = scheduler(max_running=1, capacity=2)
+    freed: list[int] = []
+    s.on_free = lambda: freed.append(s.running + s.waiting)
+    a, b = Job("a"), Job("b")
+    s.submit_all([a, b])
+    s.admit()
+    assert freed == []
+    assert s.withdraw(b) and freed == [1]
+    s.finish(a)
+    assert freed == [1, 0]
+    s.finish(a)  # no longer running: nothing freed
+    assert freed == [1, 0]

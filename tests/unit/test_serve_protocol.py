@@ -30,29 +30,59 @@ def test_sampling_fields() -> None:
 
 @pytest.mark.parametrize(
     "prompt, expected",
-    [("text", "text"), ([1, 2], [1, 2]), (["one"], "one"), ([[3, 4]], [3, 4]), ([], [])],
+    [
+        ("text", ["text"]),
+        ([1, 2], [[1, 2]]),
+        (["one"], ["one"]),
+        (["one", "two"], ["one", "two"]),
+        ([[3, 4]], [[3, 4]]),
+        ([[3, 4], [5]], [[3, 4], [5]]),
+        ([], [[]]),
+    ],
 )
 def test_prompt_forms(prompt: Any, expected: Any) -> None:
-    assert completion(prompt=prompt).single_prompt() == expected
+    assert completion(prompt=prompt).prompts() == expected
+
+
+def test_choices_penalties_bias_and_logprobs_map_to_sampling_params() -> None:
+    request = completion(
+        n=3, best_of=4, seed=10, presence_penalty=0.5, frequency_penalty=-1.0,
+        logit_bias={"7": 2.5, "9": -100}, logprobs=2, echo=True,
+    )  # fmt: skip
+    assert request.choices() == 3 and request.generated() == 4
+    params = request.sampling(5, logprobs=2, prompt_logprobs=2, choice=2)
+    assert params.seed == 12  # each choice has its own seed
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.logit_bias == ((7, 2.5), (9, -100.0)) and params.penalised
+    assert (params.logprobs, params.prompt_logprobs) == (2, 2)
+    assert not completion().sampling(1).penalised
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"n": 2}, "only n=1"),
-        ({"best_of": 3}, "best_of=1"),
-        ({"echo": True}, "echo is not supported"),
-        ({"logprobs": 2}, "logprobs is not supported"),
-        ({"suffix": "x"}, "suffix is not supported"),
-        ({"presence_penalty": 0.5}, "not supported"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"n": 17}, "less than or equal to 16"),
+        ({"n": 3, "best_of": 2}, "best_of: must be at least n"),
+        ({"best_of": 3, "stream": True}, "cannot be streamed"),
+        ({"logprobs": 21}, "less than or equal to 20"),
+        ({"suffix": "x"}, "Input should be None"),
+        ({"presence_penalty": 2.5}, "less than or equal to 2"),
+        ({"logit_bias": {"x": 5}}, "should match pattern"),
+        ({"logit_bias": {"1": 101}}, "less than or equal to 100"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"stop": [""]}, "at least 1 character"),
-        ({"prompt": ["a", "b"]}, "only one prompt"),
+        ({"prompt": [["a"]]}, "prompt"),
+        ({"prompt": "\ud800"}, "lone surrogate"),
+        ({"prompt": ["ok", "\udfff"]}, "lone surrogate"),
+        ({"stop": "\ud800"}, "unicode"),
         ({"stream_options": {"include_usage": True}}, "only allowed when stream"),
         ({"temperature": 2.5}, "less than or equal to 2"),
+        ({"temperature": True}, "valid number"),
         ({"top_p": 0}, "greater than 0"),
-        ({"max_tokens": 0}, "greater than or equal to 1"),
+        ({"max_tokens": -1}, "greater than or equal to 0"),
+        ({"max_tokens": "2"}, "valid integer"),
+        ({"max_tokens": True}, "valid integer"),
+        ({"max_tokens": 2.0}, "valid integer"),
         ({"prompt": [-1]}, "greater than or equal to 0"),
         ({"unknown": 1}, "Extra inputs are not permitted"),
     ],
@@ -78,7 +108,9 @@ def test_chat_request() -> None:
         {"model": "m", "messages": []},
         {"model": "m", "messages": [{"role": "robot", "content": "x"}]},
         {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        {"model": "m", "messages": [{"role": "user", "content": "\ud800"}]},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
         {"messages": [{"role": "user", "content": "x"}]},
     ],
 )
@@ -87,7 +119,42 @@ def test_refused_chat_bodies(body: dict[str, Any]) -> None:
         ChatCompletionRequest.model_validate(body)
 
 
+def test_chat_logprobs() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert ChatCompletionRequest.model_validate(body).logprob_count() is None
+    request = ChatCompletionRequest.model_validate({**body, "logprobs": True, "top_logprobs": 3})
+    assert request.logprob_count() == 3
+
+
 def test_vanishing_temperatures_are_greedy() -> None:
     # Found by the HTTP fuzz: 1e-300 made the sampling probabilities overflow.
     assert completion(temperature=1e-300).sampling(1).greedy
     assert not completion(temperature=1e-3).sampling(1).greedy
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"model": "m", "prompt": "\ud800"}, "prompt", "lone surrogate"),
+        ({"model": "m", "prompt": ["a", "\ud800"]}, "prompt[1]", "lone surrogate"),
+        ({"model": "m", "prompt": 5}, "prompt", "valid string or a valid list"),
+        ({"model": "m", "prompt": "x", "max_tokens": "2"}, "max_tokens", "valid integer"),
+        ({"model": "m", "prompt": "x", "stop": [1]}, "stop[0]", "valid string"),
+        ({"model": "m", "prompt": "x", "oops": 1}, "oops", "unrecognized request argument"),
+        ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix", "only null"),
+        ({"model": "m", "prompt": "x", "n": 2, "best_of": 1}, "best_of", "at least n"),
+    ],
+)
+def test_http_errors_name_the_field_as_the_client_wrote_it(
+    body: dict[str, Any], param: str, message: str
+) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from llmops_trainer.serve.api import _validation_error
+
+    with pytest.raises(ValidationError) as raised:
+        CompletionRequest.model_validate(body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in raised.value.errors()]
+    error = _validation_error(RequestValidationError(errors))
+    assert (error.status, error.param) == (400, param)
+    assert error.message.startswith(f"{param}: ") and message in error.message

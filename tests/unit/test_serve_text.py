@@ -85,3 +85,20 @@ def test_numeric_tokenizer_round_trip_and_errors() -> None:
     for bad in ("1 32", "one", "-1"):
         with pytest.raises(ValueError, match="token ids below 32"):
             tokenizer.encode(bad)
+
+
+def test_hf_tokenizer_token_bytes_and_width() -> None:
+    from llmops.api.dataset import TokenizerTraining
+    from llmops_trainer.data import tokenize
+    from llmops_trainer.serve.text import HFTokenizer
+
+    corpus = ["the euro € and the pound £ sign", "naïve café"] * 20
+    tokenizer = HFTokenizer(tokenize.train(corpus, TokenizerTraining(vocab_size=300)))
+    text = "the € café"
+    ids = tokenizer.encode(text)
+    # Byte-level pieces put back together are the text's bytes, even mid-character.
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()
+    assert "".join(tokenizer.token_text(i) for i in ids) == tokenizer.decode(ids)
+    # No token is wider than max_token_chars: the server's cheap bound on a prompt's length.
+    assert tokenizer.max_token_chars is not None
+    assert len(text) <= tokenizer.max_token_chars * len(ids)

@@ -6,5 +6,7 @@ with a KV cache and continuous batching.
 
 Modules: `batching` (admission and the bounded queue), `text` (incremental detokenization,
 stop strings, chat template), `protocol` (OpenAI request schemas), `loading` (model folders),
-`engine` (the decoding loop), `metrics`, `api` (HTTP routes) and `__main__` (the process).
+`engine` (the decoding loop and the bounded wait for room), `sampling` (penalties, sampling,
+log-probabilities), `replies` (response bodies and chunks), `metrics`, `api` (HTTP routes, the
+OpenAPI document) and `__main__` (the process: draining on SIGTERM).
 """

@@ -4,8 +4,11 @@
     python -m llmops_trainer.serve --model-dir DIR [--port P]
 
 With --config (the ModelDeployment as JSON) the model folder is LLMOPS_MODEL_DIR and the bearer
-token, if any, is in the file LLMOPS_AUTH_TOKEN_FILE. On SIGTERM the server stops accepting
-connections, reports not ready and finishes what it admitted within the grace period.
+token, if any, is in the file LLMOPS_AUTH_TOKEN_FILE (a missing or empty one stops the server:
+it never serves without the token it was told to require). On SIGTERM the server reports not
+ready (503 on /readyz, still answering), refuses new requests with 503 and finishes what it
+admitted within the grace period, then closes its port and exits; a second signal exits at
+once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +33,13 @@ from llmops_trainer.serve.api import ServerState, create_app
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, UnsupportedModel
 from llmops_trainer.serve.engine import Engine, KVCacheModel
 from llmops_trainer.serve.metrics import ServingMetrics
-from llmops_trainer.serve.settings import AUTH_TOKEN_FILE_ENV, MODEL_DIR_ENV, ServeSettings
+from llmops_trainer.serve.settings import (
+    AUTH_TOKEN_FILE_ENV,
+    MODEL_DIR_ENV,
+    EmptyTokenError,
+    ServeSettings,
+    read_token,
+)
 
 log = logging.getLogger("llmops_trainer.serve")
 
@@ -48,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (auto)")
     parser.add_argument("--grace-seconds", type=float, help="drain time after SIGTERM")
+    parser.add_argument(
+        "--max-queued", type=int, help="requests waiting for room beyond max-concurrency"
+    )
+    parser.add_argument(
+        "--queue-timeout", type=float, help="seconds a request waits for room before a 429"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -81,6 +98,8 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         "max_new_tokens": args.max_new_tokens,
         "context_length": args.context_length,
         "grace_seconds": args.grace_seconds,
+        "max_queued": args.max_queued,
+        "queue_timeout": args.queue_timeout,
     }
     for name, value in overrides.items():
         if value is not None:
@@ -148,25 +167,52 @@ def build_engine(
         stop_token_ids=loaded.stop_token_ids,
         chat=loaded.chat,
         adapter_names=names,
+        max_queued=settings.queue_bound,
+        queue_timeout=settings.queue_timeout,
     )
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, telling the app when draining starts (readiness goes to 503 at once,
-    before uvicorn waits for the in-flight requests)."""
+    """uvicorn's server, draining before it closes its port: on the first SIGTERM readiness
+    goes to 503 at once and new requests get 503, while the port stays open (probes get an
+    answer, not a refused connection) until what was admitted is done or the grace period
+    ends; then uvicorn shuts down as usual. A second signal shuts down at once."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace: float) -> None:
         super().__init__(config)
         self.state = state
+        self.grace = grace
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        self.state.draining = True
-        if self.state.engine is not None:
-            self.state.engine.scheduler.close()
+        engine = self.state.engine
+        if self.state.draining or engine is None or not self.state.ready:
+            self.state.draining = True
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            return
+        self.state.draining = True  # /readyz and new requests: 503 from now on
+        # Not in the signal handler: it may have interrupted the loop inside the scheduler.
+        threading.Thread(
+            target=self._drain, args=(engine, sig, frame), name="llmops-drain", daemon=True
+        ).start()
+
+    def _drain(self, engine: Engine, sig: int, frame: object) -> None:
+        started = time.monotonic()
+        engine.close()
+        if not engine.scheduler.wait_idle(self.grace):
+            log.warning("grace period over with requests still running")
+        left = self.grace - (time.monotonic() - started)
+        self.config.timeout_graceful_shutdown = max(1, int(left))
+        log.info("drained in %.1f s; shutting down", time.monotonic() - started)
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
 
 def serve(settings: ServeSettings) -> int:
+    if settings.auth_token_file is not None:
+        try:
+            read_token(settings.auth_token_file)
+        except EmptyTokenError as error:
+            log.error("%s", error)
+            return 1
     metrics = ServingMetrics(CollectorRegistry())
     state = ServerState(
         served_name=settings.served_name,
@@ -200,7 +246,7 @@ def serve(settings: ServeSettings) -> int:
         timeout_graceful_shutdown=int(settings.grace_seconds),
         access_log=False,
     )
-    server = Server(config, state)
+    server = Server(config, state, settings.grace_seconds)
     # uvicorn re-raises the signal it stopped on to the handler it found; a no-op one lets a
     # drained server exit 0 rather than die of SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -210,9 +256,19 @@ def serve(settings: ServeSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = settings_from(parse_args(argv))
+    try:
+        settings = settings_from(parse_args(argv))
+    except EmptyTokenError as error:
+        log.error("%s", error)
+        return 1
     return serve(settings)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is shut down by now; skip the interpreter's teardown of torch and friends
+    # (most of an idle server's exit time).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -24,7 +24,9 @@ class Scheduler(Generic[T]):
     thread admits and finishes.
 
     `capacity` bounds running plus waiting items, so memory stays bounded however many clients
-    connect; `submit` refuses beyond it (the API answers 429). `prefill_budget` bounds the prompt
+    connect; `submit` refuses beyond it (the API queues the request a bounded while, then
+    answers 429). `on_free`, when set, is called (outside the lock, on whichever thread freed
+    it) whenever room appears. `prefill_budget` bounds the prompt
     tokens admitted in one step, so a burst of long prompts does not stall the decoding of the
     running batch for long; the head of the queue is always admitted when a slot is free.
     """
@@ -46,6 +48,7 @@ class Scheduler(Generic[T]):
         self._running: list[T] = []
         self._changed = threading.Condition()
         self._closed = False
+        self.on_free: Callable[[], None] | None = None
 
     @property
     def waiting(self) -> int:
@@ -61,10 +64,17 @@ class Scheduler(Generic[T]):
 
     def submit(self, item: T) -> bool:
         """Queue an item; False when the scheduler is full or closed."""
+        return self.submit_all([item])
+
+    def submit_all(self, items: list[T]) -> bool:
+        """Queue all the items (consecutively) or none; False when they do not fit or the
+        scheduler is closed."""
         with self._changed:
-            if self._closed or len(self._waiting) + len(self._running) >= self.capacity:
+            if self._closed or len(self._waiting) + len(self._running) + len(items) > (
+                self.capacity
+            ):
                 return False
-            self._waiting.append(item)
+            self._waiting.extend(items)
             self._changed.notify_all()
             return True
 
@@ -76,7 +86,12 @@ class Scheduler(Generic[T]):
             except ValueError:
                 return False
             self._changed.notify_all()
-            return True
+        self._freed()
+        return True
+
+    def _freed(self) -> None:
+        if self.on_free is not None:
+            self.on_free()
 
     def admit(self) -> list[T]:
         """Move items from the head of the queue into free running slots, within the prefill
@@ -96,16 +111,16 @@ class Scheduler(Generic[T]):
 
     def finish(self, item: T) -> None:
         with self._changed:
-            if item in self._running:
-                self._running.remove(item)
-                self._changed.notify_all()
+            if item not in self._running:
+                return
+            self._running.remove(item)
+            self._changed.notify_all()
+        self._freed()
 
     def wait_for_work(self, timeout: float) -> bool:
-        """Block until something is waiting or running (or the scheduler is closed)."""
+        """Block until something is waiting or running; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: bool(self._waiting or self._running or self._closed), timeout
-            )
+            return self._changed.wait_for(lambda: bool(self._waiting or self._running), timeout)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is waiting or running; False on timeout."""

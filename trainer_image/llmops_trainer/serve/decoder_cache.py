@@ -13,7 +13,8 @@ sequences of several adapters and of the base.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,16 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 class UnsupportedModel(ValueError):
     pass
+
+
+@dataclass
+class Prefill:
+    """What a prefill returns: the logits (n, vocab) of each prompt's last position, and for
+    the rows asked for (echo with logprobs) the final hidden states (length, hidden) of every
+    position, which `head` turns into logits a chunk at a time."""
+
+    logits: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DecoderKVCacheModel:
@@ -167,10 +178,15 @@ class DecoderKVCacheModel:
 
     @torch.inference_mode()
     def prefill(
-        self, first_slot: int, prompts: list[list[int]], adapters: Sequence[int] | None = None
-    ) -> torch.Tensor:
+        self,
+        first_slot: int,
+        prompts: list[list[int]],
+        adapters: Sequence[int] | None = None,
+        every: Collection[int] = (),
+    ) -> Prefill:
         """Whole prompts into slots first_slot.. (right-padded); the logits (n, vocab) of
-        each prompt's last position. `adapters[i]` is prompt i's adapter (0: the base)."""
+        each prompt's last position, and the hidden states of all positions of the rows in
+        `every`. `adapters[i]` is prompt i's adapter (0: the base)."""
         groups = self._groups(adapters)
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, longest), dtype=torch.long)
@@ -194,6 +210,13 @@ class DecoderKVCacheModel:
             x = self._layer(index, x, positions[None].expand(n, -1), store, _same, mask, groups)
         last = self.decoder.norm(x[torch.arange(n, device=self.device), lengths - 1])
         logits: torch.Tensor = self.model.lm_head(last)
+        hidden = {row: self.decoder.norm(x[row, : len(prompts[row])]) for row in every}
+        return Prefill(logits.float(), hidden)
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (positions, vocab) of final hidden states from `prefill`."""
+        logits: torch.Tensor = self.model.lm_head(hidden)
         return logits.float()
 
     @torch.inference_mode()

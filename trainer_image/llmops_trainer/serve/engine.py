@@ -9,7 +9,8 @@ its slot.
 
 `Engine` owns the model on one thread: between steps it drops cancelled sequences, admits
 queued requests (one batched prefill), then decodes one token for every running sequence.
-Request handlers talk to it through `Stream`s on their event loop.
+Request handlers talk to it through `Stream`s on their event loop. Each row of a batch keeps
+its own sampling parameters, generator, penalties and log-probability requests.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -28,10 +31,10 @@ import torch.nn.functional as F
 
 from llmops_trainer.model import GPT, Block, GPTConfig
 from llmops_trainer.serve.batching import Scheduler
-from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel
+from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, Prefill
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.protocol import SamplingParams
-from llmops_trainer.serve.sampling import sample
+from llmops_trainer.serve.sampling import TokenLogprob, logprobs_of, sample
 from llmops_trainer.serve.text import (
     ChatTemplate,
     IncrementalDecoder,
@@ -40,6 +43,9 @@ from llmops_trainer.serve.text import (
 )
 
 log = logging.getLogger("llmops_trainer.serve")
+# Prompt positions turned into logits at once for echo's log-probabilities (bounds memory:
+# positions x vocab floats).
+PROMPT_LOGPROB_CHUNK = 256
 
 
 class KVCacheModel:
@@ -70,11 +76,16 @@ class KVCacheModel:
 
     @torch.inference_mode()
     def prefill(
-        self, first_slot: int, prompts: list[list[int]], adapters: Sequence[int] | None = None
-    ) -> torch.Tensor:
+        self,
+        first_slot: int,
+        prompts: list[list[int]],
+        adapters: Sequence[int] | None = None,
+        every: Collection[int] = (),
+    ) -> Prefill:
         """Process whole prompts into slots first_slot.. (right-padded to the longest);
-        returns the logits (n, vocab) of each prompt's last position. The built-in GPT has
-        no adapters: `adapters` must be all 0."""
+        returns the logits (n, vocab) of each prompt's last position, and the final hidden
+        states of every position of the rows in `every`. The built-in GPT has no adapters:
+        `adapters` must be all 0."""
         assert not any(adapters or ()), "adapters need a transformers model"
         n, longest = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, longest), dtype=torch.long)
@@ -100,6 +111,13 @@ class KVCacheModel:
             x = x + block.mlp(block.ln_2(x))
         last = t.ln_f(x[torch.arange(n, device=self.device), lengths - 1])
         logits: torch.Tensor = self.model.lm_head(last)
+        hidden = {row: t.ln_f(x[row, : len(prompts[row])]) for row in every}
+        return Prefill(logits.float(), hidden)
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (positions, vocab) of final hidden states from `prefill`."""
+        logits: torch.Tensor = self.model.lm_head(hidden)
         return logits.float()
 
     @torch.inference_mode()
@@ -141,7 +159,19 @@ class KVCacheModel:
 
 @dataclass(frozen=True)
 class Delta:
+    """New text, and the log-probabilities of the tokens generated since the last Delta (when
+    the request asked for them)."""
+
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent once, before any Delta, when the request asked for the prompt's log-probabilities:
+    one entry per prompt token, None for the first (nothing predicts it)."""
+
+    entries: tuple[TokenLogprob | None, ...]
 
 
 @dataclass(frozen=True)
@@ -150,14 +180,28 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cumulative_logprob: float | None = None  # of the generated tokens, when computed
 
 
-Event = Delta | Done
+Event = Delta | PromptLogprobs | Done
+Requests = Sequence[tuple[list[int], SamplingParams, int]]
+
+
+class QueueFull(Exception):
+    """No room within the queue's bound or wait; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the server is at capacity")
+        self.retry_after = retry_after
+
+
+class Closed(Exception):
+    """The engine is draining: it admits nothing new."""
 
 
 @dataclass(eq=False)
 class Generation:
-    """One request's state, owned by the engine thread once admitted."""
+    """One sequence's state, owned by the engine thread once admitted."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -172,6 +216,8 @@ class Generation:
     generator: torch.Generator | None = None
     adapter: int = 0  # 0: the base model; i: the engine's adapter_names[i - 1]
     stopper: StopMatcher = field(init=False)
+    pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a Delta
+    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         self.stopper = StopMatcher(self.params.stop)
@@ -210,6 +256,8 @@ class Engine:
         stop_token_ids: Collection[int] = (),
         chat: ChatTemplate | None = None,
         adapter_names: Sequence[str] = (),
+        max_queued: int = 0,
+        queue_timeout: float = 0.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -220,10 +268,23 @@ class Engine:
         self.adapter_names = list(adapter_names)  # served by name, in the model's order
         self.metrics = metrics
         self.context_length = model.context_length
+        self.vocab_size = int(model.config.vocab_size)
         self.scheduler: Scheduler[Generation] = Scheduler(
             model.max_batch, capacity, prefill_budget, cost=lambda g: len(g.prompt_ids)
         )
-        metrics.track_queue(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
+        # Requests beyond `capacity` wait on the event loop, first come first served, up to
+        # `max_queued` of them and `queue_timeout` seconds each, for room in the scheduler.
+        self.max_queued = max_queued
+        self.queue_timeout = queue_timeout
+        self._waiters: deque[tuple[Requests, asyncio.Future[list[Stream]]]] = deque()
+        self._waiters_loop: asyncio.AbstractEventLoop | None = None
+        self.scheduler.on_free = self._on_free
+        self._latency = 1.0  # moving average of finished requests' seconds (for Retry-After)
+        metrics.track_engine(
+            running=lambda: self.scheduler.running,
+            waiting=lambda: self.scheduler.waiting + len(self._waiters),
+            kv_cache_usage=self.kv_cache_usage,
+        )
         self._running: list[Generation] = []  # index == cache slot
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmops-engine", daemon=True)
@@ -238,23 +299,105 @@ class Engine:
     ) -> Stream | None:
         """Queue a generation (with adapter `adapter`, 0 for the base); None when the queue
         is full or the engine is draining."""
-        stream = Stream(asyncio.get_running_loop())
-        generation = Generation(
-            prompt_ids, params, stream.put, IncrementalDecoder(self.tokenizer.decode)
-        )
-        generation.adapter = adapter
-        if params.seed is not None and not params.greedy:
-            generation.generator = torch.Generator(device=self.model.device)
-            generation.generator.manual_seed(params.seed)
-        if not self.scheduler.submit(generation):
+        streams = self.submit_all([(prompt_ids, params, adapter)])
+        return streams[0] if streams else None
+
+    def submit_all(
+        self, requests: Sequence[tuple[list[int], SamplingParams, int]]
+    ) -> list[Stream] | None:
+        """Queue several generations (prompt ids, parameters, adapter) together, all or none:
+        the choices of one request are admitted consecutively. None when they do not fit."""
+        loop = asyncio.get_running_loop()
+        streams: list[Stream] = []
+        generations: list[Generation] = []
+        for prompt_ids, params, adapter in requests:
+            stream = Stream(loop)
+            generation = Generation(
+                prompt_ids, params, stream.put, IncrementalDecoder(self.tokenizer.decode)
+            )
+            generation.adapter = adapter
+            if params.seed is not None and not params.greedy:
+                generation.generator = torch.Generator(device=self.model.device)
+                generation.generator.manual_seed(params.seed)
+            stream.generation = generation
+            streams.append(stream)
+            generations.append(generation)
+        if not self.scheduler.submit_all(generations):
             return None
-        stream.generation = generation
-        return stream
+        return streams
+
+    async def admit(self, requests: Requests) -> list[Stream]:
+        """Queue generations together (`submit_all`), waiting for room when the scheduler is
+        full: at most `max_queued` requests wait, each at most `queue_timeout` seconds, first
+        come first served. Raises QueueFull or Closed."""
+        if self.scheduler.closed:
+            raise Closed()
+        if not self._waiters:
+            streams = self.submit_all(requests)
+            if streams is not None:
+                return streams
+            if self.scheduler.closed:
+                raise Closed()
+        if len(self._waiters) >= self.max_queued or self.queue_timeout <= 0:
+            raise QueueFull(self.retry_after())
+        loop = asyncio.get_running_loop()
+        self._waiters_loop = loop
+        future: asyncio.Future[list[Stream]] = loop.create_future()
+        waiter = (requests, future)
+        self._waiters.append(waiter)
+        self._pump()  # room may have appeared since the attempt above
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                return await future
+        except BaseException as error:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                for stream in future.result():  # admitted just as the waiting ended
+                    self.cancel(stream)
+            if isinstance(error, TimeoutError):
+                raise QueueFull(self.retry_after()) from None
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait: about the time the queue ahead takes to
+        drain, spread at random (0.5-1.5x) so that refused clients do not return together."""
+        queued = self.scheduler.waiting + len(self._waiters) + self.scheduler.running
+        estimate = self._latency * max(1.0, queued / self.model.max_batch)
+        return min(max(estimate, 1.0), 30.0) * random.uniform(0.5, 1.5)
+
+    def close(self) -> None:
+        """Drain: admit nothing new; requests waiting for room get Closed at once."""
+        self.scheduler.close()
+        self._on_free()
+
+    def _on_free(self) -> None:  # any thread: room appeared (or the scheduler closed)
+        loop = self._waiters_loop
+        if loop is not None and self._waiters:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._pump)
+
+    def _pump(self) -> None:  # the event loop: admit waiters in order while they fit
+        while self._waiters:
+            requests, future = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if self.scheduler.closed:
+                future.set_exception(Closed())
+                self._waiters.popleft()
+                continue
+            streams = self.submit_all(requests)
+            if streams is None:
+                return
+            self._waiters.popleft()
+            future.set_result(streams)
 
     def cancel(self, stream: Stream) -> None:
         """The client went away: drop the request now if queued, at the next step if running."""
         generation = stream.generation
-        if generation is None:
+        if generation is None or generation.cancelled:
             return
         generation.cancelled = True
         if self.scheduler.withdraw(generation):
@@ -274,6 +417,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def kv_cache_usage(self) -> float:
+        """The share (0-1) of the KV cache's positions holding a running sequence's keys."""
+        used = sum(g.cached for g in list(self._running))
+        return used / (self.model.max_batch * self.context_length)
 
     # -- the engine thread ------------------------------------------------------------------
 
@@ -308,16 +456,42 @@ class Engine:
 
     def _prefill(self, admitted: list[Generation]) -> None:
         first = len(self._running)
+        now = time.perf_counter()
         for offset, generation in enumerate(admitted):
             generation.slot = first + offset
             self._running.append(generation)
-        logits = self.model.prefill(
-            first, [g.prompt_ids for g in admitted], [g.adapter for g in admitted]
+            self.metrics.queue_time.observe(now - generation.arrival)
+        every = [row for row, g in enumerate(admitted) if g.params.prompt_logprobs is not None]
+        prefill: Prefill = self.model.prefill(
+            first, [g.prompt_ids for g in admitted], [g.adapter for g in admitted], every
         )
         for generation in admitted:
             generation.cached = len(generation.prompt_ids)
             self.metrics.prompt_tokens.inc(generation.cached)
-        self._accept(admitted, logits)
+        for row in every:
+            generation = admitted[row]
+            entries = self._prompt_logprobs(generation, prefill.hidden[row])
+            generation.emit(PromptLogprobs(entries))
+        scored = [g for g in admitted if g.params.max_tokens == 0]  # echo only: no tokens
+        for generation in scored:
+            self._release(generation)
+            self._send_done(generation, "length")
+        rows = [row for row, g in enumerate(admitted) if g.params.max_tokens > 0]
+        if rows:
+            logits = prefill.logits if len(rows) == len(admitted) else prefill.logits[rows]
+            self._accept([admitted[row] for row in rows], logits)
+
+    def _prompt_logprobs(
+        self, g: Generation, hidden: torch.Tensor
+    ) -> tuple[TokenLogprob | None, ...]:
+        """Position i's logits predict prompt token i + 1."""
+        top = g.params.prompt_logprobs or 0
+        entries: list[TokenLogprob | None] = [None]
+        for start in range(0, len(g.prompt_ids) - 1, PROMPT_LOGPROB_CHUNK):
+            end = min(start + PROMPT_LOGPROB_CHUNK, len(g.prompt_ids) - 1)
+            logits = self.model.head(hidden[start:end])
+            entries += logprobs_of(logits, g.prompt_ids[start + 1 : end + 1], top)
+        return tuple(entries)
 
     def _decode(self) -> None:
         batch = list(self._running)
@@ -330,15 +504,28 @@ class Engine:
         self._accept(batch, logits)
 
     def _accept(self, batch: list[Generation], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [g.params for g in batch], [g.generator for g in batch])
+        params = [g.params for g in batch]
+        outputs = [g.output_ids for g in batch] if any(p.penalised for p in params) else None
+        tokens = sample(logits, params, [g.generator for g in batch], outputs)
+        scored = [row for row, p in enumerate(params) if p.logprobs is not None]
+        entries: dict[int, TokenLogprob] = {}
+        if scored:
+            top = max(params[row].logprobs or 0 for row in scored)
+            found = logprobs_of(logits[scored], [tokens[row] for row in scored], top)
+            for row, entry in zip(scored, found, strict=True):
+                keep = params[row].logprobs or 0
+                entries[row] = TokenLogprob(entry.token, entry.logprob, entry.top[:keep])
         now = time.perf_counter()
-        for generation, token in zip(batch, tokens, strict=True):
+        for row, (generation, token) in enumerate(zip(batch, tokens, strict=True)):
             if generation.cancelled:
                 continue  # released at the start of the next step
-            self._append(generation, token, now)
+            self._append(generation, token, now, entries.get(row))
 
-    def _append(self, g: Generation, token: int, now: float) -> None:
+    def _append(self, g: Generation, token: int, now: float, entry: TokenLogprob | None) -> None:
         g.output_ids.append(token)
+        if entry is not None:
+            g.pending.append(entry)
+            g.cumulative_logprob += entry.logprob
         self.metrics.generation_tokens.inc()
         if g.last_token_at is None:
             self.metrics.time_to_first_token.observe(now - g.arrival)
@@ -365,8 +552,9 @@ class Engine:
             tail, hit = g.stopper.push(g.decoder.flush())
             text += tail if hit else tail + g.stopper.flush()
             reason = "stop" if hit else reason
-        if text:
-            g.emit(Delta(text))
+        if text or (reason is not None and g.pending):
+            g.emit(Delta(text, tuple(g.pending)))
+            g.pending.clear()
         if reason is not None:
             self._release(g)
             self._send_done(g, reason)
@@ -384,9 +572,14 @@ class Engine:
 
     def _send_done(self, g: Generation, reason: str, error: str | None = None) -> None:
         self._finish_metrics(g, reason)
-        g.emit(Done(reason, len(g.prompt_ids), len(g.output_ids), error))
+        cumulative = g.cumulative_logprob if g.params.logprobs is not None else None
+        g.emit(Done(reason, len(g.prompt_ids), len(g.output_ids), error, cumulative))
 
     def _finish_metrics(self, g: Generation, reason: str) -> None:
         self.metrics.requests.labels(finish_reason=reason).inc()
         if reason in ("stop", "length"):
-            self.metrics.e2e_latency.observe(time.perf_counter() - g.arrival)
+            seconds = time.perf_counter() - g.arrival
+            self._latency = 0.9 * self._latency + 0.1 * seconds
+            self.metrics.e2e_latency.observe(seconds)
+            self.metrics.request_prompt_tokens.observe(len(g.prompt_ids))
+            self.metrics.request_generation_tokens.observe(len(g.output_ids))

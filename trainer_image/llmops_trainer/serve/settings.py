@@ -32,6 +32,11 @@ class ServeSettings:
     dtype: str = "auto"
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     max_body_bytes: int = 1 << 20
+    # Requests beyond max_concurrency wait (first come first served) for room, at most
+    # max_queued of them (None: 4 x max_concurrency) for at most queue_timeout seconds each,
+    # before a 429; vLLM queues without bound.
+    max_queued: int | None = None
+    queue_timeout: float = 30.0
     # LoRA adapters served by name on the model: (name, folder in peft's layout)
     adapters: list[tuple[str, Path]] = field(default_factory=list)
 
@@ -39,6 +44,11 @@ class ServeSettings:
     def from_deployment(cls, md: ModelDeployment, model_dir: Path) -> ServeSettings:
         server = md.spec.server
         auth = os.environ.get(AUTH_TOKEN_FILE_ENV)
+        if server.auth_token_secret is not None and not auth:
+            # The spec asks for a token: never serve without one (fail closed).
+            raise EmptyTokenError(
+                f"spec.server.authTokenSecret is set but {AUTH_TOKEN_FILE_ENV} is not"
+            )
         # The controller resolves each adapter to a mounted folder (the spec names runs).
         names = json.loads(os.environ.get(Env.ADAPTERS) or "[]")
         adapters = [(n, Path(os.environ[f"{Env.ADAPTER_PATH}{i}"])) for i, n in enumerate(names)]
@@ -53,3 +63,25 @@ class ServeSettings:
             context_length=server.context_length,
             auth_token_file=Path(auth) if auth else None,
         )
+
+    @property
+    def queue_bound(self) -> int:
+        return 4 * self.max_concurrency if self.max_queued is None else self.max_queued
+
+
+class EmptyTokenError(RuntimeError):
+    """The bearer token file is missing or empty: serving would let anyone in."""
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in `path`; refuses a missing or empty one (never fail open)."""
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise EmptyTokenError(f"the bearer token file {path} cannot be read: {error}") from error
+    if not token:
+        raise EmptyTokenError(
+            f"the bearer token file {path} is empty; refusing to serve without a token "
+            "(fill the Secret's key, or remove server.authTokenSecret)"
+        )
+    return token

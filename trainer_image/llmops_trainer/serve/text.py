@@ -16,9 +16,35 @@ CHAT_STOPS = ("\nuser:", "\nsystem:")
 
 
 class TextTokenizer(Protocol):
+    # No token spans more characters than this (None: unknown), so a text of more than
+    # n * max_token_chars characters has more than n tokens; lets the server refuse an
+    # oversized prompt after tokenizing a bounded prefix of it.
+    max_token_chars: int | None
+
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (for log-probabilities)."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, possibly)."""
+        ...
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte -> printable character table of byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return {char: b for b, char in table.items()}
 
 
 class HFTokenizer:
@@ -29,6 +55,12 @@ class HFTokenizer:
 
         assert isinstance(tokenizer, Tokenizer)
         self._tokenizer = tokenizer
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.max_token_chars: int | None = max((len(t) for t in vocab), default=1) or 1
+        self._byte_level = "ByteLevel" in type(tokenizer.decoder).__name__ or str(
+            tokenizer.decoder
+        ).startswith("ByteLevel")
+        self._bytes = _byte_decoder() if self._byte_level else {}
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
@@ -36,10 +68,21 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    def token_text(self, token_id: int) -> str:
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tokenizer.id_to_token(token_id)
+        if self._byte_level and piece is not None and all(c in self._bytes for c in piece):
+            return bytes(self._bytes[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
+
 
 class NumericTokenizer:
     """Token ids written as space-separated numbers: what a model without a tokenizer.json (a
     dataset tokenized elsewhere) can still be served with."""
+
+    max_token_chars: int | None = None  # any amount of whitespace between ids
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
@@ -57,6 +100,12 @@ class NumericTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(f" {i}" for i in ids)
+
+    def token_text(self, token_id: int) -> str:
+        return f" {token_id}"
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.token_text(token_id).encode()
 
 
 class IncrementalDecoder:
