@@ -266,7 +266,9 @@ class Server(ApiModel):
     max_concurrency: int = Field(
         default=64,
         description=(
-            "Requests admitted at once per replica; more wait in the queue (429 when full)."
+            "Requests admitted at once per replica (running plus scheduled). More wait, in "
+            "order, up to 30 s and at most 4 x this many; beyond that the answer is 429 with a "
+            "Retry-After estimate."
         ),
         ge=1,
         le=100000,
