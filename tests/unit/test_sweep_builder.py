@@ -260,3 +260,25 @@ def test_budget_counts_accelerator_hours_and_wall_time() -> None:
     assert build.budget_exhausted(wall, observed, 59.5) is None
     assert "maxWallTimeSeconds=60" in (build.budget_exhausted(wall, observed, 60) or "")
     assert build.budget_exhausted(None, observed, 10**9) is None
+
+
+def test_a_running_trials_unwritten_hours_count_towards_the_budget() -> None:
+    """A trial's status counts its hours once a minute; the Sweep's budget sees the time
+    since as well (2 pods x 8 GPUs for 30 s = 0.1333 GPU-hours), without writing it."""
+    import datetime
+
+    from llmops.api.sweep import Budget
+
+    now = datetime.datetime(2026, 11, 1, 12, 0, 30, tzinfo=datetime.UTC)
+    trial = child(0, "Running", acceleratorHours=1.0)
+    trial["spec"] = {
+        "datasetRef": {"name": "corpus"},
+        "hyperparameters": {"maxSteps": 10},
+        "resources": {"numNodes": 2, "procsPerNode": 8, "gpusPerNode": 8},
+    }
+    trial["status"]["accountedUntil"] = "2026-11-01T12:00:00Z"
+    observed = build.observe(trial, "validationLoss", None, now)
+    assert observed.accelerator_hours == 1.0
+    assert observed.unaccounted_hours == pytest.approx(16 * 30 / 3600)
+    assert build.budget_exhausted(Budget(maxAcceleratorHours=1.1), [observed], 30.0)
+    assert build.budget_exhausted(Budget(maxAcceleratorHours=1.2), [observed], 30.0) is None

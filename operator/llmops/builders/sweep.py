@@ -9,6 +9,7 @@ restart loses nothing, and a trial once created keeps its parameters.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from llmops.api.sweep import (
     TrialState,
 )
 from llmops.api.trainingrun import TrainingRunSpec
+from llmops.builders import trainingrun as training
 from llmops.builders.common import child_metadata
 from llmops.search import Params, Trial, Value, rank
 
@@ -105,8 +107,11 @@ class ObservedTrial:
     name: str
     trial: Trial
     checkpoint_uri: str | None
-    accelerator_hours: float
+    accelerator_hours: float  # as the trial's status counted them
     observation: tuple[int, float] | None  # (step, objective) now, while running
+    # ...plus what a running trial has spent since (its status is written once a minute):
+    # what the budget compares, never written to the Sweep's status (no churn).
+    unaccounted_hours: float = 0.0
 
 
 def trial_state(child: Mapping[str, Any]) -> TrialState:
@@ -125,11 +130,20 @@ def trial_state(child: Mapping[str, Any]) -> TrialState:
 
 
 def observe(
-    child: Mapping[str, Any], metric: str, previous: Mapping[str, Any] | None
+    child: Mapping[str, Any],
+    metric: str,
+    previous: Mapping[str, Any] | None,
+    now: datetime.datetime | None = None,
 ) -> ObservedTrial:
-    """A trial from its TrainingRun and the record the Sweep's status kept of it."""
+    """A trial from its TrainingRun and the record the Sweep's status kept of it; `now`
+    counts a running trial's accelerator-hours up to the moment (its status lags a minute)."""
     meta = child["metadata"]
     status = child.get("status") or {}
+    hours = float(status.get("acceleratorHours") or 0.0)
+    unaccounted = 0.0
+    if now is not None and child.get("spec"):
+        spec = TrainingRunSpec.model_validate(child["spec"])
+        unaccounted = training.accelerator_hours(spec, status, now) - hours
     state = trial_state(child)
     metrics = status.get("metrics") or {}
     current = metrics.get(metric)
@@ -150,7 +164,8 @@ def observe(
             intermediate=tuple((p["step"], p["value"]) for p in curve),
         ),
         checkpoint_uri=best.get("uri") or status.get("modelUri"),
-        accelerator_hours=float(status.get("acceleratorHours") or 0.0),
+        accelerator_hours=hours,
+        unaccounted_hours=unaccounted,
         observation=observation,
     )
 
@@ -256,7 +271,7 @@ def budget_exhausted(
     status.acceleratorHours, or wall time since it started), or None while it is not."""
     if budget is None:
         return None
-    hours = sum(o.accelerator_hours for o in observed)
+    hours = sum(o.accelerator_hours + o.unaccounted_hours for o in observed)
     if budget.max_accelerator_hours is not None and hours >= budget.max_accelerator_hours:
         limit = budget.max_accelerator_hours
         return f"{hours:.2f} accelerator hours used (maxAcceleratorHours={limit})"

@@ -8,11 +8,12 @@ Job; the attempt number is part of its name so the old and new gangs never colli
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
 from llmops.api import workload
-from llmops.api.trainingrun import TrainingRun
+from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
 from llmops.api.workload import (
     CHECKPOINT_DIR,
     COMPLETION_INDEX_ANNOTATION,
@@ -40,6 +41,24 @@ SCRATCH_PRETRAINED_DIR = "/tmp/llmops-pretrained"
 # Time a pod gets between SIGTERM and SIGKILL: enough to write a checkpoint.
 TERMINATION_GRACE_SECONDS = 300
 COMPLETION_INDEX = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+
+
+def accelerators(spec: TrainingRunSpec) -> int:
+    """What one hour of the gang costs in accelerator-hours: GPUs, or pods without GPUs."""
+    return spec.resources.num_nodes * max(1, spec.resources.gpus_per_node)
+
+
+def accelerator_hours(
+    spec: TrainingRunSpec, status: Mapping[str, Any], now: datetime.datetime
+) -> float:
+    """The run's accelerator-hours up to `now`: what its status counted, plus the stretch a
+    running gang has run since (the status is written once a minute, not at every tick)."""
+    hours = float(status.get("acceleratorHours") or 0.0)
+    since = status.get("accountedUntil")
+    if status.get("phase") == "Running" and since:
+        started = datetime.datetime.fromisoformat(str(since).replace("Z", "+00:00"))
+        hours += max(0.0, (now - started).total_seconds()) / 3600 * accelerators(spec)
+    return hours
 
 
 def config_name(name: str) -> str:

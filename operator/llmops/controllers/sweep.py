@@ -99,7 +99,9 @@ def _reconcile(body: Mapping[str, Any], sweep: Sweep, status: common.StatusWrite
     previous = {r["name"]: r for r in status.status.get("trialRecords") or []}
     children = _trials(body)
     observed = [
-        build.observe(child, spec.objective.metric, previous.get(child["metadata"]["name"]))
+        build.observe(
+            child, spec.objective.metric, previous.get(child["metadata"]["name"]), common.now()
+        )
         for child in children
     ]
     observed.sort(key=lambda o: o.trial.index)

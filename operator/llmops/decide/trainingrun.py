@@ -105,8 +105,7 @@ def job_name(run: TrainingRun, status: TrainingRunStatus) -> str:
 
 def accelerators(run: TrainingRun) -> int:
     """What one hour of the gang costs in accelerator-hours: GPUs, or pods without GPUs."""
-    resources = run.spec.resources
-    return resources.num_nodes * max(1, resources.gpus_per_node)
+    return build.accelerators(run.spec)
 
 
 def checkpoint_base_uri(run: TrainingRun) -> str:
