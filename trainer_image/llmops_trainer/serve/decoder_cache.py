@@ -30,6 +30,24 @@ Groups = list[tuple[int, torch.Tensor]]
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def padded(
+    prompts: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prompts right-padded for one prefill: (ids, lengths, positions, mask); the mask hides
+    padding keys and keeps causality (None for a single prompt: plain causal attention)."""
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros((n, longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    positions = torch.arange(longest, device=device)
+    mask: torch.Tensor | None = None
+    if n > 1:
+        causal = positions[None, :] <= positions[:, None]
+        mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
+    return ids.to(device), lengths, positions, mask
+
+
 class UnsupportedModel(ValueError):
     pass
 
@@ -188,17 +206,8 @@ class DecoderKVCacheModel:
         each prompt's last position, and the hidden states of all positions of the rows in
         `every`. `adapters[i]` is prompt i's adapter (0: the base)."""
         groups = self._groups(adapters)
-        n, longest = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros((n, longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        ids = ids.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        positions = torch.arange(longest, device=self.device)
-        mask: torch.Tensor | None = None
-        if n > 1:  # padding keys are invisible; causality as usual
-            causal = positions[None, :] <= positions[:, None]
-            mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
+        ids, lengths, positions, mask = padded(prompts, self.device)
+        n, longest = len(prompts), int(positions.shape[0])
         slots = slice(first_slot, first_slot + n)
 
         def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

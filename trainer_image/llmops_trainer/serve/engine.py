@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from llmops_trainer.model import GPT, Block, GPTConfig
 from llmops_trainer.serve.batching import Scheduler
-from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, Prefill
+from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, Prefill, padded
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.protocol import SamplingParams
 from llmops_trainer.serve.sampling import TokenLogprob, logprobs_of, sample
@@ -87,17 +87,8 @@ class KVCacheModel:
         states of every position of the rows in `every`. The built-in GPT has no adapters:
         `adapters` must be all 0."""
         assert not any(adapters or ()), "adapters need a transformers model"
-        n, longest = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros((n, longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        ids = ids.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        positions = torch.arange(longest, device=self.device)
-        mask: torch.Tensor | None = None
-        if n > 1:  # padding keys are invisible; causality as usual
-            causal = positions[None, :] <= positions[:, None]
-            mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
+        ids, lengths, positions, mask = padded(prompts, self.device)
+        n, longest = len(prompts), int(positions.shape[0])
         t = self.model.transformer
         x = t.wte(ids) + t.wpe(positions)
         slots = slice(first_slot, first_slot + n)
