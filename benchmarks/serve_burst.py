@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serve_load import wait_ready  # the scripts run from benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,18 +61,7 @@ def start(model_dir: Path, port: int, extra: list[str]) -> subprocess.Popen[byte
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+    return wait_ready(process, port, 120)
 
 
 def percentile(values: list[float], q: float) -> float:

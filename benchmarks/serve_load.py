@@ -139,10 +139,13 @@ def start_server(model_dir: Path, port: int, batch: int, args: argparse.Namespac
         "--dtype", args.dtype,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
+    return wait_ready(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL), port, 300)  # fmt: skip
+
+
+def wait_ready(process: Any, port: int, seconds: float) -> Any:
+    """The started server once /readyz answers 200 (shared by the serve benchmarks)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")

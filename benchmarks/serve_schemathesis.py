@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serve_load import wait_ready  # the scripts run from benchmarks/
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = "tiny"
@@ -53,18 +54,7 @@ def start(
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready")
+    return wait_ready(process, port, 120)
 
 
 def main() -> int:
