@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmops import __version__
+
+if TYPE_CHECKING:
+    from llmops.plan import Plan
 
 
 def _cmd_version(_: argparse.Namespace) -> int:
@@ -76,6 +81,80 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def _prices(path: str | None) -> dict[str, float]:
+    """The `--prices` file: a YAML mapping of accelerator type to price per hour."""
+    if path is None:
+        return {}
+    import yaml
+
+    loaded = yaml.safe_load(Path(path).read_text())
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in loaded.values()
+    ):
+        raise ValueError(f"{path}: expected a mapping of accelerator type to price per hour")
+    return {str(k).lower(): float(v) for k, v in loaded.items()}
+
+
+def _print_plans(plans: list[Plan], output: str) -> None:
+    if output == "json":
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for plan in plans:
+        table = Table(title=f"TrainingRun {plan.name}", title_justify="left")
+        table.add_column("estimate")
+        table.add_column("value", overflow="fold")
+        for quantity, value in plan.rows():
+            table.add_row(quantity, value)
+        console.print(table)
+        console.print(plan.summary(), soft_wrap=True)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Exit 0 when every run fits, 1 when one does not, 2 on invalid input."""
+    import sys
+
+    from llmops.manifests import ManifestError, load_manifests
+    from llmops.plan import PlanError, PlanOptions, plan_documents
+
+    try:
+        options = PlanOptions(
+            accelerator=args.accelerator,
+            mfu=args.mfu,
+            peak_flops=args.peak_flops,
+            price_per_hour=args.price_per_hour,
+            prices=_prices(args.prices),
+            vocab_size=args.vocab_size,
+            model_config=Path(args.model_config) if args.model_config else None,
+        )
+        plans = plan_documents(load_manifests(Path(p) for p in args.filename), options)
+    except (ManifestError, PlanError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not plans:
+        print(f"error: no TrainingRun in {', '.join(args.filename)}", file=sys.stderr)
+        return 2
+    _print_plans(plans, args.output)
+    return 0 if all(p.fits for p in plans) else 1
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +240,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the model server running in the background and return",
     )
     run.set_defaults(func=_cmd_run)
+
+    plan = sub.add_parser(
+        "plan", help="estimate parameters, FLOPs, memory per GPU, time and cost of TrainingRuns"
+    )
+    plan.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="a manifest file or a folder of them (repeatable); TrainingRuns are planned",
+    )
+    plan.add_argument(
+        "--accelerator",
+        metavar="T",
+        help=(
+            "accelerator type: h200, h100, a100-80gb, a100, l40s, a10g, l4, t4 or cpu "
+            "(default: the GPU product of the run's nodeSelector, else cpu for a gang "
+            "without GPUs, else h100)"
+        ),
+    )
+    plan.add_argument(
+        "--mfu", type=_ratio, default=0.4, help="assumed model FLOPs utilization (default 0.4)"
+    )
+    plan.add_argument(
+        "--peak-flops",
+        type=_positive,
+        metavar="F",
+        help="peak FLOP/s per accelerator (per process on CPUs), instead of the table's",
+    )
+    prices = plan.add_mutually_exclusive_group()
+    prices.add_argument(
+        "--price-per-hour", type=_positive, metavar="P", help="price per accelerator-hour"
+    )
+    prices.add_argument(
+        "--prices", metavar="FILE", help="YAML mapping of accelerator type to price per hour"
+    )
+    plan.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="vocabulary size when no Dataset in the files fixes it",
+    )
+    plan.add_argument(
+        "--model-config",
+        metavar="FILE",
+        help="config.json of a model.pretrained that is not a local path",
+    )
+    plan.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    plan.set_defaults(func=_cmd_plan)
 
     for command in ("status", "get"):
         status = sub.add_parser(

@@ -6,6 +6,7 @@ Set LLMOPS_TEST_KUBECONFIG to run against an existing cluster instead of startin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import uuid
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import urllib3
 from kubelet import wait_crd_established
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -92,22 +94,59 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def volumes(api_client: client.ApiClient) -> None:
-    """Statically provisioned PersistentVolumes, so claims bind as in a cluster without a
-    provisioner (kwok nodes never mount them)."""
+def volumes(api_client: client.ApiClient) -> Iterator[None]:
+    """A volume provisioner for the tests' claims, as a cluster's dynamic provisioner with
+    reclaimPolicy Delete would be: the control plane has none (and kwok nodes mount
+    nothing), so each pending claim gets a hostPath PersistentVolume bound to it, and a
+    volume released by a deleted claim is deleted. A fixed pool of volumes ran out once
+    enough tests had left claims behind in their deleted namespaces."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_provision_volumes, args=(api_client, stop), name="test-provisioner", daemon=True
+    )
+    thread.start()
+    yield
+    stop.set()
+    thread.join(10)
+
+
+def _provision_volumes(api_client: client.ApiClient, stop: threading.Event) -> None:
     core = client.CoreV1Api(api_client)
-    for index in range(40):
-        core.create_persistent_volume(
-            client.V1PersistentVolume(
-                metadata=client.V1ObjectMeta(name=f"test-pv-{index}"),
-                spec=client.V1PersistentVolumeSpec(
-                    capacity={"storage": "100Gi"},
-                    access_modes=["ReadWriteOnce", "ReadWriteMany"],
-                    persistent_volume_reclaim_policy="Delete",
-                    host_path=client.V1HostPathVolumeSource(path=f"/tmp/llmops-pv-{index}"),
-                ),
-            )
-        )
+    while not stop.wait(0.3):
+        try:
+            for claim in core.list_persistent_volume_claim_for_all_namespaces().items:
+                if claim.status.phase == "Pending" and not claim.spec.volume_name:
+                    _create_volume_for(core, claim)
+            for volume in core.list_persistent_volume().items:
+                if volume.status.phase in ("Released", "Failed"):
+                    with contextlib.suppress(ApiException):
+                        core.delete_persistent_volume(volume.metadata.name)
+        except (ApiException, OSError, urllib3.exceptions.HTTPError):
+            continue  # the control plane is starting or stopping
+
+
+def _create_volume_for(core: client.CoreV1Api, claim: client.V1PersistentVolumeClaim) -> None:
+    meta = claim.metadata
+    name = f"test-pv-{meta.uid}"
+    requested = ((claim.spec.resources and claim.spec.resources.requests) or {}).get("storage")
+    volume = client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PersistentVolumeSpec(
+            capacity={"storage": requested or "1Gi"},
+            access_modes=claim.spec.access_modes or ["ReadWriteOnce"],
+            persistent_volume_reclaim_policy="Delete",
+            storage_class_name=claim.spec.storage_class_name or "",
+            claim_ref=client.V1ObjectReference(
+                namespace=meta.namespace, name=meta.name, uid=meta.uid
+            ),
+            host_path=client.V1HostPathVolumeSource(path=f"/tmp/llmops-{name}"),
+        ),
+    )
+    try:
+        core.create_persistent_volume(volume)
+    except ApiException as error:
+        if error.status != 409:  # already provisioned by an earlier pass
+            raise
 
 
 @pytest.fixture
@@ -150,3 +189,43 @@ def operator(start_operator: Callable[[], None], namespace: str) -> str:
     """The llmops operator, running in this process for the test's namespace."""
     start_operator()
     return namespace
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """On a failed cluster test, add where every pod is and the test namespace's recent
+    events to the report: a timeout then says what the cluster was doing."""
+    report = yield
+    if report.failed and call.when == "call" and "api_client" in getattr(item, "funcargs", {}):
+        try:
+            report.sections.append(("cluster state", _cluster_state(item.funcargs["api_client"])))
+        except Exception as error:  # the report must not hide the test's own failure
+            report.sections.append(("cluster state", f"unavailable: {error!r}"))
+    return report
+
+
+def _cluster_state(api: client.ApiClient) -> str:
+    core = client.CoreV1Api(api)
+    lines = ["pods (namespace/name phase node deleting gpus):"]
+    for pod in core.list_pod_for_all_namespaces().items:
+        gpus = sum(
+            int((c.resources.requests or {}).get("nvidia.com/gpu", 0))
+            for c in pod.spec.containers
+            if c.resources is not None
+        )
+        lines.append(
+            f"  {pod.metadata.namespace}/{pod.metadata.name} {pod.status.phase} "
+            f"{pod.spec.node_name} {bool(pod.metadata.deletion_timestamp)} {gpus}"
+        )
+    lines.append("namespaces:")
+    for ns in core.list_namespace().items:
+        lines.append(f"  {ns.metadata.name} {ns.status.phase}")
+    lines.append("events (last 40):")
+    events = core.list_event_for_all_namespaces().items
+    events.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    for event in events[-40:]:
+        obj = event.involved_object
+        lines.append(
+            f"  {obj.namespace}/{obj.kind}/{obj.name} {event.reason}: {(event.message or '')[:200]}"
+        )
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Any
 
 from kubelet import (
@@ -187,6 +188,13 @@ def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: 
     assert done["status"]["progress"] == 100
     assert done["status"]["modelUri"] == f"pvc://{RUN}-checkpoints/output/model"
     assert done["status"]["restartCount"] == 1
+
+    # Every transition is announced once, however many reconciles ran side by side.
+    time.sleep(3)
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={RUN}")
+    reasons = Counter(e.reason for e in events.items if e.involved_object.kind == "TrainingRun")
+    assert reasons["TrainingComplete"] == 1, reasons
+    assert reasons["GangMemberFailed"] == 1, reasons
 
 
 def test_restart_budget_exhausted_fails_the_run(

@@ -162,7 +162,7 @@ class Job:
         self.start()
         return self.wait(timeout)
 
-    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+    def wait_for_step(self, step: int, timeout: float = 300, poll: float = 0.2) -> None:
         """Block until the training log shows `step` (or the job ends)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -171,7 +171,7 @@ class Job:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"job ended early:\n{self.log.read_text()[-4000:]}")
-            time.sleep(0.2)
+            time.sleep(poll)
         raise AssertionError("timed out waiting for training progress")
 
     def signal(self, signum: signal.Signals) -> None:

@@ -215,7 +215,9 @@ def test_lora_run_killed_mid_way_resumes_with_the_same_curve(
 ) -> None:
     run = job(lora_run(base_model), data=chat_data)
     run.start()
-    run.wait_for_step(10)
+    # Steps of this tiny model take milliseconds: poll fast and kill at the first step after
+    # the step-8 checkpoint, so the kill lands well before the next one (step 16).
+    run.wait_for_step(9, poll=0.01)
     os.kill(run.worker_pids()[1], signal.SIGKILL)
     assert run.wait() != 0
     assert checkpoint.read_pointer(run.checkpoints, "latest") == "step-8"

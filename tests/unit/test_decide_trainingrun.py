@@ -145,6 +145,18 @@ def test_waits_for_the_dataset_and_creates_nothing() -> None:
     assert condition(decision, "Created") == ("False", "DatasetNotFound")
 
 
+def test_a_run_suspended_while_waiting_says_suspended_and_resumes_waiting() -> None:
+    """A sweep that stops suspends trials that never started: they must not look Pending."""
+    suspended = decided(run_body(suspend=True), dataset=None)
+    assert suspended.children == [] and suspended.status.phase == "Suspended"
+    assert condition(suspended, "Suspended") == ("True", "Suspended")
+    assert condition(suspended, "Created") == ("False", "DatasetNotFound")
+
+    resumed = decided(run_body(), suspended.status, dataset=None)
+    assert resumed.status.phase == "Pending"
+    assert condition(resumed, "Suspended") == ("False", "Resumed")
+
+
 def test_creates_the_gang_then_runs_with_the_leaders_progress() -> None:
     first = decided(run_body())
     kinds = [c.manifest["kind"] for c in first.children]
@@ -282,3 +294,36 @@ def test_an_error_a_restart_would_repeat_fails_at_once_and_a_crash_restarts() ->
     # No report (a killed process, a lost peer): the gang restarts.
     decision = decided(run_body(), job=failed, pods=[crashed("")])
     assert decision.restarted and decision.status.restart_count == 1
+
+
+BIG_MODEL = {"numLayers": 32, "numHeads": 32, "hiddenSize": 4096, "contextLength": 2048}
+DATASET_WITH_VOCAB = {**DATASET, "status": {**DATASET["status"], "vocabSize": 32000}}
+
+
+def test_the_plan_is_a_condition_and_a_run_that_cannot_fit_its_named_gpus_never_starts() -> None:
+    small = decided(run_body(), dataset=DATASET_WITH_VOCAB)
+    assert condition(small, "Planned") == ("True", "Fits")
+    assert "parameters" in condition_message(small, "Planned")
+
+    # A 6.5B-parameter model, ZeRO-0 on one H100 named by the node selector: refused, with
+    # the numbers, before any pod exists.
+    h100 = {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    big = {
+        "model": BIG_MODEL,
+        "resources": {"numNodes": 1, "procsPerNode": 1, "gpusPerNode": 1},
+        "deepspeed": {"zeroStage": 0},
+    }
+    refused = decided(run_body(**big, scheduling=h100), dataset=DATASET_WITH_VOCAB)
+    assert refused.status.phase == "Failed" and refused.children == []
+    assert condition(refused, "Failed") == ("True", "WillNotFit")
+    assert "GiB" in condition_message(refused, "Failed")
+    assert condition(refused, "Planned") == ("False", "DoesNotFit")
+
+    # Without a named GPU the estimate only warns: the cluster's GPUs are not known here.
+    warned = decided(run_body(**big), dataset=DATASET_WITH_VOCAB)
+    assert warned.status.phase != "Failed" and warned.children
+    assert condition(warned, "Planned") == ("False", "DoesNotFit")
+
+    # A vocabulary not known yet leaves the size unknown, and the run goes ahead.
+    unknown = decided(run_body(**big, scheduling=h100))
+    assert condition(unknown, "Planned") == ("False", "SizeUnknown") and unknown.children

@@ -157,18 +157,34 @@ def _reconcile_alone(
         )
         if fresh is None:
             return  # deleted meanwhile
-        with observe_reconcile(kind):
-            try:
-                reconcile(fresh, patch)
-            except ChildRejected as error:
-                # Retrying the same spec cannot help: say so in the status and an event, and
-                # let the next spec change (or the regular timer) try again.
-                log.warning("%s %s: %s", kind, fresh["metadata"]["name"], error)
-                _invalid_child(kind, fresh, patch, str(error))
-            else:
-                _invalid_child(kind, fresh, patch, None)
+        try:
+            with observe_reconcile(kind):
+                try:
+                    reconcile(fresh, patch)
+                except ChildRejected as error:
+                    # Retrying the same spec cannot help: say so in the status and an event,
+                    # and let the next spec change (or the regular timer) try again.
+                    log.warning("%s %s: %s", kind, fresh["metadata"]["name"], error)
+                    _invalid_child(kind, fresh, patch, str(error))
+                else:
+                    _invalid_child(kind, fresh, patch, None)
+        finally:
+            # Also when the reconcile failed part way: what it decided (and announced) stays.
+            _write_now(fresh, patch)
     finally:
         lock.release()
+
+
+def _write_now(body: Mapping[str, Any], patch: kopf.Patch) -> None:
+    """Write the decided status before the lock is released, not after the handler returns
+    as kopf would: the next reconcile of the object then reads what this one decided, so a
+    transition (and its event) is never decided twice."""
+    status = dict(patch.status or {})
+    if not status:
+        return
+    meta = body["metadata"]
+    kube().patch_status(body["apiVersion"], body["kind"], meta["name"], meta["namespace"], status)
+    patch.pop("status", None)
 
 
 def _invalid_child(

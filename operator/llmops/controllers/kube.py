@@ -155,6 +155,22 @@ class Kube:
         )
         return dict(patched.to_dict())
 
+    def patch_status(
+        self, api_version: str, kind: str, name: str, namespace: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """A JSON merge patch of the status subresource; None when the object is gone."""
+        try:
+            patched = self._resource(api_version, kind).status.patch(
+                body={"status": dict(status)},
+                name=name,
+                namespace=namespace,
+                content_type="application/merge-patch+json",
+                field_manager=FIELD_MANAGER,
+            )
+        except NotFoundError:
+            return None
+        return dict(patched.to_dict())
+
     def pod_log_tail(self, name: str, namespace: str, lines: int = 100) -> str | None:
         """The end of a pod's log, or None where the node serves no logs."""
         core = kubernetes.client.CoreV1Api(self.api_client)

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmops import GROUP
+from pydantic import ValidationError
+
+from llmops import GROUP, plan
+from llmops.api.dataset import DatasetSpec
 from llmops.api.trainingrun import (
     CheckpointInfo,
     Checkpoints,
@@ -250,9 +253,47 @@ def _account(
         status.accounted_until = now
 
 
-def _waiting(status: TrainingRunStatus, conditions: Conditions, reason: str, why: str) -> None:
-    status.phase = "Pending"
+def _planned(run: TrainingRun, dataset: Mapping[str, Any], conditions: Conditions) -> str | None:
+    """The Planned condition: parameters, tokens, FLOPs, memory per GPU and time (see
+    `llmops plan`). Returns why the run must not start when it cannot fit the accelerator its
+    node selector names (or a CPU pod's memory limit); an H100 assumed for want of a
+    selector only warns, since the cluster's GPUs are not known."""
+    try:
+        dataset_spec: DatasetSpec | None = DatasetSpec.model_validate(dataset.get("spec") or {})
+    except ValidationError:
+        dataset_spec = None
+    vocab = ((dataset.get("status") or {}).get("vocabSize")) or None
+    options = plan.PlanOptions(vocab_size=vocab if isinstance(vocab, int) else None)
+    try:
+        estimate = plan.plan(run.spec, options, dataset_spec, run.metadata.name)
+    except plan.PlanError as error:
+        conditions.set("Planned", "False", "SizeUnknown", str(error))
+        return None
+    if estimate.fits:
+        conditions.set("Planned", "True", "Fits", estimate.summary())
+        return None
+    explicit = (
+        plan.accelerator_from_selector(run.spec.scheduling.node_selector) is not None
+        or run.spec.resources.gpus_per_node == 0
+    )
+    conditions.set("Planned", "False", "DoesNotFit", estimate.summary())
+    if not explicit:
+        return None
+    return f"{estimate.warnings[0]} ({estimate.summary()})"
+
+
+def _waiting(
+    run: TrainingRun, status: TrainingRunStatus, conditions: Conditions, reason: str, why: str
+) -> None:
     conditions.set("Created", "False", reason, why)
+    if run.spec.suspend:
+        # Suspended before anything started (a sweep or schedule that stopped): say so,
+        # rather than look as if it were about to start.
+        status.phase = "Suspended"
+        conditions.set("Suspended", "True", "Suspended", f"suspended while waiting: {why}")
+        return
+    conditions.set("Suspended", "False", "Resumed")
+    status.phase = "Pending"
 
 
 def _decide(
@@ -266,15 +307,22 @@ def _decide(
     ready = observed.dataset is not None and is_complete(observed.dataset)
     if not ready:
         why = "DatasetNotFound" if observed.dataset is None else "WaitingForDataset"
-        return _waiting(status, conditions, why, f"Dataset {spec.dataset_ref.name!r} is not ready")
+        return _waiting(
+            run, status, conditions, why, f"Dataset {spec.dataset_ref.name!r} is not ready"
+        )
     assert observed.dataset is not None
     dataset_uri = (observed.dataset.get("status") or {}).get("outputUri")
     if not dataset_uri:
         why = f"Dataset {spec.dataset_ref.name!r} reports no output"
-        return _waiting(status, conditions, "WaitingForDataset", why)
+        return _waiting(run, status, conditions, "WaitingForDataset", why)
     init, waiting = init_uri(run, observed.parent)
     if waiting:
-        return _waiting(status, conditions, "WaitingForInitCheckpoint", waiting)
+        return _waiting(run, status, conditions, "WaitingForInitCheckpoint", waiting)
+    refusal = _planned(run, observed.dataset, conditions)
+    if refusal is not None and observed.job is None:
+        # Only before the gang exists: a run that already trains is never stopped by an
+        # estimate.
+        return _finish(status, conditions, "Failed", "WillNotFit", refusal, now)
 
     decision.children = _children(run, observed.body, status, dataset_uri, init)
     decision.job_name = name = job_name(run, status)
