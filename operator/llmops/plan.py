@@ -259,13 +259,16 @@ def shape_from_config(config: Mapping[str, Any], dropout: float = 0.0) -> ModelS
     )
 
 
-def pretrained_shape(spec: TrainingRunSpec, model_config: Path | None) -> ModelShape:
+def pretrained_shape(
+    spec: TrainingRunSpec, model_config: Path | None, local_paths: bool = True
+) -> ModelShape:
     """The shape of `model.pretrained` from its config.json: `model_config` when given, else
-    the model's folder when its URI is a path readable on this machine."""
+    the model's folder when its URI is a path readable on this machine (and `local_paths`:
+    the operator's disk is not the pods')."""
     assert spec.model.pretrained is not None
     uri = spec.model.pretrained.uri
     path = model_config
-    if path is None and uri.startswith("/"):
+    if path is None and uri.startswith("/") and local_paths:
         path = Path(uri) / "config.json"
     if path is None or not path.is_file():
         where = f"{path} is not readable here" if path else f"{uri} is not a local path"
@@ -480,6 +483,7 @@ class PlanOptions:
     prices: Mapping[str, float] = field(default_factory=dict)  # accelerator name -> price
     vocab_size: int | None = None  # wins over the Dataset's
     model_config: Path | None = None  # config.json of a model.pretrained not readable here
+    local_paths: bool = True  # read a local model.pretrained path's config.json (CLI only)
 
 
 @dataclass(frozen=True)
@@ -658,7 +662,7 @@ def duration(seconds: float) -> str:
 
 def _shape(spec: TrainingRunSpec, options: PlanOptions, dataset: DatasetSpec | None) -> ModelShape:
     if spec.model.pretrained is not None:
-        return pretrained_shape(spec, options.model_config)
+        return pretrained_shape(spec, options.model_config, options.local_paths)
     vocab = options.vocab_size or (dataset_vocab(dataset) if dataset is not None else None)
     if vocab is None:
         raise PlanError(

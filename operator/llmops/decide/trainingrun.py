@@ -263,7 +263,9 @@ def _planned(run: TrainingRun, dataset: Mapping[str, Any], conditions: Condition
     except ValidationError:
         dataset_spec = None
     vocab = ((dataset.get("status") or {}).get("vocabSize")) or None
-    options = plan.PlanOptions(vocab_size=vocab if isinstance(vocab, int) else None)
+    options = plan.PlanOptions(
+        vocab_size=vocab if isinstance(vocab, int) else None, local_paths=False
+    )
     try:
         estimate = plan.plan(run.spec, options, dataset_spec, run.metadata.name)
     except plan.PlanError as error:
