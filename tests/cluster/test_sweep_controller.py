@@ -330,6 +330,21 @@ def test_budget_ends_the_sweep_and_suspends_running_trials(
     assert len(trials(api_client, namespace)) == 2
 
 
+def test_trials_that_never_started_say_suspended_when_the_sweep_ends(
+    api_client: client.ApiClient, operator: str, volumes: None
+) -> None:
+    """The Dataset never becomes ready: the wall-time budget ends the sweep, and its
+    waiting trials must show they were stopped, not stay Pending as if about to start."""
+    namespace = operator
+    create(api_client, namespace, sweep(parallelTrials=2, budget={"maxWallTimeSeconds": 3}))
+    wait_trials(api_client, namespace, 2)
+    wait_phase(api_client, namespace, "Sweep", SWEEP, "Succeeded", timeout=60)
+    for trial in trials(api_client, namespace):
+        stopped = wait_phase(api_client, namespace, "TrainingRun", trial, "Suspended")
+        assert condition(stopped, "Suspended")["status"] == "True"
+        assert condition(stopped, "Created")["reason"] == "DatasetNotFound"
+
+
 def patch_sweep(api_client: client.ApiClient, namespace: str, spec: dict[str, Any]) -> None:
     custom(api_client).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "sweeps", SWEEP, {"spec": spec}
