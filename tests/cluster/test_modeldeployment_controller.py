@@ -3,6 +3,7 @@ subresource, autoscalers, rollout to a new checkpoint, status."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -336,3 +337,60 @@ def test_vllm_runtime_is_admitted_as_restricted_and_switches_back_to_builtin(
         return bool(running) and all(p.spec.containers[0].command[0] == "python" for p in running)
 
     wait_for("only built-in server pods", only_builtin_pods, 60)
+
+
+def test_a_server_that_cannot_start_says_why_in_degraded(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """The server's FailureReport (its termination message) becomes the Degraded condition
+    and a Warning event: `kubectl describe md` says why the pods crash-loop."""
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+    claim(api_client, namespace, "models")
+    create(api_client, namespace, model_deployment(replicas=1))
+    ready = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Ready")
+    (pod,) = core.list_namespaced_pod(namespace, label_selector=ready["status"]["selector"]).items
+
+    report = {"stage": "serve", "reason": "ModelLoadFailed", "message": "no config.json in /model"}
+    crashed = {
+        "name": "server",
+        "image": pod.spec.containers[0].image,
+        "imageID": "",
+        "ready": False,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {
+            "terminated": {
+                "exitCode": 1,
+                "reason": "Error",
+                "message": json.dumps(report),
+                "startedAt": "2026-01-01T00:00:00Z",
+                "finishedAt": "2026-01-01T00:00:05Z",
+            }
+        },
+    }
+    core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        namespace,
+        {
+            "status": {
+                "conditions": [
+                    {"type": "Ready", "status": "False"},
+                    {"type": "ContainersReady", "status": "False"},
+                ],
+                "containerStatuses": [crashed],
+            }
+        },
+    )
+
+    def degraded() -> dict[str, Any]:
+        found = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "modeldeployments", NAME
+        )
+        return condition(found, "Degraded") or {}
+
+    wait_for("Degraded: ModelLoadFailed", lambda: degraded().get("reason") == "ModelLoadFailed", 60)
+    assert degraded()["status"] == "True"
+    assert "no config.json" in degraded()["message"]
+    events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}")
+    assert "ModelLoadFailed" in {e.reason for e in events.items}

@@ -22,6 +22,7 @@ import openai
 import pytest
 from serve_support import RunningServer, make_model, metric, running_server, wait_until
 
+from llmops.api.workload import FailureReport, read_record
 from llmops_trainer.serve.engine import Engine
 
 OK = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
@@ -108,12 +109,31 @@ def test_an_empty_token_file_refuses_to_start(model_dir: Path, tmp_path: Path) -
     ):
         pass
     # The process, as the controller runs it: exits with an error instead of serving.
-    env = {**os.environ, "LLMOPS_AUTH_TOKEN_FILE": str(token)}
+    report = serve_until_it_fails(model_dir, tmp_path, LLMOPS_AUTH_TOKEN_FILE=str(token))
+    assert (report.stage, report.reason) == ("serve", "EmptyAuthToken")
+    assert "empty" in report.message
+
+
+def serve_until_it_fails(model_dir: Path, tmp_path: Path, **env: str) -> FailureReport:
+    """Run the server as a pod would (its termination log named by the env) and expect it to
+    exit 1, leaving the report the ModelDeployment's Degraded condition shows."""
+    log = tmp_path / "termination-log"
     command = [sys.executable, "-m", "llmops_trainer.serve", "--model-dir", str(model_dir),
                "--port", "0"]  # fmt: skip
+    env = {**os.environ, "LLMOPS_TERMINATION_LOG": str(log), **env}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "empty" in result.stderr
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = read_record(FailureReport, log.read_text())
+    assert report is not None, log.read_text()
+    return report
+
+
+def test_a_model_that_cannot_load_leaves_a_report_naming_why(tmp_path: Path) -> None:
+    empty = tmp_path / "model"
+    empty.mkdir()
+    report = serve_until_it_fails(empty, tmp_path)
+    assert (report.stage, report.reason) == ("serve", "ModelLoadFailed")
+    assert str(empty) in report.message or "model" in report.message
 
 
 def test_a_token_emptied_while_serving_refuses_every_request(

@@ -409,6 +409,21 @@ TRAINER_STAGE = "train"
 TRAINER_PERMANENT_REASONS = ("InvalidTrainingSetup", "FinalEvaluationFailed")
 
 
+# A server that cannot start (or stops serving) says why with stage `serve` and one of these
+# reasons; the ModelDeployment's Degraded condition carries it. A container that died without
+# a report (vLLM, an OOM kill) shows the end of its log instead, as `ServerCrashed`.
+SERVER_STAGE = "serve"
+SERVER_REASONS = (
+    "EmptyAuthToken",  # the token Secret's value is empty: refusing to serve without auth
+    "ModelLoadFailed",  # the model folder is missing, incomplete or unreadable
+    "UnsupportedModel",  # an architecture the built-in engine does not serve (runtime vllm)
+    "InvalidAdapter",  # a LoRA adapter that does not fit the base model
+    "InvalidServingConfig",  # settings the model cannot honour (e.g. contextLength)
+    "ServerFailed",  # anything else that stopped the server
+)
+SERVER_CRASHED = "ServerCrashed"
+
+
 R = TypeVar("R", bound=Record)
 
 

@@ -31,6 +31,7 @@ from llmops.api.workload import (
     MODEL_DIR,
     MODEL_URI_ANNOTATION,
     SERVING_CONFIG_FILE,
+    TERMINATION_LOG,
     Env,
     ServingMetric,
     VllmMetric,
@@ -200,6 +201,7 @@ def _builtin_server(
         ]
         auth_mounts = [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
         env.append({"name": Env.AUTH_TOKEN_FILE, "value": f"{AUTH_DIR}/token"})
+    env.append({"name": Env.TERMINATION_LOG, "value": TERMINATION_LOG})
     http_get = {"port": "http"}
     fields = {
         "image": pods.trainer_image(spec.resources),
@@ -295,6 +297,9 @@ def deployment(
         "resources": pods.container_resources(spec.resources, spec.resources.gpus),
         "securityContext": pods.container_security_context(),
         "volumeMounts": mounts,
+        # The built-in server leaves a FailureReport there; other runtimes' log tail stands in.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "apps/v1",

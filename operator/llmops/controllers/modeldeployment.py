@@ -19,6 +19,7 @@ from llmops.decide.modeldeployment import (
     report_adapters,
     resolve_adapters,
     resolve_model,
+    server_failure,
 )
 
 KIND = "ModelDeployment"
@@ -159,7 +160,15 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         and ready == desired
         and observed.get("observedGeneration") == deployment["metadata"]["generation"]
     )
-    if progressing.get("reason") == "ProgressDeadlineExceeded":
+    failure = None
+    if desired and ready < desired:
+        # Only while replicas are missing: a crash-looping server says why in its pods alone.
+        selector = ",".join(f"{k}={v}" for k, v in build.selector_labels(body).items())
+        pods = common.kube().list("v1", "Pod", namespace, label_selector=selector)
+        failure = server_failure(pods)
+    if failure is not None:
+        status.condition("Degraded", "True", failure.reason, failure.message)
+    elif progressing.get("reason") == "ProgressDeadlineExceeded":
         status.condition(
             "Degraded", "True", "ProgressDeadlineExceeded", progressing.get("message", "")
         )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmops.api.common import S3Location
 from llmops.api.modeldeployment import ModelDeployment
-from llmops.api.workload import ADAPTER_SUBDIR
+from llmops.api.workload import (
+    ADAPTER_SUBDIR,
+    SERVER_CRASHED,
+    SERVER_STAGE,
+    FailureReport,
+    read_record,
+)
 from llmops.builders.modeldeployment import ServedAdapter
 from llmops.decide.status import StatusDraft
 
@@ -105,3 +111,35 @@ def model_store(run: Mapping[str, Any] | None) -> S3Location | None:
     serving an s3:// model of it."""
     storage = (((run or {}).get("spec") or {}).get("checkpointing") or {}).get("storage") or {}
     return S3Location.model_validate(storage["s3"]) if storage.get("s3") else None
+
+
+LOG_TAIL_CHARS = 600  # of a crashed server's log, in the Degraded condition's message
+
+
+def server_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
+    """Why a server container stopped (now or before its restart): the FailureReport the
+    built-in server left, or else the end of its log (vLLM, an OOM kill) as ServerCrashed.
+    A drained server exits 0 and is no failure."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != "server":
+                continue
+            for state in ("state", "lastState"):
+                terminated = (container.get(state) or {}).get("terminated") or {}
+                code = terminated.get("exitCode", 0)
+                if not code:
+                    continue
+                message = str(terminated.get("message") or "")
+                report = read_record(FailureReport, message)
+                if report is not None and report.stage == SERVER_STAGE:
+                    return report
+                why = f"exit code {code}"
+                if terminated.get("reason"):
+                    why += f" ({terminated['reason']})"
+                tail = message.strip()[-LOG_TAIL_CHARS:]
+                return FailureReport(
+                    stage=SERVER_STAGE,
+                    reason=SERVER_CRASHED,
+                    message=f"{why}: {tail}" if tail else why,
+                )
+    return None

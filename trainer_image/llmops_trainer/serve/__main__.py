@@ -32,6 +32,13 @@ from llmops_trainer.serve import adapters, loading
 from llmops_trainer.serve.api import ServerState, create_app
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, UnsupportedModel
 from llmops_trainer.serve.engine import Engine, KVCacheModel
+from llmops_trainer.serve.failures import (
+    AdapterLoadError,
+    ServingConfigError,
+    UnsupportedModelError,
+    failure_reason,
+    report_failure,
+)
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.settings import (
     AUTH_TOKEN_FILE_ENV,
@@ -136,7 +143,7 @@ def build_engine(
     context = loaded.context_length
     if settings.context_length is not None:
         if settings.context_length > context:
-            raise loading.ModelFolderError(
+            raise ServingConfigError(
                 f"contextLength {settings.context_length} exceeds the model's {context}"
             )
         context = settings.context_length
@@ -150,10 +157,12 @@ def build_engine(
             runner = DecoderKVCacheModel(
                 loaded.transformers_model, settings.max_batch_size, context, device, dtype, lora
             )
-        except (UnsupportedModel, adapters.AdapterError) as error:
-            raise loading.ModelFolderError(str(error)) from error
+        except UnsupportedModel as error:
+            raise UnsupportedModelError(str(error)) from error
+        except adapters.AdapterError as error:
+            raise AdapterLoadError(str(error)) from error
     elif names:
-        raise loading.ModelFolderError("LoRA adapters are served on transformers models only")
+        raise AdapterLoadError("LoRA adapters are served on transformers models only")
     else:
         model = GPT(loaded.config)
         model.load_state_dict(loaded.state_dict, strict=False)  # the tied head may be absent
@@ -212,6 +221,7 @@ def serve(settings: ServeSettings) -> int:
             read_token(settings.auth_token_file)
         except EmptyTokenError as error:
             log.error("%s", error)
+            report_failure(failure_reason(error), str(error))
             return 1
     metrics = ServingMetrics(CollectorRegistry())
     state = ServerState(
@@ -251,7 +261,10 @@ def serve(settings: ServeSettings) -> int:
     # drained server exit 0 rather than die of SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
-    return 1 if state.failed else 0
+    if state.failed:
+        report_failure(state.failed_reason, state.failed)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(parse_args(argv))
     except EmptyTokenError as error:
         log.error("%s", error)
+        report_failure(failure_reason(error), str(error))
         return 1
     return serve(settings)
 

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmops_trainer.serve.engine import Closed, Delta, Done, Engine, Event, QueueFull, Stream
+from llmops_trainer.serve.failures import failure_reason
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
@@ -89,6 +90,7 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     failed: str | None = None
+    failed_reason: str = "ServerFailed"  # a SERVER_REASONS entry once `failed` is set
     created: int = field(default_factory=lambda: int(time.time()))
     _token: tuple[float, str] | None = None
 
@@ -639,6 +641,7 @@ async def _start(
         else:
             log.exception("loading the model failed")
         state.failed = str(error) or type(error).__name__
+        state.failed_reason = failure_reason(error)
         if on_fatal is not None:
             on_fatal()
 
