@@ -327,3 +327,9 @@ def test_the_plan_is_a_condition_and_a_run_that_cannot_fit_its_named_gpus_never_
     # A vocabulary not known yet leaves the size unknown, and the run goes ahead.
     unknown = decided(run_body(**big, scheduling=h100))
     assert condition(unknown, "Planned") == ("False", "SizeUnknown") and unknown.children
+
+
+def test_a_small_cpu_run_in_a_small_pod_is_never_refused_by_the_estimate() -> None:
+    cpu = {"resources": {"numNodes": 1, "cpu": "1", "memory": "1Gi"}}
+    decision = decided(run_body(**cpu), dataset=DATASET_WITH_VOCAB)
+    assert decision.status.phase != "Failed" and decision.children

@@ -4,6 +4,7 @@ PodDisruptionBudget and autoscaler in line with the spec, and reports availabili
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -17,6 +18,7 @@ from llmops.controllers import common
 from llmops.decide.modeldeployment import (
     model_store,
     report_adapters,
+    report_rollout,
     resolve_adapters,
     resolve_model,
     server_failure,
@@ -49,13 +51,6 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
     return best, "latest", "" if best else f"Sweep {name!r} has no best trial yet"
 
 
-def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> dict[str, Any]:
-    for condition in (deployment.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == type_:
-            return dict(condition)
-    return {}
-
-
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     md = common.parse(ModelDeployment, body)
     status = common.StatusWriter(body, KIND)
@@ -67,19 +62,49 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
 
 def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.StatusWriter) -> None:
     namespace: str = body["metadata"]["namespace"]
-    kube = common.kube()
-    run = None
-    run_name, policy, waiting = None, "latest", ""
-    if md.spec.model.uri is None:
-        run_name, policy, waiting = followed_run(md, namespace)
-        if run_name is not None:
-            run = kube.get(API_VERSION, "TrainingRun", run_name, namespace)
-    model_uri, described = (None, waiting) if waiting else resolve_model(md, run_name, policy, run)
     status.set(
         selector=build.selector_string(body),
         model=build.served_name(md),
         url=build.url(md, namespace),
     )
+    chosen = _choose_model(body, md, status)
+    if chosen is None:
+        return
+    deployment = _ensure_serving_objects(body, md, status, chosen)
+    if deployment is None:
+        return
+    failure = None
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    if md.spec.replicas and ready < md.spec.replicas:
+        # Only while replicas are missing: a crash-looping server says why in its pods alone.
+        selector = ",".join(f"{k}={v}" for k, v in build.selector_labels(body).items())
+        pods = common.kube().list("v1", "Pod", namespace, label_selector=selector)
+        failure = server_failure(pods)
+    desired = md.spec.replicas
+    report_rollout(status, desired, deployment, chosen.described, chosen.held_back, failure)
+
+
+@dataclass
+class ChosenModel:
+    uri: str
+    described: str  # the checkpoint as the status shows it
+    run: dict[str, Any] | None  # the TrainingRun it comes from
+    held_back: str | None  # why the gate keeps the served model instead of a newer one
+
+
+def _choose_model(
+    body: Mapping[str, Any], md: ModelDeployment, status: common.StatusWriter
+) -> ChosenModel | None:
+    """The model to serve: the source's (run, schedule, sweep or URI) unless the gate holds
+    it back; the served one while none is there yet; None (waiting) before the first."""
+    namespace: str = body["metadata"]["namespace"]
+    run = None
+    run_name, policy, waiting = None, "latest", ""
+    if md.spec.model.uri is None:
+        run_name, policy, waiting = followed_run(md, namespace)
+        if run_name is not None:
+            run = common.kube().get(API_VERSION, "TrainingRun", run_name, namespace)
+    model_uri, described = (None, waiting) if waiting else resolve_model(md, run_name, policy, run)
     gate = md.spec.model.gate
     # What the Deployment serves now: needed only to keep it or to gate a change.
     serving = _current_model(namespace, md) if model_uri is None or gate else None
@@ -103,15 +128,24 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
             status.set(phase="Pending")
             status.condition("Available", "False", "WaitingForModel", described)
             status.condition("Progressing", "False", "WaitingForModel", described)
-            return
+            return None
         # Already serving something: keep it until the new model shows up.
         model_uri = serving
         if model_uri is None:
-            return
+            return None
     elif not held_back:
         # What the gate compares the next model with: the evaluation of what is rolled out.
         status.set(servedRun=run_name, servedEvaluation=evaluation or None)
+    return ChosenModel(model_uri, described, run, held_back)
 
+
+def _ensure_serving_objects(
+    body: Mapping[str, Any], md: ModelDeployment, status: common.StatusWriter, chosen: ChosenModel
+) -> dict[str, Any] | None:
+    """ConfigMap, Deployment, Service, PodDisruptionBudget and autoscaler; the Deployment as
+    the API server has it, or None when the model source cannot be served."""
+    namespace: str = body["metadata"]["namespace"]
+    kube = common.kube()
     common.ensure_child(KIND, build.config_map(body))
     adapter_runs = {
         a.training_run.name: kube.get(API_VERSION, "TrainingRun", a.training_run.name, namespace)
@@ -122,13 +156,13 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
     report_adapters(status, md, adapters, waiting_adapters)
     try:
         manifest = build.deployment(
-            body, md, md.spec.replicas, model_uri, adapters, model_store(run)
+            body, md, md.spec.replicas, chosen.uri, adapters, model_store(chosen.run)
         )
     except ValueError as error:
         status.set(phase="Failed")
         status.condition("Degraded", "True", "UnsupportedModelSource", str(error))
-        return
-    for uri in (model_uri, *(a.uri for a in adapters)):
+        return None
+    for uri in (chosen.uri, *(a.uri for a in adapters)):
         keep_claim(body, uri, namespace)
     deployment = common.ensure_child(KIND, manifest)
     common.ensure_child(KIND, build.service(body, md))
@@ -139,70 +173,10 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
         ("ScaledObject", "keda.sh/v1alpha1"),
     ):
         if scaler is None or scaler["kind"] != kind:
-            common.kube().delete(api_version, kind, f"{md.metadata.name}-autoscaler", namespace)
+            kube.delete(api_version, kind, f"{md.metadata.name}-autoscaler", namespace)
     if scaler is not None:
         common.ensure_child(KIND, scaler)
-
-    observed = deployment.get("status") or {}
-    desired = md.spec.replicas
-    ready = int(observed.get("readyReplicas") or 0)
-    updated = int(observed.get("updatedReplicas") or 0)
-    status.set(
-        replicas=int(observed.get("replicas") or 0),
-        readyReplicas=ready,
-        updatedReplicas=updated,
-        checkpoint=described if model_uri else None,
-    )
-    available = _deployment_condition(deployment, "Available").get("status") == "True"
-    progressing = _deployment_condition(deployment, "Progressing")
-    rolled_out = (
-        updated == desired
-        and ready == desired
-        and observed.get("observedGeneration") == deployment["metadata"]["generation"]
-    )
-    failure = None
-    if desired and ready < desired:
-        # Only while replicas are missing: a crash-looping server says why in its pods alone.
-        selector = ",".join(f"{k}={v}" for k, v in build.selector_labels(body).items())
-        pods = common.kube().list("v1", "Pod", namespace, label_selector=selector)
-        failure = server_failure(pods)
-    if failure is not None:
-        status.condition("Degraded", "True", failure.reason, failure.message)
-    elif progressing.get("reason") == "ProgressDeadlineExceeded":
-        status.condition(
-            "Degraded", "True", "ProgressDeadlineExceeded", progressing.get("message", "")
-        )
-    elif desired and ready < desired and available:
-        status.condition("Degraded", "True", "ReplicasUnavailable", f"{ready}/{desired} ready")
-    else:
-        status.condition("Degraded", "False", "AsExpected")
-    if held_back and rolled_out:
-        status.condition("Progressing", "False", "HeldBackByGate", held_back)
-    elif rolled_out:
-        status.condition("Progressing", "False", "RolloutComplete", f"serving {described}")
-    else:
-        status.condition(
-            "Progressing",
-            "True",
-            "RollingOut",
-            f"{updated}/{desired} updated, {ready}/{desired} ready",
-        )
-    if desired == 0:
-        status.set(phase="Ready")
-        status.condition("Available", "True", "ScaledToZero", "no replicas requested")
-    elif available and ready > 0:
-        status.set(phase="Ready" if rolled_out else "Deploying")
-        status.condition(
-            "Available", "True", "MinimumReplicasAvailable", f"{ready}/{desired} replicas ready"
-        )
-    else:
-        status.set(phase="Deploying")
-        status.condition("Available", "False", "WaitingForReplicas", f"{ready}/{desired} ready")
-    status.condition(
-        "Ready",
-        "True" if status.phase == "Ready" else "False",
-        "Ready" if status.phase == "Ready" else "NotReady",
-    )
+    return deployment
 
 
 def _current_model(namespace: str, md: ModelDeployment) -> str | None:

@@ -143,3 +143,75 @@ def server_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
                     message=f"{why}: {tail}" if tail else why,
                 )
     return None
+
+
+def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> dict[str, Any]:
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
+
+
+def report_rollout(
+    status: StatusDraft,
+    desired: int,
+    deployment: Mapping[str, Any],
+    described: str,
+    held_back: str | None,
+    failure: FailureReport | None,
+) -> None:
+    """Replica counts and the Degraded, Progressing, Available and Ready conditions from the
+    server Deployment's status (and why its server stopped, when it did)."""
+    observed = deployment.get("status") or {}
+    ready = int(observed.get("readyReplicas") or 0)
+    updated = int(observed.get("updatedReplicas") or 0)
+    status.set(
+        replicas=int(observed.get("replicas") or 0),
+        readyReplicas=ready,
+        updatedReplicas=updated,
+        checkpoint=described,
+    )
+    available = _deployment_condition(deployment, "Available").get("status") == "True"
+    progressing = _deployment_condition(deployment, "Progressing")
+    rolled_out = (
+        updated == desired
+        and ready == desired
+        and observed.get("observedGeneration") == deployment["metadata"]["generation"]
+    )
+    if failure is not None:
+        status.condition("Degraded", "True", failure.reason, failure.message)
+    elif progressing.get("reason") == "ProgressDeadlineExceeded":
+        status.condition(
+            "Degraded", "True", "ProgressDeadlineExceeded", progressing.get("message", "")
+        )
+    elif desired and ready < desired and available:
+        status.condition("Degraded", "True", "ReplicasUnavailable", f"{ready}/{desired} ready")
+    else:
+        status.condition("Degraded", "False", "AsExpected")
+    if held_back and rolled_out:
+        status.condition("Progressing", "False", "HeldBackByGate", held_back)
+    elif rolled_out:
+        status.condition("Progressing", "False", "RolloutComplete", f"serving {described}")
+    else:
+        status.condition(
+            "Progressing",
+            "True",
+            "RollingOut",
+            f"{updated}/{desired} updated, {ready}/{desired} ready",
+        )
+    if desired == 0:
+        status.set(phase="Ready")
+        status.condition("Available", "True", "ScaledToZero", "no replicas requested")
+    elif available and ready > 0:
+        status.set(phase="Ready" if rolled_out else "Deploying")
+        status.condition(
+            "Available", "True", "MinimumReplicasAvailable", f"{ready}/{desired} replicas ready"
+        )
+    else:
+        status.set(phase="Deploying")
+        status.condition("Available", "False", "WaitingForReplicas", f"{ready}/{desired} ready")
+    status.condition(
+        "Ready",
+        "True" if status.phase == "Ready" else "False",
+        "Ready" if status.phase == "Ready" else "NotReady",
+    )

@@ -255,9 +255,9 @@ def _account(
 
 def _planned(run: TrainingRun, dataset: Mapping[str, Any], conditions: Conditions) -> str | None:
     """The Planned condition: parameters, tokens, FLOPs, memory per GPU and time (see
-    `llmops plan`). Returns why the run must not start when it cannot fit the accelerator its
-    node selector names (or a CPU pod's memory limit); an H100 assumed for want of a
-    selector only warns, since the cluster's GPUs are not known."""
+    `llmops plan`). Returns why the run must not start when it cannot fit the GPU its node
+    selector names; an H100 assumed for want of a selector only warns, since the cluster's
+    GPUs are not known, and so does a CPU pod's memory limit."""
     try:
         dataset_spec: DatasetSpec | None = DatasetSpec.model_validate(dataset.get("spec") or {})
     except ValidationError:
@@ -274,12 +274,11 @@ def _planned(run: TrainingRun, dataset: Mapping[str, Any], conditions: Condition
     if estimate.fits:
         conditions.set("Planned", "True", "Fits", estimate.summary())
         return None
-    explicit = (
-        plan.accelerator_from_selector(run.spec.scheduling.node_selector) is not None
-        or run.spec.resources.gpus_per_node == 0
-    )
+    named = plan.accelerator_from_selector(run.spec.scheduling.node_selector) is not None
     conditions.set("Planned", "False", "DoesNotFit", estimate.summary())
-    if not explicit:
+    if not named or run.spec.resources.gpus_per_node == 0:
+        # A CPU pod's memory estimate is too rough to refuse on (the runtime's own share
+        # varies by image); a GPU's memory is what the node selector names.
         return None
     return f"{estimate.warnings[0]} ({estimate.summary()})"
 
