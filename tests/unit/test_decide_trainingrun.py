@@ -333,3 +333,21 @@ def test_a_small_cpu_run_in_a_small_pod_is_never_refused_by_the_estimate() -> No
     cpu = {"resources": {"numNodes": 1, "cpu": "1", "memory": "1Gi"}}
     decision = decided(run_body(**cpu), dataset=DATASET_WITH_VOCAB)
     assert decision.status.phase != "Failed" and decision.children
+
+
+def test_finishing_announces_the_transition_once() -> None:
+    """Complete and Ready turn True with the same reason: one event, not two."""
+    from llmops.decide.status import StatusDraft
+
+    body = {"metadata": {"generation": 1}, "status": {"phase": "Running"}}
+    draft = StatusDraft(body, "Sweep")
+    draft.finish("Succeeded", "TrialsFinished", "4 trial(s) finished", NOW)
+    assert [e.reason for e in draft.events] == ["TrialsFinished"]
+
+    final = FinalReport(stop_reason="Completed", steps=20, split="test", loss=2.0)
+    report = read_record(TrainerReport, trainer_report(full_state(), final).to_json())
+    running = decided(run_body(), dataset=DATASET_WITH_VOCAB, job=job()).status
+    complete = job({"type": "Complete", "status": "True"})
+    done = decided(run_body(), running, job=complete, pods=[pod(0, "Succeeded")], report=report)
+    assert done.status.phase == "Succeeded"
+    assert [e.reason for e in done.events].count("TrainingComplete") == 1

@@ -87,7 +87,7 @@ class Conditions:
         event = transition_event(
             type_, status, reason, message, (before.status, before.reason) if before else None
         )
-        if event is not None:
+        if event is not None and event not in self.events:  # Complete and Ready: one event
             self.events.append(event)
 
     def get(self, type_: str) -> Condition | None:
@@ -258,7 +258,7 @@ class StatusDraft:
         )
         earlier = (str(before.get("status")), str(before.get("reason"))) if before else None
         event = transition_event(type_, status, reason, message, earlier)
-        if event is not None:
+        if event is not None and event not in self.events:  # Complete and Ready: one event
             self.events.append(event)
 
     def finish(self, phase: str, reason: str, message: str, when: datetime.datetime) -> None:
