@@ -4,7 +4,7 @@ their outcome, with the merge step's statistics, in the Dataset status."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import kopf
 
@@ -36,14 +36,7 @@ def _reconcile(
     body: Mapping[str, Any], dataset: Dataset, generation: int, status: common.StatusWriter
 ) -> None:
     namespace: str = body["metadata"]["namespace"]
-    kube = common.kube()
-    name = dataset.metadata.name
-
-    # Jobs of older versions are stale: the spec they processed is gone. Their output stays.
-    for job in kube.list("batch/v1", "Job", namespace, label_selector=f"llmops.dev/dataset={name}"):
-        if job["metadata"]["labels"].get("llmops.dev/generation") != str(generation):
-            kube.delete("batch/v1", "Job", job["metadata"]["name"], namespace)
-
+    _delete_stale_jobs(dataset.metadata.name, namespace, generation)
     common.ensure_child(KIND, build.config_map(body))
     claim = build.output_claim(body, dataset)
     if claim is not None:
@@ -52,25 +45,64 @@ def _reconcile(
         status.set(startTime=now_rfc3339(), completionTime=None)
         status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
         status.condition("Failed", "False", "Processing")
-    tokenizer_uri = None
+    tokenizer_uri = _reference_tokenizer(dataset, namespace, status)
+    if tokenizer_uri is False:
+        return
+    if not _slices_done(body, dataset, generation, tokenizer_uri, status):
+        return
+    merge = common.ensure_child(
+        KIND, build.merge_job(body, dataset, generation, tokenizer_uri), update=False
+    )
+    failure = common.job_failure(merge)
+    if failure:
+        fail(status, *failure_of(_pods(merge, namespace), "MergeFailed", failure))
+    elif not common.is_complete(merge):
+        status.set(phase="Running")
+        status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
+    else:
+        mark_processed(status, dataset, generation, merge_report(_pods(merge, namespace)))
+
+
+def _delete_stale_jobs(name: str, namespace: str, generation: int) -> None:
+    """Jobs of older versions are stale: the spec they processed is gone. Their output stays."""
+    kube = common.kube()
+    for job in kube.list("batch/v1", "Job", namespace, label_selector=f"llmops.dev/dataset={name}"):
+        if job["metadata"]["labels"].get("llmops.dev/generation") != str(generation):
+            kube.delete("batch/v1", "Job", job["metadata"]["name"], namespace)
+
+
+def _reference_tokenizer(
+    dataset: Dataset, namespace: str, status: common.StatusWriter
+) -> str | Literal[False] | None:
+    """The tokenizer of the Dataset `tokenizer.datasetRef` names: its URI, None without a
+    reference, False while that Dataset has none yet (the status says so)."""
     reference = dataset.spec.tokenizer.dataset_ref
-    if reference is not None:
-        other = kube.get(API_VERSION, KIND, reference.name, namespace)
-        tokenizer_uri = ((other or {}).get("status") or {}).get("tokenizerUri")
-        if not common.is_complete(other) or not tokenizer_uri:
-            status.set(phase="Pending")
-            status.condition(
-                "Created",
-                "False",
-                "WaitingForTokenizer",
-                f"Dataset {reference.name!r} has no tokenizer yet",
-            )
-            return
+    if reference is None:
+        return None
+    other = common.kube().get(API_VERSION, KIND, reference.name, namespace)
+    tokenizer_uri = ((other or {}).get("status") or {}).get("tokenizerUri")
+    if common.is_complete(other) and tokenizer_uri:
+        return str(tokenizer_uri)
+    status.set(phase="Pending")
+    why = f"Dataset {reference.name!r} has no tokenizer yet"
+    status.condition("Created", "False", "WaitingForTokenizer", why)
+    return False
+
+
+def _slices_done(
+    body: Mapping[str, Any],
+    dataset: Dataset,
+    generation: int,
+    tokenizer_uri: str | None,
+    status: common.StatusWriter,
+) -> bool:
+    """Ensure the slice Job and report its progress; True once every slice is done."""
+    namespace: str = body["metadata"]["namespace"]
     try:
         slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri)
     except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
         fail(status, "UnsupportedSpec", str(error))
-        return
+        return False
     slices = common.ensure_child(KIND, slices_manifest, update=False)
     status.condition(
         "Created",
@@ -78,40 +110,24 @@ def _reconcile(
         "JobsCreated",
         f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
     )
-
     failure = common.job_failure(slices)
     if failure:
         fail(status, *failure_of(_pods(slices, namespace), "SliceFailed", failure))
-        return
-    if not common.is_complete(slices):
-        active = (slices.get("status") or {}).get("active", 0)
-        done = (slices.get("status") or {}).get("succeeded", 0)
-        progress = f"{done}/{dataset.spec.parallelism} slices done"
-        # Pods that exist are "active" even when nothing can schedule them: say why.
-        problem = why_not_running(
-            _pods(slices, namespace), common.failed_creates(slices, namespace)
-        )
-        if problem:
-            status.set(phase="Pending")
-            status.condition("Running", "False", "SlicesNotSchedulable", f"{progress}: {problem}")
-            return
-        status.set(phase="Running" if active or done else "Pending")
-        status.condition("Running", "True" if active else "False", "Slicing", progress)
-        return
-
-    merge = common.ensure_child(
-        KIND, build.merge_job(body, dataset, generation, tokenizer_uri), update=False
-    )
-    failure = common.job_failure(merge)
-    if failure:
-        fail(status, *failure_of(_pods(merge, namespace), "MergeFailed", failure))
-        return
-    if not common.is_complete(merge):
-        status.set(phase="Running")
-        status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
-        return
-
-    mark_processed(status, dataset, generation, merge_report(_pods(merge, namespace)))
+        return False
+    if common.is_complete(slices):
+        return True
+    active = (slices.get("status") or {}).get("active", 0)
+    done = (slices.get("status") or {}).get("succeeded", 0)
+    progress = f"{done}/{dataset.spec.parallelism} slices done"
+    # Pods that exist are "active" even when nothing can schedule them: say why.
+    problem = why_not_running(_pods(slices, namespace), common.failed_creates(slices, namespace))
+    if problem:
+        status.set(phase="Pending")
+        status.condition("Running", "False", "SlicesNotSchedulable", f"{progress}: {problem}")
+        return False
+    status.set(phase="Running" if active or done else "Pending")
+    status.condition("Running", "True" if active else "False", "Slicing", progress)
+    return False
 
 
 def _pods(job: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
