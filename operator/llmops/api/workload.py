@@ -277,6 +277,35 @@ class TrainingProgress(Record):
     )
 
 
+class MetricsEntry(Record):
+    """One line of METRICS_HISTORY_FILE: a logged training step's figures, or an evaluation's
+    scores at that step (the trainer writes both kinds; the local runtime plots them)."""
+
+    step: int = Field(description="Optimizer steps done.", ge=0)
+    train_loss: float | None = Field(default=None, description="Loss of the step.")
+    learning_rate: float | None = Field(default=None, description="Learning rate of the step.")
+    grad_norm: float | None = Field(default=None, description="Global gradient norm.")
+    tokens_per_second: float | None = Field(default=None, description="Throughput.")
+    mfu: float | None = Field(default=None, description="Model FLOPs utilization, 0-1.")
+    val_loss: float | None = Field(default=None, description="Validation loss.")
+    perplexity: float | None = Field(default=None, description="Validation perplexity.")
+    accuracy: float | None = Field(default=None, description="Validation next-token accuracy.")
+    bleu: float | None = Field(default=None, description="BLEU of generated responses.")
+    train_split_loss: float | None = Field(
+        default=None, description="Loss on a sample of the training split (overfitting check)."
+    )
+
+
+def read_metrics_history(text: str) -> list[MetricsEntry]:
+    """The entries of a metrics history; a line cut short (a killed writer) is skipped."""
+    entries = []
+    for line in text.splitlines():
+        entry = read_record(MetricsEntry, line)
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
 PROGRESS_FILE = "progress.json"
 PROGRESS_LOG_PREFIX = "LLMOPS_PROGRESS "
 

@@ -3,25 +3,16 @@ installed (`pip install llmops[local]`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+
+from llmops.api.workload import read_metrics_history
 
 
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train: list[tuple[int, float]] = []
-    validation: list[tuple[int, float]] = []
-    if not path.is_file():
-        return train, validation
-    for line in path.read_text().splitlines():
-        try:
-            entry: dict[str, Any] = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("trainLoss") is not None:
-            train.append((int(entry["step"]), float(entry["trainLoss"])))
-        if entry.get("valLoss") is not None:
-            validation.append((int(entry["step"]), float(entry["valLoss"])))
+    """(step, train loss) and (step, validation loss) pairs of a metrics history."""
+    entries = read_metrics_history(path.read_text()) if path.is_file() else []
+    train = [(e.step, e.train_loss) for e in entries if e.train_loss is not None]
+    validation = [(e.step, e.val_loss) for e in entries if e.val_loss is not None]
     return train, validation
 
 
