@@ -23,7 +23,25 @@ from the spec (`architecture: llama`); with --lora both train rank-16 LoRA adapt
 saved random checkpoint (`model.pretrained`), and the result also gives the trained
 parameters and optimizer-state bytes next to a full fine-tune's.
 
+--nanogpt is nanoGPT's shakespeare_char configuration as its README runs it on a CPU (4 layers,
+4 heads, width 128, context 64, batch 12, vocabulary 65, fp32, AdamW lr 1e-3 cosine to 1e-4 after
+100 warmup steps, beta2 0.99, clipping 1.0), the global batch of 12 split over the processes.
+It adds a second baseline, nanoGPT itself: its model (no biases, exact GELU, tied embeddings)
+and its loop (random windows of a memory-mapped token file, AdamW fused on CUDA only), DDP
+across processes. The plain loop trains our GPT (biases, GPT-2's tanh GELU) with AdamW fused
+where torch has it, so `llmops / plain` is what DeepSpeed and the trainer's bookkeeping cost,
+and `llmops / nanoGPT` is the number users compare. Without --nproc it runs 1 and then 2
+processes and prints both. Nothing sets OMP_NUM_THREADS: torchrun sets 1 per process when it
+starts several, torch uses every core otherwise, and the trainer picks its own (see
+llmops_trainer.train.cpu_threads).
+
+Timing: the steps after warm-up are cut into windows of --window steps (the trainer's log
+interval), the three runs alternate for --rounds rounds, and the headline is each one's median
+window, which a shared machine's bursts of load disturb least; the mean over all windows is
+printed too.
+
     python benchmarks/train_throughput.py              # small model, 2 CPU processes
+    python benchmarks/train_throughput.py --nanogpt    # nanoGPT's shakespeare_char CPU run, 1 and 2
     python benchmarks/train_throughput.py --llama      # small Llama-shaped model, 2 CPUs
     python benchmarks/train_throughput.py --llama --lora
     python benchmarks/train_throughput.py --gpt2-small # GPT-2 small (124M), every GPU, bf16
@@ -33,7 +51,6 @@ parameters and optimizer-state bytes next to a full fine-tune's.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import socket
@@ -58,6 +75,9 @@ LLAMA_1B = {
     "vocab": 32000,
     "micro": 8,
 }
+# nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides; micro is the
+# global batch, split over the processes.
+NANOGPT = {"layers": 4, "hidden": 128, "heads": 4, "context": 64, "vocab": 65, "micro": 12}
 GPT2_SMALL = {
     "layers": 12,
     "hidden": 768,
@@ -74,18 +94,36 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llama", action="store_true", help="a small Llama-shaped model")
     parser.add_argument("--llama-1b", action="store_true", help="~1.1B Llama-shaped, on GPUs")
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (with a llama)")
+    parser.add_argument(
+        "--nanogpt", action="store_true", help="nanoGPT's shakespeare_char CPU run, vs nanoGPT"
+    )
     parser.add_argument("--steps", type=int, help="timed optimizer steps (default 40 / 300)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    parser.add_argument("--nproc", type=int, help="processes (default: 2 on CPU, every GPU)")
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--window", type=int, default=10, help="steps per timing window")
+    parser.add_argument("--rounds", type=int, help="alternations of the runs (default 1 / 3)")
+    parser.add_argument(
+        "--nproc", type=int, help="processes (default: 2 on CPU, every GPU; --nanogpt: 1 and 2)"
+    )
+    parser.add_argument("--zero-stage", type=int, help="default 2 (--nanogpt: 0)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s per process")
+    parser.add_argument(
+        "--shm-comm",
+        action="store_true",
+        help="load DeepSpeed's shared-memory comm op on CPUs (the trainer does not; compare)",
+    )
     parser.add_argument("--ds-config", default="{}", help="raw DeepSpeed overlay (JSON)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.lora and not args.llama_1b:
         args.llama = True
+    if args.zero_stage is None:
+        args.zero_stage = 0 if args.nanogpt else 2
+    if args.rounds is None:
+        args.rounds = 3 if args.nanogpt else 1
+    if args.warmup % args.window:
+        parser.error("--warmup must be a multiple of --window")
     return args
 
 
@@ -94,6 +132,8 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
         return LLAMA_1B
     if args.llama:
         return LLAMA_SMALL
+    if args.nanogpt:
+        return NANOGPT
     return GPT2_SMALL if args.gpt2_small else SMALL
 
 
@@ -141,37 +181,89 @@ def write_data(root: Path, size: dict[str, int], tokens: int) -> None:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Write the data once, then run the workers under torchrun."""
+    """Write the data once, then run the workers under torchrun (1 and 2 processes for
+    --nanogpt without --nproc) and, for several process counts, compare them."""
     import torch
 
     gpus = torch.cuda.device_count() if on_gpus(args) else 0
-    nproc = args.nproc or (gpus or 2)
-    steps = args.steps or (300 if on_gpus(args) else 40)
+    if args.nproc:
+        counts = [args.nproc]
+    elif args.nanogpt:
+        counts = [1, 2]
+    else:
+        counts = [gpus or 2]
+    steps = args.steps or (300 if on_gpus(args) or args.nanogpt else 40)
     size = sizes(args)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        total = (steps + args.warmup + 1) * 2 * size["micro"] * nproc * (size["context"] + 1)
+        if args.nanogpt:  # about the size of tiny shakespeare; nanoGPT samples it at random
+            total = 1 << 20
+        else:
+            total = (steps + args.warmup + 1) * 2 * size["micro"] * max(counts)
+            total *= (size["context"] + 1) * args.rounds
         write_data(Path(tmp), size, total)
         if args.lora:
             save_random_llama(Path(tmp) / "base", size)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMOPS_METRICS_PORT": "0"}
-        if not gpus:
-            env["DS_ACCELERATOR"] = "cpu"
+        for nproc in counts:
+            code, result = launch_one(args, Path(tmp), nproc, steps, gpus)
+            if code:
+                return code
+            if result is not None:
+                results.append(result)
+    if len(results) > 1:
+        summary(results)
+    return 0
+
+
+def launch_one(
+    args: argparse.Namespace, data: Path, nproc: int, steps: int, gpus: int
+) -> tuple[int, dict[str, Any] | None]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMOPS_METRICS_PORT": "0"}
+    if not gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+        if not args.nanogpt:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--worker",
-            f"--data={tmp}", f"--steps={steps}", f"--warmup={args.warmup}",
-            f"--zero-stage={args.zero_stage}", f"--precision={args.precision}",
-            f"--ds-config={args.ds_config}",
-        ]  # fmt: skip
-        argv += [f"--{flag}" for flag in ("gpt2-small", "llama", "llama-1b", "lora")
-                 if getattr(args, flag.replace("-", "_"))]  # fmt: skip
-        if args.peak_flops:
-            argv.append(f"--peak-flops={args.peak_flops}")
-        return subprocess.run(argv, env=env, check=False).returncode
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--worker",
+        f"--data={data}", f"--steps={steps}", f"--warmup={args.warmup}",
+        f"--window={args.window}", f"--rounds={args.rounds}",
+        f"--zero-stage={args.zero_stage}", f"--precision={args.precision}",
+        f"--ds-config={args.ds_config}",
+    ]  # fmt: skip
+    flags = ("gpt2-small", "llama", "llama-1b", "lora", "nanogpt", "shm-comm")
+    argv += [f"--{flag}" for flag in flags
+             if getattr(args, flag.replace("-", "_"))]  # fmt: skip
+    if args.peak_flops:
+        argv.append(f"--peak-flops={args.peak_flops}")
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    result = None
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("RESULT "):
+            result = json.loads(line.removeprefix("RESULT "))
+    return process.wait(), result
+
+
+def summary(results: list[dict[str, Any]]) -> None:
+    """One line per process count; ratios against nanoGPT on one process."""
+    first = results[0]
+    reference = first.get("nanoGptTokensPerSecond") or first["baselineDdpTokensPerSecond"]
+    name = "nanoGPT" if "nanoGptTokensPerSecond" in first else "plain"
+    print(f"\n{'processes':>9} {'threads':>7} {name:>10} {'plain':>10} {'llmops':>10} "
+          f"{'llmops/plain':>12} {'llmops/' + name + '@1':>14}")  # fmt: skip
+    for r in results:
+        print(
+            f"{r['processes']:>9} {r['threadsPerProcess']:>7} "
+            f"{r.get('nanoGptTokensPerSecond', r['baselineDdpTokensPerSecond']):>10.0f} "
+            f"{r['baselineDdpTokensPerSecond']:>10.0f} {r['llmopsTokensPerSecond']:>10.0f} "
+            f"{r['ratio']:>12.3f} {r['llmopsTokensPerSecond'] / reference:>14.3f}"
+        )
+    print("SUMMARY " + json.dumps(results))
 
 
 def measured_peak(device: Any) -> float:
@@ -213,6 +305,138 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
+class Timer:
+    """Tokens/s of consecutive windows of `window` steps; the first `skip` steps untimed."""
+
+    def __init__(self, tokens_per_step: int, window: int, skip: int, sync: Any) -> None:
+        self.tokens_per_step, self.window, self.skip, self.sync = (
+            tokens_per_step,
+            window,
+            skip,
+            sync,
+        )
+        self.rates: list[float] = []
+        self._start = 0.0
+
+    def step_done(self, step: int) -> None:
+        """Call after step `step` (1-based) finished."""
+        if step < self.skip or step % self.window:
+            return
+        self.sync()
+        now = time.perf_counter()
+        if step > self.skip:
+            self.rates.append(self.window * self.tokens_per_step / (now - self._start))
+        self._start = now
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The value a fraction q of the windows stay below: q=0.9 approaches the rate of a
+    machine nobody else is using."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def mean_rate(rates: list[float]) -> float:
+    """Tokens/s over all windows together (equal tokens each: the harmonic mean)."""
+    return len(rates) / sum(1 / r for r in rates)
+
+
+def nanogpt_model(size: dict[str, int]) -> Any:
+    """nanoGPT's model.py GPT with bias=False and dropout 0 (what the shakespeare_char CPU
+    run trains): no biases, LayerNorm without bias, exact GELU, tied embeddings, flash SDPA."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    width, heads = size["hidden"], size["heads"]
+
+    class LayerNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln_1, self.ln_2 = LayerNorm(), LayerNorm()
+            self.c_attn = nn.Linear(width, 3 * width, bias=False)
+            self.attn_proj = nn.Linear(width, width, bias=False)
+            self.c_fc = nn.Linear(width, 4 * width, bias=False)
+            self.gelu = nn.GELU()
+            self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+            # nanoGPT calls its dropouts (p=0 here) as modules; they cost a call each.
+            self.resid_dropout, self.mlp_dropout = nn.Dropout(0.0), nn.Dropout(0.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, c = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
+            q, k, v = (z.view(b, t, heads, c // heads).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y.transpose(1, 2).contiguous().view(b, t, c)
+            x = x + self.resid_dropout(self.attn_proj(y))
+            return x + self.mlp_dropout(self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x)))))
+
+    class NanoGPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(size["vocab"], width)
+            self.wpe = nn.Embedding(size["context"], width)
+            self.drop = nn.Dropout(0.0)
+            self.h = nn.ModuleList(Block() for _ in range(size["layers"]))
+            self.ln_f = LayerNorm()
+            self.lm_head = nn.Linear(width, size["vocab"], bias=False)
+            self.wte.weight = self.lm_head.weight
+            for module in self.modules():
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * size["layers"]))
+
+        def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(0, idx.shape[1], dtype=torch.long, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    return NanoGPT()
+
+
+def cosine_lr(step: int, peak: float, floor: float, warmup: int, total: int) -> float:
+    """nanoGPT's get_lr."""
+    import math
+
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    ratio = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+def adamw_kwargs(device: Any) -> dict[str, Any]:
+    """fused where torch has it for the device (CUDA; CPU since torch 2.4), else foreach."""
+    import torch
+
+    probe = torch.nn.Parameter(torch.zeros(1, device=device))
+    try:
+        torch.optim.AdamW([probe], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {"foreach": True}
+
+
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -228,6 +452,10 @@ def worker(args: argparse.Namespace) -> None:
     from llmops_trainer.train import Paths, Trainer, param_groups, peak_flops
 
     on_gpu = get_accelerator().device_name() != "cpu"
+    if not on_gpu and not args.shm_comm:
+        from llmops_trainer.train import without_shm_comm
+
+        without_shm_comm()  # as the trainer starts (it comes after this and finds it done)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_gpu else "cpu")
@@ -240,6 +468,26 @@ def worker(args: argparse.Namespace) -> None:
     llama = "kv_heads" in size
     pretrained = str(args.data / "base") if args.lora else None
     lora = {"rank": 16, "alpha": 32, "dropout": 0.0} if args.lora else None
+    if args.nanogpt:
+        if size["micro"] % world:
+            raise SystemExit(f"--nanogpt splits a batch of {size['micro']}: use 1, 2, 3, 4 or 6")
+        hyperparameters: dict[str, Any] = {
+            "microBatchSize": size["micro"] // world,
+            "globalBatchSize": size["micro"],
+            "learningRate": 1e-3,
+            "minLearningRate": 1e-4,
+            "warmupSteps": min(100, steps - 1),
+            "schedule": "cosine",
+            "adamBeta2": 0.99,
+            "weightDecay": 0.1,
+            "gradientClipping": 1.0,
+        }
+    else:
+        hyperparameters = {
+            "microBatchSize": size["micro"],
+            "learningRate": 3e-4,
+            "schedule": "constant",
+        }
     run = TrainingRun.model_validate(
         {
             "apiVersion": "llmops.dev/v1alpha1",
@@ -249,12 +497,7 @@ def worker(args: argparse.Namespace) -> None:
                 "datasetRef": {"name": "bench"},
                 "model": model_spec(size, pretrained),
                 **({"adapter": lora} if lora else {}),
-                "hyperparameters": {
-                    "maxSteps": steps,
-                    "microBatchSize": size["micro"],
-                    "learningRate": 3e-4,
-                    "schedule": "constant",
-                },
+                "hyperparameters": {"maxSteps": steps, **hyperparameters},
                 "deepspeed": {
                     "zeroStage": args.zero_stage,
                     "precision": precision,
@@ -267,10 +510,11 @@ def worker(args: argparse.Namespace) -> None:
         }
     )
     spec = run.spec
+    hp = spec.hyperparameters
     manifest = read_manifest(args.data)
     windows = Windows(args.data, manifest, "train", size["context"])
-    order = SampleOrder(len(windows), spec.hyperparameters.seed)
-    objective = Objective("causal-lm", manifest.vocab_size, spec.hyperparameters.seed)
+    order = SampleOrder(len(windows), hp.seed)
+    objective = Objective("causal-lm", manifest.vocab_size, hp.seed)
     plan = batch_plan(spec, world)
     config = GPTConfig(
         vocab_size=manifest.vocab_size,
@@ -280,6 +524,16 @@ def worker(args: argparse.Namespace) -> None:
         hidden_size=size["hidden"],
     )
     tokens_per_step = plan.global_batch_size * size["context"]
+    threads = torch.get_num_threads()  # what torchrun / OMP_NUM_THREADS gave the baselines
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def lr_at(step: int) -> float:
+        if hp.schedule == "constant":
+            return hp.learning_rate
+        return cosine_lr(step, hp.learning_rate, hp.min_learning_rate, hp.warmup_steps, steps)
 
     def make_model() -> torch.nn.Module:
         """The model ours trains, built the same way: GPT, or the transformers llama (with
@@ -296,51 +550,93 @@ def worker(args: argparse.Namespace) -> None:
             network = hf_models.add_adapter(network, spec.adapter, device)
         return hf_models.CausalLM(network, size["context"])
 
-    # -- baseline: plain DDP --------------------------------------------------------------
-    def baseline() -> tuple[float, int]:
-        torch.manual_seed(spec.hyperparameters.seed)
-        model = make_model().to(device)
-        ddp = torch.nn.parallel.DistributedDataParallel(
+    def ddp(model: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if on_gpu else None
         )
+
+    # -- baseline: a plain PyTorch loop (DDP) of the same model ---------------------------
+    def baseline() -> tuple[list[float], int]:
+        torch.manual_seed(hp.seed)
+        model = make_model().to(device)
+        wrapped = ddp(model)
         optimizer = torch.optim.AdamW(
-            param_groups(model, spec.hyperparameters.weight_decay), lr=3e-4, betas=(0.9, 0.95)
+            param_groups(model, hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=(hp.adam_beta1, hp.adam_beta2),
+            eps=hp.adam_epsilon,
+            **adamw_kwargs(device),
         )
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        start = time.perf_counter()
+        timer = Timer(tokens_per_step, args.window, args.warmup, sync)
         for step in range(steps):
-            if step == args.warmup:
-                if on_gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
             positions = rank_positions(
                 step * plan.global_batch_size, plan.global_batch_size, world, rank
             )
             inputs, labels = make_batch(windows, [order.index(p) for p in positions], objective)
             with autocast:
-                loss = lm_loss(ddp(inputs.to(device)), labels.to(device))
+                loss = lm_loss(wrapped(inputs.to(device)), labels.to(device))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.gradient_clipping)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # what a logging loop does every step
-        if on_gpu:
-            torch.cuda.synchronize()
-        tokens_per_second = args.steps * tokens_per_step / (time.perf_counter() - start)
+            timer.step_done(step + 1)
         parameters = model.num_parameters()
-        del ddp, model, optimizer
+        del wrapped, model, optimizer
         if on_gpu:
             torch.cuda.empty_cache()
-        return tokens_per_second, parameters
+        return timer.rates, parameters
+
+    # -- baseline: nanoGPT's own model and loop (--nanogpt) -------------------------------
+    def nanogpt() -> list[float]:
+        torch.manual_seed(1337 + rank)
+        model = nanogpt_model(size).to(device)
+        wrapped = ddp(model)
+        groups = param_groups(model, hp.weight_decay)
+        fused = {"fused": True} if on_gpu else {}  # nanoGPT: fused AdamW on CUDA only
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.99), **fused)
+        path = args.data / manifest.splits["train"].shards[0].path
+        context, batch = size["context"], plan.micro_batch_size
+
+        def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            data = np.memmap(path, dtype=np.uint16, mode="r")  # re-opened per batch, as nanoGPT
+            ix = torch.randint(len(data) - context, (batch,))
+            x = torch.stack([torch.from_numpy(data[i : i + context].astype(np.int64)) for i in ix])
+            y = torch.stack(
+                [torch.from_numpy(data[i + 1 : i + 1 + context].astype(np.int64)) for i in ix]
+            )
+            return x.to(device), y.to(device)
+
+        timer = Timer(tokens_per_step, args.window, args.warmup, sync)
+        x, y = get_batch()
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = wrapped(x, y)
+            x, y = get_batch()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.gradient_clipping)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                loss.item()
+            timer.step_done(step + 1)
+        del wrapped, model, optimizer
+        return timer.rates
 
     # -- ours: the trainer as a pod runs it ----------------------------------------------
     peak = args.peak_flops or peak_flops(device) or measured_peak(device)
     os.environ["LLMOPS_PEAK_FLOPS"] = str(peak)
-    os.environ["LLMOPS_LOG_INTERVAL"] = str(args.warmup)
+    os.environ["LLMOPS_LOG_INTERVAL"] = str(args.window)
 
     trained: dict[str, int] = {}
 
-    def ours() -> float:
+    def ours() -> list[float]:
         with tempfile.TemporaryDirectory() as out:
             paths = Paths(
                 data=args.data,
@@ -351,24 +647,35 @@ def worker(args: argparse.Namespace) -> None:
             )
             trainer = Trainer(run, paths)
             trainer.setup()
+            trained["threads"] = torch.get_num_threads()
             trainer.train()
-            history = [h for h in trainer.state.history if "tokensPerSecond" in h]
             module = trainer.engine.module
             trained["parameters"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
             trained["optimizerStateBytes"] = optimizer_state_bytes(trainer.engine.optimizer)
-        # The trainer's own log windows after the first (warm-up) one, combined by time.
-        lengths = [b["step"] - a["step"] for a, b in itertools.pairwise(history)]
-        seconds = sum(
-            n * tokens_per_step / h["tokensPerSecond"]
-            for n, h in zip(lengths, history[1:], strict=True)
-        )
-        return sum(lengths) * tokens_per_step / seconds
+            # The trainer's own log windows after the warm-up ones.
+            rates = [
+                h["tokensPerSecond"]
+                for h in trainer.state.history
+                if "tokensPerSecond" in h and h["step"] > args.warmup
+            ]
+            del trainer
+        torch.set_num_threads(threads)  # the trainer picks its own; the baselines keep theirs
+        return rates
 
-    # Baseline before and after ours, averaged: a shared machine's load drifts.
-    before, parameters = baseline()
-    ours_tps = ours()
-    after, _ = baseline()
-    baseline_tps = (before + after) / 2
+    # The runs alternate (order reversed every other round): a shared machine's load drifts.
+    measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
+    parameters = 0
+    for round_ in range(args.rounds):
+        runs = ["nanogpt", "plain", "ours"] if args.nanogpt else ["plain", "ours", "plain"]
+        for name in runs if round_ % 2 == 0 else runs[::-1]:
+            if name == "nanogpt":
+                measured[name] += nanogpt()
+            elif name == "plain":
+                rates, parameters = baseline()
+                measured[name] += rates
+            else:
+                measured[name] += ours()
+    baseline_tps, ours_tps = median(measured["plain"]), median(measured["ours"])
 
     if llama:
         shape = hf_models.Shape(
@@ -378,31 +685,62 @@ def worker(args: argparse.Namespace) -> None:
     else:
         flops = flops_per_token(config, parameters)
     if rank == 0:
+        if args.nanogpt:
+            model_name = "gpt (nanoGPT shakespeare_char)"
+        else:
+            model_name = ("llama" if llama else "gpt") + ("+lora" if lora else "")
         result = {
             "machine": torch.cuda.get_device_name(device)
             if on_gpu
             else f"{os.cpu_count()} CPU cores",
+            "loadAverage": os.getloadavg()[0],
             "processes": world,
+            "threadsPerProcess": trained["threads"],
+            "baselineThreadsPerProcess": threads,
             "precision": precision,
             "zeroStage": args.zero_stage,
-            "model": ("llama" if llama else "gpt") + ("+lora" if lora else ""),
+            "shmCommLoaded": bool(getattr(deepspeed.comm.cdb, "shm_comm_op", None)),
+            "model": model_name,
             "parameters": parameters,
             "trainedParameters": trained["parameters"],
             "optimizerStateBytesRank0": trained["optimizerStateBytes"],
             "tokensPerStep": tokens_per_step,
             "timedSteps": args.steps,
+            "rounds": args.rounds,
+            "windowSteps": args.window,
             "peakFlopsPerProcess": peak,
             "baselineDdpTokensPerSecond": round(baseline_tps, 1),
             "llmopsTokensPerSecond": round(ours_tps, 1),
             "ratio": round(ours_tps / baseline_tps, 3),
+            "baselineMeanTokensPerSecond": round(mean_rate(measured["plain"]), 1),
+            "llmopsMeanTokensPerSecond": round(mean_rate(measured["ours"]), 1),
+            "baselineP90TokensPerSecond": round(quantile(measured["plain"], 0.9), 1),
+            "llmopsP90TokensPerSecond": round(quantile(measured["ours"], 0.9), 1),
             "baselineMfu": round(baseline_tps * flops / (peak * world), 4),
             "llmopsMfu": round(ours_tps * flops / (peak * world), 4),
         }
         print(f"model: {parameters:,} parameters, {tokens_per_step} tokens/step, {precision}")
-        ours = f"llmops ZeRO-{args.zero_stage}"
-        print(f"{'plain DDP':15}: {baseline_tps:12.1f} tokens/s  MFU {result['baselineMfu']:.2%}")
-        print(f"{ours:15}: {ours_tps:12.1f} tokens/s  MFU {result['llmopsMfu']:.2%}")
-        print(f"ratio llmops / DDP: {result['ratio']:.3f}")
+        rows = [("plain PyTorch", "plain"), (f"llmops ZeRO-{args.zero_stage}", "ours")]
+        if args.nanogpt:
+            nano = median(measured["nanogpt"])
+            result["nanoGptTokensPerSecond"] = round(nano, 1)
+            result["nanoGptMeanTokensPerSecond"] = round(mean_rate(measured["nanogpt"]), 1)
+            result["nanoGptP90TokensPerSecond"] = round(quantile(measured["nanogpt"], 0.9), 1)
+            result["ratioVsNanoGpt"] = round(ours_tps / nano, 3)
+            rows.insert(0, ("nanoGPT", "nanogpt"))
+        for label, key in rows:
+            rates = measured[key]
+            print(
+                f"{label:15}: {median(rates):10.1f} tokens/s median window "
+                f"({mean_rate(rates):10.1f} mean, {quantile(rates, 0.9):10.1f} p90, "
+                f"{len(rates)} windows)"
+            )
+        print(f"MFU plain {result['baselineMfu']:.2%}, llmops {result['llmopsMfu']:.2%}")
+        print(
+            f"ratio llmops / plain (DeepSpeed's and the trainer's overhead): {result['ratio']:.3f}"
+        )
+        if args.nanogpt:
+            print(f"ratio llmops / nanoGPT: {result['ratioVsNanoGpt']:.3f}")
         print("RESULT " + json.dumps(result))
     dist.barrier()
 

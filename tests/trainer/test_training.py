@@ -30,8 +30,12 @@ def test_loss_goes_down_and_the_run_leaves_a_model(reference: Job) -> None:
     losses = reference.losses()
     assert sorted(losses) == list(range(1, REFERENCE_STEPS + 1))
     assert losses[REFERENCE_STEPS] < losses[1] - 1.0
-    validation = [m["valLoss"] for m in reference.metrics() if "valLoss" in m]
-    assert len(validation) == 4 and validation[-1] < validation[0]
+    # Validation at every interval and at step 0, before the first update (evaluation.atStart).
+    metrics = reference.metrics()
+    validation = {m["step"]: m["valLoss"] for m in metrics if "valLoss" in m}
+    assert sorted(validation) == [0, 10, 20, 30, 40]
+    assert metrics[0]["step"] == 0 and "valLoss" in metrics[0]  # before any training entry
+    assert validation[40] < validation[10] < validation[0]
 
     progress = read_progress(reference.output)
     assert progress is not None

@@ -182,6 +182,7 @@ TUNING = {
     "zero_optimization.offload_param.pin_memory",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save",
     "optimizer.params.torch_adam",
+    "optimizer.params.fused",
     "fp16.loss_scale",
     "fp16.initial_scale_power",
     "fp16.hysteresis",

@@ -127,11 +127,19 @@ def make_batch(
     return torch.stack(inputs), torch.stack(labels)
 
 
-def eval_indices(num_samples: int, count: int, seed: int, world_size: int, rank: int) -> list[int]:
-    """A fixed spread-out subset of `count` samples of an evaluation split, this rank's share.
+def eval_indices(
+    num_samples: int, count: int, seed: int, world_size: int, rank: int, draw: int = 0
+) -> list[int]:
+    """This rank's share of an evaluation subset of `count` samples of a split.
 
-    Every rank gets the same number, because under ZeRO-3 every forward pass is collective.
+    The subset is a stretch of the split's seeded sample stream (the permutations of
+    `SampleOrder`): draw 0, the fixed subset every evaluation of `evaluation.sample: fixed`
+    and the final one score, is its first `count` samples; draw k (`fresh`: k counts the
+    evaluations) the k-th stretch after it, so successive draws do not overlap until the
+    split is used up. Every rank gets the same number, because under ZeRO-3 every forward
+    pass is collective.
     """
     order = SampleOrder(num_samples, seed)
     per_rank = min(count, num_samples) // world_size
-    return [order.index(rank * per_rank + i) for i in range(per_rank)]
+    start = draw * per_rank * world_size + rank * per_rank
+    return [order.index(start + i) for i in range(per_rank)]

@@ -129,6 +129,11 @@ class Metrics:
         self.loss = gauge("loss", "Training loss of the latest optimizer step.")
         self.validation_loss = gauge("validation_loss", "Latest validation loss.")
         self.perplexity = gauge("validation_perplexity", "Latest validation perplexity.")
+        self.train_split_loss = gauge(
+            "train_split_loss",
+            "Loss on the training split's evaluation subset at the latest evaluation "
+            "(evaluation.trainSplit), scored as the validation loss is.",
+        )
         self.learning_rate = gauge("learning_rate", "Current learning rate.")
         self.tokens_per_second = gauge(
             "tokens_per_second", "Training tokens per second over all processes."

@@ -8,13 +8,35 @@ model, model card, reports, progress.json) and optionally LLMOPS_INIT_CHECKPOINT
 fine-tune from). The process resumes from the newest valid checkpoint it finds, saves every
 `checkpointing.intervalSteps` steps and when it receives SIGTERM, and exits 143 after a
 SIGTERM checkpoint so the controller can tell preemption from completion.
+
+On CPUs (no GPUs in the spec):
+
+- Threads: each process runs torch with (usable CPUs) / (processes in this pod) intra-op
+  threads, at least 1, where the usable CPUs are those of the process's affinity mask, capped by
+  the container's CPU limit (the cgroup's CPU quota): torch's default is every core of the node,
+  which oversubscribes a pod with a CPU limit, and torchrun's default for several processes is 1,
+  which leaves cores idle when there are more cores than processes. An OMP_NUM_THREADS that
+  whoever started torchrun set wins (torchrun's own default does not count).
+- Process count: `resources.procsPerNode`, as on GPUs (the spec always sets it). A process
+  per core with one thread each does less work per process, but adds a gradient all-reduce
+  (gloo) and a lockstep that another program on the node stalls; on 2 cores and nanoGPT's
+  small model it measured about 0.9x one process with 2 threads, so one process per pod is
+  the faster layout there (benchmarks/train_throughput.py --nanogpt measures both).
+- One process has nothing to shard: ZeRO stage 1 or 2 runs as stage 0 there, and stage 0 on
+  one process skips the gradient all-reduce (ds_config.zero_stage).
+- No compiled op at start: DeepSpeed's CPU communication backend would JIT-compile its
+  shared-memory all-reduce (a C++ extension: a compiler, ninja and minutes at every pod start
+  without a warm cache). Only DeepSpeed's inference all-reduce uses it; training's collectives
+  go through torch.distributed (gloo) either way, so the trainer starts without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,6 +58,7 @@ from llmops.api.workload import (
     Env,
     FailureReport,
     FinalReport,
+    MetricsEntry,
     TrainingPhase,
     ValidationScores,
 )
@@ -48,7 +71,7 @@ from llmops_trainer.batches import (
     make_batch,
     rank_positions,
 )
-from llmops_trainer.ds_config import deepspeed_config, linear_lr
+from llmops_trainer.ds_config import deepspeed_config, linear_lr, trainer_clips, zero_stage
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
 from llmops_trainer.progress import ProgressState, Reporter, progress_record, trainer_report
@@ -120,10 +143,10 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) ->
     model.load_state_dict(state_dict, strict=True)
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """L2 norm of all gradients (already averaged over ranks at the accumulation boundary)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -135,6 +158,79 @@ def peak_flops(device: torch.device) -> float | None:
             if key in name:
                 return value
     return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by the cgroup's CPU quota
+    (a container's CPU limit), rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup may use (quota / period), or None when unlimited or unknown."""
+    try:
+        if (root / "cpu.max").is_file():  # cgroup v2: "<quota> <period>" or "max <period>"
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((v1 / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _omp_threads_from_user() -> int | None:
+    """OMP_NUM_THREADS when whoever started torchrun set it; None when unset or when torchrun
+    made it up (it sets 1 for its workers when it starts several and the variable is unset:
+    then its own environment, as it was started, lacks it)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if not value or not value.isdigit() or int(value) < 1:
+        return None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        launcher = _launcher_environ()
+        if launcher is not None and "OMP_NUM_THREADS" not in launcher:
+            return None
+    return int(value)
+
+
+def _launcher_environ() -> set[str] | None:
+    """Names in the environment torchrun (the parent process) was started with; None when
+    unreadable (then OMP_NUM_THREADS is trusted)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/environ").read_bytes()
+    except OSError:
+        return None
+    return {item.split(b"=", 1)[0].decode(errors="replace") for item in raw.split(b"\0") if item}
+
+
+def cpu_threads(local_processes: int) -> int:
+    """Intra-op threads for one of `local_processes` training processes on CPUs."""
+    from_user = _omp_threads_from_user()
+    if from_user is not None:
+        return from_user
+    return max(1, usable_cpus() // max(1, local_processes))
+
+
+def without_shm_comm() -> None:
+    """Keep DeepSpeed's CPU backend from building (JIT-compiling) and loading its
+    shared-memory communication op when it initializes. The op serves only
+    `inference_all_reduce` (tensor-parallel inference); every collective of training goes
+    through torch.distributed, so nothing the trainer does changes without it."""
+    module = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(module, "build_shm_op"):
+        setattr(module, "build_shm_op", lambda: None)  # noqa: B010
+    else:  # a DeepSpeed that moved it: say so rather than compile silently
+        log.warning("deepspeed.comm.torch.build_shm_op not found; DeepSpeed may compile ops")
 
 
 class Stop:
@@ -159,12 +255,17 @@ class Trainer:
         self.spec = spec = run.spec
         self.paths = paths
         accelerator = get_accelerator()
-        backend = "gloo" if accelerator.device_name() == "cpu" else "nccl"
-        deepspeed.init_distributed(dist_backend=backend)
+        on_cpu = accelerator.device_name() == "cpu"
+        if on_cpu:
+            without_shm_comm()
+            torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        if on_cpu:
+            self._info(f"{torch.get_num_threads()} CPU threads per process")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if accelerator.device_name() == "cpu":
+        if on_cpu:
             self.device = torch.device("cpu")
         else:
             accelerator.set_device(local_rank)
@@ -172,7 +273,10 @@ class Trainer:
         self.reporter = Reporter(
             self.rank == 0, paths.output, int(os.environ.get(Env.METRICS_PORT, str(METRICS_PORT)))
         )
-        self.log_interval = int(os.environ.get(Env.LOG_INTERVAL, "10"))
+        # The spec's interval, unless the pod's environment overrides it.
+        self.log_interval = int(
+            os.environ.get(Env.LOG_INTERVAL) or spec.evaluation.log_interval_steps
+        )
         self.sample_log = os.environ.get(Env.SAMPLE_LOG) == "1"
 
         self.manifest: Manifest = read_manifest(paths.data)
@@ -181,9 +285,11 @@ class Trainer:
         self.plan: BatchPlan = batch_plan(spec, self.world)
         self.total_steps = total_steps(spec, self.plan)
         self.ds_config = deepspeed_config(spec, self.plan)
+        self.zero_stage = zero_stage(spec, self.plan)  # what runs; see ds_config.zero_stage
         self.train_windows = Windows(paths.data, self.manifest, "train", spec.model.context_length)
         self.order = SampleOrder(len(self.train_windows), hp.seed)
         self.validates = self._has_samples("validation")
+        self.evaluates = self.validates or spec.evaluation.train_split
         self.model_config = GPTConfig(
             vocab_size=self.objective.model_vocab_size,
             context_length=spec.model.context_length,
@@ -198,9 +304,10 @@ class Trainer:
         self.shape: hf_models.Shape | None = None
         self.state = ProgressState()
         self.engine: Any = None
-        # DeepSpeed reports the gradient norm except without ZeRO in fp32; then we compute it.
-        self._plain_fp32 = spec.deepspeed.zero_stage == 0 and spec.deepspeed.precision == "fp32"
-        self._grad_norm: float | None = None
+        # DeepSpeed reports the gradient norm except without ZeRO in fp32; on that path the
+        # trainer clips (ds_config.trainer_clips) and takes the norm from its clipping.
+        self._plain_fp32 = trainer_clips(spec, self.plan)
+        self._grad_norm: torch.Tensor | None = None
         self._step_lr = 0.0
 
     # -- set-up ---------------------------------------------------------------------------
@@ -263,24 +370,25 @@ class Trainer:
         import deepspeed
 
         resume = self._pick_checkpoint()
+        saved = checkpoint.read_state(resume) if resume is not None else None
+        if saved is not None:
+            self._resume_layout((saved["worldSize"], saved["zeroStage"]))
         torch.manual_seed(self.spec.hyperparameters.seed)
         model = self._build_model()
         exact = False
-        if resume is not None:
-            saved = checkpoint.read_state(resume)
+        if resume is not None and saved is not None:
             # DeepSpeed's sharded optimizer state only loads into the same layout; otherwise
             # continue from the consolidated fp32 weights with fresh optimizer moments.
-            exact = (saved["worldSize"], saved["zeroStage"]) == (
-                self.world,
-                self.spec.deepspeed.zero_stage,
-            )
+            exact = (saved["worldSize"], saved["zeroStage"]) == (self.world, self.zero_stage)
             if not exact:
                 load_weights(model, consolidated_state_dict(resume))
             self.state.restore(saved)
-            self._info(
-                f"resuming from {resume.name} at step {saved['step']}"
-                + ("" if exact else f" (world size {saved['worldSize']} -> {self.world})")
-            )
+            change = ""
+            if saved["worldSize"] != self.world:
+                change = f" (world size {saved['worldSize']} -> {self.world})"
+            elif not exact:
+                change = f" (ZeRO stage {saved['zeroStage']} -> {self.zero_stage})"
+            self._info(f"resuming from {resume.name} at step {saved['step']}{change}")
         elif self.paths.init is not None:
             source = checkpoint.resolve(self.paths.init)
             load_weights(model, consolidated_state_dict(source))
@@ -294,10 +402,25 @@ class Trainer:
             self.engine.load_checkpoint(
                 str(resume.parent), tag=resume.name, load_module_strict=False
             )
+        if self.world == 1 and self._plain_fp32:
+            # Averaging gradients over one process changes nothing; DeepSpeed would still
+            # flatten, all-reduce and copy them back every step.
+            self.engine.enable_backward_allreduce = False
         # DeepSpeed's schedulers start before step 0; point them at the next step to take.
         if self.engine.lr_scheduler is not None and not exact:
             self.engine.lr_scheduler.step(self.state.step)
         self.engine.global_steps = self.state.step
+
+    def _resume_layout(self, layout: tuple[int, int]) -> None:
+        """Runs the configured ZeRO stage instead of one process's stage 0 when the checkpoint
+        to resume was written that way (ds_config.zero_stage), so it resumes exactly."""
+        stage = zero_stage(self.spec, self.plan, resumes=layout)
+        if stage == self.zero_stage:
+            return
+        self._info(f"running ZeRO stage {stage}, as the checkpoint to resume was written")
+        self.zero_stage = stage
+        self.ds_config = deepspeed_config(self.spec, self.plan, resumes=layout)
+        self._plain_fp32 = trainer_clips(self.spec, self.plan, resumes=layout)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -308,9 +431,13 @@ class Trainer:
         tokens_per_step = plan.global_batch_size * spec.model.context_length
         flops = self._flops_per_token()
         peak = peak_flops(self.device)
-        window_start, window_steps = time.perf_counter(), 0
         last_saved = self.state.step
         self._report("Training")
+        if self.state.step == 0 and spec.evaluation.at_start and self.evaluates:
+            self._validate()  # the initial weights: where the curves start
+        self.engine.train()
+        # Tokens/s counts training time only: evaluations and checkpoints are paused out.
+        window_start, window_steps = time.perf_counter(), 0
         while self.state.step < self.total_steps:
             step = self.state.step
             if self.engine.lr_scheduler is None:
@@ -318,22 +445,25 @@ class Trainer:
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = spec.hyperparameters.learning_rate * factor
             self._step_lr = self.engine.get_lr()[0]
-            loss = self._step(step)
+            loss = self._step(step, logs=self._logs(step + 1))
             # One collective agrees on the step's mean loss and on whether anyone got SIGTERM.
-            agreed = torch.tensor([loss, float(Stop.requested)], dtype=torch.float64)
-            dist.all_reduce(agreed)
-            mean_loss, stop = agreed[0].item() / self.world, agreed[1].item() > 0
+            mean_loss, stop = loss, Stop.requested
+            if self.world > 1:
+                agreed = torch.tensor([loss, float(Stop.requested)], dtype=torch.float64)
+                dist.all_reduce(agreed)
+                mean_loss, stop = agreed[0].item() / self.world, agreed[1].item() > 0
             self.state.step = step = step + 1
             self.state.consumed_samples += plan.global_batch_size
             window_steps += 1
-            if step % self.log_interval == 0 or step == self.total_steps:
+            if self._logs(step):
                 elapsed = time.perf_counter() - window_start
                 tokens_per_second = window_steps * tokens_per_step / elapsed
                 mfu = None if peak is None else tokens_per_second * flops / (peak * self.world)
                 self._log_step(mean_loss, tokens_per_second, mfu, window_steps * tokens_per_step)
                 window_start, window_steps = time.perf_counter(), 0
+            paused = time.perf_counter()
             stopped_early = False
-            if step % spec.evaluation.interval_steps == 0 and self.validates:
+            if step % spec.evaluation.interval_steps == 0 and self.evaluates:
                 stopped_early = self._validate()
             if stop:
                 self._save("SIGTERM")
@@ -343,11 +473,16 @@ class Trainer:
                 last_saved = step
             if stopped_early:
                 return "EarlyStopped"
+            window_start += time.perf_counter() - paused
         if last_saved != self.state.step:
             self._save("final")
         return "Completed"
 
-    def _step(self, step: int) -> float:
+    def _logs(self, step: int) -> bool:
+        """Whether the metrics of the step that ends at `step` are logged."""
+        return step % self.log_interval == 0 or step == self.total_steps
+
+    def _step(self, step: int, logs: bool = True) -> float:
         plan = self.plan
         positions = rank_positions(
             self.state.consumed_samples, plan.global_batch_size, self.world, self.rank
@@ -356,8 +491,7 @@ class Trainer:
         if self.sample_log:
             with (self.paths.output / f"samples-rank{self.rank}.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, "samples": indices}) + "\n")
-        total = 0.0
-        self.engine.train()
+        total = 0.0  # the engine is in training mode (evaluations switch back when done)
         for m in range(plan.accumulation):
             chunk = indices[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
             inputs, labels = make_batch(self.train_windows, chunk, self.objective)
@@ -365,29 +499,46 @@ class Trainer:
             loss = lm_loss(logits, labels.to(self.device))
             self.engine.backward(loss)
             if m == plan.accumulation - 1 and self._plain_fp32:
-                self._grad_norm = _grad_norm(self.engine.module)
+                # Gradients are averaged over the ranks by now; DeepSpeed steps next.
+                self._clip(logs)
             self.engine.step()
             total += loss.item()
         return total / plan.accumulation
+
+    def _clip(self, logs: bool) -> None:
+        """Clip to gradientClipping (torch's fused clip_grad_norm_, whose result is the
+        reported norm); without clipping, take the norm of a step that is logged only."""
+        clipping = self.spec.hyperparameters.gradient_clipping
+        if clipping > 0:
+            parameters = [p for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clipping)
+        elif logs:
+            self._grad_norm = _grad_norm(self.engine.module)
+
+    def _record(self, entry: MetricsEntry) -> None:
+        """Keep the entry (the model card's curve, resumable) and, on rank 0, append it to
+        the metrics history."""
+        self.state.history.append(entry.to_dict())
+        if self.rank == 0:
+            with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
+                handle.write(entry.to_json() + "\n")
 
     def _log_step(
         self, loss: float, tokens_per_second: float, mfu: float | None, tokens: int
     ) -> None:
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self._grad_norm
-        entry = {
-            "step": self.state.step,
-            "trainLoss": loss,
-            "learningRate": self._step_lr,
-            "gradNorm": None if grad_norm is None else float(grad_norm),
-            "tokensPerSecond": tokens_per_second,
-            "mfu": mfu,
-        }
-        self.state.history.append(entry)
+        if grad_norm is None and self._grad_norm is not None:
+            grad_norm = float(self._grad_norm)
+        entry = MetricsEntry(
+            step=self.state.step,
+            train_loss=loss,
+            learning_rate=self._step_lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens_per_second=tokens_per_second,
+            mfu=mfu,
+        )
+        self._record(entry)
         if self.rank == 0:
-            with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
             m = self.reporter.metrics
             m.tokens.inc(tokens)
             if self.device.type == "cuda":
@@ -395,31 +546,35 @@ class Trainer:
         self._report("Training")
 
     def _validate(self) -> bool:
-        """Evaluate on the validation split; True when early stopping says stop."""
+        """Evaluate on the validation split, and on the training split when the spec asks;
+        True when early stopping says stop."""
         spec = self.spec
-        scores = self._score("validation", spec.evaluation.batches)
-        bleu = self._bleu("validation")[0] if "bleu" in spec.evaluation.metrics else None
-        self.state.validation = ValidationScores(
-            loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy, bleu=bleu
-        )
-        entry: dict[str, Any] = {
-            "step": self.state.step,
-            "valLoss": scores.loss,
-            "perplexity": scores.perplexity,
-            "accuracy": scores.accuracy,
-        }
-        if bleu is not None:
-            entry["bleu"] = bleu
-        self.state.history.append(entry)
-        if self.rank == 0:
-            with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
-                handle.write(json.dumps(entry) + "\n")
+        evaluation = spec.evaluation
+        # fixed: draw 0 every time; fresh: the next stretch of the split at each evaluation.
+        draw = 0 if evaluation.sample == "fixed" else self.state.step // evaluation.interval_steps
+        entry = MetricsEntry(step=self.state.step)
+        if self.validates:
+            scores = self._score("validation", evaluation.batches, draw=draw)
+            bleu = self._bleu("validation")[0] if "bleu" in evaluation.metrics else None
+            self.state.validation = ValidationScores(
+                loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy, bleu=bleu
+            )
+            entry.val_loss, entry.perplexity = scores.loss, scores.perplexity
+            entry.accuracy, entry.bleu = scores.accuracy, bleu
+        if evaluation.train_split:
+            # Another seed than the training order's, so these are not the first samples
+            # trained on but a spread over the split.
+            train = self._score("train", evaluation.batches, draw=draw, seed_offset=1)
+            entry.train_split_loss = train.loss
+        self._record(entry)
+        if self.rank == 0 and entry.train_split_loss is not None:
+            self.reporter.metrics.train_split_loss.set(entry.train_split_loss)
         self._report("Training")
-        stopping = spec.evaluation.early_stopping
-        if stopping is None:
+        stopping = evaluation.early_stopping
+        if stopping is None or not self.validates:
             return False
         metric = {"loss": "valLoss"}.get(stopping.metric, stopping.metric)
-        value = entry.get(metric)
+        value = entry.to_dict().get(metric)
         if value is None:
             return False
         sign = 1.0 if stopping.metric in ("accuracy", "bleu") else -1.0
@@ -435,13 +590,23 @@ class Trainer:
         return False
 
     def _score(
-        self, split: str, batches: int, keep_per_sample: bool = False
+        self,
+        split: str,
+        batches: int,
+        keep_per_sample: bool = False,
+        draw: int = 0,
+        seed_offset: int = 0,
     ) -> evaluate.SplitScores:
-        windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
+        """Scores of `split` on its evaluation subset (batches.eval_indices: `draw` 0 is the
+        fixed one)."""
+        context = self.spec.model.context_length
+        if split == "train":
+            windows = self.train_windows
+        else:
+            windows = Windows(self.paths.data, self.manifest, split, context)
         count = batches * self.plan.micro_batch_size * self.world
-        indices = eval_indices(
-            len(windows), count, self.spec.hyperparameters.seed, self.world, self.rank
-        )
+        seed = self.spec.hyperparameters.seed + seed_offset
+        indices = eval_indices(len(windows), count, seed, self.world, self.rank, draw)
         self.engine.eval()
         scores = evaluate.score_split(
             self.engine,
@@ -500,7 +665,7 @@ class Trainer:
                 {
                     **self.state.saved(),
                     "worldSize": self.world,
-                    "zeroStage": self.spec.deepspeed.zero_stage,
+                    "zeroStage": self.zero_stage,
                     "validationLoss": self.state.latest_checkpoint_validation_loss,
                     "model": self.model_description(),
                     "reason": reason,

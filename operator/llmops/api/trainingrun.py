@@ -359,7 +359,8 @@ class EarlyStopping(ApiModel):
 
 
 class Evaluation(ApiModel):
-    """Periodic evaluation on the validation split, and a final one on the test split."""
+    """Periodic evaluation on the validation split (and optionally on the training split), a
+    final one on the test split, and how often training metrics are logged."""
 
     cel_rules = (
         Rule(
@@ -379,7 +380,49 @@ class Evaluation(ApiModel):
         default=100, description="Steps between evaluations.", ge=1, le=100_000_000
     )
     batches: int = Field(
-        default=20, description="Validation batches per evaluation.", ge=1, le=100000
+        default=20,
+        description=(
+            "Batches scored per evaluation: batches x microBatchSize x processes samples of "
+            "the split (all of it when smaller); `sample` says which."
+        ),
+        ge=1,
+        le=100000,
+    )
+    sample: Literal["fixed", "fresh"] = Field(
+        default="fixed",
+        description=(
+            "Which samples an evaluation scores. `fixed`: the same subset every time, drawn "
+            "once from hyperparameters.seed, so successive scores differ only by the weights. "
+            "`fresh`: a new subset at each evaluation, drawn from the seed and the step (a "
+            "resumed run draws the same ones), which covers more of the split over a run but "
+            "adds sampling noise to the curve. The final evaluation always scores the fixed "
+            "subset."
+        ),
+    )
+    at_start: bool = Field(
+        default=True,
+        description=(
+            "Also evaluate at step 0, before the first update, when the run starts from "
+            "step 0 (not on resume): the curves start at the initial weights, and early "
+            "stopping's first score to beat is theirs."
+        ),
+    )
+    train_split: bool = Field(
+        default=False,
+        description=(
+            "Also score a subset of the training split at each evaluation, as the validation "
+            "split is scored (`trainSplitLoss` in metrics.jsonl, next to `valLoss`): the two "
+            "curves apart mean overfitting."
+        ),
+    )
+    log_interval_steps: int = Field(
+        default=10,
+        description=(
+            "Steps between training-metric entries (metrics.jsonl, progress, Prometheus); "
+            "the LLMOPS_LOG_INTERVAL environment variable of the pods overrides it."
+        ),
+        ge=1,
+        le=100_000_000,
     )
     metrics: Annotated[list[EvalMetric], AfterValidator(distinct)] = Field(
         default_factory=lambda: list(DEFAULT_METRICS),
@@ -516,7 +559,9 @@ class TrainingRunSpec(ApiModel):
     resources: TrainingResources = nested(TrainingResources, "The gang of worker pods.")
     scheduling: Scheduling = nested(Scheduling, "Placement and priority of the worker pods.")
     checkpointing: Checkpointing = nested(Checkpointing, "Checkpoint interval and retention.")
-    evaluation: Evaluation = nested(Evaluation, "Evaluation interval, metrics, early stopping.")
+    evaluation: Evaluation = nested(
+        Evaluation, "Evaluation interval, samples, metrics, early stopping; the log interval."
+    )
     max_restarts: int = Field(
         default=3,
         description="Restarts of the gang after a failure (preemption does not count).",
