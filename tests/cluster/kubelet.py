@@ -11,6 +11,13 @@ from kubernetes.client.rest import ApiException
 from controlplane import HOLD_POOL_LABEL, HOLD_TOLERATION, wait_for
 
 GROUP, VERSION = "llmops.dev", "v1alpha1"
+PLURALS = {
+    "Dataset": "datasets",
+    "TrainingRun": "trainingruns",
+    "ModelDeployment": "modeldeployments",
+    "Sweep": "sweeps",
+    "TrainingSchedule": "trainingschedules",
+}
 # Scheduling that puts workers on the hold pool, where pods run until a test ends them.
 HOLD_SCHEDULING = {"nodeSelector": {HOLD_POOL_LABEL: "hold"}, "tolerations": [HOLD_TOLERATION]}
 
@@ -65,6 +72,13 @@ def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) ->
             },
         },
     )
+    return mark_processed(api_client, namespace, name)
+
+
+def mark_processed(
+    api_client: client.ApiClient, namespace: str, name: str, **fields: Any
+) -> dict[str, Any]:
+    """The status the Dataset controller writes once the merge pod reported its output."""
     status = {
         "status": {
             "phase": "Succeeded",
@@ -79,6 +93,7 @@ def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) ->
             ],
             "outputUri": f"pvc://{name}-data/g1",
             "observedGeneration": 1,
+            **fields,
         }
     }
     patched: dict[str, Any] = custom(api_client).patch_namespaced_custom_object_status(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubelet import PLURALS
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -18,13 +19,6 @@ from llmops.api import GROUP, VERSION
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
-PLURALS = {
-    "Dataset": "datasets",
-    "TrainingRun": "trainingruns",
-    "ModelDeployment": "modeldeployments",
-    "Sweep": "sweeps",
-    "TrainingSchedule": "trainingschedules",
-}
 
 
 def _create(api: client.ApiClient, namespace: str, doc: dict[str, Any]) -> dict[str, Any]:

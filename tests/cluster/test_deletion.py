@@ -7,19 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubelet import create, finished_dataset, get
+from kubelet import PLURALS, create, finished_dataset, get
 from kubernetes import client
 
 from controlplane import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-PLURALS = {
-    "Dataset": "datasets",
-    "TrainingRun": "trainingruns",
-    "ModelDeployment": "modeldeployments",
-    "Sweep": "sweeps",
-    "TrainingSchedule": "trainingschedules",
-}
 
 
 def examples() -> list[dict[str, Any]]:

@@ -17,20 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
-from kubelet import GROUP, VERSION, condition, custom, get
+from kubelet import GROUP, VERSION, condition, custom, get, mark_processed
 from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 
 from controlplane import wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-PLURALS = {
-    "Dataset": "datasets",
-    "TrainingRun": "trainingruns",
-    "ModelDeployment": "modeldeployments",
-    "Sweep": "sweeps",
-    "TrainingSchedule": "trainingschedules",
-}
 # Secrets the examples name (their comments tell users to create them).
 SECRETS = {
     "crawl-s3-credentials": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"},
@@ -112,34 +105,6 @@ def reason(api_client: client.ApiClient, namespace: str, kind: str, name: str, t
     return f"{found.get('status')}:{found.get('reason')}"
 
 
-def mark_processed(api_client: client.ApiClient, namespace: str, name: str) -> None:
-    """What the Dataset controller writes once the merge pod reported its output."""
-    custom(api_client).patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        "datasets",
-        name,
-        {
-            "status": {
-                "phase": "Succeeded",
-                "outputUri": f"pvc://{name}-data/g1",
-                "fingerprint": f"{name}-v1",
-                "vocabSize": 8192,
-                "conditions": [
-                    {
-                        "type": "Complete",
-                        "status": "True",
-                        "reason": "Processed",
-                        "message": "",
-                        "lastTransitionTime": "2026-01-01T00:00:00Z",
-                    }
-                ],
-            }
-        },
-    )
-
-
 def test_all_examples_applied_together_reach_their_documented_states(
     api_client: client.ApiClient, operator: str, volumes: None, cordoned: None
 ) -> None:
@@ -195,7 +160,7 @@ def test_all_examples_applied_together_reach_their_documented_states(
     # The Datasets are processed: runs create their gangs and say why the pods cannot run,
     # the sweep's trials and the schedule's run appear, deployments still wait for a model.
     for name in datasets:
-        mark_processed(api_client, namespace, name)
+        mark_processed(api_client, namespace, name, fingerprint=f"{name}-v1", vocabSize=8192)
 
     def gang_waits(kind: str, name: str) -> bool:
         if kind != "TrainingRun":
