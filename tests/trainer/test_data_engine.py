@@ -53,7 +53,12 @@ def test_engine_end_to_end(tmp_path: Path) -> None:
         )
     )
     output = tmp_path / "out"
-    env = {**os.environ, "LLMOPS_OUTPUT_DIR": str(output), "LLMOPS_NUM_SLICES": str(SLICES)}
+    env = {
+        **os.environ,
+        "LLMOPS_OUTPUT_DIR": str(output),
+        "LLMOPS_NUM_SLICES": str(SLICES),
+        "LLMOPS_SLICE_BYTES": str(64 * 1024),  # each file in pieces, as a big one would be
+    }
     command = [sys.executable, "-m", "llmops_trainer.data", "--config", str(config)]
     for index in range(SLICES):
         subprocess.run(
@@ -85,3 +90,11 @@ def test_engine_end_to_end(tmp_path: Path) -> None:
     decoded = tokenizer.decode(np.asarray(first[:end]).tolist())
     assert decoded in {t.strip() for t in everything}
     assert "# Dataset card: engine" in (output / "README.md").read_text()
+    pieces = [
+        piece
+        for index in range(SLICES)
+        for piece in json.loads(
+            (output / ".work" / f"slice-{index:05d}" / "stats.json").read_text()
+        )["inputs"]
+    ]
+    assert len(pieces) > 6 and stats["inputs"]["files"] == 6  # the files were read in pieces

@@ -18,11 +18,12 @@ from llmops_trainer.data.collect import (
     ChecksumError,
     expand_path,
     glob_match,
+    input_digest,
     list_inputs,
     open_input,
     read_documents,
-    slice_inputs,
 )
+from llmops_trainer.data.pieces import make_plan
 
 
 def _spec(**source: Any) -> DatasetSpec:
@@ -88,8 +89,9 @@ def test_listing_is_sorted_and_slices_partition(tmp_path: Path) -> None:
         (tmp_path / name).write_text(name)
     refs = list_inputs(_spec(path=str(tmp_path)))
     assert [Path(r.location).name for r in refs] == ["a.txt", "b.txt", "c.txt"]
-    parts = [slice_inputs(refs, i, 2) for i in range(2)]
-    assert sorted(parts[0] + parts[1]) == [0, 1, 2]
+    plan = make_plan(_spec(path=str(tmp_path)), refs, 2, 1 << 20)
+    parts = [[p.input for p in plan.of(i)] for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == [0, 1, 2] and all(parts)
 
 
 @pytest.fixture
@@ -118,7 +120,8 @@ def test_http_streamed_and_checksummed(http_root: tuple[str, Path]) -> None:
     ref = list_inputs(spec)[0]
     with open_input(spec, ref) as (stream, hashing):
         stream.read()
-    assert hashing.sha256.hexdigest() == digest
+        hashing.finish()
+    assert hashing.digest() == input_digest(root / "c.txt.gz")
     bad = _spec(urls=[f"{base}/c.txt.gz#sha256={'0' * 64}"])
     with pytest.raises(ChecksumError):
         _read(bad)

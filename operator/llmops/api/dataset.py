@@ -683,6 +683,17 @@ class DatasetSpec(ApiModel):
     parallelism: int = Field(
         default=1, description="Worker pods processing sources in parallel.", ge=1, le=256
     )
+    slice_bytes: int = Field(
+        default=64 * 2**20,
+        description=(
+            "Largest piece of one input a worker pod reads: an uncompressed text or jsonl "
+            "input larger than this is cut into byte ranges at line ends (a parquet input "
+            "into groups of row groups), so one big file spreads over the worker pods; "
+            "compressed inputs stay whole. The output does not depend on it."
+        ),
+        ge=2**20,
+        le=2**40,
+    )
     resources: Resources = nested(Resources, "Compute for each worker pod.")
     scheduling: Scheduling = nested(Scheduling, "Placement and priority of the worker pods.")
     retain_policy: Literal["Retain", "Delete"] = Field(

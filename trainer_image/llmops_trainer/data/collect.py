@@ -1,8 +1,14 @@
 """Collect: list a Dataset's inputs, stream their bytes and parse them into documents.
 
 Inputs are listed in one deterministic order (sources in spec order, files sorted), so every
-slice of an Indexed Job agrees on which inputs are its own without talking to the others.
-Compression is recognised by magic bytes, not by file name.
+slice of an Indexed Job agrees on which pieces of them are its own without talking to the
+others (data.pieces cuts big inputs into pieces and assigns them). Compression is recognised
+by magic bytes, not by file name.
+
+An input's identity (in the fingerprint and a slice's stats.json) is its *block digest*: the
+sha256 of the concatenated sha256 digests of its 1 MiB blocks (`DIGEST_BLOCK`), so that
+slices reading different pieces of one file can each hash their blocks and the merge joins
+them, whatever the pieces (`input_digest` computes it for a local file).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ VOLUMES_DIR_ENV = Env.VOLUMES_DIR
 DEFAULT_VOLUMES_DIR = "/mnt/llmops/volumes"
 HTTP_ATTEMPTS = 5
 CHUNK = 1 << 20
+DIGEST_BLOCK = 1 << 20  # the unit of an input's block digest
 # `$(VAR)` as Kubernetes expands it in args; `$$` is a literal `$`.
 _VARIABLE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 # Why a record yields no document (drop reasons of the normalize step).
@@ -68,6 +75,7 @@ class InputRef:
     source: int  # index into spec.sources
     kind: Literal["file", "url", "s3", "hf"]
     location: str
+    size: int | None = None  # bytes, when the listing tells (files, S3 objects)
 
 
 def list_inputs(
@@ -86,7 +94,7 @@ def list_inputs(
         elif source.urls is not None:
             inputs += [InputRef(index, "url", url) for url in source.urls]
         elif source.s3 is not None:
-            inputs += [InputRef(index, "s3", key) for key in _s3_keys(source)]
+            inputs += [InputRef(index, "s3", key, size) for key, size in _s3_keys(source)]
         elif source.hf is not None:
             pins = work_dir or _work_dir()
             inputs += [InputRef(index, "hf", f) for f in _hub_files(source, pins)]
@@ -142,14 +150,9 @@ def _match_segments(pattern: list[str], path: list[str]) -> bool:
     )
 
 
-def slice_inputs(inputs: list[InputRef], index: int, count: int) -> list[int]:
-    """Input indices owned by slice `index` of `count` (round-robin keeps slices even)."""
-    return list(range(index, len(inputs), count))
-
-
 def _local(index: int, source: DataSource, root: Path) -> list[InputRef]:
     if root.is_file():
-        return [InputRef(index, "file", str(root))]
+        return [InputRef(index, "file", str(root), root.stat().st_size)]
     if not root.is_dir():
         raise FileNotFoundError(f"source path {root} does not exist")
     files = sorted(
@@ -161,7 +164,7 @@ def _local(index: int, source: DataSource, root: Path) -> list[InputRef]:
     )
     if not files and (source.include or source.exclude):
         raise FileNotFoundError(f"source {source.name}: no file under {root} is selected")
-    return [InputRef(index, "file", str(p)) for p in files]
+    return [InputRef(index, "file", str(p), p.stat().st_size) for p in files]
 
 
 def _s3_client(source: DataSource) -> Any:
@@ -178,15 +181,15 @@ def _s3_client(source: DataSource) -> Any:
     )
 
 
-def _s3_keys(source: DataSource) -> list[str]:
+def _s3_keys(source: DataSource) -> list[tuple[str, int]]:
     assert source.s3 is not None
     client = _s3_client(source)
-    keys: list[str] = []
+    keys: list[tuple[str, int]] = []
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=source.s3.bucket, Prefix=source.s3.prefix
     ):
         keys += [
-            obj["Key"]
+            (obj["Key"], int(obj["Size"]))
             for obj in page.get("Contents", [])
             if not obj["Key"].endswith("/")
             and selected(obj["Key"][len(source.s3.prefix) :].lstrip("/"), source)
@@ -213,12 +216,24 @@ def _hub_files(source: DataSource, pin_dir: Path | None) -> list[str]:
 
 
 class _Hashing(io.RawIOBase):
-    """Passes bytes through, hashing them (the input's identity in the fingerprint)."""
+    """Passes the bytes of an input read from `offset` on through, hashing its
+    `DIGEST_BLOCK` blocks that start in [low, high) (high None: to the end; low a multiple
+    of the block): the part of the input's block digest this reader owns."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+    def __init__(
+        self, raw: IO[bytes], offset: int = 0, low: int = 0, high: int | None = None
+    ) -> None:
+        assert low % DIGEST_BLOCK == 0 and offset <= low
+        self.raw, self.offset, self.low, self.high = raw, offset, low, high
+        self.start = offset
+        self.blocks: list[bytes] = []  # sha256 digests of the finished blocks
+        self._block = hashlib.sha256()
+        self._filled = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes read so far."""
+        return self.offset - self.start
 
     def readable(self) -> bool:
         return True
@@ -227,20 +242,69 @@ class _Hashing(io.RawIOBase):
         data = self.raw.read(len(buffer))
         n = len(data)
         buffer[:n] = data
-        self.sha256.update(data)
-        self.size += n
+        self._feed(data)
         return n
+
+    def _feed(self, data: bytes) -> None:
+        pos, view = self.offset, memoryview(data)
+        i = max(self.low - pos, 0)
+        end = len(data) if self.high is None else min(len(data), self.high - pos)
+        while i < end:
+            at = pos + i
+            take = min(end - i, DIGEST_BLOCK - at % DIGEST_BLOCK)
+            self._block.update(view[i : i + take])
+            self._filled += take
+            i += take
+            if (at + take) % DIGEST_BLOCK == 0:
+                self._close_block()
+        self.offset += len(data)
+
+    def _close_block(self) -> None:
+        self.blocks.append(self._block.digest())
+        self._block = hashlib.sha256()
+        self._filled = 0
+
+    def finish(self) -> list[bytes]:
+        """Reads on to the end of the window (or of the input); the window's block digests."""
+        while self.high is None or self.offset < self.high:
+            want = CHUNK if self.high is None else min(CHUNK, self.high - self.offset)
+            data = self.raw.read(want)
+            if not data:
+                break
+            self._feed(data)
+        if self._filled:
+            self._close_block()
+        return self.blocks
+
+    def digest(self) -> str:
+        """The block digest of a whole input read from its start (after `finish`)."""
+        return blocks_digest(self.blocks)
+
+
+def blocks_digest(blocks: list[bytes]) -> str:
+    """An input's identity from the digests of all its blocks, in order."""
+    return hashlib.sha256(b"".join(blocks)).hexdigest()
+
+
+def input_digest(path: Path) -> str:
+    """The block digest of a local file, as a slice's stats.json and the fingerprint use it."""
+    with open(path, "rb") as raw:
+        hashing = _Hashing(raw)
+        hashing.finish()
+    return hashing.digest()
 
 
 class _HttpStream(io.RawIOBase):
     """An HTTP(S) body that reconnects with a Range request where a transfer broke off,
     and checks length and (when the URL names one: `#sha256=<hex>`) the checksum at the end."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, offset: int = 0) -> None:
+        """`offset`: start there (a Range request); the checksum is then not checked."""
         self.url, _, fragment = url.partition("#")
-        self.expected = fragment[len("sha256=") :] if fragment.startswith("sha256=") else None
+        named = fragment[len("sha256=") :] if fragment.startswith("sha256=") else None
+        self.expected = named if offset == 0 else None
         self.digest = hashlib.sha256()
-        self.offset = 0
+        self.offset = offset
         self.length: int | None = None
         self.response: Any = None
         self._connect()
@@ -255,7 +319,7 @@ class _HttpStream(io.RawIOBase):
                 if self.offset and self.response.status != 206:
                     raise OSError("server ignored the Range request")
                 if self.length is None and self.response.headers.get("Content-Length"):
-                    self.length = int(self.response.headers["Content-Length"])
+                    self.length = self.offset + int(self.response.headers["Content-Length"])
                 return
             except urllib.error.HTTPError as error:
                 if error.code < 500 and error.code != 429:
@@ -315,26 +379,91 @@ def _decompress(raw: IO[bytes]) -> IO[bytes]:
     return buffered
 
 
+def open_raw(spec: DatasetSpec, ref: InputRef, offset: int = 0) -> IO[bytes]:
+    """The raw bytes of an input from `offset` on (a ranged read; hf inputs: from 0 only)."""
+    source = spec.sources[ref.source]
+    if ref.kind == "file":
+        raw = open(ref.location, "rb")  # noqa: SIM115 - the caller closes it
+        raw.seek(offset)
+        return raw
+    if ref.kind == "url":
+        return _HttpStream(ref.location, offset)  # type: ignore[return-value]
+    if ref.kind == "hf":
+        if offset:
+            raise ValueError("Hub inputs are read whole")
+        return hub.open_file(source, ref.location)
+    assert source.s3 is not None
+    extra = {"Range": f"bytes={offset}-"} if offset else {}
+    client = _s3_client(source)
+    body: IO[bytes] = client.get_object(Bucket=source.s3.bucket, Key=ref.location, **extra)["Body"]
+    return body
+
+
+def read_range(spec: DatasetSpec, ref: InputRef, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file, an S3 object or a URL whose server honours Range."""
+    source = spec.sources[ref.source]
+    if end <= start:
+        return b""
+    if ref.kind == "file":
+        with open(ref.location, "rb") as raw:
+            raw.seek(start)
+            return raw.read(end - start)
+    if ref.kind == "s3":
+        assert source.s3 is not None
+        client = _s3_client(source)
+        got = client.get_object(
+            Bucket=source.s3.bucket, Key=ref.location, Range=f"bytes={start}-{end - 1}"
+        )
+        return bytes(got["Body"].read())
+    if ref.kind == "url":
+        return _http_range(ref.location.split("#", 1)[0], start, end)[0]
+    raise ValueError(f"{ref.kind} inputs are read whole")
+
+
+def _http_range(url: str, start: int, end: int) -> tuple[bytes, int | None]:
+    """Bytes [start, end) of a URL and its total size; (b"", None) when the server answers
+    the Range request with the whole body (or an empty file's 416)."""
+    for attempt in range(HTTP_ATTEMPTS):
+        try:
+            request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end - 1}"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status != 206:
+                    return b"", None
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                return response.read(), int(total) if total.isdigit() else None
+        except urllib.error.HTTPError as error:
+            if error.code == 416:
+                return b"", None
+            if error.code < 500 and error.code != 429:
+                raise
+            last: Exception = error
+        except OSError as error:
+            last = error
+        time.sleep(min(2**attempt * 0.2, 10))
+    raise OSError(f"{url}: giving up after {HTTP_ATTEMPTS} attempts: {last}")
+
+
+def probe_url(url: str) -> tuple[int | None, bytes]:
+    """(size, first bytes) of a URL whose server honours Range; (None, b"") otherwise."""
+    head, size = _http_range(url.split("#", 1)[0], 0, 6)
+    return (size, head) if size is not None else (None, b"")
+
+
 @contextmanager
 def open_input(spec: DatasetSpec, ref: InputRef) -> Iterator[tuple[IO[bytes], _Hashing]]:
-    """The decompressed byte stream of an input, and the hasher of its raw bytes."""
-    source = spec.sources[ref.source]
-    raw: IO[bytes]
-    if ref.kind == "file":
-        raw = open(ref.location, "rb")  # noqa: SIM115 - closed below
-    elif ref.kind == "url":
-        raw = _HttpStream(ref.location)  # type: ignore[assignment]
-    elif ref.kind == "hf":
-        raw = hub.open_file(source, ref.location)
-    else:
-        assert source.s3 is not None
-        body = _s3_client(source).get_object(Bucket=source.s3.bucket, Key=ref.location)["Body"]
-        raw = body
+    """The decompressed byte stream of a whole input, and the hasher of its raw bytes
+    (`finish()` it to hash what the reader left)."""
+    raw = open_raw(spec, ref)
     hashing = _Hashing(raw)
     try:
         yield _decompress(hashing), hashing  # type: ignore[arg-type]
     finally:
         raw.close()
+
+
+def is_compressed(magic: bytes) -> bool:
+    """Whether the first bytes of an input are those of a compressed stream."""
+    return magic.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh", b"\xfd7zXZ\x00"))
 
 
 def read_documents(
@@ -427,12 +556,19 @@ def _parquet(stream: IO[bytes], source: DataSource) -> Iterator[Document]:
             spool.write(block)
         spool.seek(0)
         table = pq.ParquetFile(spool)
-        if source.messages_field is not None:
-            columns = [source.messages_field]
-        elif source.prompt_field is not None and source.response_field is not None:
-            columns = [source.prompt_field, source.response_field]
-        else:
-            columns = [source.text_field]
-        for batch in table.iter_batches(batch_size=4096, columns=columns):
-            for record in batch.to_pylist():
-                yield _make(record, source)
+        yield from parquet_rows(table, source, None)
+
+
+def parquet_rows(
+    table: Any, source: DataSource, row_groups: list[int] | None
+) -> Iterator[Document]:
+    """The documents of a `pyarrow.parquet.ParquetFile` (of some of its row groups)."""
+    if source.messages_field is not None:
+        columns = [source.messages_field]
+    elif source.prompt_field is not None and source.response_field is not None:
+        columns = [source.prompt_field, source.response_field]
+    else:
+        columns = [source.text_field]
+    for batch in table.iter_batches(batch_size=4096, columns=columns, row_groups=row_groups):
+        for record in batch.to_pylist():
+            yield _make(record, source)

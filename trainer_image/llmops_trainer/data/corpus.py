@@ -1,9 +1,12 @@
 """What every slice wrote, read back as one corpus in global (input, position) order, so the
-merge does not depend on the number of slices."""
+merge does not depend on the number of slices or on the pieces the inputs were cut into:
+documents are ordered by (input, part, position in the part) and then numbered per input,
+and the pieces' digest blocks are joined into each input's block digest."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from llmops_trainer.data.collect import blocks_digest
 from llmops_trainer.data.registry import KEPT
 from llmops_trainer.data.slice_stage import DONE, slice_dir
 
@@ -31,7 +35,7 @@ class Corpus:
     raw_bytes: npt.NDArray[np.int64]
     out_bytes: npt.NDArray[np.int64]
     has_signature: list[npt.NDArray[np.bool_]]
-    inputs: list[dict[str, Any]]
+    inputs: list[dict[str, Any]]  # per input: index, source, location, digest, bytes, pieces
     slice_stats: list[dict[str, Any]]
 
     def code(self, reason: str) -> int:
@@ -82,18 +86,21 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
     folders = [slice_dir(work_dir, i) for i in range(count)]
     names: dict[str, int] = {KEPT: 0}
     parts: dict[str, list[Any]] = {
-        k: [] for k in ("slice", "inp", "pos", "code", "hash", "raw", "out", "rows")
+        k: [] for k in ("slice", "inp", "part", "pos", "code", "hash", "raw", "out", "rows")
     }
-    has_signature, inputs, slice_stats = [], [], []
+    has_signature, pieces, slice_stats = [], [], []
+    plans = set()
     for number, folder in enumerate(folders):
         marker = folder / DONE
         if not marker.is_file() or json.loads(marker.read_text()).get("config") != key:
             raise RuntimeError(f"slice {number} of {count} has not finished (no {marker})")
+        plans.add(json.loads(marker.read_text()).get("plan"))
         stats = json.loads((folder / "stats.json").read_text())
         meta = np.load(folder / "meta.npz")
         local = np.array([names.setdefault(n, len(names)) for n in stats["reasons"]])
         parts["slice"].append(np.full(len(meta["reasons"]), number))
         parts["inp"].append(meta["inputs"])
+        parts["part"].append(meta["parts"])
         parts["pos"].append(meta["positions"])
         parts["code"].append(
             local[meta["reasons"]] if len(meta["reasons"]) else np.zeros(0, np.int64)
@@ -103,15 +110,18 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
         parts["out"].append(meta["out_bytes"])
         parts["rows"].append(meta["rows"])
         has_signature.append(meta["has_signature"])
-        inputs += stats["inputs"]
+        pieces += stats["inputs"]
         slice_stats.append(stats)
+    if len(plans) > 1:
+        raise RuntimeError(f"the {count} slices were cut by different plans of pieces: rerun them")
     joined = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
-    order = np.lexsort((joined["pos"], joined["inp"]))
+    order = np.lexsort((joined["pos"], joined["part"], joined["inp"]))
+    input_of = joined["inp"][order].astype(np.int64)
     return Corpus(
         slices=folders,
         slice_of=joined["slice"][order].astype(np.int64),
-        input_of=joined["inp"][order].astype(np.int64),
-        position_of=joined["pos"][order].astype(np.int64),
+        input_of=input_of,
+        position_of=_positions(input_of),
         rows=joined["rows"][order],
         reasons=sorted(names, key=names.__getitem__),
         codes=joined["code"][order].astype(np.int64),
@@ -119,6 +129,46 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
         raw_bytes=joined["raw"][order],
         out_bytes=joined["out"][order],
         has_signature=has_signature,
-        inputs=sorted(inputs, key=lambda x: x["index"]),
+        inputs=_inputs(pieces),
         slice_stats=slice_stats,
     )
+
+
+def _positions(input_of: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Each document's position in its input, given documents in global order."""
+    if not len(input_of):
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, input_of[1:] != input_of[:-1]])
+    lengths = np.diff(np.r_[starts, len(input_of)])
+    return np.arange(len(input_of), dtype=np.int64) - np.repeat(starts, lengths)
+
+
+def _inputs(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per input from the pieces the slices read, which must cover each input
+    exactly; its digest joins the pieces' digest blocks in order."""
+    by_input: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for piece in pieces:
+        by_input[piece["index"]].append(piece)
+    inputs = []
+    for index in sorted(by_input):
+        chain = sorted(by_input[index], key=lambda p: p["start"])
+        at = 0
+        for piece in chain:
+            if piece["start"] != at:
+                raise RuntimeError(f"input {piece['location']}: no piece covers byte {at}")
+            at = piece["end"]
+        if at != chain[-1]["size"]:
+            raise RuntimeError(f"input {chain[-1]['location']}: no piece covers byte {at}")
+        blocks = [bytes.fromhex(b) for piece in chain for b in piece["blocks"]]
+        first = chain[0]
+        inputs.append(
+            {
+                "index": index,
+                "source": first["source"],
+                "location": first["location"],
+                "digest": blocks_digest(blocks),
+                "bytes": sum(int(p["bytes"]) for p in chain),
+                "pieces": len(chain),
+            }
+        )
+    return inputs

@@ -55,11 +55,14 @@ TOKENIZE_BATCH = 1024
 
 
 def fingerprint(key: str, inputs: list[dict[str, Any]], tokenizer: str = "") -> str:
-    """`tokenizer`: the sha256 of a model's tokenizer files (tokenizer.fromModel), an input
-    too: `hf://org/name` without a revision may change under the same spec."""
+    """sha256 of the config key, then of each input's block digest in input order (the
+    sha256 of the sha256 digests of its 1 MiB blocks, data.collect: the same however the
+    inputs were cut into pieces and slices). `tokenizer`: the sha256 of a model's tokenizer
+    files (tokenizer.fromModel), an input too: `hf://org/name` without a revision may change
+    under the same spec."""
     digest = hashlib.sha256(key.encode())
     for item in inputs:
-        digest.update(item["sha256"].encode())
+        digest.update(item["digest"].encode())
     if tokenizer:
         digest.update(tokenizer.encode())
     return digest.hexdigest()

@@ -66,6 +66,7 @@ class Options:
     rules: QualityRules | None = None  # None: from spec.processing.filters
     detect_language: bool = True
     steps: Registry | None = None  # None: the standard pipeline (data.steps.PIPELINE)
+    slice_bytes: int | None = None  # piece size (data.pieces); None: spec.sliceBytes
 
 
 # (the step's spec field, the options, the step's counters) -> its check; None: switched off.

@@ -1,15 +1,18 @@
 """Slice stage: one pod of an Indexed Job per slice.
 
-It streams its share of the inputs, normalizes every document, runs the registered steps
+It streams its pieces of the inputs (data.pieces: every slice computes the same plan of
+pieces and owners from the listing), normalizes every document, runs the registered steps
 (data.steps: exact dedup within the slice, quality filters, language, PII, ...) and computes
 MinHash signatures of the survivors. It writes, under the work folder:
 
     slice-00003/docs.jsonl        surviving documents, in input order
     slice-00003/signatures.bin    uint32 MinHash rows, one per surviving document
-    slice-00003/meta.npz          one row per document read: input, position, content hash,
-                                  drop reason, sizes, row in docs.jsonl
-    slice-00003/stats.json        inputs (with sha256) and counters
-    slice-00003/DONE              written last; holds the config key (a rerun skips the slice)
+    slice-00003/meta.npz          one row per document read: input, part, position in the
+                                  part, content hash, drop reason, sizes, row in docs.jsonl
+    slice-00003/stats.json        pieces read (input, start, end, bytes, digest blocks), the
+                                  plan's digest and counters
+    slice-00003/DONE              written last; holds the config key and the plan's digest (a
+                                  rerun with both unchanged skips the slice)
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from llmops.api.dataset import Dataset, DatasetSpec
 from llmops_trainer.data import dedup
 from llmops_trainer.data.chat import contents
 from llmops_trainer.data.collect import Document as RawDocument
-from llmops_trainer.data.collect import list_inputs, open_input, read_documents, slice_inputs
+from llmops_trainer.data.collect import list_inputs
 from llmops_trainer.data.normalize import Normalizer
+from llmops_trainer.data.pieces import make_plan, piece_size, read_piece
 from llmops_trainer.data.registry import KEPT, Document, Options
 from llmops_trainer.data.steps import PIPELINE
 from llmops_trainer.data.tokenize import model_tokenizer
@@ -46,7 +50,7 @@ def config_key(spec: DatasetSpec) -> str:
     """Hash of everything that shapes the output; parallelism, resources and the output
     location do not, so changing them reuses finished work."""
     relevant = spec.to_dict()
-    for name in ("parallelism", "resources", "output", "scheduling", "retainPolicy"):
+    for name in ("parallelism", "sliceBytes", "resources", "output", "scheduling", "retainPolicy"):
         relevant.pop(name, None)
     payload = json.dumps({"engine": ENGINE_VERSION, "spec": relevant}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -59,6 +63,7 @@ def slice_dir(work_dir: Path, index: int) -> Path:
 @dataclass
 class _SliceState:
     inputs: array[int] = field(default_factory=lambda: array("i"))
+    parts: array[int] = field(default_factory=lambda: array("q"))
     positions: array[int] = field(default_factory=lambda: array("q"))
     hashes: bytearray = field(default_factory=bytearray)
     reasons: array[int] = field(default_factory=lambda: array("H"))
@@ -112,7 +117,10 @@ def run_slice(
     key = config_key(spec)
     folder = slice_dir(work_dir, index)
     marker = folder / DONE
-    if marker.is_file() and json.loads(marker.read_text()).get("config") == key:
+    inputs = list_inputs(spec)
+    plan = make_plan(spec, inputs, count, piece_size(spec, options.slice_bytes))
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if done.get("config") == key and done.get("plan") == plan.digest:
         log.info("slice %d/%d already done, skipping", index, count)
         return folder
     if folder.exists():
@@ -127,7 +135,6 @@ def run_slice(
     near = spec.processing.deduplication.near
     hasher = dedup.MinHasher(near.num_permutations, near.shingle_size) if near.enabled else None
     state = _SliceState()
-    inputs = list_inputs(spec)
     input_stats = []
 
     with (
@@ -135,15 +142,18 @@ def run_slice(
         (folder / "signatures.bin").open("wb") as signatures_out,
     ):
         signatures = _Signatures(hasher, signatures_out, state.has_signature)
-        for input_index in slice_inputs(inputs, index, count):
+        for piece in plan.of(index):
+            input_index = piece.input
             ref = inputs[input_index]
-            source = spec.sources[ref.source]
-            supervised = source.supervised
-            with open_input(spec, ref) as (stream, hashing):
-                documents = read_documents(stream, source, unreadable=True)
-                for position, read in enumerate(documents):
+            supervised = spec.sources[ref.source].supervised
+            with read_piece(spec, ref, piece) as (documents, finish):
+                part, position = -1, 0
+                for at, read in documents:
+                    position = position + 1 if at == part else 0
+                    part = at
                     document = _normalized(read, normalize, supervised, options.detect_language)
                     state.inputs.append(input_index)
+                    state.parts.append(part)
                     state.positions.append(position)
                     state.hashes += document.digest
                     state.raw_bytes.append(_raw_size(read))
@@ -165,15 +175,17 @@ def run_slice(
                     state.rows.append(state.kept)
                     state.kept += 1
                     signatures.add(document.combined)
-                while hashing.read(1 << 20):
-                    pass  # hash the rest (e.g. trailing bytes) for the fingerprint
+                blocks, read_bytes = finish()  # hashes the rest of the piece's blocks
             input_stats.append(
                 {
                     "index": input_index,
                     "source": ref.source,
                     "location": ref.location.split("#", 1)[0],
-                    "sha256": hashing.sha256.hexdigest(),
-                    "bytes": hashing.size,
+                    "start": piece.start,
+                    "end": piece.start + read_bytes,
+                    "bytes": read_bytes,
+                    "size": read_bytes if piece.whole else piece.size,
+                    "blocks": [block.hex() for block in blocks],
                 }
             )
         signatures.flush()
@@ -182,6 +194,7 @@ def run_slice(
     stats = {
         "index": index,
         "count": count,
+        "plan": plan.digest,
         "inputs": input_stats,
         "reasons": sorted(state.reason_names, key=state.reason_names.__getitem__),
         "kept": state.kept,
@@ -189,7 +202,8 @@ def run_slice(
         "seconds": round(time.monotonic() - started, 3),
     }
     (folder / "stats.json").write_text(json.dumps(stats, indent=2))
-    marker.write_text(json.dumps({"config": key, "documents": len(state.reasons)}))
+    done = {"config": key, "plan": plan.digest, "documents": len(state.reasons)}
+    marker.write_text(json.dumps(done))
     log.info("slice %d/%d: %d documents, %d kept", index, count, len(state.reasons), state.kept)
     return folder
 
@@ -236,6 +250,7 @@ def _write_meta(folder: Path, state: _SliceState) -> None:
     np.savez(
         folder / "meta.npz",
         inputs=np.frombuffer(state.inputs, dtype=np.int32),
+        parts=np.frombuffer(state.parts, dtype=np.int64),
         positions=np.frombuffer(state.positions, dtype=np.int64),
         hashes=np.frombuffer(bytes(state.hashes), dtype=np.uint8).reshape(-1, 16),
         reasons=np.frombuffer(state.reasons, dtype=np.uint16),
