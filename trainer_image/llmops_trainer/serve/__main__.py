@@ -49,6 +49,7 @@ from llmops_trainer.serve.settings import (
 )
 
 log = logging.getLogger("llmops_trainer.serve")
+SWITCH_INTERVAL = 0.0005  # seconds a thread holds the GIL while another waits for it
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -257,6 +258,10 @@ def serve(settings: ServeSettings) -> int:
         access_log=False,
     )
     server = Server(config, state, settings.grace_seconds)
+    # The engine thread and the event loop share the GIL: with the default 5 ms switch
+    # interval one waits that long for the other's Python (a decoding step, a burst of
+    # requests), which stalls streaming and, worse, the decoding of the whole batch.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # uvicorn re-raises the signal it stopped on to the handler it found; a no-op one lets a
     # drained server exit 0 rather than die of SIGTERM.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

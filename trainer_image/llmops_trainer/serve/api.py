@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import math
 import time
@@ -56,7 +55,7 @@ from llmops_trainer.serve.protocol import (
     SamplingParams,
     field_names,
 )
-from llmops_trainer.serve.replies import Choice, Reply, TokenNames, usage
+from llmops_trainer.serve.replies import Choice, Reply, TokenNames, sse_event, usage
 from llmops_trainer.serve.settings import EmptyTokenError, read_token
 from llmops_trainer.serve.text import CHAT_STOPS, chat_prompt
 
@@ -794,8 +793,7 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-def _event(payload: Any) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+_event = sse_event
 
 
 class _Job:
@@ -982,9 +980,9 @@ class _Job:
                     logprobs, self._offsets[index] = self.names.completion(
                         ids, list(event.logprobs), self._offsets[index]
                     )
-            if event.text or logprobs is not None:
+            if logprobs is not None:
                 return _event(reply.chunk(index, event.text, None, logprobs))
-            return None
+            return reply.text_event(index, event.text) if event.text else None
         choice = self.choices[index]
         choice.add(event)
         if isinstance(event, Done):

@@ -3,17 +3,21 @@ Qwen2, Qwen3) with the engine's slot-based KV cache.
 
 The same contract as `engine.KVCacheModel` for the built-in GPT: running sequences occupy
 cache slots 0..B-1, a step reads the cache as a slice, and a finished sequence's slot is
-refilled by moving the last one. The layers' own modules (projections, norms, MLP, rotary
-embedding) do the arithmetic, so the weights are used exactly as `transformers` uses them;
-only the attention over the cache is ours. Grouped-query attention keeps the cache at the
-key/value head count. LoRA adapters (serve/adapters.py) are applied per row: a batch mixes
-sequences of several adapters and of the base.
+refilled by moving the last one. The layers' own weights and rotary embedding are used with
+the same operations as `transformers` (tests hold the logits to the models' own forward), in
+fewer calls: the projections reading one input are one matmul over their stacked weights
+(the modules' weights become views of it), RMSNorm is `F.rms_norm`, and the rotation is
+computed once per step for all the layers. The attention over the cache is ours: prompts of
+one length and decoding steps with every row at one position need no mask (SDPA's fused
+kernels); a decoding query's heads sharing a key/value head attend as one. Grouped-query
+attention keeps the cache at the key/value head count. LoRA adapters (serve/adapters.py) are
+applied per row (their rows take the per-projection path): a batch mixes sequences of several
+adapters and of the base.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +28,24 @@ from llmops_trainer.serve.adapters import Adapter, check_fits
 
 # Rows of a batch per adapter (1-based; the base's rows are not listed).
 Groups = list[tuple[int, torch.Tensor]]
+# The (cos, sin) of the rotary embedding at a batch's positions, shared by all the layers
+# (`DecoderKVCacheModel._rotary`).
+Rotary = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Causal:
+    """Plain causal attention (a prefill of prompts of one length): no mask tensor, so SDPA
+    may use its fused kernels."""
+
+    def __repr__(self) -> str:
+        return "CAUSAL"
+
+
+CAUSAL = _Causal()
+# A boolean mask (True: attend), CAUSAL, or None: every query sees every key given.
+Mask = torch.Tensor | _Causal | None
+# Linear modules of one input as one: the stacked weight and bias (`_fuse`).
+Fused = tuple[torch.Tensor, torch.Tensor | None]
 
 # Families whose decoder layer is: x + o_proj(attn(rope(q, k), v)) on input_layernorm(x),
 # then x + mlp(post_attention_layernorm(x)), scaled by 1/sqrt(head_dim).
@@ -34,7 +56,8 @@ def padded(
     prompts: list[list[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prompts right-padded for one prefill: (ids, lengths, positions, mask); the mask hides
-    padding keys and keeps causality (None for a single prompt: plain causal attention)."""
+    padding keys and keeps causality (None for prompts of one length, a single prompt
+    included: plain causal attention, which SDPA runs with its fused kernels)."""
     n, longest = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros((n, longest), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -42,7 +65,7 @@ def padded(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     positions = torch.arange(longest, device=device)
     mask: torch.Tensor | None = None
-    if n > 1:
+    if any(len(p) != longest for p in prompts):
         causal = positions[None, :] <= positions[:, None]
         mask = (causal[None] & (positions[None, None, :] < lengths[:, None, None]))[:, None]
     return ids.to(device), lengths, positions, mask
@@ -91,8 +114,6 @@ class DecoderKVCacheModel:
         self.context_length = context_length
         self.decoder = self.model.model
         self.layers = list(self.decoder.layers)
-        # Each modeling file defines its own rotary helper (same maths, family quirks).
-        self._rotate = sys.modules[type(self.model).__module__].apply_rotary_pos_emb
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -105,6 +126,16 @@ class DecoderKVCacheModel:
             for part, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
             for name in (f"{n}_proj" for n in names)
         }
+        # The projections reading one input, stored as one weight (the modules' own weights
+        # become views of it: no copy), so the base model runs one matmul for them. Each
+        # output column is the same dot product either way.
+        self._qkv = [
+            _fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers
+        ]
+        self._gate_up = [
+            _fuse(layer.mlp, ("gate_proj", "up_proj")) if _gated(layer.mlp) else None
+            for layer in self.layers
+        ]
         self.adapters: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = []
         for adapter in adapters:
             check_fits(adapter, shapes)
@@ -128,7 +159,7 @@ class DecoderKVCacheModel:
         self, layer: int, name: str, module: Any, x: torch.Tensor, groups: Groups
     ) -> torch.Tensor:
         """The base projection, plus each row's adapter update where it has one."""
-        y: torch.Tensor = module(x)
+        y: torch.Tensor = F.linear(x, module.weight, module.bias)
         for adapter, rows in groups:
             update = self.adapters[adapter - 1].get((layer, name))
             if update is not None:
@@ -137,10 +168,20 @@ class DecoderKVCacheModel:
         return y
 
     def _project(
-        self, index: int, attn: Any, h: torch.Tensor, positions: torch.Tensor, groups: Groups
+        self, index: int, attn: Any, h: torch.Tensor, rotary: Rotary, groups: Groups
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values (batch, heads, length, head_dim) with rotary positions."""
         batch, length, _ = h.shape
+        heads, kv_heads = self.heads, self.kv_heads
+        cos, sin = rotary
+        fused = self._qkv[index]
+        if not groups and fused is not None and not hasattr(attn, "q_norm"):
+            # The base model: one matmul for the three projections, and one rotation for
+            # the queries and keys together.
+            qkv = F.linear(h, *fused).view(batch, length, -1, self.head_dim)
+            qk = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
         def project(name: str) -> torch.Tensor:
             module = getattr(attn, name)
@@ -149,21 +190,41 @@ class DecoderKVCacheModel:
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.decoder.rotary_emb(v, positions)
-        q, k = self._rotate(q, k, cos, sin)
-        return q, k, v
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
     ) -> torch.Tensor:
-        # Grouped-query attention without copying the cache out to every query head.
+        """Attention of queries (batch, heads, length, head_dim) over keys and values at the
+        key/value head count. `mask`: a boolean mask, CAUSAL (a prefill of prompts of one
+        length), or None (one new position per row, every row seeing all `span` keys)."""
+        batch, heads, length, head_dim = q.shape
+        causal = isinstance(mask, _Causal)
+        given = None if isinstance(mask, _Causal) else mask
+        if length == 1 and self.kv_heads != heads:
+            # Decoding: the query heads sharing a key/value head become that head's query
+            # positions, so one plain attention serves the group (no copies of the cache,
+            # SDPA's fast kernel). A mask (batch, 1, 1, span) broadcasts over the group.
+            grouped = q.reshape(batch, self.kv_heads, heads // self.kv_heads, head_dim)
+            y = F.scaled_dot_product_attention(grouped, k, v, attn_mask=given)
+            return y.view(batch, heads, 1, head_dim)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
+            q,
+            k,
+            v,
+            attn_mask=given,
+            is_causal=causal and length > 1,
+            enable_gqa=self.kv_heads != heads,
         )
 
     def _mlp(self, index: int, mlp: Any, h: torch.Tensor, groups: Groups) -> torch.Tensor:
+        fused = self._gate_up[index]
+        if not groups and fused is not None:
+            gate, up = F.linear(h, *fused).chunk(2, dim=-1)
+            down = mlp.down_proj
+            return F.linear(mlp.act_fn(gate) * up, down.weight, down.bias)
         if not groups:
             out: torch.Tensor = mlp(h)
             return out
@@ -176,21 +237,21 @@ class DecoderKVCacheModel:
         self,
         index: int,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rotary: Rotary,
         store: Any,
         read: Any,
-        mask: torch.Tensor | None,
+        mask: Mask,
         groups: Groups,
     ) -> torch.Tensor:
         layer = self.layers[index]
         attn = layer.self_attn
-        q, k, v = self._project(index, attn, layer.input_layernorm(x), positions, groups)
+        q, k, v = self._project(index, attn, _norm(layer.input_layernorm, x), rotary, groups)
         store(index, k, v)
         k, v = read(index, k, v)
         y = self._attend(q, k, v, mask).transpose(1, 2).reshape(*x.shape[:2], -1)
         x = x + self._linear(index, "self_attn.o_proj", attn.o_proj, y, groups)
         out: torch.Tensor = x + self._mlp(
-            index, layer.mlp, layer.post_attention_layernorm(x), groups
+            index, layer.mlp, _norm(layer.post_attention_layernorm, x), groups
         )
         return out
 
@@ -215,11 +276,14 @@ class DecoderKVCacheModel:
             self.values[layer, slots, :, :longest] = v
 
         x = self.decoder.embed_tokens(ids)
+        # The rotation depends on positions only: computed once for all the layers.
+        rotary = self._rotary(x, positions[None].expand(n, -1))
+        attend: Mask = CAUSAL if mask is None else mask
         for index in range(len(self.layers)):
-            x = self._layer(index, x, positions[None].expand(n, -1), store, _same, mask, groups)
-        last = self.decoder.norm(x[torch.arange(n, device=self.device), lengths - 1])
+            x = self._layer(index, x, rotary, store, _same, attend, groups)
+        last = _norm(self.decoder.norm, x[torch.arange(n, device=self.device), lengths - 1])
         logits: torch.Tensor = self.model.lm_head(last)
-        hidden = {row: self.decoder.norm(x[row, : len(prompts[row])]) for row in every}
+        hidden = {row: _norm(self.decoder.norm, x[row, : len(prompts[row])]) for row in every}
         return Prefill(logits.float(), hidden)
 
     @torch.inference_mode()
@@ -239,27 +303,102 @@ class DecoderKVCacheModel:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         span = max(positions) + 1
-        rows = torch.arange(batch, device=self.device)
-        # Always masked: one query attends to its own cache prefix, which causality alone
-        # would not express for a single position against `span` keys.
-        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None]
-
-        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            self.keys[layer, rows, :, pos] = k[:, :, 0]
-            self.values[layer, rows, :, pos] = v[:, :, 0]
+        store, mask = self._decode_store(batch, positions, pos, span)
 
         def read(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return self.keys[layer, :batch, :, :span], self.values[layer, :batch, :, :span]
 
         x = self.decoder.embed_tokens(ids)
+        rotary = self._rotary(x, pos[:, None])  # once for all the layers
         for index in range(len(self.layers)):
-            x = self._layer(index, x, pos[:, None], store, read, mask, groups)
-        logits: torch.Tensor = self.model.lm_head(self.decoder.norm(x[:, 0]))
+            x = self._layer(index, x, rotary, store, read, mask, groups)
+        logits: torch.Tensor = self.model.lm_head(_norm(self.decoder.norm, x[:, 0]))
         return logits.float()
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> Rotary:
+        """The model's rotary embedding at positions (batch, length) as `_rotate` takes it:
+        over (batch, length, heads, head_dim), with the sine's first half negated."""
+        cos, sin = self.decoder.rotary_emb(x, positions)
+        half = sin.shape[-1] // 2
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.unsqueeze(2), signed.unsqueeze(2)
+
+    def _decode_store(
+        self, batch: int, positions: list[int], pos: torch.Tensor, span: int
+    ) -> tuple[Callable[[int, torch.Tensor, torch.Tensor], None], Mask]:
+        """How a decoding step writes its new keys and values, and the attention mask. Rows
+        at one position (a batch admitted together) write a slice and need no mask: each
+        query sees exactly the `span` keys of its own slot. Otherwise each row writes at its
+        own position and a mask hides the stale cache beyond each row's length."""
+        if all(p == positions[0] for p in positions):
+            at = positions[0]
+
+            def store_at(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                self.keys[layer, :batch, :, at] = k[:, :, 0]
+                self.values[layer, :batch, :, at] = v[:, :, 0]
+
+            return store_at, None
+        rows = torch.arange(batch, device=self.device)
+
+        def store_rows(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys[layer, rows, :, pos] = k[:, :, 0]
+            self.values[layer, rows, :, pos] = v[:, :, 0]
+
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        return store_rows, mask
 
     def move(self, source: int, target: int, length: int) -> None:
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+def _fuse(parent: Any, names: Sequence[str]) -> Fused | None:
+    """One weight (and bias) for linear modules of one input, stacked along their outputs;
+    each module's weight (and bias) becomes a view of its rows, so nothing is copied. None
+    when only some of them have a bias (no family here does that)."""
+    modules = [getattr(parent, name) for name in names]
+    biases = [m.bias for m in modules]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in modules])
+        bias = None if biases[0] is None else torch.cat(biases)
+        start = 0
+        for m in modules:
+            end = start + m.weight.shape[0]
+            m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+            if m.bias is not None:
+                assert bias is not None
+                m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+            start = end
+    return weight, bias
+
+
+def _gated(mlp: Any) -> bool:
+    """The gated MLP of these families: down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+    return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """The families' RMSNorm (weight * normalised x, normalised in float32) with one fused
+    kernel instead of the module's six operations; other norms through the module."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None or not type(module).__name__.endswith("RMSNorm"):
+        out: torch.Tensor = module(x)
+        return out
+    weight: torch.Tensor = module.weight
+    if x.dtype == weight.dtype == torch.float32:  # nothing to convert: the weight fused too
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    normalised = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normalised.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of these families on x (batch, length, heads, head_dim):
+    `apply_rotary_pos_emb`'s x * cos + rotate_half(x) * sin, where rotate_half(x) is
+    (-x2, x1); here (x2, x1) is a roll of x and the sign is in the sine's first half
+    (`_rotary`): the same products, in two operations instead of four."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _same(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,14 +9,17 @@ its slot.
 
 `Engine` owns the model on one thread: between steps it drops cancelled sequences, admits
 queued requests (one batched prefill), then decodes one token for every running sequence.
-Request handlers talk to it through `Stream`s on their event loop. Each row of a batch keeps
-its own sampling parameters, generator, penalties and log-probability requests.
+Request handlers talk to it through `Stream`s on their event loop: a step's events reach each
+loop in one callback (not one per token), and a stream read behind the engine gets the
+tokens that piled up as one Delta. Each row of a batch keeps its own sampling parameters,
+generator, penalties and log-probability requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -121,17 +124,22 @@ class KVCacheModel:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         span = max(positions) + 1
-        rows = torch.arange(batch, device=self.device)
+        # Rows at one position write a slice and see exactly their `span` keys: no mask.
+        # Otherwise shorter sequences must not see the stale cache beyond their length.
+        same = all(p == positions[0] for p in positions)
+        rows: torch.Tensor | slice = slice(0, batch)
+        at: torch.Tensor | int = positions[0]
         mask: torch.Tensor | None = None
-        if batch > 1:  # shorter sequences must not see the stale cache beyond their length
+        if not same:
+            rows, at = torch.arange(batch, device=self.device), pos
             mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None]
         t = self.model.transformer
         x = t.wte(ids) + t.wpe(pos)[:, None]
         for layer, block in enumerate(self.blocks):
             q, k, v = block.attn.c_attn(block.ln_1(x)).split(self.config.hidden_size, dim=2)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)
-            self.keys[layer, rows, :, pos] = k[:, :, 0]
-            self.values[layer, rows, :, pos] = v[:, :, 0]
+            self.keys[layer, rows, :, at] = k[:, :, 0]
+            self.values[layer, rows, :, at] = v[:, :, 0]
             y = F.scaled_dot_product_attention(
                 q,
                 self.keys[layer, :batch, :, :span],
@@ -155,6 +163,9 @@ class Delta:
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+
+    def __add__(self, later: Delta) -> Delta:
+        return Delta(self.text + later.text, self.logprobs + later.logprobs)
 
 
 @dataclass(frozen=True)
@@ -215,24 +226,71 @@ class Generation:
 
 
 class Stream:
-    """The event-loop side of a generation: events arrive from the engine thread."""
+    """The event-loop side of a generation: events arrive from the engine thread.
+
+    A reader that falls behind the engine (a busy event loop, a slow client) gets the text
+    and log-probabilities of all the tokens that arrived meanwhile as one Delta, so it spends
+    one chunk, not one per token, catching up (as vLLM's output collector does)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.loop = loop
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.generation: Generation | None = None
 
     def put(self, event: Event) -> None:  # engine thread
         # A closed loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self.loop.call_soon_threadsafe(self.receive, event)
+
+    def receive(self, event: Event) -> None:  # event loop
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def events(self) -> AsyncIterator[Event]:
+        events = self._events
         while True:
-            event = await self._queue.get()
+            while not events:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            event = events.popleft()
+            while isinstance(event, Delta) and events and isinstance(events[0], Delta):
+                event = event + cast(Delta, events.popleft())
             yield event
             if isinstance(event, Done):
                 return
+
+
+class _Mailbox:
+    """Events on their way from the engine thread to one event loop. At most one delivery is
+    pending on the loop at a time: what the engine sends while the loop is still busy joins
+    it, so a loop that falls behind is woken once for several steps (and its streams merge
+    the tokens), not once per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._events: list[tuple[Stream, Event]] = []
+
+    def post(self, events: list[tuple[Stream, Event]]) -> None:  # engine thread
+        with self._lock:
+            wake = not self._events
+            self._events += events
+        if wake:
+            # A closed loop means nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # event loop
+        with self._lock:
+            events, self._events = self._events, []
+        for stream, event in events:
+            stream.receive(event)
 
 
 class Engine:
@@ -277,6 +335,10 @@ class Engine:
             kv_cache_usage=self.kv_cache_usage,
         )
         self._running: list[Generation] = []  # index == cache slot
+        # Events of the current step, sent to their event loops together (`_flush`): one
+        # wake-up of a loop per step, not one per token.
+        self._outbox: list[tuple[Stream, Event]] = []
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmops-engine", daemon=True)
 
@@ -304,7 +366,10 @@ class Engine:
         for prompt_ids, params, adapter in requests:
             stream = Stream(loop)
             generation = Generation(
-                prompt_ids, params, stream.put, IncrementalDecoder(self.tokenizer.decode)
+                prompt_ids,
+                params,
+                functools.partial(self._post, stream),
+                IncrementalDecoder(self.tokenizer.decode),
             )
             generation.adapter = adapter
             if params.seed is not None and not params.greedy:
@@ -427,18 +492,45 @@ class Engine:
                 for generation in list(self._running):
                     self._release(generation)
                     self._send_done(generation, "error", f"generation failed: {error}")
+                self._flush()
         for generation in list(self._running):  # stopped without draining
             self._release(generation)
             self._send_done(generation, "cancelled", "the server is shutting down")
+        self._flush()
 
     def step(self) -> None:
-        self._drop_cancelled()
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._prefill(admitted)
-            self._drop_cancelled()  # cancelled during the prefill: no first token to feed
-        if self._running:
-            self._decode()
+        try:
+            self._drop_cancelled()
+            admitted = self.scheduler.admit()
+            if admitted:
+                self._prefill(admitted)
+                self._flush()  # the first tokens go out before the batch's decoding step
+                self._drop_cancelled()  # cancelled during the prefill: no first token to feed
+            if self._running:
+                self._decode()
+        finally:
+            self._flush()
+
+    def _post(self, stream: Stream, event: Event) -> None:  # engine thread: a Generation's emit
+        self._outbox.append((stream, event))
+
+    def _flush(self) -> None:
+        """Send the step's events: one callback per event loop, in the order they came."""
+        if not self._outbox:
+            return
+        events, self._outbox = self._outbox, []
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Event]]] = {}
+        for stream, event in events:
+            loops.setdefault(stream.loop, []).append((stream, event))
+        for loop, batch in loops.items():
+            mailbox = self._mailboxes.get(loop)
+            if mailbox is None:
+                if loop.is_closed():
+                    continue  # nobody is listening any more
+                # Loops come and go (tests run one per asyncio.run): forget closed ones.
+                self._mailboxes = {k: m for k, m in self._mailboxes.items() if not k.is_closed()}
+                mailbox = self._mailboxes[loop] = _Mailbox(loop)
+            mailbox.post(batch)
 
     def _drop_cancelled(self) -> None:
         for generation in [g for g in self._running if g.cancelled]:
@@ -507,17 +599,19 @@ class Engine:
                 keep = params[row].logprobs or 0
                 entries[row] = TokenLogprob(entry.token, entry.logprob, entry.top[:keep])
         now = time.perf_counter()
+        accepted = 0
         for row, (generation, token) in enumerate(zip(batch, tokens, strict=True)):
             if generation.cancelled:
                 continue  # released at the start of the next step
             self._append(generation, token, now, entries.get(row))
+            accepted += 1
+        self.metrics.generation_tokens.inc(accepted)
 
     def _append(self, g: Generation, token: int, now: float, entry: TokenLogprob | None) -> None:
         g.output_ids.append(token)
         if entry is not None:
             g.pending.append(entry)
             g.cumulative_logprob += entry.logprob
-        self.metrics.generation_tokens.inc()
         if g.last_token_at is None:
             self.metrics.time_to_first_token.observe(now - g.arrival)
         else:

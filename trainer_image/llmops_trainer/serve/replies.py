@@ -5,6 +5,7 @@ No HTTP here."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -113,6 +114,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def sse_event(payload: Any) -> str:
+    """One server-sent event carrying `payload` as compact JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
 class Reply:
     """The bodies of one request, in the completion or the chat shape."""
 
@@ -121,6 +127,7 @@ class Reply:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self._templates: dict[int, tuple[str, str]] = {}  # text_event's, by choice index
 
     def head(self, chunk: bool) -> dict[str, Any]:
         if self.chat:
@@ -151,6 +158,18 @@ class Reply:
             choice = {"index": index, "text": content or "", "logprobs": logprobs}
         choice["finish_reason"] = finish
         return {**self.head(chunk=True), "choices": [choice]}
+
+    def text_event(self, index: int, text: str) -> str:
+        """The server-sent event of `chunk(index, text, None)` (text without log-probabilities:
+        one per token of a stream), from a template of the rest, which never changes: the
+        event loop encodes only the text."""
+        template = self._templates.get(index)
+        if template is None:
+            marker = uuid.uuid4().hex
+            rendered = sse_event(self.chunk(index, marker, None))
+            before, after = rendered.split(json.dumps(marker), 1)
+            template = self._templates[index] = (before, after)
+        return f"{template[0]}{json.dumps(text)}{template[1]}"
 
     def usage_chunk(self, counts: dict[str, int]) -> dict[str, Any]:
         return {**self.head(chunk=True), "choices": [], "usage": counts}

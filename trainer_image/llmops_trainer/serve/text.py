@@ -150,6 +150,8 @@ class StopMatcher:
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
+        if not self._stops:
+            return text, False
         buffer = self._pending + text
         # The stop string that is complete first wins (the one a token-by-token stream would
         # meet first), whatever the size of the pieces pushed.
