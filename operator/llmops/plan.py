@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 
 from llmops.api.dataset import Dataset, DatasetSpec
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
@@ -622,7 +623,7 @@ class Plan:
             "totalTokens": self.total_tokens,
             "flopsPerToken": self.flops_per_token,
             "trainingFlops": self.training_flops,
-            "memoryBytes": {_camel(k): v for k, v in memory.items()},
+            "memoryBytes": {to_camel(k): v for k, v in memory.items()},
             "mfu": self.mfu,
             "peakFlops": self.peak_flops,
             "seconds": self.seconds,
@@ -633,11 +634,6 @@ class Plan:
             "warnings": list(self.warnings),
             "summary": self.summary(),
         }
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(word.title() for word in rest)
 
 
 def count(n: float) -> str:

@@ -41,3 +41,19 @@ def test_a_drained_server_or_another_container_is_no_failure() -> None:
     assert server_failure([pod(lastState=terminated(0, reason="Completed"))]) is None
     assert server_failure([pod("sidecar", state=terminated(1, "boom"))]) is None
     assert server_failure([{"status": {}}]) is None
+
+
+def test_a_ready_servers_old_crash_is_history_and_a_failed_download_is_named() -> None:
+    ready = pod(lastState=terminated(1, "boom"))
+    ready["status"]["containerStatuses"][0]["ready"] = True
+    assert server_failure([ready]) is None
+
+    report = FailureReport(stage="model-init", reason="ModelNotFound", message="no s3://m/x")
+    fetching = {
+        "status": {
+            "initContainerStatuses": [
+                {"name": "model-init", "state": terminated(1, report.to_json())}
+            ]
+        }
+    }
+    assert server_failure([fetching]) == report

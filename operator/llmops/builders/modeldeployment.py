@@ -131,7 +131,10 @@ def _model_volume(
         source,
         target=SCRATCH_MODEL_DIR,
         shared=False,
-        resources=md.spec.resources,
+        # The fetcher is llmops' own program: a vLLM image (resources.image) lacks it.
+        resources=md.spec.resources
+        if md.spec.runtime == "builtin"
+        else md.spec.resources.model_copy(update={"image": None}),
         extra_mounts=[],
         any_model=True,
     )

@@ -77,7 +77,7 @@ def _reconcile(body: Mapping[str, Any], md: ModelDeployment, status: common.Stat
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
     if md.spec.replicas and ready < md.spec.replicas:
         # Only while replicas are missing: a crash-looping server says why in its pods alone.
-        selector = ",".join(f"{k}={v}" for k, v in build.selector_labels(body).items())
+        selector = build.selector_string(body)
         pods = common.kube().list("v1", "Pod", namespace, label_selector=selector)
         failure = server_failure(pods)
     desired = md.spec.replicas

@@ -9,13 +9,14 @@ from llmops.api.common import S3Location
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.api.workload import (
     ADAPTER_SUBDIR,
+    MODEL_INIT_STAGE,
     SERVER_CRASHED,
     SERVER_STAGE,
     FailureReport,
     read_record,
 )
 from llmops.builders.modeldeployment import ServedAdapter
-from llmops.decide.status import StatusDraft
+from llmops.decide.status import StatusDraft, failure_report
 
 
 def resolve_model(
@@ -117,12 +118,16 @@ LOG_TAIL_CHARS = 600  # of a crashed server's log, in the Degraded condition's m
 
 
 def server_failure(pods: Sequence[Mapping[str, Any]]) -> FailureReport | None:
-    """Why a server container stopped (now or before its restart): the FailureReport the
-    built-in server left, or else the end of its log (vLLM, an OOM kill) as ServerCrashed.
-    A drained server exits 0 and is no failure."""
+    """Why a replica does not serve: its model download failed (the model-init container's
+    report), or its server container stopped (now or before its restart) with the
+    FailureReport the built-in server left, or else the end of its log (vLLM, an OOM kill)
+    as ServerCrashed. A drained server exits 0, and a ready one's old crash is history."""
+    fetch = failure_report(pods, MODEL_INIT_STAGE)
+    if fetch is not None:
+        return fetch
     for pod in pods:
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            if container.get("name") != "server":
+            if container.get("name") != "server" or container.get("ready"):
                 continue
             for state in ("state", "lastState"):
                 terminated = (container.get(state) or {}).get("terminated") or {}

@@ -319,11 +319,12 @@ def _decide(
     init, waiting = init_uri(run, observed.parent)
     if waiting:
         return _waiting(run, status, conditions, "WaitingForInitCheckpoint", waiting)
-    refusal = _planned(run, observed.dataset, conditions)
-    if refusal is not None and observed.job is None:
-        # Only before the gang exists: a run that already trains is never stopped by an
-        # estimate.
-        return _finish(status, conditions, "Failed", "WillNotFit", refusal, now)
+    if status.start_time is None:
+        # Only before the first gang: a run that has trained (a later attempt's Job does not
+        # exist yet either) is never stopped by an estimate, and is not estimated again.
+        refusal = _planned(run, observed.dataset, conditions)
+        if refusal is not None:
+            return _finish(status, conditions, "Failed", "WillNotFit", refusal, now)
 
     decision.children = _children(run, observed.body, status, dataset_uri, init)
     decision.job_name = name = job_name(run, status)
