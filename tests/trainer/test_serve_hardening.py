@@ -133,7 +133,7 @@ def test_a_model_that_cannot_load_leaves_a_report_naming_why(tmp_path: Path) -> 
     empty.mkdir()
     report = serve_until_it_fails(empty, tmp_path)
     assert (report.stage, report.reason) == ("serve", "ModelLoadFailed")
-    assert str(empty) in report.message or "model" in report.message
+    assert f"{empty} is neither an exported model" in report.message
 
 
 def test_a_token_emptied_while_serving_refuses_every_request(
@@ -379,14 +379,20 @@ def test_a_client_leaving_the_queue_frees_its_place(model_dir: Path) -> None:
                               stream=True)  # fmt: skip
             wait_until(lambda: running.engine.scheduler.running == 1, "a running request")
 
-            def leave() -> None:
-                with pytest.raises(httpx.ReadTimeout):
+            outcomes: list[BaseException | None] = []
+
+            def leave() -> None:  # times out while queued: the client goes away
+                try:
                     httpx.post(running.url + "/v1/completions", json=OK, timeout=2.0)
+                    outcomes.append(None)
+                except httpx.ReadTimeout as error:
+                    outcomes.append(error)
 
             leaving = threading.Thread(target=leave)
             leaving.start()
             wait_until(lambda: len(running.engine._waiters) == 1, "a waiting request")
             leaving.join(30)
+            assert len(outcomes) == 1 and isinstance(outcomes[0], httpx.ReadTimeout)
             wait_until(lambda: not running.engine._waiters, "the waiter to leave")
             gate.set()
             assert [line for line in first.iter_lines() if line][-1] == "data: [DONE]"

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llmops.api.workload import MODEL_INIT_STAGE, Env, FailureReport
-from llmops_trainer.termination import write_termination_message
+from llmops.api.workload import MODEL_INIT_STAGE, Env
+from llmops_trainer.termination import write_failure
 
 MARKER = ".llmops-source.json"
 POLL_SECONDS = 2.0
@@ -530,9 +530,8 @@ def check_weights(folder: Path) -> str:
 def fail(error: InitError) -> int:
     """The termination message the operator reads, and the same line in the log."""
     message = " ".join(error.message.split())[:MESSAGE_LIMIT]
-    report = FailureReport(stage=MODEL_INIT_STAGE, reason=error.reason, message=message)
-    with contextlib.suppress(OSError, ValueError):
-        write_termination_message(report.to_dict())
+    with contextlib.suppress(OSError):
+        write_failure(MODEL_INIT_STAGE, error.reason, message)
     print(f"model-init failed: {error.reason}: {message}", file=sys.stderr)
     return 1
 

@@ -56,7 +56,6 @@ from llmops.api.workload import (
     METRICS_PORT,
     TRAINER_STAGE,
     Env,
-    FailureReport,
     FinalReport,
     MetricsEntry,
     TrainingPhase,
@@ -76,7 +75,7 @@ from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
 from llmops_trainer.progress import ProgressState, Reporter, progress_record, trainer_report
 from llmops_trainer.shards import Manifest, read_manifest
-from llmops_trainer.termination import write_termination_message
+from llmops_trainer.termination import write_failure, write_termination_message
 from llmops_trainer.weights import consolidated_state_dict
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a killed process would have returned
@@ -788,12 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer._report("Failed")
         permanent = PERMANENT_AT.get(stage)
         if permanent is not None and isinstance(error, Exception):
-            report = FailureReport(
-                stage=TRAINER_STAGE,
-                reason=permanent,
-                message=f"{type(error).__name__}: {error}"[:1000],
-            )
-            write_termination_message(report.to_dict())
+            write_failure(TRAINER_STAGE, permanent, f"{type(error).__name__}: {error}")
         raise
     finally:
         if dist.is_initialized():

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 from llmops.api.dataset import Dataset
-from llmops.api.workload import DataMergeReport, Env, FailureReport
+from llmops.api.workload import DataMergeReport, Env
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.pipeline import run_merge, run_slice
-from llmops_trainer.termination import write_termination_message
+from llmops_trainer.termination import write_failure, write_termination_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +72,7 @@ def _reason(error: Exception) -> str:
 
 def _terminate(stage: str, reason: str, message: str) -> None:
     with contextlib.suppress(OSError):
-        write_termination_message(
-            FailureReport(stage=stage, reason=reason, message=message[:3000]).to_dict()
-        )
+        write_failure(stage, reason, message)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from llmops.api.dataset import DatasetSpec, DataSource
 from llmops.api.workload import Env
@@ -310,25 +310,17 @@ class _HttpStream(io.RawIOBase):
         self._connect()
 
     def _connect(self) -> None:
-        for attempt in range(HTTP_ATTEMPTS):
-            try:
-                request = urllib.request.Request(self.url)
-                if self.offset:
-                    request.add_header("Range", f"bytes={self.offset}-")
-                self.response = urllib.request.urlopen(request, timeout=60)
-                if self.offset and self.response.status != 206:
-                    raise OSError("server ignored the Range request")
-                if self.length is None and self.response.headers.get("Content-Length"):
-                    self.length = self.offset + int(self.response.headers["Content-Length"])
-                return
-            except urllib.error.HTTPError as error:
-                if error.code < 500 and error.code != 429:
-                    raise
-                last: Exception = error
-            except OSError as error:
-                last = error
-            time.sleep(min(2**attempt * 0.2, 10))
-        raise OSError(f"{self.url}: giving up after {HTTP_ATTEMPTS} attempts: {last}")
+        def connect() -> None:
+            request = urllib.request.Request(self.url)
+            if self.offset:
+                request.add_header("Range", f"bytes={self.offset}-")
+            self.response = urllib.request.urlopen(request, timeout=60)
+            if self.offset and self.response.status != 206:
+                raise OSError("server ignored the Range request")
+            if self.length is None and self.response.headers.get("Content-Length"):
+                self.length = self.offset + int(self.response.headers["Content-Length"])
+
+        _with_retries(self.url, connect)
 
     def readable(self) -> bool:
         return True
@@ -423,9 +415,10 @@ def read_range(spec: DatasetSpec, ref: InputRef, start: int, end: int) -> bytes:
 def _http_range(url: str, start: int, end: int) -> tuple[bytes, int | None]:
     """Bytes [start, end) of a URL and its total size; (b"", None) when the server answers
     the Range request with the whole body (or an empty file's 416)."""
-    for attempt in range(HTTP_ATTEMPTS):
+
+    def fetch() -> tuple[bytes, int | None]:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end - 1}"})
         try:
-            request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{end - 1}"})
             with urllib.request.urlopen(request, timeout=60) as response:
                 if response.status != 206:
                     return b"", None
@@ -434,12 +427,28 @@ def _http_range(url: str, start: int, end: int) -> tuple[bytes, int | None]:
         except urllib.error.HTTPError as error:
             if error.code == 416:
                 return b"", None
+            raise
+
+    return _with_retries(url, fetch)
+
+
+T = TypeVar("T")
+
+
+def _with_retries(url: str, attempt: Callable[[], T]) -> T:
+    """`attempt()`, retried with backoff on 5xx, 429 and connection errors; other HTTP
+    errors (a 404, a 403) are answers, raised at once."""
+    last: Exception | None = None
+    for tries in range(HTTP_ATTEMPTS):
+        try:
+            return attempt()
+        except urllib.error.HTTPError as error:
             if error.code < 500 and error.code != 429:
                 raise
-            last: Exception = error
+            last = error
         except OSError as error:
             last = error
-        time.sleep(min(2**attempt * 0.2, 10))
+        time.sleep(min(2**tries * 0.2, 10))
     raise OSError(f"{url}: giving up after {HTTP_ATTEMPTS} attempts: {last}")
 
 

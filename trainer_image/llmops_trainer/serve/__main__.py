@@ -207,8 +207,7 @@ class Server(uvicorn.Server):
 
     def _drain(self, engine: Engine, sig: int, frame: object) -> None:
         started = time.monotonic()
-        engine.close()
-        if not engine.scheduler.wait_idle(self.grace):
+        if not engine.drain(self.grace):
             log.warning("grace period over with requests still running")
         left = self.grace - (time.monotonic() - started)
         self.config.timeout_graceful_shutdown = max(1, int(left))

@@ -868,14 +868,18 @@ class _Job:
 
         consumer = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(_disconnected(request))
+        left = False
         try:
             await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
             if not consumer.done():
+                # A task only turns cancelled once the loop runs it again: remember why here.
+                left = True
                 consumer.cancel()
                 self.cancel()
-        if consumer.cancelled():  # the client went away; nobody reads this
+        if left:  # the client went away; nobody reads this
+            await asyncio.gather(consumer, return_exceptions=True)
             return Response(status_code=499)
         consumer.result()
         for choice in self.choices:

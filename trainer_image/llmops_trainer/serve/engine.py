@@ -238,11 +238,6 @@ class Stream:
         self._waiter: asyncio.Future[None] | None = None
         self.generation: Generation | None = None
 
-    def put(self, event: Event) -> None:  # engine thread
-        # A closed loop means nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.receive, event)
-
     def receive(self, event: Event) -> None:  # event loop
         self._events.append(event)
         waiter = self._waiter
@@ -460,8 +455,9 @@ class Engine:
             self._finish_metrics(generation, "cancelled")
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new requests and wait for the admitted ones; False if some were still busy."""
-        self.scheduler.close()
+        """Refuse new requests (those waiting for room get Closed) and wait for the admitted
+        ones; False if some were still busy."""
+        self.close()
         return self.scheduler.wait_idle(timeout)
 
     def stop(self) -> None:

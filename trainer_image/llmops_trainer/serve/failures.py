@@ -4,12 +4,10 @@ condition picks it up (a crash-looping pod otherwise says only "Error")."""
 
 from __future__ import annotations
 
-from llmops.api.workload import SERVER_STAGE, FailureReport
+from llmops.api.workload import SERVER_STAGE
 from llmops_trainer.serve.loading import ModelFolderError
 from llmops_trainer.serve.settings import EmptyTokenError
-from llmops_trainer.termination import write_termination_message
-
-MESSAGE_LIMIT = 1500  # the JSON around it must stay under the 4096 bytes Kubernetes keeps
+from llmops_trainer.termination import write_failure
 
 
 class ServingConfigError(ModelFolderError):
@@ -41,5 +39,4 @@ def failure_reason(error: BaseException) -> str:
 
 def report_failure(reason: str, message: str) -> None:
     """Leave the report where the pod's terminationMessagePath points (nothing outside a pod)."""
-    report = FailureReport(stage=SERVER_STAGE, reason=reason, message=message[:MESSAGE_LIMIT])
-    write_termination_message(report.to_dict())
+    write_failure(SERVER_STAGE, reason, message)

@@ -1,0 +1,29 @@
+"""A failure report always fits the 4096 bytes Kubernetes keeps of a termination message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmops.api.workload import FailureReport, read_record
+from llmops_trainer.termination import LIMIT, write_failure
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("message", ["ok", "é" * 3000, '"\n' * 3000, "x" * 10000])
+def test_a_failure_report_is_cut_to_fit_in_bytes(
+    message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("LLMOPS_TERMINATION_LOG", str(log))
+    write_failure("serve", "ModelLoadFailed", message)
+    text = log.read_text()
+    assert len(text.encode()) <= LIMIT
+    report = read_record(FailureReport, text)
+    assert report is not None and report.reason == "ModelLoadFailed"
+    assert message.startswith(report.message) and report.message
+    if len(json.dumps(message)) < LIMIT - 100:
+        assert report.message == message
