@@ -219,6 +219,72 @@ def test_policy_latest_rolls_to_the_new_checkpoint(
     assert len(replica_sets) == 2  # a rolling update happened
 
 
+def test_an_adapter_follows_its_runs_checkpoints_without_rolling_the_deployment(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """A LoRA run's newer checkpoint reaches the server through the adapters ConfigMap (the
+    server reads it again); the pod template, and so the replicas, stay as they are."""
+    namespace = operator
+    apps, core = client.AppsV1Api(api_client), client.CoreV1Api(api_client)
+    claim(api_client, namespace, "models")
+    claim(api_client, namespace, "ft-checkpoints")
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainingRun",
+            "metadata": {"name": "ft"},
+            "spec": {
+                "datasetRef": {"name": "absent"},
+                "model": {"pretrained": {"uri": "pvc://models/llama"}},
+                "adapter": {"rank": 16},
+                "hyperparameters": {"maxSteps": 10},
+            },
+        },
+    )
+
+    def checkpoint(step: int) -> None:
+        info = {"name": f"step-{step}", "step": step, "uri": f"pvc://ft-checkpoints/step-{step}"}
+        custom(api_client).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, "trainingruns", "ft",
+            {"status": {"checkpoints": {"latest": info}}},
+        )  # fmt: skip
+
+    adapters = [{"name": "support", "trainingRun": {"name": "ft"}, "policy": "latest"}]
+    create(
+        api_client,
+        namespace,
+        model_deployment(model={"uri": "pvc://models/llama"}, replicas=1, adapters=adapters),
+    )
+    waiting = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Ready")
+    assert condition(waiting, "AdaptersReady")["reason"] == "WaitingForAdapter"
+    assert "no latest checkpoint yet" in condition(waiting, "AdaptersReady")["message"]
+
+    def listed() -> list[dict[str, Any]]:
+        config = core.read_namespaced_config_map(f"{NAME}-adapters", namespace)
+        return list(json.loads(config.data["adapters.json"]))
+
+    checkpoint(4)
+    wait_for("step 4 listed", lambda: bool(listed()) and listed()[0]["source"] == "ft/step-4", 60)
+    template = apps.read_namespaced_deployment(f"{NAME}-server", namespace).spec.template
+    checkpoint(8)
+    wait_for("step 8 listed", lambda: listed()[0]["source"] == "ft/step-8", 60)
+    assert listed() == [
+        {"name": "support", "path": "/adapters/0/step-8/adapter", "source": "ft/step-8"}
+    ]
+    served = wait_status(
+        api_client, namespace, "ModelDeployment", NAME, "adapter at step 8",
+        adapters=["support"],
+    )  # fmt: skip
+    assert served["status"]["servedAdapters"][0]["uri"] == "pvc://ft-checkpoints/step-8/adapter"
+    assert condition(served, "AdaptersReady")["reason"] == "AdaptersServed"
+    deployment = apps.read_namespaced_deployment(f"{NAME}-server", namespace)
+    assert deployment.spec.template == template  # no rollout for a new adapter version
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert env["LLMOPS_ADAPTERS_FILE"] == "/var/run/llmops/adapters/adapters.json"
+
+
 @pytest.fixture
 def keda_crd(api_client: client.ApiClient) -> None:
     """Stands in for an installed KEDA: its ScaledObject kind, schema left open."""

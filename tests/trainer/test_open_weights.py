@@ -167,6 +167,42 @@ def test_full_fine_tune_lowers_loss_and_exports_a_transformers_model(
     assert state["model"]["pretrained"] == str(base_model)
 
 
+FAMILY_CLASSES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CLASSES))
+def test_every_supported_family_fine_tunes_in_full_and_with_lora(
+    family: str, tmp_path_factory: pytest.TempPathFactory, job: Callable[..., Job]
+) -> None:
+    """Qwen2/3, Mistral and GPT-2 checkpoints (Llama is the fixture of every other test) go
+    through the same path: full fine-tune under ZeRO-2 and a LoRA run (its default target
+    modules found for the family), each lowers the loss and exports a model transformers
+    loads as the family's class, with the trained weights."""
+    base = build(tmp_path_factory.mktemp(family), family=family)
+    data = make_chat_dataset(tmp_path_factory.mktemp(f"{family}-chat"), base, test_split=False)
+    steps = 8
+    short = {"maxSteps": steps, "warmupSteps": 1}
+    full = job(fine_tune(base, hyperparameters=short), name="full", data=data)
+    lora_spec = fine_tune(base, adapter=LORA, hyperparameters={**LORA_RATES, **short})
+    lora = job(lora_spec, name="lora", data=data)
+    for run in (full, lora):
+        assert run.run() == 0, run.log.read_text()[-4000:]
+        losses = run.losses()
+        assert sorted(losses) == list(range(1, steps + 1))
+        assert losses[steps] < losses[1] - 0.25, losses
+        exported = transformers.AutoModelForCausalLM.from_pretrained(str(run.output / "model"))
+        assert type(exported).__name__ == FAMILY_CLASSES[family]
+        original = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+        ids = sample_ids(base)
+        assert not torch.allclose(logits(exported, ids), logits(original, ids))
+    assert (lora.output / "adapter" / "adapter_config.json").is_file()
+
+
 def test_lora_trains_only_the_adapter_and_exports_adapter_and_merged_model(
     lora_reference: Job, base_model: Path
 ) -> None:
@@ -191,6 +227,26 @@ def test_lora_trains_only_the_adapter_and_exports_adapter_and_merged_model(
     assert adapter_weights and all("lora_" in name for name in adapter_weights)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+
+    # Each checkpoint carries its adapter in peft's layout too (what a deployment following
+    # the run's latest or best checkpoint serves): the last one is the exported adapter.
+    last_checkpoint = load_file(
+        str(lora_reference.checkpoints / "step-16" / "adapter" / "adapter_model.safetensors")
+    )
+    assert sorted(last_checkpoint) == sorted(adapter_weights)
+    for name, tensor in adapter_weights.items():
+        torch.testing.assert_close(last_checkpoint[name], tensor, atol=1e-6, rtol=0)
+    earlier = load_file(
+        str(lora_reference.checkpoints / "step-8" / "adapter" / "adapter_model.safetensors")
+    )
+    assert any(not torch.equal(earlier[n], adapter_weights[n]) for n in adapter_weights)
+    assert (
+        json.loads(
+            (lora_reference.checkpoints / "step-8" / "adapter" / "adapter_config.json").read_text()
+        )["r"]
+        == 8
+    )
+    assert not checkpoint.problems(lora_reference.checkpoints / "step-8")  # sealed with it
 
     # base + adapter in peft == the exported merged model in transformers.
     base = transformers.AutoModelForCausalLM.from_pretrained(str(base_model))

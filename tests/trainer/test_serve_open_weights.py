@@ -4,6 +4,9 @@ chat requests through the official `openai` client rendered with the model's cha
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +223,101 @@ def test_an_adapter_of_another_base_is_refused(llama: Path, tmp_path: Path) -> N
     metrics = ServingMetrics(__import__("prometheus_client").CollectorRegistry())
     with pytest.raises(loading.ModelFolderError, match="another model"):
         build_engine(loading.load(llama), settings, metrics)
+
+
+def test_a_new_adapter_version_is_served_without_a_restart(llama: Path, tmp_path: Path) -> None:
+    """The adapters file changes under a running server (as the controller rewrites its
+    ConfigMap): a new version of a name, a new name, a broken folder and a removed name.
+    A stream started before the change finishes with the version it started with."""
+    peft = pytest.importorskip("peft")
+    from serve_support import metric
+
+    from llmops_trainer.serve.adapter_watch import AdapterWatcher
+
+    first = random_adapter(llama, tmp_path / "v1", 1, "all-linear")
+    second = random_adapter(llama, tmp_path / "v2", 2, "all-linear")
+    prompt = [5, 9, 13, 40]
+
+    def expected(adapter: Path, tokens: int) -> list[int]:
+        base: Any = transformers.AutoModelForCausalLM.from_pretrained(str(llama))
+        model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+            pad_token_id=0,
+        )  # fmt: skip
+        return [int(t) for t in out[0, len(prompt) :]]
+
+    listing = tmp_path / "adapters.json"
+
+    def serve(entries: dict[str, Path]) -> None:
+        listing.write_text(json.dumps([{"name": n, "path": str(p)} for n, p in entries.items()]))
+
+    def slow_decoding(engine: Engine) -> None:  # so the swap lands mid-stream
+        decode = engine.model.decode
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.02)
+            return decode(*args, **kwargs)
+
+        engine.model.decode = slow  # type: ignore[method-assign]
+
+    serve({"counting": first})
+    with running_server(
+        llama, adapters=[("counting", first)], max_new_tokens=31, wrap=slow_decoding
+    ) as server:
+        engine, metrics = server.engine, server.state.metrics
+        watcher = AdapterWatcher(listing, engine, metrics, 60.0, served={"counting": first})
+        watcher.check()  # unchanged: nothing loaded
+        assert metric(server.url, "llmops_serving_adapter_loads_total") == 0
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        tokenizer = engine.tokenizer
+
+        def ask(name: str, tokens: int = 8) -> str:
+            reply = client.completions.create(
+                model=name, prompt=prompt, max_tokens=tokens, temperature=0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            return reply.choices[0].text
+
+        assert ask("counting") == tokenizer.decode(expected(first, 8))
+        # A long stream on the first version; the swap happens after its first chunk.
+        stream = client.completions.create(
+            model="counting", prompt=prompt, max_tokens=30, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        assert engine.scheduler.running == 1  # the stream is still being generated
+        serve({"counting": second, "extra": first})
+        watcher.check()
+        assert metric(server.url, "llmops_serving_adapter_loads_total", 'outcome="loaded"') == 2
+        text += "".join(chunk.choices[0].text for chunk in chunks)
+        assert text == tokenizer.decode(expected(first, 30))  # kept its version throughout
+        assert ask("counting") == tokenizer.decode(expected(second, 8))
+        assert ask("extra") == tokenizer.decode(expected(first, 8))
+        assert [m.id for m in client.models.list().data] == ["tiny", "counting", "extra"]
+        # The replaced version's slot is freed once nothing uses it.
+        model = engine.model
+        assert isinstance(model, DecoderKVCacheModel)
+        assert model.adapters[0] is None and sum(a is not None for a in model.adapters) == 2
+
+        # A half-written folder is refused and the served version stays; once it is
+        # complete, it is loaded.
+        broken = tmp_path / "v3"
+        broken.mkdir()
+        (broken / "adapter_config.json").write_text((second / "adapter_config.json").read_text())
+        serve({"counting": broken, "extra": first})
+        watcher.check()
+        assert metric(server.url, "llmops_serving_adapter_loads_total", 'outcome="failed"') == 1
+        assert ask("counting") == tokenizer.decode(expected(second, 8))
+        watcher.check()  # unchanged: not tried again
+        assert metric(server.url, "llmops_serving_adapter_loads_total", 'outcome="failed"') == 1
+        shutil.copyfile(second / "adapter_model.safetensors", broken / "adapter_model.safetensors")
+        watcher.check()
+        assert metric(server.url, "llmops_serving_adapter_loads_total", 'outcome="loaded"') == 3
+
+        serve({"extra": first})
+        watcher.check()
+        with pytest.raises(openai.NotFoundError, match="counting"):
+            ask("counting")
+        assert [m.id for m in client.models.list().data] == ["tiny", "extra"]

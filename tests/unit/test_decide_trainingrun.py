@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from llmops.api.trainingrun import (
+    BenchmarkScore,
     CheckpointInfo,
     FinalEvaluation,
     TrainingMetrics,
@@ -116,6 +117,7 @@ def test_every_final_evaluation_field_is_produced_by_the_trainer_report() -> Non
         perplexity=7.4,
         accuracy=0.41,
         bleu=13.0,
+        benchmarks=[BenchmarkScore(name="mc", metric="acc", value=0.5, samples=10)],
     )
     report = read_record(TrainerReport, trainer_report(full_state(), final).to_json())
     assert report is not None

@@ -46,6 +46,8 @@ ADAPTERS = [
         ([{"name": "chat", "uri": "/x"}], {"servedName": "chat"}, "differ from model.servedName"),
         ([{"name": "-bad", "uri": "/x"}], {}, "pattern"),
         ([{"name": "a", "uri": "s3://bucket/x"}], {}, "pattern"),
+        ([{"name": "a", "uri": "/x", "policy": "latest"}], {}, "policy and gate follow"),
+        ([{"name": "a", "uri": "/x", "gate": {}}], {}, "policy and gate follow"),
     ],
 )
 def test_bad_adapter_lists_are_refused(
@@ -65,18 +67,89 @@ def lora_run(phase: str, model_uri: str | None = None, rank: int = 32) -> dict[s
 def test_adapters_resolve_to_folders_and_unfinished_runs_wait() -> None:
     deployment = md(adapters=ADAPTERS)
     running = {"ft-support": lora_run("Running")}
-    ready, waiting = resolve_adapters(deployment, running)
-    assert ready == [ServedAdapter("legal", "pvc://adapters/legal-v2")]
-    assert waiting == ["adapter support: TrainingRun 'ft-support' has not finished"]
+    found = resolve_adapters(deployment, running)
+    assert found.ready == [ServedAdapter("legal", "pvc://adapters/legal-v2")]
+    assert found.waiting == ["adapter support: TrainingRun 'ft-support' has not finished"]
 
     # A merged run's modelUri is its model/; the adapter sits beside it.
     done = {"ft-support": lora_run("Succeeded", "pvc://ft-support-checkpoints/output/model")}
-    ready, waiting = resolve_adapters(deployment, done)
-    assert not waiting
-    assert ready[0] == ServedAdapter("support", "pvc://ft-support-checkpoints/output/adapter", 32)
+    found = resolve_adapters(deployment, done)
+    assert not found.waiting
+    assert found.ready[0] == ServedAdapter(
+        "support", "pvc://ft-support-checkpoints/output/adapter", 32, "ft-support/final"
+    )
     full = {"ft-support": {"spec": {}, "status": {"phase": "Succeeded", "modelUri": "x"}}}
-    assert "has no spec.adapter" in resolve_adapters(deployment, full)[1][0]
-    assert "not found" in resolve_adapters(deployment, {"ft-support": None})[1][0]
+    assert "has no spec.adapter" in resolve_adapters(deployment, full).waiting[0]
+    assert "not found" in resolve_adapters(deployment, {"ft-support": None}).waiting[0]
+
+
+CHECKPOINTS = {
+    "latest": {"name": "step-300", "uri": "pvc://ft-support-checkpoints/step-300"},
+    "best": {"name": "step-200", "uri": "pvc://ft-support-checkpoints/step-200"},
+}
+
+
+def run_with(phase: str, evaluation: dict[str, Any] | None = None, **status: Any) -> Any:
+    run = lora_run(
+        phase, "pvc://ft-support-checkpoints/output/model" if phase == "Succeeded" else None
+    )
+    run["status"].update(checkpoints=CHECKPOINTS, **status)
+    if evaluation is not None:
+        run["status"]["finalEvaluation"] = evaluation
+    return {"ft-support": run}
+
+
+@pytest.mark.parametrize(
+    ("policy", "phase", "source"),
+    [
+        ("latest", "Running", "ft-support/step-300"),
+        ("best", "Running", "ft-support/step-200"),
+        ("latest", "Succeeded", "ft-support/final"),
+        ("best", "Succeeded", "ft-support/step-200"),
+    ],
+)
+def test_an_adapter_follows_its_runs_latest_or_best_checkpoint(
+    policy: str, phase: str, source: str
+) -> None:
+    deployment = md(
+        adapters=[{"name": "support", "trainingRun": {"name": "ft-support"}, "policy": policy}]
+    )
+    (chosen,) = resolve_adapters(deployment, run_with(phase)).ready
+    assert chosen.source == source
+    folder = "output" if source.endswith("final") else source.split("/")[1]
+    assert chosen.uri == f"pvc://ft-support-checkpoints/{folder}/adapter"
+
+
+def test_a_gated_adapter_keeps_its_served_version_until_a_better_one() -> None:
+    from llmops.decide.modeldeployment import report_adapters
+    from llmops.decide.status import StatusDraft
+
+    spec = {"name": "support", "trainingRun": {"name": "ft-support"}, "gate": {"metric": "loss"}}
+    deployment = md(adapters=[spec])
+    served = [
+        {
+            "name": "support",
+            "source": "ft-support/final",
+            "uri": "pvc://old/output/adapter",
+            "rank": 32,
+            "evaluation": {"loss": 1.0},
+        }
+    ]
+    worse = resolve_adapters(deployment, run_with("Succeeded", {"loss": 1.3}), served)
+    assert [a.uri for a in worse.ready] == ["pvc://old/output/adapter"]
+    assert "worse than the served model's" in worse.held[0]
+    status = StatusDraft(deployment.to_dict(), "ModelDeployment")
+    report_adapters(status, deployment, worse)
+    (condition,) = [c for c in status.status["conditions"] if c["type"] == "AdaptersReady"]
+    assert condition["reason"] == "HeldBackByGate" and condition["status"] == "True"
+    assert status.status["servedAdapters"][0]["evaluation"] == {"loss": 1.0}
+
+    better = resolve_adapters(deployment, run_with("Succeeded", {"loss": 0.9}), served)
+    assert [a.uri for a in better.ready] == ["pvc://ft-support-checkpoints/output/adapter"]
+    assert not better.held and better.evaluations["support"] == {"loss": 0.9}
+    # A run that went away: the served version stays.
+    gone = resolve_adapters(deployment, {"ft-support": None}, served)
+    assert [a.uri for a in gone.ready] == ["pvc://old/output/adapter"] and not gone.waiting
 
 
 def served(deployment: ModelDeployment, adapters: list[ServedAdapter]) -> dict[str, Any]:
@@ -91,15 +164,26 @@ READY = [
 ]
 
 
+def adapter_entries(deployment: ModelDeployment, adapters: list[ServedAdapter]) -> Any:
+    body = deployment.to_dict() | {"metadata": {"name": "chat", "namespace": "ml", "uid": "u"}}
+    config = build.adapters_config_map(body, adapters)
+    assert config["metadata"]["name"] == "chat-adapters"
+    return json.loads(config["data"]["adapters.json"])
+
+
 def test_the_builtin_server_gets_each_adapter_mounted_read_only_by_name() -> None:
     pod = served(md(adapters=ADAPTERS), READY)
     (server,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in server["env"]}
-    assert json.loads(env[Env.ADAPTERS]) == ["support", "legal"]
-    assert env[f"{Env.ADAPTER_PATH}0"] == "/adapters/0/output/adapter"
-    assert env[f"{Env.ADAPTER_PATH}1"] == "/adapters/1/legal-v2"
+    assert env[Env.ADAPTERS_FILE] == "/var/run/llmops/adapters/adapters.json"
+    assert adapter_entries(md(adapters=ADAPTERS), READY) == [
+        {"name": "support", "path": "/adapters/0/output/adapter", "source": READY[0].uri},
+        {"name": "legal", "path": "/adapters/1/legal-v2", "source": READY[1].uri},
+    ]
+    config = next(v for v in pod["volumes"] if v["name"] == "adapters-config")
+    assert config["configMap"] == {"name": "chat-adapters"}
     claims = {
-        v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "adapter" in v["name"]
+        v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "adapter-" in v["name"]
     }
     assert claims == {
         "adapter-0": {"claimName": "ft-support-checkpoints", "readOnly": True},
@@ -107,6 +191,27 @@ def test_the_builtin_server_gets_each_adapter_mounted_read_only_by_name() -> Non
     }
     mounts = [m for m in server["volumeMounts"] if m["name"].startswith("adapter-")]
     assert all(m["readOnly"] for m in mounts) and len(mounts) == 2
+
+
+def test_a_new_adapter_version_changes_the_config_map_not_the_pod_template() -> None:
+    """A newer checkpoint of the same run is a folder on the same claim: the server loads it
+    from the rewritten ConfigMap; the Deployment does not roll."""
+    deployment = md(adapters=ADAPTERS)
+    older = [
+        ServedAdapter("support", "pvc://ft-support-checkpoints/step-100/adapter", 32),
+        READY[1],
+    ]
+    newer = [
+        ServedAdapter("support", "pvc://ft-support-checkpoints/step-200/adapter", 32),
+        READY[1],
+    ]
+    assert served(deployment, older) == served(deployment, newer)
+    assert adapter_entries(deployment, older) != adapter_entries(deployment, newer)
+    assert adapter_entries(deployment, newer)[0]["path"] == "/adapters/0/step-200/adapter"
+    # Two adapters on one claim share its volume.
+    both = [ServedAdapter("a", "pvc://shared/a"), ServedAdapter("b", "pvc://shared/b")]
+    pod = served(md(adapters=[{"name": "a", "uri": "/a"}, {"name": "b", "uri": "/b"}]), both)
+    assert [v["name"] for v in pod["volumes"] if v["name"].startswith("adapter-")] == ["adapter-0"]
 
 
 def test_vllm_serves_the_adapters_with_lora_modules_the_pinned_release_accepts() -> None:
@@ -128,8 +233,10 @@ def test_vllm_serves_the_adapters_with_lora_modules_the_pinned_release_accepts()
 
 
 def test_no_adapters_changes_nothing() -> None:
-    (server,) = served(md(), [])["containers"]
-    assert Env.ADAPTERS not in {e["name"] for e in server["env"]}
+    pod = served(md(), [])
+    (server,) = pod["containers"]
+    assert Env.ADAPTERS_FILE not in {e["name"] for e in server["env"]}
+    assert "adapters-config" not in {v["name"] for v in pod["volumes"]}
 
 
 def test_the_server_reads_the_adapters_the_pod_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,12 +246,16 @@ def test_the_server_reads_the_adapters_the_pod_was_given(monkeypatch: pytest.Mon
 
     (server,) = served(md(adapters=ADAPTERS), READY)["containers"]
     for entry in server["env"]:
-        if entry["name"].startswith(("LLMOPS_ADAPTER", Env.ADAPTERS)):
+        if entry["name"].startswith("LLMOPS_ADAPTER"):
             monkeypatch.setenv(entry["name"], entry["value"])
     settings = ServeSettings.from_deployment(md(adapters=ADAPTERS), Path("/model"))
-    assert settings.adapters == [
-        ("support", Path("/adapters/0/output/adapter")),
-        ("legal", Path("/adapters/1/legal-v2")),
+    assert settings.adapters_file == Path("/var/run/llmops/adapters/adapters.json")
+    from llmops.api.workload import read_adapter_entries
+
+    entries = read_adapter_entries(json.dumps(adapter_entries(md(adapters=ADAPTERS), READY)))
+    assert [(e.name, e.path) for e in entries] == [
+        ("support", "/adapters/0/output/adapter"),
+        ("legal", "/adapters/1/legal-v2"),
     ]
 
 

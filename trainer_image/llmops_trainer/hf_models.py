@@ -267,6 +267,36 @@ def copy_tokenizer(sources: list[Path], folder: Path) -> None:
             return
 
 
+def save_checkpoint_adapter(
+    module: CausalLM, checkpoint_dir: Path, adapter_subdir: str, tokenizer_sources: list[Path]
+) -> Path:
+    """A LoRA checkpoint's adapter in peft's layout, beside the DeepSpeed files: what a
+    ModelDeployment serves when it follows the run's latest or best checkpoint. Built from
+    the checkpoint's consolidated weights, so it is the same for every ZeRO stage; small,
+    since a LoRA checkpoint holds the adapter only."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from llmops_trainer.weights import consolidated_state_dict
+
+    network: Any = module.model
+    prefix = "model."  # CausalLM's attribute holding the peft model
+    trained = {
+        key.removeprefix(prefix): tensor
+        for key, tensor in consolidated_state_dict(checkpoint_dir).items()
+        if key.startswith(prefix)
+    }
+    weights = get_peft_model_state_dict(network, state_dict=trained)
+    folder = checkpoint_dir / adapter_subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors")
+    )
+    network.peft_config["default"].save_pretrained(str(folder))
+    copy_tokenizer(tokenizer_sources, folder)
+    return folder
+
+
 def export(
     model: ModelArchitecture,
     adapter: Adapter | None,

@@ -47,6 +47,7 @@ def render(
     final: dict[str, Any],
     worst: list[dict[str, Any]],
     examples: list[dict[str, str]],
+    benchmarks: list[dict[str, Any]] | None = None,
 ) -> str:
     train = [h for h in history if h.get("trainLoss") is not None]
     val = [h for h in history if h.get("valLoss") is not None]
@@ -85,6 +86,7 @@ def render(
     lines += ["## Final evaluation", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in final.items()]
     lines.append("")
+    lines += _benchmarks(benchmarks or [])
     if examples:
         lines += ["## Generation examples", ""]
         for example in examples:
@@ -110,7 +112,48 @@ def render(
         "## Limitations",
         "",
         "Trained only on the dataset above; it reproduces its biases and knows nothing else. "
-        "Metrics are on held-out splits of the same data, not on an independent benchmark.",
+        + (
+            "The final evaluation is on held-out splits of the same data; the benchmarks above "
+            "are only as independent as their task data."
+            if benchmarks
+            else "Metrics are on held-out splits of the same data, not on an independent benchmark."
+        ),
         "",
     ]
     return "\n".join(lines)
+
+
+def _benchmarks(results: list[dict[str, Any]]) -> list[str]:
+    """Scores (lm-evaluation-harness) and, for a group, each task's metrics."""
+    if not results:
+        return []
+    lines = [
+        "## Benchmarks",
+        "",
+        "Scored with EleutherAI's lm-evaluation-harness on the exported model.",
+        "",
+        "| benchmark | metric | value | stderr | documents | few-shot |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        score = result["score"]
+        lines.append(
+            f"| {result['name']} | {score['metric']} | {_fmt(score['value'])} "
+            f"| {_fmt(score.get('stderr'))} | {_fmt(score.get('samples'))} "
+            f"| {_fmt(result.get('numFewshot'))} |"
+        )
+    lines.append("")
+    for result in results:
+        tasks = result.get("tasks") or {}
+        if len(tasks) < 2:
+            continue
+        lines += [f"### {result['name']} by task", "", "| task | metric | value |"]
+        lines.append("|---|---|---:|")
+        for task, metrics in sorted(tasks.items()):
+            lines += [
+                f"| {task} | {metric} | {_fmt(value)} |"
+                for metric, value in sorted(metrics.items())
+                if "_stderr" not in metric
+            ]
+        lines.append("")
+    return lines

@@ -41,6 +41,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,16 +53,18 @@ import torch.distributed as dist
 
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
 from llmops.api.workload import (
+    ADAPTER_SUBDIR,
     METRICS_HISTORY_FILE,
     METRICS_PORT,
     TRAINER_STAGE,
+    BenchmarkResult,
     Env,
     FinalReport,
     MetricsEntry,
     TrainingPhase,
     ValidationScores,
 )
-from llmops_trainer import checkpoint, evaluate, hf_models, outputs
+from llmops_trainer import benchmarks, checkpoint, evaluate, hf_models, outputs
 from llmops_trainer.batches import (
     Objective,
     SampleOrder,
@@ -308,6 +311,7 @@ class Trainer:
         self._plain_fp32 = trainer_clips(spec, self.plan)
         self._grad_norm: torch.Tensor | None = None
         self._step_lr = 0.0
+        self.benchmark_tasks: list[Path] = []  # rank 0: copies of the task folders
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -368,6 +372,8 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
 
+        if self.spec.evaluation.benchmarks:
+            self._prepare_benchmarks()
         resume = self._pick_checkpoint()
         saved = checkpoint.read_state(resume) if resume is not None else None
         if saved is not None:
@@ -409,6 +415,45 @@ class Trainer:
         if self.engine.lr_scheduler is not None and not exact:
             self.engine.lr_scheduler.step(self.state.step)
         self.engine.global_steps = self.state.step
+
+    def _prepare_benchmarks(self) -> None:
+        """Rank 0 copies the benchmarks' task folders and checks them before training, so a
+        wrong folder or task name fails the run now rather than after training. Every rank
+        fails with rank 0's reason (they share the pod's termination message)."""
+        problem: list[str | None] = [None]
+        if self.rank == 0:
+            try:
+                self._benchmark_folders()
+            except (ValueError, OSError) as error:
+                problem = [str(error)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise benchmarks.BenchmarkError(problem[0])
+
+    def _benchmark_folders(self) -> None:
+        if not self.transformers and not (self.paths.data / self.manifest.tokenizer).is_file():
+            raise ValueError(
+                "evaluation.benchmarks need a tokenizer, and the Dataset has none (token ids "
+                "only): give it a tokenizer, or fine-tune a model.pretrained"
+            )
+        scratch = Path(tempfile.mkdtemp(prefix="llmops-benchmarks-"))
+        self.benchmark_tasks = benchmarks.prepare(self.spec.evaluation.benchmarks, scratch)
+        names = ", ".join(b.name for b in self.spec.evaluation.benchmarks)
+        self._info(f"benchmarks after training: {names}")
+
+    def _benchmark(self, model: benchmarks.ModelFolders) -> list[BenchmarkResult]:
+        self._info("running benchmarks (lm-evaluation-harness)")
+        results = benchmarks.run(
+            self.spec.evaluation.benchmarks,
+            self.benchmark_tasks,
+            model,
+            str(self.device),
+            seed=self.spec.hyperparameters.seed,
+        )
+        for result in results:
+            score = result.score
+            self._info(f"benchmark {score.name}: {score.metric} {score.value:.4g}")
+        return results
 
     def _resume_layout(self, layout: tuple[int, int]) -> None:
         """Runs the configured ZeRO stage instead of one process's stage 0 when the checkpoint
@@ -675,6 +720,11 @@ class Trainer:
             tokenizer = self.paths.data / self.manifest.tokenizer
             if tokenizer.is_file():
                 shutil.copyfile(tokenizer, partial / "tokenizer.json")
+            if self.spec.adapter is not None:  # servable as it is, as the final adapter is
+                sources = [p for p in (self.paths.pretrained, self.paths.data) if p is not None]
+                hf_models.save_checkpoint_adapter(
+                    self.engine.module, partial, ADAPTER_SUBDIR, sources
+                )
             checkpoint.seal(partial)
             found = checkpoint.problems(partial)
             if found:
@@ -723,7 +773,7 @@ class Trainer:
         final["tokensSeen"] = self.state.consumed_samples * self.spec.model.context_length
         if self.rank == 0:
             report = FinalReport.model_validate(final)
-            outputs.write(
+            report = outputs.write(
                 outputs.Finished(
                     self.run,
                     self.paths.data,
@@ -740,7 +790,9 @@ class Trainer:
                 report,
                 worst,
                 examples,
+                self._benchmark if self.spec.evaluation.benchmarks else None,
             )
+            final["benchmarks"] = [b.to_dict() for b in report.benchmarks or []] or None
             write_termination_message(trainer_report(self.state, report).to_dict())
         dist.barrier()
         return final

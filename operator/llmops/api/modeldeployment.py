@@ -17,6 +17,7 @@ from llmops.api.common import (
     SecretKeySelector,
     conditions_field,
 )
+from llmops.api.trainingrun import BENCHMARK_NAME, FinalEvaluation
 
 INT_OR_PERCENT = r"^[0-9]+%?$"
 
@@ -68,18 +69,39 @@ class TrainingScheduleModel(ApiModel):
 
 class EvaluationGate(ApiModel):
     """A new model replaces the served one only if its final (test-split) evaluation is not
-    worse than the served model's by more than the margin; otherwise it is held back and
-    status says why. The first model has nothing to compare with and passes."""
+    worse than the served model's by more than the margin, and reaches the threshold when one
+    is set; otherwise it is held back and status says why. The first model has nothing to
+    compare with and passes (the threshold still applies)."""
 
     metric: Literal["loss", "perplexity", "accuracy"] = Field(
         default="loss",
-        description="Final-evaluation metric compared (loss and perplexity: lower is better).",
+        description=(
+            "Final-evaluation metric compared (loss and perplexity: lower is better); "
+            "`benchmark` replaces it."
+        ),
+    )
+    benchmark: str | None = Field(
+        default=None,
+        description=(
+            "Compare this benchmark's score instead (a name in the TrainingRun's "
+            "spec.evaluation.benchmarks; its metric, in the direction lm-eval says is better)."
+        ),
+        min_length=1,
+        max_length=128,
+        pattern=BENCHMARK_NAME,
     )
     max_regression: float = Field(
         default=0.0,
         description="Largest relative worsening allowed (0.02: up to 2% worse still rolls out).",
         ge=0,
         le=1,
+    )
+    threshold: float | None = Field(
+        default=None,
+        description=(
+            "The score a model must reach to roll out at all (at least this when higher is "
+            "better, at most when lower is), served model or not."
+        ),
     )
 
 
@@ -344,6 +366,12 @@ class AdapterSource(ApiModel):
             message="exactly one of trainingRun or uri must be set",
             check=lambda s: exactly_one(s, "training_run", "uri"),
         ),
+        Rule(
+            cel="!has(self.uri) || (self.policy == 'final' && !has(self.gate))",
+            message="policy and gate follow a trainingRun; a uri is served as it is",
+            check=lambda s: s.uri is None or (s.policy == "final" and s.gate is None),
+            field_path=".policy",
+        ),
     )
 
     name: str = Field(
@@ -365,6 +393,22 @@ class AdapterSource(ApiModel):
         "absolute path in the image.",
         max_length=4096,
         pattern=r"^(/|pvc://)[^\s]*$",
+    )
+    policy: Literal["final", "latest", "best"] = Field(
+        default="final",
+        description=(
+            "Which version of the TrainingRun's adapter: `final`, the exported adapter once "
+            "the run succeeded; `latest`, the newest checkpoint's while it trains (then the "
+            "final one); `best`, the checkpoint with the lowest validation loss. The built-in "
+            "server loads a new version without a restart; vLLM replicas roll."
+        ),
+    )
+    gate: EvaluationGate | None = Field(
+        default=None,
+        description=(
+            "Serve a new version only if the run's final evaluation passes the gate against "
+            "the version served (as spec.model.gate does for the base model)."
+        ),
     )
 
 
@@ -502,6 +546,18 @@ class ModelDeploymentSpec(ApiModel):
     scheduling: Scheduling = nested(Scheduling, "Placement and priority of the replicas.")
 
 
+class ServedAdapterStatus(StatusModel):
+    """The version of an adapter the replicas are given."""
+
+    name: str = Field(description="The adapter's model name.")
+    source: str = Field(description="Its version: `<run>/final`, `<run>/step-<N>` or the uri.")
+    uri: str = Field(description="Its folder (`pvc://<claim>/<path>` or a path in the image).")
+    rank: int | None = Field(default=None, description="Its LoRA rank, when its run says.", ge=1)
+    evaluation: FinalEvaluation | None = Field(
+        default=None, description="Its run's final evaluation, what a gate compares with."
+    )
+
+
 class ModelDeploymentStatus(StatusModel):
     """Observed state of a ModelDeployment."""
 
@@ -528,6 +584,11 @@ class ModelDeploymentStatus(StatusModel):
         description="Names of the LoRA adapters served beside the model.",
         max_length=16,
     )
+    served_adapters: list[ServedAdapterStatus] | None = Field(
+        default=None,
+        description="Which version of each adapter is served, and its evaluation.",
+        max_length=16,
+    )
     checkpoint: str | None = Field(
         default=None, description="Checkpoint being served (`<run>/step-<N>` or the uri)."
     )
@@ -537,7 +598,7 @@ class ModelDeploymentStatus(StatusModel):
     served_run: str | None = Field(
         default=None, description="The TrainingRun whose model is served."
     )
-    served_evaluation: dict[str, float] | None = Field(
+    served_evaluation: FinalEvaluation | None = Field(
         default=None, description="Final evaluation of the served model (what the gate compares)."
     )
     held_back: str | None = Field(

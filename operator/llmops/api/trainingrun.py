@@ -8,7 +8,15 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, StringConstraints
 
 from llmops.api import ds_overlay
-from llmops.api.base import ApiModel, Rule, StatusModel, distinct, nested
+from llmops.api.base import (
+    ApiModel,
+    Rule,
+    StatusModel,
+    cel_exactly_one,
+    distinct,
+    exactly_one,
+    nested,
+)
 from llmops.api.common import (
     Condition,
     LocalObjectReference,
@@ -28,6 +36,14 @@ CHECKPOINT_NAME = r"^(latest|best|step-[0-9]+)$"
 ModuleName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")
 ]
+# An lm-evaluation-harness task or group name, and one of its metric names (`acc`, `f1`).
+BENCHMARK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+BENCHMARK_METRIC = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# A folder in the image (absolute, or relative to the working folder), on a claim, or in S3.
+TASKS_PATH = (
+    r"^(pvc://[a-z0-9][-a-z0-9.]*(/[^\s]*)?|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/[^\s]*)?|[^:\s]+)$"
+)
+MAX_BENCHMARKS = 8
 
 
 class ModelArchitecture(ApiModel):
@@ -358,6 +374,99 @@ class EarlyStopping(ApiModel):
     )
 
 
+class BenchmarkTasks(ApiModel):
+    """Where a benchmark's task definitions are: one folder holding lm-evaluation-harness task
+    YAML files and their data (e.g. `dataset_path: json` over a jsonl file named relative to
+    the folder). Nothing is downloaded at run time: a task must read its data from here."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("path", "configMap"),
+            message="set exactly one of path or configMap",
+            check=lambda s: exactly_one(s, "path", "config_map"),
+        ),
+        Rule(
+            cel="!has(self.endpoint) || (has(self.path) && self.path.startsWith('s3://'))",
+            message="endpoint applies only to an s3:// path",
+            check=lambda s: s.endpoint is None or (s.path or "").startswith("s3://"),
+            field_path=".endpoint",
+        ),
+        Rule(
+            cel="!has(self.credentialsSecret) || (has(self.path) && self.path.startsWith('s3://'))",
+            message="credentialsSecret applies only to an s3:// path",
+            check=lambda s: s.credentials_secret is None or (s.path or "").startswith("s3://"),
+            field_path=".credentialsSecret",
+        ),
+    )
+
+    path: str | None = Field(
+        default=None,
+        description=(
+            "The folder: a path in the image (absolute, or relative to the working folder), "
+            "`pvc://<claim>/<path>` (mounted read-only) or `s3://<bucket>/<prefix>` (copied "
+            "before the evaluation)."
+        ),
+        max_length=4096,
+        pattern=TASKS_PATH,
+    )
+    config_map: LocalObjectReference | None = Field(
+        default=None,
+        description="A ConfigMap in the same namespace whose keys are the folder's files.",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store for an `s3://` path; unset means AWS S3.",
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+    )
+    credentials_secret: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "Secret holding `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` for an `s3://` "
+            "path; unset means the pod's own identity."
+        ),
+    )
+
+
+class Benchmark(ApiModel):
+    """A standard benchmark run on the final model with EleutherAI's lm-evaluation-harness
+    (`lm-eval`), offline, after the final evaluation: its score goes to
+    `status.finalEvaluation.benchmarks`, the model card and eval_report.json, and a
+    ModelDeployment's gate can compare it."""
+
+    name: str = Field(
+        description="The lm-eval task (or group) to run, as its task YAML names it.",
+        min_length=1,
+        max_length=128,
+        pattern=BENCHMARK_NAME,
+    )
+    tasks: BenchmarkTasks = Field(description="The folder with the task YAML and its data.")
+    num_fewshot: int | None = Field(
+        default=None,
+        description="Examples in each prompt; unset means the task's own setting (0 if none).",
+        ge=0,
+        le=64,
+    )
+    limit: int | None = Field(
+        default=None,
+        description="Most documents scored per task (the first ones); unset means all.",
+        ge=1,
+        le=10_000_000,
+    )
+    metric: str = Field(
+        default="acc",
+        description=(
+            "The task metric reported as the benchmark's score (and compared by gates): "
+            "`acc`, `acc_norm`, `exact_match`, ... as the task's metric_list names it."
+        ),
+        max_length=64,
+        pattern=BENCHMARK_METRIC,
+    )
+    batch_size: int = Field(
+        default=8, description="Requests scored per forward pass.", ge=1, le=4096
+    )
+
+
 class Evaluation(ApiModel):
     """Periodic evaluation on the validation split (and optionally on the training split), a
     final one on the test split, and how often training metrics are logged."""
@@ -373,6 +482,12 @@ class Evaluation(ApiModel):
                 or s.early_stopping.metric in s.metrics
             ),
             field_path=".earlyStopping.metric",
+        ),
+        Rule(
+            cel="self.benchmarks.all(a, self.benchmarks.exists_one(b, b.name == a.name))",
+            message="benchmark names must be distinct",
+            check=lambda s: len({b.name for b in s.benchmarks}) == len(s.benchmarks),
+            field_path=".benchmarks",
         ),
     )
 
@@ -432,6 +547,15 @@ class Evaluation(ApiModel):
     )
     early_stopping: EarlyStopping | None = Field(
         default=None, description="Stop early when the validation metric stalls."
+    )
+    benchmarks: list[Benchmark] = Field(
+        default_factory=list,
+        description=(
+            "Standard benchmarks run on the final model with lm-evaluation-harness (rank 0, "
+            "offline, task data from `tasks`); a causal model with a tokenizer is needed."
+        ),
+        max_length=MAX_BENCHMARKS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 
@@ -495,6 +619,13 @@ class TrainingRunSpec(ApiModel):
             message="the bleu metric needs objective sft (reference responses)",
             check=lambda s: "bleu" not in s.evaluation.metrics or s.model.objective == "sft",
             field_path=".evaluation.metrics",
+        ),
+        Rule(
+            cel="!has(self.evaluation.benchmarks) || size(self.evaluation.benchmarks) == 0 || "
+            "self.model.objective != 'masked-lm'",
+            message="benchmarks score a causal model: objective causal-lm or sft",
+            check=lambda s: not s.evaluation.benchmarks or s.model.objective != "masked-lm",
+            field_path=".evaluation.benchmarks",
         ),
         Rule(
             cel="!has(self.adapter) || has(self.model.pretrained)",
@@ -617,6 +748,17 @@ class Checkpoints(StatusModel):
     )
 
 
+class BenchmarkScore(StatusModel):
+    """A benchmark's score on the final model (lm-evaluation-harness)."""
+
+    name: str = Field(description="The benchmark (lm-eval task or group).")
+    metric: str = Field(description="The metric reported (`acc`, `exact_match`, ...).")
+    value: float = Field(description="Its value.")
+    stderr: float | None = Field(default=None, description="Its standard error, if computed.")
+    higher_is_better: bool = Field(default=True, description="Whether larger values are better.")
+    samples: int | None = Field(default=None, description="Documents scored.", ge=0)
+
+
 class FinalEvaluation(StatusModel):
     """Evaluation on the test split after training."""
 
@@ -631,6 +773,14 @@ class FinalEvaluation(StatusModel):
     perplexity: float | None = Field(default=None, description="Test perplexity.")
     accuracy: float | None = Field(default=None, description="Test token accuracy.")
     bleu: float | None = Field(default=None, description="Test BLEU (sft).")
+    benchmarks: list[BenchmarkScore] | None = Field(
+        default=None,
+        description="Scores of spec.evaluation.benchmarks (lm-evaluation-harness).",
+        max_length=MAX_BENCHMARKS,
+    )
+
+    def benchmark(self, name: str) -> BenchmarkScore | None:
+        return next((b for b in self.benchmarks or [] if b.name == name), None)
 
 
 class TrainingRunStatus(StatusModel):

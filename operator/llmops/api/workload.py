@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from llmops import GROUP
 from llmops.api.base import StatusModel
 from llmops.api.dataset import StepStats, TokenCounts
-from llmops.api.trainingrun import FinalEvaluation, TrainingRunSpec
+from llmops.api.trainingrun import BenchmarkScore, FinalEvaluation, TrainingRunSpec
 
 # -- entrypoints -----------------------------------------------------------------------------
 
@@ -56,9 +56,12 @@ DATASET_OUTPUT_DIR = "/output"  # a Dataset's volume, one folder per version
 DATASET_VOLUMES_DIR = "/mnt/llmops/volumes"  # a Dataset's source volumes, one per claim
 REFERENCE_TOKENIZER_DIR = "/mnt/llmops/reference"  # another Dataset's tokenizer
 MODEL_DIR = "/model"  # the served model
-ADAPTERS_DIR = "/adapters"  # its LoRA adapters, one folder per served name
+ADAPTERS_DIR = "/adapters"  # its LoRA adapters' volumes, one folder per source
+ADAPTERS_CONFIG_DIR = "/var/run/llmops/adapters"  # which adapter folders to serve (ConfigMap)
+ADAPTERS_FILE = "adapters.json"  # in ADAPTERS_CONFIG_DIR: a JSON list of AdapterEntry
 AUTH_DIR = "/var/run/llmops/auth"  # the served API's bearer token, as a file
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes keeps 4096 bytes of it
+BENCHMARKS_DIR = "/mnt/llmops/benchmarks"  # benchmark task folders (claims, ConfigMaps)
 
 
 class Env:
@@ -83,6 +86,12 @@ class Env:
     LOG_INTERVAL = "LLMOPS_LOG_INTERVAL"
     SAMPLE_LOG = "LLMOPS_SAMPLE_LOG"
     PEAK_FLOPS = "LLMOPS_PEAK_FLOPS"
+    # Benchmark i's task folder inside the pod (or its s3:// URI): BENCHMARK_TASKS + str(i);
+    # an s3:// folder's endpoint and credentials likewise (BENCHMARK_S3_* + str(i)).
+    BENCHMARK_TASKS = "LLMOPS_BENCHMARK_TASKS_"
+    BENCHMARK_S3_ENDPOINT = "LLMOPS_BENCHMARK_S3_ENDPOINT_"
+    BENCHMARK_S3_ACCESS_KEY = "LLMOPS_BENCHMARK_S3_ACCESS_KEY_ID_"
+    BENCHMARK_S3_SECRET_KEY = "LLMOPS_BENCHMARK_S3_SECRET_ACCESS_KEY_"
     # model initializer (init container) and trainer: a pretrained model
     PRETRAINED_URI = "LLMOPS_PRETRAINED_URI"  # where it comes from (PretrainedModel.uri)
     PRETRAINED_FILES = "LLMOPS_PRETRAINED_FILES"  # https: JSON list of {name, sha256}
@@ -93,10 +102,11 @@ class Env:
     MODEL_DIR = "LLMOPS_MODEL_DIR"
     AUTH_TOKEN_FILE = "LLMOPS_AUTH_TOKEN_FILE"
     TOKENIZER_PATH = "LLMOPS_TOKENIZER_PATH"
-    # LoRA adapters served by name: their names (a JSON list), and adapter i's folder in
-    # ADAPTER_PATH + str(i) (a variable of its own, so a path is a whole value)
-    ADAPTERS = "LLMOPS_ADAPTERS"
-    ADAPTER_PATH = "LLMOPS_ADAPTER_PATH_"
+    # LoRA adapters served by name: a JSON file of AdapterEntry records (a mounted
+    # ConfigMap, so a new version reaches a running server without a restart)
+    ADAPTERS_FILE = "LLMOPS_ADAPTERS_FILE"
+    # how often the server looks at that file for new adapters or versions (seconds)
+    ADAPTERS_POLL_SECONDS = "LLMOPS_ADAPTERS_POLL_SECONDS"
 
 
 # -- labels and annotations ------------------------------------------------------------------
@@ -145,6 +155,7 @@ class ServingMetric:
     REQUESTS_REJECTED = PREFIX + "requests_rejected"  # a counter (`_total`), by reason
     HTTP_REQUESTS = PREFIX + "http_requests"  # a counter (`_total`), by path, method, status
     MODEL_INFO = PREFIX + "model_info"
+    ADAPTER_LOADS = PREFIX + "adapter_loads"  # a counter (`_total`), by outcome
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -194,6 +205,9 @@ def trainer_env(spec: TrainingRunSpec) -> dict[str, str]:
     if spec.resources.gpus_per_node == 0:
         # DeepSpeed on CPUs: its CPU accelerator, gloo for collectives.
         env["DS_ACCELERATOR"] = "cpu"
+    if spec.evaluation.benchmarks:
+        # lm-evaluation-harness reads task data from the tasks folder: never the Hub.
+        env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     return env
 
 
@@ -237,6 +251,24 @@ class Record(StatusModel):
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class AdapterEntry(Record):
+    """One LoRA adapter a server is to serve: a line of ADAPTERS_FILE."""
+
+    name: str = Field(description="The model name requests use for it.")
+    path: str = Field(description="Its folder (peft layout) inside the server's container.")
+    source: str | None = Field(
+        default=None, description="Where it comes from, as the status shows it (run/step)."
+    )
+
+
+def read_adapter_entries(text: str) -> list[AdapterEntry]:
+    """The entries of an adapters file; raises ValueError when it is not a list of them."""
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError("the adapters file must hold a JSON list")
+    return [AdapterEntry.model_validate(item) for item in data]
 
 
 TrainingPhase = Literal["Starting", "Training", "Evaluating", "Completed", "Interrupted", "Failed"]
@@ -361,6 +393,8 @@ class FinalReport(Record):
     validation_perplexity: float | None = None
     validation_unigram_perplexity: float | None = None
     tokens_seen: int | None = None
+    # spec.evaluation.benchmarks' scores (lm-evaluation-harness), in the spec's order
+    benchmarks: list[BenchmarkScore] | None = None
 
     def evaluation(self) -> FinalEvaluation:
         return FinalEvaluation(
@@ -369,7 +403,22 @@ class FinalReport(Record):
             perplexity=self.perplexity,
             accuracy=self.accuracy,
             bleu=self.bleu,
+            benchmarks=self.benchmarks,
         )
+
+
+class BenchmarkResult(Record):
+    """One benchmark in eval_report.json: every metric of every task it ran (a group runs
+    several), beside the score that status reports."""
+
+    name: str
+    score: BenchmarkScore
+    num_fewshot: int | None = None
+    limit: int | None = None
+    # task -> metric -> value (stderr as `<metric>_stderr`); lm-eval's `acc,none` keys
+    # without the filter suffix when it is `none`
+    tasks: dict[str, dict[str, float]] = Field(default_factory=dict)
+    samples: dict[str, int] = Field(default_factory=dict, description="Documents per task.")
 
 
 class EvaluationReport(Record):
@@ -378,6 +427,7 @@ class EvaluationReport(Record):
     final: FinalReport
     worst_passages: list[dict[str, Any]] = Field(default_factory=list)
     generation_examples: list[dict[str, str]] = Field(default_factory=list)
+    benchmarks: list[BenchmarkResult] = Field(default_factory=list)
     best_checkpoint: str | None = None
     latest_checkpoint: str | None = None
 

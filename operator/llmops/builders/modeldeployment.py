@@ -25,13 +25,16 @@ from llmops.api.modeldeployment import (
     ScalingRules,
 )
 from llmops.api.workload import (
+    ADAPTERS_CONFIG_DIR,
     ADAPTERS_DIR,
+    ADAPTERS_FILE,
     AUTH_DIR,
     CONFIG_DIR,
     MODEL_DIR,
     MODEL_URI_ANNOTATION,
     SERVING_CONFIG_FILE,
     TERMINATION_LOG,
+    AdapterEntry,
     Env,
     ServingMetric,
     VllmMetric,
@@ -148,23 +151,54 @@ class ServedAdapter:
     name: str
     uri: str
     rank: int | None = None  # known when it comes from a TrainingRun's spec
+    source: str | None = None  # what the status calls it (run/checkpoint); None: the uri
 
 
 def _adapter_volumes(
     adapters: Sequence[ServedAdapter],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, str]]]:
-    """Read-only volumes and mounts of the adapters, and (name, folder in the container)."""
+    """Read-only volumes and mounts of the adapters, and (name, folder in the container).
+    One volume per claim, whatever the folders inside it: a new version of an adapter (a
+    newer checkpoint of the same run) changes the folder only, not the pod template."""
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     folders: list[tuple[str, str]] = []
-    for index, adapter in enumerate(adapters):
-        found = storage.read_only_volume(f"adapter-{index}", adapter.uri, f"{ADAPTERS_DIR}/{index}")
-        if found[2] is None:
+    claims: dict[str, str] = {}  # claim -> its mount path
+    for adapter in adapters:
+        if adapter.uri.startswith("s3://"):
             raise ValueError(f"adapter {adapter.name}: serving from s3:// is not supported yet")
-        volumes += found[0]
-        mounts += found[1]
-        folders.append((adapter.name, found[2]))
+        if adapter.uri.startswith("/"):
+            folders.append((adapter.name, adapter.uri))
+            continue
+        _, claim, path = storage.parse_uri(adapter.uri)
+        if claim not in claims:
+            index = len(claims)
+            found = storage.read_only_volume(
+                f"adapter-{index}", f"pvc://{claim}", f"{ADAPTERS_DIR}/{index}"
+            )
+            volumes += found[0]
+            mounts += found[1]
+            claims[claim] = f"{ADAPTERS_DIR}/{index}"
+        folders.append((adapter.name, f"{claims[claim]}/{path}".rstrip("/")))
     return volumes, mounts, folders
+
+
+def adapters_config_map(
+    body: Mapping[str, Any], adapters: Sequence[ServedAdapter]
+) -> dict[str, Any]:
+    """`<name>-adapters`: the adapters the built-in server is to serve (AdapterEntry records),
+    a file it reads again every few seconds, so a new version rolls without a restart."""
+    _, _, folders = _adapter_volumes(adapters)
+    entries = [
+        AdapterEntry(name=name, path=path, source=adapter.source or adapter.uri).to_dict()
+        for adapter, (name, path) in zip(adapters, folders, strict=True)
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(body, "adapters", COMPONENT),
+        "data": {ADAPTERS_FILE: json.dumps(entries, indent=2)},
+    }
 
 
 def _builtin_server(
@@ -181,12 +215,20 @@ def _builtin_server(
         {"name": Env.MODEL_DIR, "value": model_dir},
         {"name": "HOME", "value": "/tmp"},
     ]
-    if adapter_folders:
-        names = [name for name, _ in adapter_folders]
-        env.append({"name": Env.ADAPTERS, "value": json.dumps(names)})
-        env += [
-            {"name": f"{Env.ADAPTER_PATH}{index}", "value": path}
-            for index, (_, path) in enumerate(adapter_folders)
+    adapter_volumes: list[dict[str, Any]] = []
+    adapter_mounts: list[dict[str, Any]] = []
+    if md.spec.adapters:
+        # Which folders to serve comes from a ConfigMap (adapters_config_map), not the pod
+        # template: the kubelet updates the mounted file in place, the server reads it again.
+        env.append({"name": Env.ADAPTERS_FILE, "value": f"{ADAPTERS_CONFIG_DIR}/{ADAPTERS_FILE}"})
+        adapter_volumes = [
+            {
+                "name": "adapters-config",
+                "configMap": {"name": child_name(md.metadata.name, "adapters")},
+            }
+        ]
+        adapter_mounts = [
+            {"name": "adapters-config", "mountPath": ADAPTERS_CONFIG_DIR, "readOnly": True}
         ]
     auth_volumes: list[dict[str, Any]] = []
     auth_mounts: list[dict[str, Any]] = []
@@ -229,10 +271,16 @@ def _builtin_server(
     config = "config"
     return (
         fields,
-        [{"name": config, "mountPath": CONFIG_DIR, "readOnly": True}, *mounts, *auth_mounts],
+        [
+            {"name": config, "mountPath": CONFIG_DIR, "readOnly": True},
+            *mounts,
+            *adapter_mounts,
+            *auth_mounts,
+        ],
         [
             {"name": config, "configMap": {"name": child_name(md.metadata.name, "config")}},
             *volumes,
+            *adapter_volumes,
             *auth_volumes,
         ],
     )
@@ -469,6 +517,20 @@ def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{int(value * 1000)}m"
 
 
+def gate_score(
+    gate: EvaluationGate, evaluation: Mapping[str, Any] | None
+) -> tuple[float | None, bool, str]:
+    """(value, higher is better, what it is) of the gate's metric in a TrainingRun's
+    status.finalEvaluation: a test-split metric, or a benchmark's score."""
+    if gate.benchmark is None:
+        value = (evaluation or {}).get(gate.metric)
+        return value, gate.metric not in ("loss", "perplexity"), f"test {gate.metric}"
+    scores = (evaluation or {}).get("benchmarks") or []
+    score = next((b for b in scores if b.get("name") == gate.benchmark), None) or {}
+    what = f"benchmark {gate.benchmark} ({score.get('metric', 'score')})"
+    return score.get("value"), bool(score.get("higherIsBetter", True)), what
+
+
 def gate_verdict(
     gate: EvaluationGate,
     candidate: Mapping[str, Any] | None,
@@ -476,19 +538,30 @@ def gate_verdict(
 ) -> str | None:
     """Why the candidate model must not replace the served one, or None when it may. The
     served model's evaluation is the baseline; a model served without one (e.g. before the
-    gate was set) lets any evaluated candidate pass."""
-    metric = gate.metric
-    value = (candidate or {}).get(metric)
+    gate was set) lets any evaluated candidate pass that reaches the threshold."""
+    value, higher_is_better, what = gate_score(gate, candidate)
     if value is None:
-        return f"no final evaluation ({metric}) yet; it rolls out once training has finished"
-    baseline = (served or {}).get(metric)
+        if gate.benchmark is not None and candidate:
+            return (
+                f"its final evaluation has no benchmark {gate.benchmark!r} (is it in the "
+                "TrainingRun's spec.evaluation.benchmarks?)"
+            )
+        missing = f"benchmark {gate.benchmark}" if gate.benchmark else "final evaluation"
+        if gate.benchmark is None:
+            missing += f" ({gate.metric})"
+        return f"no {missing} yet; it rolls out once training has finished"
+    if gate.threshold is not None:
+        short = value < gate.threshold if higher_is_better else value > gate.threshold
+        if short:
+            bound = "at least" if higher_is_better else "at most"
+            return f"{what} {value:.4g} misses the threshold ({bound} {gate.threshold:g})"
+    baseline, _, _ = gate_score(gate, served)
     if baseline is None:
         return None
-    lower_is_better = metric in ("loss", "perplexity")
-    worse_by = (value - baseline) if lower_is_better else (baseline - value)
+    worse_by = (baseline - value) if higher_is_better else (value - baseline)
     if worse_by > gate.max_regression * abs(baseline):
         return (
-            f"test {metric} {value:.4g} is worse than the served model's {baseline:.4g} by more "
+            f"{what} {value:.4g} is worse than the served model's {baseline:.4g} by more "
             f"than maxRegression={gate.max_regression:g}"
         )
     return None

@@ -15,6 +15,7 @@ from typing import Any
 from llmops.api import workload
 from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
 from llmops.api.workload import (
+    BENCHMARKS_DIR,
     CHECKPOINT_DIR,
     COMPLETION_INDEX_ANNOTATION,
     CONFIG_DIR,
@@ -138,6 +139,53 @@ def dataset_volume(
     return _read_only_input("data", uri, DATA_DIR, Env.DATA_DIR, Env.DATA_URI)
 
 
+def benchmark_inputs(
+    spec: TrainingRunSpec,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, mounts and env that give the trainer each benchmark's task folder: a
+    ConfigMap or claim mounted read-only under BENCHMARKS_DIR, a path in the image as it is,
+    an s3:// URI with its endpoint and credentials (the trainer copies it)."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = []
+    for i, benchmark in enumerate(spec.evaluation.benchmarks):
+        tasks = benchmark.tasks
+        volume = f"benchmark-{i}"
+        mount_path = f"{BENCHMARKS_DIR}/{i}"
+        folder: str
+        if tasks.config_map is not None:
+            volumes.append({"name": volume, "configMap": {"name": tasks.config_map.name}})
+            mounts.append({"name": volume, "mountPath": mount_path, "readOnly": True})
+            folder = mount_path
+        else:
+            assert tasks.path is not None
+            if tasks.path.startswith(("pvc://", "s3://")):
+                extra_volumes, extra_mounts, path = storage.read_only_volume(
+                    volume, tasks.path, mount_path
+                )
+                volumes += extra_volumes
+                mounts += extra_mounts
+                folder = path or tasks.path
+            else:
+                folder = tasks.path  # in the image (relative: to its working folder)
+        env.append({"name": f"{Env.BENCHMARK_TASKS}{i}", "value": folder})
+        if tasks.endpoint:
+            env.append({"name": f"{Env.BENCHMARK_S3_ENDPOINT}{i}", "value": tasks.endpoint})
+        if tasks.credentials_secret is not None:
+            secret = tasks.credentials_secret.name
+            for variable, key in (
+                (Env.BENCHMARK_S3_ACCESS_KEY, "AWS_ACCESS_KEY_ID"),
+                (Env.BENCHMARK_S3_SECRET_KEY, "AWS_SECRET_ACCESS_KEY"),
+            ):
+                env.append(
+                    {
+                        "name": f"{variable}{i}",
+                        "valueFrom": {"secretKeyRef": {"name": secret, "key": key}},
+                    }
+                )
+    return volumes, mounts, env
+
+
 def worker_job(
     body: Mapping[str, Any],
     run: TrainingRun,
@@ -175,6 +223,8 @@ def worker_job(
         )
         env += init_env
     env += [{"name": k, "value": v} for k, v in workload.trainer_env(spec).items()]
+    bench_volumes, bench_mounts, bench_env = benchmark_inputs(spec)
+    env += bench_env
     init_containers: list[dict[str, Any]] = []
     if spec.model.pretrained is not None:
         # On the checkpoint volume a restarted gang finds the model already fetched.
@@ -218,6 +268,7 @@ def worker_job(
                     *data_mounts,
                     *ckpt_mounts,
                     *init_mounts,
+                    *bench_mounts,
                 ],
             }
         ],
@@ -227,6 +278,7 @@ def worker_job(
             *data_volumes,
             *ckpt_volumes,
             *init_volumes,
+            *bench_volumes,
         ],
         **pods.scheduling_fields(spec.scheduling),
     }

@@ -152,18 +152,22 @@ def _ensure_serving_objects(
         for a in md.spec.adapters
         if a.training_run is not None
     }
-    adapters, waiting_adapters = resolve_adapters(md, adapter_runs)
-    report_adapters(status, md, adapters, waiting_adapters)
+    served = status.status.get("servedAdapters") or ()
+    adapters = resolve_adapters(md, adapter_runs, served)
+    report_adapters(status, md, adapters)
     try:
         manifest = build.deployment(
-            body, md, md.spec.replicas, chosen.uri, adapters, model_store(chosen.run)
+            body, md, md.spec.replicas, chosen.uri, adapters.ready, model_store(chosen.run)
         )
     except ValueError as error:
         status.set(phase="Failed")
         status.condition("Degraded", "True", "UnsupportedModelSource", str(error))
         return None
-    for uri in (chosen.uri, *(a.uri for a in adapters)):
+    for uri in (chosen.uri, *(a.uri for a in adapters.ready)):
         keep_claim(body, uri, namespace)
+    if md.spec.adapters and md.spec.runtime == "builtin":  # vLLM gets them as arguments
+        # Written before the Deployment: a new pod reads the adapters it lists at start.
+        common.ensure_child(KIND, build.adapters_config_map(body, adapters.ready))
     deployment = common.ensure_child(KIND, manifest)
     common.ensure_child(KIND, build.service(body, md))
     common.ensure_child(KIND, build.disruption_budget(body))

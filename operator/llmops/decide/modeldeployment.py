@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmops.api.common import S3Location
@@ -15,7 +16,7 @@ from llmops.api.workload import (
     FailureReport,
     read_record,
 )
-from llmops.builders.modeldeployment import ServedAdapter
+from llmops.builders.modeldeployment import ServedAdapter, gate_verdict
 from llmops.decide.status import StatusDraft, failure_report
 
 
@@ -60,51 +61,121 @@ def needs_export(md: ModelDeployment, run: Mapping[str, Any]) -> bool:
     return md.spec.runtime == "vllm" or transformers_run
 
 
+@dataclass
+class Adapters:
+    """The adapters to serve now and what the status says of the others."""
+
+    ready: list[ServedAdapter] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # not served yet, and why
+    held: list[str] = field(default_factory=list)  # a newer version its gate holds back
+    evaluations: dict[str, Any] = field(default_factory=dict)  # name -> served evaluation
+
+
 def resolve_adapters(
-    md: ModelDeployment, runs: Mapping[str, Mapping[str, Any] | None]
-) -> tuple[list[ServedAdapter], list[str]]:
+    md: ModelDeployment,
+    runs: Mapping[str, Mapping[str, Any] | None],
+    served: Sequence[Mapping[str, Any]] = (),
+) -> Adapters:
     """The adapters that can be served now, and why the others cannot yet. `runs` holds the
-    TrainingRuns the adapters name (None: not found)."""
-    ready: list[ServedAdapter] = []
-    waiting: list[str] = []
+    TrainingRuns the adapters name (None: not found); `served` is status.servedAdapters,
+    the versions given to the replicas so far: kept while no newer one can be served, and
+    what a gate compares a newer one with."""
+    found = Adapters()
+    before = {entry["name"]: entry for entry in served}
     for adapter in md.spec.adapters:
         if adapter.uri is not None:
-            ready.append(ServedAdapter(adapter.name, adapter.uri, None))
+            found.ready.append(ServedAdapter(adapter.name, adapter.uri, None))
             continue
         assert adapter.training_run is not None
         run_name = adapter.training_run.name
         run = runs.get(run_name)
         lora = ((run or {}).get("spec") or {}).get("adapter")
-        status = (run or {}).get("status") or {}
+        candidate: tuple[str, str] | None = None
         if run is None:
-            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} not found")
+            why = f"TrainingRun {run_name!r} not found"
         elif lora is None:
-            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} has no spec.adapter")
-        elif status.get("phase") != "Succeeded" or not status.get("modelUri"):
-            waiting.append(f"adapter {adapter.name}: TrainingRun {run_name!r} has not finished")
+            why = f"TrainingRun {run_name!r} has no spec.adapter"
         else:
-            # Its output folder holds adapter/ (and model/ when merged): serve the adapter.
-            output = str(status["modelUri"]).rsplit("/", 1)[0]
-            rank = lora.get("rank")
-            ready.append(ServedAdapter(adapter.name, f"{output}/{ADAPTER_SUBDIR}", int(rank or 8)))
-    return ready, waiting
+            candidate, why = _adapter_version(adapter.policy, run_name, run)
+        previous = before.get(adapter.name)
+        if run is None or lora is None or candidate is None:
+            if previous is None:
+                found.waiting.append(f"adapter {adapter.name}: {why}")
+            else:  # keep what is served until a version shows up
+                found.ready.append(_served_again(adapter.name, previous))
+                found.evaluations[adapter.name] = previous.get("evaluation")
+            continue
+        uri, source = candidate
+        evaluation = ((run or {}).get("status") or {}).get("finalEvaluation")
+        if adapter.gate is not None and previous is not None and previous.get("uri") != uri:
+            verdict = gate_verdict(adapter.gate, evaluation, previous.get("evaluation"))
+            if verdict:
+                found.held.append(f"adapter {adapter.name}: {source}: {verdict}")
+                found.ready.append(_served_again(adapter.name, previous))
+                found.evaluations[adapter.name] = previous.get("evaluation")
+                continue
+        rank = int((lora or {}).get("rank") or 8)
+        found.ready.append(ServedAdapter(adapter.name, uri, rank, source))
+        found.evaluations[adapter.name] = evaluation
+    return found
 
 
-def report_adapters(
-    status: StatusDraft,
-    md: ModelDeployment,
-    ready: list[ServedAdapter],
-    waiting: list[str],
-) -> None:
-    """`status.adapters` names what is served; AdaptersReady says what is still missing (the
-    base and the ready adapters are served meanwhile)."""
+def _adapter_version(
+    policy: str, run_name: str, run: Mapping[str, Any]
+) -> tuple[tuple[str, str] | None, str]:
+    """(folder uri, what to call it) of the run's adapter the policy picks, or (None, why
+    there is none yet). A run's output holds adapter/ (beside model/ when merged); each of
+    its checkpoints holds the adapter of that step in the same layout."""
+    status = run.get("status") or {}
+    finished = status.get("phase") == "Succeeded" and status.get("modelUri")
+    output = str(status.get("modelUri") or "").rsplit("/", 1)[0]
+    final = (f"{output}/{ADAPTER_SUBDIR}", f"{run_name}/final")
+    if policy == "final" or (policy == "latest" and finished):
+        return (final, "") if finished else (None, f"TrainingRun {run_name!r} has not finished")
+    chosen = (status.get("checkpoints") or {}).get(policy)
+    if chosen and chosen.get("uri"):
+        name = chosen.get("name") or str(chosen["uri"]).rsplit("/", 1)[-1]
+        return (f"{chosen['uri']}/{ADAPTER_SUBDIR}", f"{run_name}/{name}"), ""
+    if finished:
+        return final, ""
+    return None, f"TrainingRun {run_name!r} has no {policy} checkpoint yet"
+
+
+def _served_again(name: str, entry: Mapping[str, Any]) -> ServedAdapter:
+    return ServedAdapter(name, str(entry["uri"]), entry.get("rank"), entry.get("source"))
+
+
+def report_adapters(status: StatusDraft, md: ModelDeployment, adapters: Adapters) -> None:
+    """`status.adapters` names what is served and `servedAdapters` which version;
+    AdaptersReady says what is still missing or held back (the base and the ready adapters
+    are served meanwhile)."""
     if not md.spec.adapters:
         return
-    status.set(adapters=[a.name for a in ready])
-    if waiting:
-        status.condition("AdaptersReady", "False", "WaitingForAdapter", "; ".join(waiting))
+    status.set(
+        adapters=[a.name for a in adapters.ready],
+        servedAdapters=[
+            {
+                "name": a.name,
+                "source": a.source or a.uri,
+                "uri": a.uri,
+                **({"rank": a.rank} if a.rank else {}),
+                **(
+                    {"evaluation": adapters.evaluations[a.name]}
+                    if adapters.evaluations.get(a.name)
+                    else {}
+                ),
+            }
+            for a in adapters.ready
+        ],
+    )
+    if adapters.waiting:
+        message = "; ".join(adapters.waiting + adapters.held)
+        status.condition("AdaptersReady", "False", "WaitingForAdapter", message)
+    elif adapters.held:
+        status.condition("AdaptersReady", "True", "HeldBackByGate", "; ".join(adapters.held))
     else:
-        status.condition("AdaptersReady", "True", "AdaptersServed", f"{len(ready)} adapter(s)")
+        count = len(adapters.ready)
+        status.condition("AdaptersReady", "True", "AdaptersServed", f"{count} adapter(s)")
 
 
 def model_store(run: Mapping[str, Any] | None) -> S3Location | None:

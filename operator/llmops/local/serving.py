@@ -113,13 +113,18 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
         for a in md.spec.adapters
         if a.training_run is not None
     }
-    adapters, waiting_adapters = resolve_adapters(md, adapter_runs)
-    report_adapters(status, md, adapters, waiting_adapters)
-    deployment = build.deployment(body, md, 1, model_uri, adapters)
+    adapters = resolve_adapters(md, adapter_runs, status.status.get("servedAdapters") or ())
+    report_adapters(status, md, adapters)
+    deployment = build.deployment(body, md, 1, model_uri, adapters.ready)
     ctx.record_children(
         body,
         [
             build.config_map(body),
+            *(
+                [build.adapters_config_map(body, adapters.ready)]
+                if md.spec.adapters and md.spec.runtime == "builtin"
+                else []
+            ),
             deployment,
             build.service(body, md),
             build.disruption_budget(body),

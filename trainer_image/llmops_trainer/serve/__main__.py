@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from llmops.api.modeldeployment import ModelDeployment
 from llmops_trainer.model import GPT
-from llmops_trainer.serve import adapters, loading
+from llmops_trainer.serve import adapter_watch, adapters, loading
 from llmops_trainer.serve.api import ServerState, create_app
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, UnsupportedModel
 from llmops_trainer.serve.engine import Engine, KVCacheModel
@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--queue-timeout", type=float, help="seconds a request waits for room before a 429"
     )
     parser.add_argument(
+        "--adapters-file",
+        type=Path,
+        help="a JSON list of {name, path} adapters, read again every few seconds",
+    )
+    parser.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -117,6 +122,8 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         if not name or not folder:
             raise SystemExit(f"--adapter wants NAME=DIR, got {value!r}")
         settings.adapters.append((name, Path(folder)))
+    if args.adapters_file is not None:
+        settings.adapters_file = args.adapters_file
     settings.device, settings.dtype = args.device, args.dtype
     settings.max_concurrency = max(settings.max_concurrency, settings.max_batch_size)
     return settings
@@ -236,7 +243,22 @@ def serve(settings: ServeSettings) -> int:
 
     def load() -> Engine:
         loaded = loading.load(settings.model_dir)
+        listed = settings.adapters_file
+        if listed is not None and listed.is_file():
+            try:
+                entries = adapter_watch.read_entries(listed)
+            except ValueError as error:
+                raise AdapterLoadError(f"adapters file {listed}: {error}") from error
+            settings.adapters += [(e.name, Path(e.path)) for e in entries]
         engine = build_engine(loaded, settings, metrics)
+        if listed is not None:
+            adapter_watch.AdapterWatcher(
+                listed,
+                engine,
+                metrics,
+                settings.adapters_poll_seconds,
+                served=dict(settings.adapters),
+            ).start()
         context = engine.context_length
         state.label = loaded.label
         state.context_length = context

@@ -411,8 +411,11 @@ def create_app(
             raise RequestError("the server is shutting down", 503, reason="draining")
         if state.engine is None or not state.ready:
             raise RequestError("the model is still loading", 503, reason="loading")
-        names = [state.served_name, *state.engine.adapter_names]
-        if model not in names:
+        if model == state.served_name:
+            return state.engine, 0
+        adapter = state.engine.adapter_id(model)
+        if adapter is None:
+            names = [state.served_name, *state.engine.adapter_names]
             served = ", ".join(repr(n) for n in names)
             raise RequestError(
                 f"the model {model!r} does not exist; this server serves {served}",
@@ -420,7 +423,7 @@ def create_app(
                 "model",
                 "model_not_found",
             )
-        return state.engine, names.index(model)
+        return state.engine, adapter
 
     async def off_loop(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(tokenizers, function, *args)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from llmops_trainer.serve.adapters import Adapter, check_fits
 
+# An adapter's low-rank updates: (layer, module) -> (A, B with the scale folded in).
+Updates = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 # Rows of a batch per adapter (1-based; the base's rows are not listed).
 Groups = list[tuple[int, torch.Tensor]]
 # The (cos, sin) of the rotary embedding at a batch's positions, shared by all the layers
@@ -136,15 +138,32 @@ class DecoderKVCacheModel:
             _fuse(layer.mlp, ("gate_proj", "up_proj")) if _gated(layer.mlp) else None
             for layer in self.layers
         ]
-        self.adapters: list[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = []
+        self._shapes = shapes
+        self._dtype = dtype
+        # Slot i + 1 holds an adapter's updates; a dropped slot (an adapter replaced by a
+        # newer version, once no sequence uses it) is None. Slots are never reused.
+        self.adapters: list[Updates | None] = []
         for adapter in adapters:
-            check_fits(adapter, shapes)
-            self.adapters.append(
-                {
-                    where: (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-                    for where, (a, b) in adapter.updates.items()
-                }
+            self.add_adapter(adapter)
+
+    def add_adapter(self, adapter: Adapter) -> int:
+        """Install an adapter's updates (checked against this base) in a new slot: its
+        1-based number, what a row's adapter id names. Safe beside a running step: the
+        step never reads a slot no sequence names."""
+        check_fits(adapter, self._shapes)
+        updates = {
+            where: (
+                a.to(device=self.device, dtype=self._dtype),
+                b.to(device=self.device, dtype=self._dtype),
             )
+            for where, (a, b) in adapter.updates.items()
+        }
+        self.adapters.append(updates)
+        return len(self.adapters)
+
+    def drop_adapter(self, slot: int) -> None:
+        """Free a slot no sequence uses any more."""
+        self.adapters[slot - 1] = None
 
     def _groups(self, adapters: Sequence[int] | None) -> Groups:
         if not adapters or not any(adapters):
@@ -161,7 +180,9 @@ class DecoderKVCacheModel:
         """The base projection, plus each row's adapter update where it has one."""
         y: torch.Tensor = F.linear(x, module.weight, module.bias)
         for adapter, rows in groups:
-            update = self.adapters[adapter - 1].get((layer, name))
+            updates = self.adapters[adapter - 1]
+            assert updates is not None, f"adapter slot {adapter} was dropped while in use"
+            update = updates.get((layer, name))
             if update is not None:
                 a, b = update
                 y[rows] += (x[rows] @ a.T) @ b.T

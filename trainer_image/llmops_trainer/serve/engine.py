@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llmops_trainer.model import GPT, Block, GPTConfig
+from llmops_trainer.serve.adapters import Adapter, AdapterError
 from llmops_trainer.serve.batching import Scheduler
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, Prefill, padded
 from llmops_trainer.serve.metrics import ServingMetrics
@@ -216,7 +217,8 @@ class Generation:
     cancelled: bool = False
     last_token_at: float | None = None
     generator: torch.Generator | None = None
-    adapter: int = 0  # 0: the base model; i: the engine's adapter_names[i - 1]
+    adapter_id: int = 0  # the adapter asked for (0: the base; see Engine.adapter_id)
+    adapter: int = 0  # the model's adapter slot serving it, fixed when it is admitted
     stopper: StopMatcher = field(init=False)
     pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a Delta
     cumulative_logprob: float = 0.0
@@ -309,7 +311,13 @@ class Engine:
         # Every id that ends a reply (a chat model's end of turn as well as end of text).
         self.stop_token_ids = frozenset(stop_token_ids)
         self.chat = chat
-        self.adapter_names = list(adapter_names)  # served by name, in the model's order
+        # Adapters by name: a name keeps its id (1-based, in order of arrival) across new
+        # versions; the id's current version is a slot of the model. A sequence keeps the
+        # version it was admitted with; a replaced version's slot is freed when unused.
+        self._names: list[str] = list(adapter_names)
+        self._slots: dict[int, int] = {i: i for i in range(1, len(self._names) + 1)}
+        self._retired: list[int] = []
+        self._adapters_lock = threading.Lock()
         self.metrics = metrics
         self.context_length = model.context_length
         self.vocab_size = int(model.config.vocab_size)
@@ -336,6 +344,57 @@ class Engine:
         self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmops-engine", daemon=True)
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters served now, by name."""
+        slots = self._slots
+        return [name for i, name in enumerate(self._names, 1) if i in slots]
+
+    def adapter_id(self, name: str) -> int | None:
+        """The id a request for adapter `name` carries; None when it is not served."""
+        slots = self._slots
+        for i, known in enumerate(self._names, 1):
+            if known == name and i in slots:
+                return i
+        return None
+
+    def replace_adapter(self, name: str, adapter: Adapter) -> None:
+        """Serve `adapter` as `name` from now on (a new name, or a new version of one):
+        requests admitted from now on get it, running ones finish with the version they
+        started with. Raises AdapterError when it does not fit the base."""
+        if not isinstance(self.model, DecoderKVCacheModel):
+            raise AdapterError("LoRA adapters are served on transformers models only")
+        with self._adapters_lock:
+            slot = self.model.add_adapter(adapter)
+            if name not in self._names:
+                self._names = [*self._names, name]
+            adapter_id = self._names.index(name) + 1
+            old = self._slots.get(adapter_id)
+            self._slots = {**self._slots, adapter_id: slot}  # one assignment: readers see
+            if old is not None:  # either the old mapping or the new one
+                self._retired.append(old)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving `name`: requests for it get 404 from now on; running ones finish."""
+        with self._adapters_lock:
+            adapter_id = self.adapter_id(name)
+            if adapter_id is None:
+                return
+            self._retired.append(self._slots[adapter_id])
+            self._slots = {k: v for k, v in self._slots.items() if k != adapter_id}
+
+    def _free_retired(self) -> None:  # the engine thread, between steps
+        if not self._retired:
+            return
+        with self._adapters_lock:
+            used = {g.adapter for g in self._running}
+            for slot in [s for s in self._retired if s not in used]:
+                assert isinstance(self.model, DecoderKVCacheModel)
+                self.model.drop_adapter(slot)
+                self._retired.remove(slot)
 
     # -- the event-loop side ----------------------------------------------------------------
 
@@ -366,7 +425,7 @@ class Engine:
                 functools.partial(self._post, stream),
                 IncrementalDecoder(self.tokenizer.decode),
             )
-            generation.adapter = adapter
+            generation.adapter_id = adapter
             if params.seed is not None and not params.greedy:
                 generation.generator = torch.Generator(device=self.model.device)
                 generation.generator.manual_seed(params.seed)
@@ -497,7 +556,8 @@ class Engine:
     def step(self) -> None:
         try:
             self._drop_cancelled()
-            admitted = self.scheduler.admit()
+            self._free_retired()
+            admitted = self._pin_adapters(self.scheduler.admit())
             if admitted:
                 self._prefill(admitted)
                 self._flush()  # the first tokens go out before the batch's decoding step
@@ -532,6 +592,22 @@ class Engine:
         for generation in [g for g in self._running if g.cancelled]:
             self._release(generation)
             self._finish_metrics(generation, "cancelled")
+
+    def _pin_adapters(self, admitted: list[Generation]) -> list[Generation]:
+        """Give each admitted sequence its adapter's current version for its whole life;
+        one whose adapter stopped being served while it waited ends with an error."""
+        slots = self._slots
+        kept = []
+        for generation in admitted:
+            if generation.adapter_id:
+                slot = slots.get(generation.adapter_id)
+                if slot is None:
+                    self.scheduler.finish(generation)
+                    self._send_done(generation, "error", "the adapter is no longer served")
+                    continue
+                generation.adapter = slot
+            kept.append(generation)
+        return kept
 
     def _prefill(self, admitted: list[Generation]) -> None:
         first = len(self._running)

@@ -119,6 +119,13 @@ class ServingMetrics:
             ["path", "method", "status"],
             registry=registry,
         )
+        self.adapter_loads = Counter(
+            ServingMetric.ADAPTER_LOADS,
+            "LoRA adapter versions loaded while serving, by outcome (loaded, failed: the "
+            "version served before stays).",
+            ["outcome"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             ServingMetric.MODEL_INFO,
             "The model served (always 1).",

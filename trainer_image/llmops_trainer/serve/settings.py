@@ -3,7 +3,6 @@ the controller, command-line flags when run by hand."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,10 @@ class ServeSettings:
     queue_timeout: float = 30.0
     # LoRA adapters served by name on the model: (name, folder in peft's layout)
     adapters: list[tuple[str, Path]] = field(default_factory=list)
+    # A file listing adapters (AdapterEntry records), read at start and then every
+    # adapters_poll_seconds: new names and versions are served without a restart.
+    adapters_file: Path | None = None
+    adapters_poll_seconds: float = 10.0
 
     @classmethod
     def from_deployment(cls, md: ModelDeployment, model_dir: Path) -> ServeSettings:
@@ -49,11 +52,13 @@ class ServeSettings:
             raise EmptyTokenError(
                 f"spec.server.authTokenSecret is set but {AUTH_TOKEN_FILE_ENV} is not"
             )
-        # The controller resolves each adapter to a mounted folder (the spec names runs).
-        names = json.loads(os.environ.get(Env.ADAPTERS) or "[]")
-        adapters = [(n, Path(os.environ[f"{Env.ADAPTER_PATH}{i}"])) for i, n in enumerate(names)]
+        # The controller resolves each adapter to a mounted folder (the spec names runs)
+        # and lists them in a file of their own.
+        adapters_file = os.environ.get(Env.ADAPTERS_FILE)
+        poll = os.environ.get(Env.ADAPTERS_POLL_SECONDS)
         return cls(
-            adapters=adapters,
+            adapters_file=Path(adapters_file) if adapters_file else None,
+            adapters_poll_seconds=float(poll) if poll else 10.0,
             model_dir=model_dir,
             served_name=md.spec.model.served_name or md.metadata.name or model_dir.name,
             port=server.port,
