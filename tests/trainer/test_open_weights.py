@@ -266,6 +266,24 @@ def test_lora_trains_only_the_adapter_and_exports_adapter_and_merged_model(
     assert any(not torch.equal(original[n], exported[n]) for n in adapted)
 
 
+def test_lora_under_zero_3_checkpoints_the_adapter_it_trained(
+    base_model: Path, chat_data: Path, job: Callable[..., Job]
+) -> None:
+    """ZeRO-3 shards even the adapter: the checkpoint's peft folder is gathered from the
+    shards, and equals the exported adapter of the same step."""
+    short = {**LORA_RATES, "maxSteps": 8}
+    run = job(
+        fine_tune(base_model, adapter=LORA, hyperparameters=short, deepspeed={"zeroStage": 3}),
+        data=chat_data,
+    )
+    assert run.run() == 0, run.log.read_text()[-4000:]
+    exported = load_file(str(run.output / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(run.checkpoints / "step-8" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(exported) and exported
+    for name, tensor in exported.items():
+        torch.testing.assert_close(saved[name], tensor, atol=1e-6, rtol=0)
+
+
 def test_lora_run_killed_mid_way_resumes_with_the_same_curve(
     lora_reference: Job, base_model: Path, chat_data: Path, job: Callable[..., Job]
 ) -> None:

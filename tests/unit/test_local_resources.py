@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from llmops.cli import main
-from llmops.local.resources import InvalidManifests, order, references, validate
+from llmops.local.resources import InvalidManifests, config_maps, order, references, validate
 from llmops.manifests import ManifestError, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +80,14 @@ def test_duplicates_unknown_kinds_and_foreign_objects() -> None:
         validate([unknown])
     config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}
     assert validate([config, QUICKSTART[0]])[1] == ["ConfigMap/c"]
+
+
+def test_configmaps_in_the_files_are_kept_for_the_pods_that_mount_them() -> None:
+    tasks = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tasks"}}
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "t", "namespace": "ml"}}
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}
+    found = config_maps([tasks, QUICKSTART[0], other, secret])
+    assert found == {("default", "tasks"): tasks, ("ml", "t"): other}
 
 
 def test_a_sweep_is_refused_as_needing_a_cluster() -> None:

@@ -119,3 +119,13 @@ def order(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in sorted(by_key, key=lambda k: (RANK[k[0]], position[k])):
         visit(key, [])
     return done
+
+
+def config_maps(documents: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The ConfigMaps among the documents, by (namespace, name): the local runtime mounts
+    them where a resource's pods name one (benchmark task folders, for one)."""
+    return {
+        key_of(doc)[1:]: doc
+        for doc in documents
+        if doc.get("apiVersion") == "v1" and doc.get("kind") == "ConfigMap"
+    }

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from llmops.local import dataset, serving, state, training
 from llmops.local.context import Context, key_of, local_gpus
-from llmops.local.resources import InvalidManifests, order, validate
+from llmops.local.resources import InvalidManifests, config_maps, order, validate
 from llmops.local.status import status_table
 from llmops.local.view import RunView
 from llmops.manifests import ManifestError, apply_overrides, load_manifests
@@ -96,8 +96,12 @@ def run(options: RunOptions, console: Console | None = None) -> int:
     except (ManifestError, InvalidManifests) as error:
         Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         return EXIT_INVALID
+    # ConfigMaps in the files are mounted where the resources' pods name them (benchmark
+    # tasks, for one); every other kind needs a cluster.
+    user_config_maps = config_maps(documents)
     for name in skipped:
-        console.print(f"skipping {name}: not an llmops resource", highlight=False)
+        if not name.startswith("ConfigMap/"):
+            console.print(f"skipping {name}: not an llmops resource", highlight=False)
     if not ordered:
         Console(stderr=True).print(
             "[red]error:[/] no Dataset, TrainingRun or ModelDeployment found"
@@ -111,6 +115,7 @@ def run(options: RunOptions, console: Console | None = None) -> int:
         console.print("no GPU found: training runs on the CPU (DeepSpeed's CPU accelerator, gloo)")
     for body in bodies:
         ctx.objects[key_of(body)] = body
+    ctx.configmaps.update(user_config_maps)
     servers: list[serving.Server] = []
     ok = True
     with Interrupts(ctx, console), view:
