@@ -457,13 +457,15 @@ _SUFFIXES: dict[str, float] = {
     **{s + "i": 1024 ** (n + 1) for n, s in enumerate("KMGTPE")},
     **{s: 1000 ** (n + 1) for n, s in enumerate("kMGTPE")},
     "m": 1e-3,
+    "u": 1e-6,
+    "n": 1e-9,
     "": 1,
 }
 
 
 def quantity_bytes(quantity: str) -> float:
     """A resource.Quantity ("480Gi", "64G", "1e9") in bytes."""
-    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([KMGTPE]i|[kMGTPEm])?", quantity)
+    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([KMGTPE]i|[kMGTPEmun])?", quantity)
     if match is None:
         raise PlanError(f"not a memory quantity: {quantity!r}")
     suffix: str = match.group(2) or ""

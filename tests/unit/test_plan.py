@@ -445,3 +445,17 @@ def test_plan_reads_prices_from_a_file(tmp_path: Path, capsys):
     assert result["cost"] == pytest.approx(result["acceleratorHours"] * 4.0)
     prices.write_text("h100: four\n")
     assert main(["plan", "-f", str(path), "--prices", str(prices)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [("480Gi", 480 * GiB), ("64G", 64e9), ("1e9", 1e9), ("1500m", 1.5), ("2u", 2e-6), ("3n", 3e-9)],
+)
+def test_memory_quantities_read_every_suffix_the_api_accepts(
+    quantity: str, expected: float
+) -> None:
+    from llmops.plan import quantity_bytes
+
+    assert quantity_bytes(quantity) == pytest.approx(expected)
+    with pytest.raises(PlanError, match="not a memory quantity"):
+        quantity_bytes("12 GB")

@@ -27,3 +27,11 @@ def test_a_failure_report_is_cut_to_fit_in_bytes(
     assert message.startswith(report.message) and report.message
     if len(json.dumps(message)) < LIMIT - 100:
         assert report.message == message
+
+
+def test_every_reason_the_server_gives_is_in_the_contract() -> None:
+    from llmops.api.workload import SERVER_REASONS
+    from llmops_trainer.serve.failures import REASONS, failure_reason
+
+    given = {reason for _, reason in REASONS} | {failure_reason(RuntimeError("other"))}
+    assert given <= set(SERVER_REASONS), given - set(SERVER_REASONS)
