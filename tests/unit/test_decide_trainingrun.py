@@ -81,13 +81,17 @@ def condition(decision: decide.Decision, type_: str) -> tuple[str, str]:
 
 
 def full_state() -> ProgressState:
-    """A trainer that logged a step, validated with every metric and checkpointed."""
+    """A trainer that logged a step (of a Dataset mixing plain text and supervised records),
+    validated with every metric and checkpointed."""
     state = ProgressState(step=20, consumed_samples=160)
     state.history.append(
         {"step": 20, "trainLoss": 2.0, "learningRate": 1e-3, "gradNorm": 0.5,
-         "tokensPerSecond": 900.0, "mfu": 0.3}
+         "tokensPerSecond": 900.0, "mfu": 0.3, "trainLossText": 2.2,
+         "trainLossSupervised": 1.8}
     )  # fmt: skip
-    state.validation = ValidationScores(loss=2.1, perplexity=8.2, accuracy=0.4, bleu=12.0)
+    state.validation = ValidationScores(
+        loss=2.1, perplexity=8.2, accuracy=0.4, bleu=12.0, loss_text=2.3, loss_supervised=1.9
+    )
     state.checkpointed("step-20")
     return state
 

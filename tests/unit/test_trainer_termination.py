@@ -35,3 +35,28 @@ def test_every_reason_the_server_gives_is_in_the_contract() -> None:
 
     given = {reason for _, reason in REASONS} | {failure_reason(RuntimeError("other"))}
     assert given <= set(SERVER_REASONS), given - set(SERVER_REASONS)
+
+
+@pytest.mark.parametrize(
+    ("error", "fault"),
+    [
+        ("DistBackendError", True),
+        (ConnectionResetError("peer"), True),
+        (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"), True),
+        (RuntimeError("NCCL communicator was aborted on rank 1"), True),
+        (ValueError("contextLength 512 exceeds the model's 256 positions"), False),
+        (RuntimeError("the split has no complete sample"), False),
+        (KeyError("tokenizer.json"), False),
+    ],
+)
+def test_a_lost_peer_is_not_a_permanent_failure(error: object, fault: bool) -> None:
+    """Set-up and the final evaluation fail the run at once on errors a restart would meet
+    again, but not on the gang's own faults: those get a restart like any crash."""
+    import torch.distributed as dist
+
+    from llmops_trainer.train import node_fault
+
+    if error == "DistBackendError":
+        error = dist.DistBackendError("store lost")
+    assert isinstance(error, BaseException)
+    assert node_fault(error) is fault

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import torch
 
 from llmops_trainer.model import IGNORE_INDEX, mask_tokens
-from llmops_trainer.shards import Manifest, open_mask, open_tokens
+from llmops_trainer.shards import MASK_IGNORE, MASK_TEXT, Manifest, open_mask, open_tokens
 
 
 class Windows:
@@ -121,10 +121,28 @@ def make_batch(
             if objective.name == "sft":
                 if mask is None:
                     raise ValueError("objective sft needs a supervised dataset (loss masks)")
-                y[torch.from_numpy(mask[1:]) == 0] = IGNORE_INDEX
+                # Responses (MASK_RESPONSE) and, in a mixed dataset, plain text (MASK_TEXT).
+                y[torch.from_numpy(mask[1:]) == MASK_IGNORE] = IGNORE_INDEX
         inputs.append(x)
         labels.append(y)
     return torch.stack(inputs), torch.stack(labels)
+
+
+def text_targets(windows: Windows, indices: list[int], objective: Objective) -> torch.Tensor:
+    """For the labels make_batch returns for the same samples: True where the target token
+    belongs to a plain-text document (MASK_TEXT), False where it belongs to a supervised
+    record, so a mixed dataset's loss splits into the two. Every target of a dataset without
+    masks is plain text."""
+    kinds = []
+    for index in indices:
+        tokens, mask = windows.get(index)
+        if mask is None:
+            kinds.append(torch.ones(len(tokens) - 1, dtype=torch.bool))
+            continue
+        # masked-lm predicts the tokens in place, the others the next token.
+        marks = mask[:-1] if objective.name == "masked-lm" else mask[1:]
+        kinds.append(torch.from_numpy(marks == MASK_TEXT))
+    return torch.stack(kinds)
 
 
 def eval_indices(

@@ -16,9 +16,9 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from llmops_trainer.batches import Objective, Windows, make_batch
-from llmops_trainer.model import GPT, IGNORE_INDEX
-from llmops_trainer.shards import Manifest, open_mask, open_tokens
+from llmops_trainer.batches import Objective, Windows, make_batch, text_targets
+from llmops_trainer.model import GPT, IGNORE_INDEX, kind_means, loss_by_kind
+from llmops_trainer.shards import MASK_RESPONSE, Manifest, open_mask, open_tokens
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,6 +31,9 @@ class SplitScores:
     tokens: int
     # (sample index, mean loss) of this evaluation's samples, all ranks, worst first.
     per_sample: list[tuple[int, float]] = field(default_factory=list)
+    # A mixed dataset (by_kind): the mean loss of the plain-text and supervised targets.
+    loss_text: float | None = None
+    loss_supervised: float | None = None
 
 
 def _perplexity(loss: float) -> float:
@@ -46,8 +49,10 @@ def score_split(
     micro_batch: int,
     device: torch.device,
     keep_per_sample: bool = False,
+    by_kind: bool = False,
 ) -> SplitScores:
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
+    kinds = torch.zeros(4, dtype=torch.float64)  # by_kind: loss_by_kind's sums
     per_sample: list[tuple[int, float]] = []
     for start in range(0, len(indices), micro_batch):
         chunk = indices[start : start + micro_batch]
@@ -62,12 +67,16 @@ def score_split(
             [losses.sum().item(), counted.sum().item(), correct.sum().item()],
             dtype=torch.float64,
         )
+        if by_kind:
+            kinds += loss_by_kind(logits, labels, text_targets(windows, chunk, objective))
         if keep_per_sample:
             sample_tokens = counted.sum(dim=1).clamp(min=1)
             means = (losses.sum(dim=1) / sample_tokens).tolist()
             per_sample.extend(zip(chunk, means, strict=True))
     if dist.is_initialized():
         dist.all_reduce(totals)
+        if by_kind:
+            dist.all_reduce(kinds)
         if keep_per_sample:
             gathered: list[list[tuple[int, float]]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(gathered, per_sample)
@@ -75,7 +84,10 @@ def score_split(
     loss_sum, tokens, correct = totals.tolist()
     loss = loss_sum / max(tokens, 1)
     per_sample.sort(key=lambda item: item[1], reverse=True)
-    return SplitScores(loss, _perplexity(loss), correct / max(tokens, 1), int(tokens), per_sample)
+    text, supervised = kind_means(kinds) if by_kind else (None, None)
+    return SplitScores(
+        loss, _perplexity(loss), correct / max(tokens, 1), int(tokens), per_sample, text, supervised
+    )
 
 
 def documents(
@@ -115,7 +127,7 @@ def generation_task(
         if len(prompts) >= count:
             break
         if supervised and mask is not None:
-            response = np.flatnonzero(mask)
+            response = np.flatnonzero(mask == MASK_RESPONSE)  # plain text has none: skipped
             if not response.size or response[0] == 0:
                 continue
             cut = int(response[0])

@@ -178,6 +178,31 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int,
     return float(loss_sum), int(counted.sum().item()), int(correct)
 
 
+def loss_by_kind(logits: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[loss sum, tokens] of the counted targets that are plain text (`text` True), then of
+    the others (supervised records), as float64, for summing over steps and ranks."""
+    flat_labels = labels.view(-1)
+    losses = F.cross_entropy(
+        logits.detach().float().view(-1, logits.shape[-1]),
+        flat_labels,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    counted = flat_labels != IGNORE_INDEX
+    plain = text.view(-1).to(counted.device) & counted
+    supervised = counted & ~plain
+    return torch.stack(
+        [losses[plain].sum(), plain.sum(), losses[supervised].sum(), supervised.sum()]
+    ).to(dtype=torch.float64, device="cpu")
+
+
+def kind_means(sums: torch.Tensor) -> tuple[float | None, float | None]:
+    """(plain-text loss, supervised loss) from loss_by_kind's sums; None for a kind with no
+    counted token."""
+    text_sum, text_n, sup_sum, sup_n = sums.tolist()
+    return (text_sum / text_n if text_n else None, sup_sum / sup_n if sup_n else None)
+
+
 def mask_tokens(
     tokens: torch.Tensor,
     mask_token_id: int,

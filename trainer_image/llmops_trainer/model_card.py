@@ -59,7 +59,8 @@ def render(
         "## Data",
         "",
         f"- Dataset: `{dataset['name']}`, fingerprint `{dataset['fingerprint']}`",
-        f"- Vocabulary: {dataset['vocab_size']} tokens; supervised: {dataset['supervised']}",
+        f"- Vocabulary: {dataset['vocab_size']} tokens; supervised: {dataset['supervised']}"
+        + (" (mixed with plain text)" if dataset.get("mixed") else ""),
         f"- Training tokens seen: {_fmt(final.get('tokensSeen'))}",
         "",
         "## Training curves",
@@ -72,6 +73,14 @@ def render(
             f"({_fmt(train[0]['trainLoss'])} -> {_fmt(train[-1]['trainLoss'])})",
             "",
         ]
+    for key, what in (("trainLossText", "plain text"), ("trainLossSupervised", "supervised")):
+        part = [h for h in train if h.get(key) is not None]  # a mixed dataset's two losses
+        if part:
+            lines += [
+                f"Training loss on {what} tokens: `{sparkline([h[key] for h in part])}` "
+                f"({_fmt(part[0][key])} -> {_fmt(part[-1][key])})",
+                "",
+            ]
     if val:
         lines += [
             "| step | validation loss | perplexity | accuracy |",

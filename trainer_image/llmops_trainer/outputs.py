@@ -90,6 +90,7 @@ def write(
             "fingerprint": done.manifest.fingerprint,
             "vocab_size": done.manifest.vocab_size,
             "supervised": done.manifest.supervised,
+            "mixed": done.manifest.mixed,
         },
         {**(done.description or done.model_config.to_dict()), "parameters": parameters},
         done.state.history,

@@ -95,6 +95,8 @@ def progress_record(
         total_steps=total_steps,
         epoch=state.consumed_samples / num_samples if num_samples else None,
         train_loss=last.get("trainLoss"),
+        train_loss_text=last.get("trainLossText"),
+        train_loss_supervised=last.get("trainLossSupervised"),
         learning_rate=last.get("learningRate"),
         grad_norm=last.get("gradNorm"),
         tokens_per_second=last.get("tokensPerSecond"),
@@ -127,6 +129,13 @@ class Metrics:
             return Gauge(f"llmops_training_{name}", text, registry=registry)
 
         self.loss = gauge("loss", "Training loss of the latest optimizer step.")
+        self.loss_by_kind = Gauge(
+            "llmops_training_loss_by_kind",
+            "Training loss of the latest optimizer step's tokens of one kind (`text` or "
+            "`supervised`), for a Dataset mixing plain text and supervised records.",
+            ["kind"],
+            registry=registry,
+        )
         self.validation_loss = gauge("validation_loss", "Latest validation loss.")
         self.perplexity = gauge("validation_perplexity", "Latest validation perplexity.")
         self.train_split_loss = gauge(
@@ -172,6 +181,12 @@ class Metrics:
         ):
             if value is not None:
                 gauge.set(value)
+        for kind, value in (
+            ("text", progress.train_loss_text),
+            ("supervised", progress.train_loss_supervised),
+        ):
+            if value is not None:
+                self.loss_by_kind.labels(kind=kind).set(value)
 
 
 class Reporter:

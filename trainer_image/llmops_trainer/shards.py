@@ -7,10 +7,19 @@ the only place either side touches the format.
     <root>/tokenizer.json                  HF `tokenizers` file
     <root>/<split>/shard-00000.bin         tokens, little-endian uint16 or uint32
     <root>/<split>/shard-00000.mask        supervised data only: one uint8 per token,
-                                           1 where the token counts towards the loss
+                                           0 (MASK_IGNORE) where the token is not learned
+                                           (a prompt), 1 (MASK_RESPONSE) where it is (a
+                                           response), 2 (MASK_TEXT) for the tokens of a
+                                           plain-text document of a mixed dataset
 
 Inside a shard, documents are concatenated, each followed by the end-of-sequence token, so
 a shard is a plain token stream that `numpy.memmap` maps without reading it.
+
+A mixed dataset (plain-text and supervised sources, `Manifest.mixed`) is written as
+supervised shards: a plain-text document's tokens and its end-of-sequence token are all
+MASK_TEXT, so one rule (learn every token whose mask is not 0) trains plain text on every
+token and supervised records on their responses, and the mask still tells which tokens came
+from which kind. Shards written before MASK_TEXT existed hold only 0 and 1 and read the same.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +38,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation", "test")
 TokenDtype = Literal["uint16", "uint32"]
+MASK_IGNORE = 0  # no loss: a prompt, a user turn, the chat template's scaffolding
+MASK_RESPONSE = 1  # a response or assistant turn of a supervised record (and its EOS)
+MASK_TEXT = 2  # a plain-text document's token in a mixed dataset (and its EOS)
 
 
 def dtype_for_vocab(vocab_size: int) -> TokenDtype:
@@ -68,17 +80,24 @@ class Manifest:
     eos_token_id: int
     tokenizer: str = "tokenizer.json"
     supervised: bool = False
+    # Plain-text and supervised documents in supervised shards (the masks mark MASK_TEXT).
+    mixed: bool = False
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        data = asdict(self)
+        if not self.mixed:  # as before mixing existed: older readers read it unchanged
+            del data["mixed"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"unsupported manifest version {data.get('version')!r}")
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # a newer writer's additions
         splits = {
             name: SplitInfo(
                 tokens=split["tokens"],
@@ -131,15 +150,35 @@ class ShardWriter:
     def add(
         self, tokens: list[int] | npt.NDArray[Any], mask: list[int] | npt.NDArray[Any] | None = None
     ) -> None:
+        array = self._checked(tokens)
+        if self.supervised and (mask is None or len(mask) != len(array)):
+            raise ValueError("supervised shards need a loss mask as long as the tokens")
+        self._tokens.append(np.append(array, self.eos).astype(self.dtype))
+        if self.supervised:
+            assert mask is not None
+            # The end-of-sequence token after a response is learned too.
+            marks = np.asarray(mask, dtype=np.uint8)
+            self._masks.append(np.append(marks, MASK_RESPONSE).astype(np.uint8))
+        self._append(array)
+
+    def add_text(self, tokens: list[int] | npt.NDArray[Any]) -> None:
+        """A plain-text document: every token and its end-of-sequence token are learned. In
+        supervised shards (a mixed dataset) its mask is MASK_TEXT throughout."""
+        if not self.supervised:
+            self.add(tokens)
+            return
+        array = self._checked(tokens)
+        self._tokens.append(np.append(array, self.eos).astype(self.dtype))
+        self._masks.append(np.full(array.size + 1, MASK_TEXT, dtype=np.uint8))
+        self._append(array)
+
+    def _checked(self, tokens: list[int] | npt.NDArray[Any]) -> npt.NDArray[np.int64]:
         array = np.asarray(tokens, dtype=np.int64)
         if array.size and (array.min() < 0 or array.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token id out of range for {self.dtype.name}")
-        self._tokens.append(np.append(array, self.eos).astype(self.dtype))
-        if self.supervised:
-            if mask is None or len(mask) != len(array):
-                raise ValueError("supervised shards need a loss mask as long as the tokens")
-            # The end-of-sequence token after a response is learned too.
-            self._masks.append(np.append(np.asarray(mask, dtype=np.uint8), 1).astype(np.uint8))
+        return array
+
+    def _append(self, array: npt.NDArray[np.int64]) -> None:
         self._pending_tokens += array.size + 1
         self._pending_documents += 1
         if self._pending_tokens >= self.tokens_per_shard:

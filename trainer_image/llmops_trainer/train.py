@@ -72,9 +72,10 @@ from llmops_trainer.batches import (
     eval_indices,
     make_batch,
     rank_positions,
+    text_targets,
 )
 from llmops_trainer.ds_config import deepspeed_config, linear_lr, trainer_clips, zero_stage
-from llmops_trainer.model import GPT, GPTConfig, flops_per_token, lm_loss
+from llmops_trainer.model import GPT, GPTConfig, flops_per_token, kind_means, lm_loss, loss_by_kind
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
 from llmops_trainer.progress import ProgressState, Reporter, progress_record, trainer_report
 from llmops_trainer.shards import Manifest, read_manifest
@@ -82,8 +83,33 @@ from llmops_trainer.termination import write_failure, write_termination_message
 from llmops_trainer.weights import consolidated_state_dict
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a killed process would have returned
-# Errors a restart would meet again: the set-up (spec, data, model) and what follows training.
+# Errors a restart would meet again: the set-up (spec, data, model) and what follows training,
+# unless the error is a fault of the gang itself (see node_fault).
 PERMANENT_AT = {"setup": "InvalidTrainingSetup", "finish": "FinalEvaluationFailed"}
+# What gloo, NCCL and the rendezvous say when a peer process or its node went away.
+PEER_LOSS = (
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "nccl",
+    "gloo",
+    "rendezvous",
+    "socket",
+)
+
+
+def node_fault(error: BaseException) -> bool:
+    """Whether an error is the gang's (a lost peer, the network, the rendezvous) rather than
+    the run's: a restart on healthy pods can get past it, so it must not fail the run."""
+    if isinstance(error, (dist.DistError, ConnectionError, TimeoutError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and any(words in message for words in PEER_LOSS)
+
+
 BLEU_EXAMPLES = 16
 WORST_PASSAGES = 10
 log = logging.getLogger("llmops_trainer")
@@ -310,6 +336,8 @@ class Trainer:
         # trainer clips (ds_config.trainer_clips) and takes the norm from its clipping.
         self._plain_fp32 = trainer_clips(spec, self.plan)
         self._grad_norm: torch.Tensor | None = None
+        # A mixed dataset: [text loss sum, tokens, supervised loss sum, tokens] of a logged step.
+        self._kind_sums: torch.Tensor | None = None
         self._step_lr = 0.0
         self.benchmark_tasks: list[Path] = []  # rank 0: copies of the task folders
 
@@ -369,9 +397,20 @@ class Trainer:
             self.spec.adapter is not None,
         )
 
+    def _check_data(self) -> None:
+        """Refuse an objective the Dataset cannot feed, before any model is built."""
+        if self.spec.model.objective == "sft" and not self.manifest.supervised:
+            raise ValueError(
+                "spec.model.objective sft learns the responses of supervised records, and "
+                f"Dataset {self.spec.dataset_ref.name!r} has plain text only (no source with "
+                "promptField/responseField or messagesField): use objective causal-lm, or "
+                "add a supervised source"
+            )
+
     def setup(self) -> None:
         import deepspeed
 
+        self._check_data()
         if self.spec.evaluation.benchmarks:
             self._prepare_benchmarks()
         resume = self._pick_checkpoint()
@@ -536,11 +575,17 @@ class Trainer:
             with (self.paths.output / f"samples-rank{self.rank}.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, "samples": indices}) + "\n")
         total = 0.0  # the engine is in training mode (evaluations switch back when done)
+        by_kind = logs and self.manifest.mixed
+        self._kind_sums = torch.zeros(4, dtype=torch.float64) if by_kind else None
         for m in range(plan.accumulation):
             chunk = indices[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
             inputs, labels = make_batch(self.train_windows, chunk, self.objective)
             logits = self.engine(inputs.to(self.device))
-            loss = lm_loss(logits, labels.to(self.device))
+            labels = labels.to(self.device)
+            loss = lm_loss(logits, labels)
+            if self._kind_sums is not None:
+                text = text_targets(self.train_windows, chunk, self.objective)
+                self._kind_sums += loss_by_kind(logits, labels, text)
             self.engine.backward(loss)
             if m == plan.accumulation - 1 and self._plain_fp32:
                 # Gradients are averaged over the ranks by now; DeepSpeed steps next.
@@ -567,15 +612,30 @@ class Trainer:
             with (self.paths.output / METRICS_HISTORY_FILE).open("a") as handle:
                 handle.write(entry.to_json() + "\n")
 
+    def _kind_losses(self) -> tuple[float | None, float | None]:
+        """A mixed dataset's logged step: the mean loss of its plain-text targets and of its
+        supervised ones, over all micro-batches and ranks (token-weighted, unlike trainLoss,
+        the mean of the micro-batches' means). Collective: every rank calls it."""
+        sums = self._kind_sums
+        if sums is None:
+            return None, None
+        if self.world > 1:
+            sums = sums.to(self.device)  # NCCL reduces accelerator tensors only
+            dist.all_reduce(sums)
+        return kind_means(sums.cpu())
+
     def _log_step(
         self, loss: float, tokens_per_second: float, mfu: float | None, tokens: int
     ) -> None:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None and self._grad_norm is not None:
             grad_norm = float(self._grad_norm)
+        text, supervised = self._kind_losses()
         entry = MetricsEntry(
             step=self.state.step,
             train_loss=loss,
+            train_loss_text=text,
+            train_loss_supervised=supervised,
             learning_rate=self._step_lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
             tokens_per_second=tokens_per_second,
@@ -601,9 +661,16 @@ class Trainer:
             scores = self._score("validation", evaluation.batches, draw=draw)
             bleu = self._bleu("validation")[0] if "bleu" in evaluation.metrics else None
             self.state.validation = ValidationScores(
-                loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy, bleu=bleu
+                loss=scores.loss,
+                perplexity=scores.perplexity,
+                accuracy=scores.accuracy,
+                bleu=bleu,
+                loss_text=scores.loss_text,
+                loss_supervised=scores.loss_supervised,
             )
             entry.val_loss, entry.perplexity = scores.loss, scores.perplexity
+            entry.val_loss_text = scores.loss_text
+            entry.val_loss_supervised = scores.loss_supervised
             entry.accuracy, entry.bleu = scores.accuracy, bleu
         if evaluation.train_split:
             # Another seed than the training order's, so these are not the first samples
@@ -660,6 +727,7 @@ class Trainer:
             self.plan.micro_batch_size,
             self.device,
             keep_per_sample,
+            by_kind=self.manifest.mixed,
         )
         self.engine.train()
         return scores
@@ -838,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         trainer._report("Failed")
         permanent = PERMANENT_AT.get(stage)
-        if permanent is not None and isinstance(error, Exception):
+        if permanent is not None and isinstance(error, Exception) and not node_fault(error):
             write_failure(TRAINER_STAGE, permanent, f"{type(error).__name__}: {error}")
         raise
     finally:

@@ -210,7 +210,13 @@ class DataSource(ApiModel):
     )
     weight: float = Field(
         default=1.0,
-        description="Mixing weight: sources are sampled in proportion to their weights.",
+        description=(
+            "Sampling weight in the training split: each training document of the source is "
+            "written floor(weight) times, plus once more when a hash of its content falls "
+            "below the fraction (so 2.5 repeats every document twice and half of them a "
+            "third time, 0.3 keeps about 30% of them; reruns agree). Validation and test "
+            "splits are not weighted. Plain-text and supervised sources mix this way too."
+        ),
         gt=0,
         le=1000,
     )
@@ -608,14 +614,6 @@ class DatasetSpec(ApiModel):
 
     cel_rules = (
         Rule(
-            cel="self.sources.all(s, has(s.promptField) || has(s.messagesField)) || "
-            "self.sources.all(s, !has(s.promptField) && !has(s.messagesField))",
-            message="sources must be all supervised (promptField/responseField or "
-            "messagesField) or all plain text",
-            check=lambda s: len({x.supervised for x in s.sources}) <= 1,
-            field_path=".sources",
-        ),
-        Rule(
             cel="!self.sources.exists(s, has(s.messagesField)) || has(self.tokenizer.fromModel)",
             message="chat sources (messagesField) need tokenizer.fromModel, whose chat template "
             "renders them",
@@ -664,7 +662,11 @@ class DatasetSpec(ApiModel):
     )
 
     sources: list[DataSource] = Field(
-        description="Inputs of the corpus, mixed by weight.",
+        description=(
+            "Inputs of the corpus, mixed by weight. Plain-text and supervised sources "
+            "(promptField or messagesField) may be mixed: objective sft then trains plain "
+            "text on every token and supervised records on their responses only."
+        ),
         min_length=1,
         max_length=MAX_SOURCES,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},

@@ -715,7 +715,28 @@ class TrainingMetrics(StatusModel):
     """The latest training and validation metrics."""
 
     train_loss: float | None = Field(default=None, description="Training loss (latest step).")
+    train_loss_text: float | None = Field(
+        default=None,
+        description=(
+            "Dataset mixing plain text and supervised records: the latest step's mean loss "
+            "on the plain-text tokens."
+        ),
+    )
+    train_loss_supervised: float | None = Field(
+        default=None,
+        description=(
+            "Dataset mixing plain text and supervised records: the latest step's mean loss "
+            "on the supervised records' learned tokens (responses with objective sft)."
+        ),
+    )
     validation_loss: float | None = Field(default=None, description="Latest validation loss.")
+    validation_loss_text: float | None = Field(
+        default=None, description="Mixed Dataset: latest validation loss of the plain text."
+    )
+    validation_loss_supervised: float | None = Field(
+        default=None,
+        description="Mixed Dataset: latest validation loss of the supervised records.",
+    )
     perplexity: float | None = Field(default=None, description="Latest validation perplexity.")
     accuracy: float | None = Field(default=None, description="Latest validation token accuracy.")
     bleu: float | None = Field(default=None, description="Latest validation BLEU (sft).")

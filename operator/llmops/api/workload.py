@@ -281,6 +281,13 @@ class ValidationScores(Record):
     perplexity: float | None = Field(default=None, description="exp(loss), causal models.")
     accuracy: float | None = Field(default=None, description="Next-token accuracy.")
     bleu: float | None = Field(default=None, description="BLEU of generated responses (sft).")
+    loss_text: float | None = Field(
+        default=None, description="Mean loss of the plain-text tokens (a mixed Dataset)."
+    )
+    loss_supervised: float | None = Field(
+        default=None,
+        description="Mean loss of the supervised records' learned tokens (a mixed Dataset).",
+    )
 
 
 class TrainingProgress(Record):
@@ -292,6 +299,14 @@ class TrainingProgress(Record):
     total_steps: int = Field(default=0, description="Optimizer steps planned.", ge=0)
     epoch: float | None = Field(default=None, description="Passes over the training split.")
     train_loss: float | None = Field(default=None, description="Loss of the latest step.")
+    train_loss_text: float | None = Field(
+        default=None,
+        description="Mixed Dataset: mean loss of the latest step's plain-text tokens.",
+    )
+    train_loss_supervised: float | None = Field(
+        default=None,
+        description="Mixed Dataset: mean loss of the latest step's supervised-record tokens.",
+    )
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     grad_norm: float | None = Field(default=None, description="Global gradient norm.")
     tokens_per_second: float | None = Field(default=None, description="Throughput.")
@@ -315,11 +330,24 @@ class MetricsEntry(Record):
 
     step: int = Field(description="Optimizer steps done.", ge=0)
     train_loss: float | None = Field(default=None, description="Loss of the step.")
+    train_loss_text: float | None = Field(
+        default=None, description="Mixed Dataset: mean loss of the step's plain-text tokens."
+    )
+    train_loss_supervised: float | None = Field(
+        default=None,
+        description="Mixed Dataset: mean loss of the step's learned supervised-record tokens.",
+    )
     learning_rate: float | None = Field(default=None, description="Learning rate of the step.")
     grad_norm: float | None = Field(default=None, description="Global gradient norm.")
     tokens_per_second: float | None = Field(default=None, description="Throughput.")
     mfu: float | None = Field(default=None, description="Model FLOPs utilization, 0-1.")
     val_loss: float | None = Field(default=None, description="Validation loss.")
+    val_loss_text: float | None = Field(
+        default=None, description="Mixed Dataset: validation loss of the plain-text tokens."
+    )
+    val_loss_supervised: float | None = Field(
+        default=None, description="Mixed Dataset: validation loss of the supervised records."
+    )
     perplexity: float | None = Field(default=None, description="Validation perplexity.")
     accuracy: float | None = Field(default=None, description="Validation next-token accuracy.")
     bleu: float | None = Field(default=None, description="BLEU of generated responses.")

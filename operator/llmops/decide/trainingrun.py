@@ -200,7 +200,11 @@ def apply_progress(
     validation = record.validation
     metrics = TrainingMetrics(
         train_loss=record.train_loss,
+        train_loss_text=record.train_loss_text,
+        train_loss_supervised=record.train_loss_supervised,
         validation_loss=validation.loss if validation else None,
+        validation_loss_text=validation.loss_text if validation else None,
+        validation_loss_supervised=validation.loss_supervised if validation else None,
         perplexity=validation.perplexity if validation else None,
         accuracy=validation.accuracy if validation else None,
         bleu=validation.bleu if validation else None,

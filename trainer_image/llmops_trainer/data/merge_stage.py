@@ -9,6 +9,11 @@ tokenizes in parallel and writes shards, tokenizer, manifest and dataset card.
 With `tokenizer.fromModel` the tokenizer is the model's: its `tokenizer.json` encodes the
 text, its end-of-sequence token separates documents, its chat template renders chats (with
 a loss mask on the assistant's turns), and its tokenizer files are copied into the output.
+
+Sources may mix plain text with supervised records (pairs, chats): the shards are then
+supervised, a plain-text document's mask is MASK_TEXT throughout (shards.py), and the
+manifest says `mixed`. A source's weight repeats or subsamples its training documents
+(`weighted_copies`).
 """
 
 from __future__ import annotations
@@ -233,6 +238,17 @@ def _augmented_chat(
     ]
 
 
+def weighted_copies(weight: float, heads: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """How many times each of the documents whose content hashes start with `heads` (their
+    first 8 bytes, little-endian) goes into the training split under a source weight:
+    floor(weight), plus one when the document's hash, spread evenly over [0, 1), is below
+    the fraction. So 2.5 writes every document twice and about half of them a third time,
+    0.3 keeps about 30% of them and drops the rest, and reruns (and reorderings) agree."""
+    unit = _mix(np.asarray(heads, dtype=np.uint64)).astype(np.float64) / 2.0**64
+    whole = int(weight)
+    return whole + (unit < weight - whole).astype(np.int64)
+
+
 def run_merge(
     dataset: Dataset, output_dir: Path, work_dir: Path, count: int, options: Options | None = None
 ) -> Manifest:
@@ -287,7 +303,10 @@ def run_merge(
     for name in SPLITS:
         shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    supervised = all(s.supervised for s in spec.sources)
+    # Plain-text documents of a mixed dataset go into supervised shards, marked MASK_TEXT.
+    supervised = any(s.supervised for s in spec.sources)
+    mixed = supervised and not all(s.supervised for s in spec.sources)
+    plain = {s.name for s in spec.sources if not s.supervised}
     writers = [
         ShardWriter(output_dir, name, dtype, eos, spec.sharding.tokens_per_shard, supervised)
         for name in SPLITS
@@ -296,7 +315,9 @@ def run_merge(
     weights = np.array([s.weight for s in spec.sources])
     augmentation = spec.processing.augmentation
     languages: Counter[str] = Counter()
-    per_source: dict[str, Counter[str]] = {s.name: Counter() for s in spec.sources}
+    per_source: dict[str, Counter[str]] = {
+        s.name: Counter(documents=0, trainDocuments=0, tokens=0) for s in spec.sources
+    }
     kept_bytes = 0
     augmented = 0
     batches: list[list[_Item]] = [[], [], []]
@@ -305,11 +326,13 @@ def run_merge(
         batch = batches[split]
         if not batch:
             return
-        if supervised:  # pairs and chats (sources may mix them), each encoded in a batch
-            pairs = [b for b in batch if b.messages is None]
+        if supervised:  # pairs, chats and plain text (sources may mix them), by kind
+            texts = [b for b in batch if b.source in plain]
+            pairs = [b for b in batch if b.source not in plain and b.messages is None]
             dialogues = [b.messages for b in batch if b.messages is not None]
             if dialogues and chats is None:
                 raise ValueError("chat sources (messagesField) need tokenizer.fromModel")
+            by_text = iter(tok.encode(tokenizer, [b.text for b in texts]))
             by_pair = iter(
                 tok.encode_pairs(
                     tokenizer, [b.text for b in pairs], [b.response or "" for b in pairs]
@@ -317,8 +340,12 @@ def run_merge(
             )
             by_chat = iter(chats.encode(dialogues) if chats is not None else [])
             for item in batch:
-                ids, mask = next(by_pair) if item.messages is None else next(by_chat)
-                writers[split].add(ids, mask)
+                if item.source in plain:
+                    ids = next(by_text)
+                    writers[split].add_text(ids)
+                else:
+                    ids, mask = next(by_pair) if item.messages is None else next(by_chat)
+                    writers[split].add(ids, mask)
                 per_source[item.source]["tokens"] += len(ids) + 1
         else:
             for ids, item in zip(
@@ -341,11 +368,10 @@ def run_merge(
         kept_bytes += int(corpus.out_bytes[index])
         copies = 1
         if split == 0:
-            # Weights repeat a source in the training split: 2.5 -> twice, plus a third
-            # copy for half of its documents (chosen by content hash, so reruns agree).
-            weight = float(weights[source])
-            frac = float(_mix(corpus.hashes[index, :8].view("<u8").copy())[0]) / 2.0**64
-            copies = int(weight) + (1 if frac < weight - int(weight) else 0)
+            # Weights repeat or subsample a source in the training split (weighted_copies).
+            head = corpus.hashes[index, :8].view("<u8").copy()
+            copies = int(weighted_copies(float(weights[source]), head)[0])
+            per_source[name]["trainDocuments"] += copies
         for _ in range(copies):
             batches[split].append(_Item(text, response, messages, name))
         if split == 0 and augmentation.enabled:
@@ -368,6 +394,10 @@ def run_merge(
     stats = _stats(
         registry, corpus, infos, languages, per_source, kept_bytes, augmented, vocab, print_
     )
+    for declared in spec.sources:  # what the counts were weighted with, and of which kind
+        entry = stats["sources"][declared.name]
+        entry["weight"] = declared.weight
+        entry["kind"] = "supervised" if declared.supervised else "text"
     stats["seconds"] = {
         "slices": sum(s.get("seconds", 0) for s in corpus.slice_stats),
         "merge": round(time.monotonic() - started, 3),
@@ -383,6 +413,7 @@ def run_merge(
         eos_token_id=eos,
         tokenizer=TOKENIZER,
         supervised=supervised,
+        mixed=mixed,
         splits=infos,
         stats=stats,
     )

@@ -120,9 +120,12 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
     spec = dataset.spec
     processing = spec.processing
     near = processing.deduplication.near
-    sources = [["source", "location", "format", "weight", "licence", "documents kept"]]
+    sources = [
+        ["source", "location", "format", "weight", "licence", "documents kept", "training copies"]
+    ]
     for i, source in enumerate(spec.sources):
-        kept = stats.get("sources", {}).get(source.name, {}).get("documents", 0)
+        counts = stats.get("sources", {}).get(source.name, {})
+        kept = counts.get("documents", 0)
         kind: str = source.format
         if source.messages_field:
             kind += " (chats)"
@@ -136,8 +139,10 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
                 f"{source.weight:g}",
                 _license(dataset, i),
                 str(kept),
+                str(counts.get("trainDocuments", "-")),
             ]
         )
+    mixed = len({s.supervised for s in spec.sources}) > 1
     steps = [["step", "documents in", "documents out", "MB in", "MB out", "dropped"]]
     for step in stats.get("steps", []):
         dropped = ", ".join(f"{k}: {v}" for k, v in step.get("dropped", {}).items()) or "-"
@@ -169,6 +174,19 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         "",
         _table(sources),
         "",
+        "Weights repeat (above 1) or subsample (below 1) a source's documents in the training "
+        "split: floor(weight) copies of each, one more for the documents whose content hash "
+        "falls below the fraction; validation and test are not weighted.",
+        "",
+        *(
+            [
+                "Plain text and supervised records are mixed: with objective `sft` plain text "
+                "is learned on every token, supervised records on their responses only.",
+                "",
+            ]
+            if mixed
+            else []
+        ),
         "## Processing",
         "",
         f"1. Normalization: Unicode {processing.normalization.unicode}, "
