@@ -9,6 +9,8 @@ with exactly these rules):
   of a TrainingSchedule; get + create + patch (server-side apply) every child; list and delete Jobs
   (stale Dataset versions, gang restarts); list Pods and read rank 0's log; delete the
   autoscaler kind not in use.
+- the watch cache: list/watch every kind it reads (children and Pods), so that reconciles
+  read from memory instead of the API server.
 */}}
 {{- define "llmops.rules" -}}
 - apiGroups: ["llmops.dev"]
@@ -26,26 +28,26 @@ with exactly these rules):
   verbs: ["create", "list"]
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 {{- end -}}

@@ -3,6 +3,7 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmops import GROUP, VERSION
 from llmops.api.base import StatusModel
+from llmops.controllers.cache import resource_version
 from llmops.controllers.kube import (
     ChildConflict,
     ChildRejected,
@@ -152,9 +154,7 @@ def _reconcile_alone(
     try:
         # The body kopf hands over may predate the last reconcile's own status patch (its
         # watch event can still be on the way); acting on it could undo a finished run.
-        fresh = kube().get(
-            body["apiVersion"], kind, body["metadata"]["name"], body["metadata"]["namespace"]
-        )
+        fresh = _newest(body, kind)
         if fresh is None:
             return  # deleted meanwhile
         try:
@@ -173,6 +173,22 @@ def _reconcile_alone(
             _write_now(fresh, patch)
     finally:
         lock.release()
+
+
+def _newest(body: kopf.Body, kind: str) -> dict[str, Any] | None:
+    """The object as it is now: read from the watch cache (which has this operator's own
+    status writes) or the API, unless kopf's body is newer still (a spec change whose event
+    reached kopf before the cache)."""
+    client, meta = kube(), body["metadata"]
+    fresh = client.get(body["apiVersion"], kind, meta["name"], meta["namespace"])
+    if fresh is None or client.cache is None:
+        return fresh
+    handed, cached = resource_version(body), resource_version(fresh)
+    if handed is not None and cached is not None and handed > cached:
+        newer = copy.deepcopy(dict(body))
+        client.cache.written(newer)
+        return newer
+    return fresh
 
 
 def _write_now(body: Mapping[str, Any], patch: kopf.Patch) -> None:
@@ -209,6 +225,20 @@ def _invalid_child(
 
 
 Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]
+
+# The watch cache runs with the operator, so clients without it (the CLI, tests) read the API.
+WATCH_CACHE = os.environ.get("LLMOPS_WATCH_CACHE", "1") not in ("0", "false", "off")
+
+
+@kopf.on.startup()
+def start_watch_cache(**_: Any) -> None:
+    if WATCH_CACHE:
+        kube().start_cache()
+
+
+@kopf.on.cleanup()
+def stop_watch_cache(**_: Any) -> None:
+    kube().stop_cache()
 
 
 def register(kind: str, plural: str, reconcile: Reconcile) -> None:

@@ -8,6 +8,7 @@ between two creates and restarted finds the first child and creates only the sec
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -19,6 +20,8 @@ from typing import Any, NamedTuple
 import kubernetes
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError, ResourceNotFoundError
+
+from llmops.controllers.cache import WatchCache, field_matcher, label_matcher
 
 FIELD_MANAGER = "llmops"
 # Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
@@ -93,6 +96,28 @@ class Kube:
         # as KEDA's ScaledObject); two handler threads rebuilding it at once break it.
         self._discovery = threading.Lock()
         self._missing: dict[tuple[str, str], float] = {}
+        # The watch cache reads are served from, once the operator started it.
+        self.cache: WatchCache | None = None
+
+    def start_cache(self) -> WatchCache:
+        """Serve reads from watches from now on (the operator's startup); a client of its
+        own, so that long-running watches never hold the handler threads' connections."""
+        if self.cache is None:
+            configuration = copy.copy(self.api_client.configuration)
+            configuration.connection_pool_maxsize = 256
+            dynamic = DynamicClient(kubernetes.client.ApiClient(configuration))
+            self.cache = WatchCache(dynamic, self._resource)
+        return self.cache
+
+    def stop_cache(self) -> None:
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            cache.stop()
+
+    def _written(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if self.cache is not None:
+            self.cache.written(obj)
+        return obj
 
     def _resource(self, api_version: str, kind: str) -> Any:
         key = (api_version, kind)
@@ -110,10 +135,9 @@ class Kube:
         objects whose spec is immutable, such as Jobs). Returns the live object."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         meta = manifest["metadata"]
-        try:
-            existing = resource.get(name=meta["name"], namespace=meta.get("namespace")).to_dict()
-        except NotFoundError:
-            existing = None
+        existing = self._get(
+            resource, manifest["apiVersion"], manifest["kind"], meta["name"], meta.get("namespace")
+        )
         if existing is not None:
             wanted_owner = _controller_uid(manifest)
             if wanted_owner is not None and _controller_uid(existing) != wanted_owner:
@@ -140,7 +164,7 @@ class Kube:
                 message = _rejection_message(error)
                 raise ChildRejected(manifest["kind"], meta["name"], message) from error
             raise
-        return Ensured(dict(applied.to_dict()), created=existing is None)
+        return Ensured(self._written(dict(applied.to_dict())), created=existing is None)
 
     def patch(
         self, api_version: str, kind: str, name: str, namespace: str | None, body: Mapping[str, Any]
@@ -153,7 +177,7 @@ class Kube:
             content_type="application/merge-patch+json",
             field_manager=FIELD_MANAGER,
         )
-        return dict(patched.to_dict())
+        return self._written(dict(patched.to_dict()))
 
     def patch_status(
         self, api_version: str, kind: str, name: str, namespace: str, status: Mapping[str, Any]
@@ -169,7 +193,7 @@ class Kube:
             )
         except NotFoundError:
             return None
-        return dict(patched.to_dict())
+        return self._written(dict(patched.to_dict()))
 
     def pod_log_tail(self, name: str, namespace: str, lines: int = 100) -> str | None:
         """The end of a pod's log, or None where the node serves no logs."""
@@ -183,8 +207,16 @@ class Kube:
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> dict[str, Any] | None:
+        return self._get(self._resource(api_version, kind), api_version, kind, name, namespace)
+
+    def _get(
+        self, resource: Any, api_version: str, kind: str, name: str, namespace: str | None
+    ) -> dict[str, Any] | None:
+        store = self.cache.store(api_version, kind, namespace) if self.cache else None
+        if store is not None:
+            return store.get(namespace, name)
         try:
-            found = self._resource(api_version, kind).get(name=name, namespace=namespace)
+            found = resource.get(name=name, namespace=namespace)
         except NotFoundError:
             return None
         return dict(found.to_dict())
@@ -197,7 +229,12 @@ class Kube:
         label_selector: str | None = None,
         field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
-        found = self._resource(api_version, kind).get(
+        resource = self._resource(api_version, kind)
+        store = self.cache.store(api_version, kind, namespace) if self.cache else None
+        labels, fields = label_matcher(label_selector), field_matcher(field_selector)
+        if store is not None and labels is not None and fields is not None:
+            return store.items(namespace, lambda o: labels(o) and fields(o))
+        found = resource.get(
             namespace=namespace, label_selector=label_selector, field_selector=field_selector
         )
         return [dict(item.to_dict()) for item in found.items]
@@ -212,13 +249,23 @@ class Kube:
         propagation: str = "Background",
     ) -> bool:
         """Delete if present; True when something was deleted. A kind the cluster does not
-        serve (an uninstalled CRD) has nothing to delete either."""
+        serve (an uninstalled CRD) has nothing to delete either; nor has a kind whose watch
+        cache holds no such object (a reconcile that deletes what may linger costs nothing)."""
+        store = self.cache.store(api_version, kind, namespace) if self.cache else None
+        if store is not None and store.get(namespace, name) is None:
+            return False
         try:
-            self._resource(api_version, kind).delete(
+            gone = self._resource(api_version, kind).delete(
                 name=name, namespace=namespace, propagation_policy=propagation
             )
         except (NotFoundError, ResourceNotFoundError):
             return False
+        if self.cache is not None:
+            last = gone.to_dict() if hasattr(gone, "to_dict") else {}
+            if last.get("kind") != kind:  # a Status, not the object: forget it by name
+                last = {"apiVersion": api_version, "kind": kind, "metadata": {}}
+                last["metadata"] = {"name": name, "namespace": namespace}
+            self.cache.deleted(last)
         return True
 
 

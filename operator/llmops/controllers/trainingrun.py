@@ -23,6 +23,7 @@ from llmops.decide.status import termination_message
 from llmops.metrics import ACCELERATOR_HOURS, RESTARTS_TRIGGERED
 
 KIND = decide.KIND
+FINISHED = ("Succeeded", "Failed")
 
 
 def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
@@ -41,7 +42,10 @@ def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
         progress = last_progress(kube.pod_log_tail(leader["metadata"]["name"], namespace))
     report = read_record(TrainerReport, termination_message(leader))
     warnings: list[str] = []
-    if len(decide.running_pods(pods)) < run.spec.resources.num_nodes:
+    # FailedCreate explains only pods the Job could not create: an API read when some are
+    # missing, not on every reconcile of a gang that exists (pending or running).
+    active = [p for p in pods if (p.get("status") or {}).get("phase") not in FINISHED]
+    if len(active) < run.spec.resources.num_nodes:
         warnings = common.failed_creates(job, namespace)
     return decide.Observed(body, dataset, parent, job, pods, progress, report, warnings)
 
