@@ -85,6 +85,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes]
+    args: list[str] = field(default_factory=list)
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
@@ -140,7 +141,7 @@ class ControlPlane:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
-        log = log_path.open("wb")
+        log = log_path.open("ab")
         popen = subprocess.Popen(
             [str(self.bins[name]), *args],
             stdout=log,
@@ -149,9 +150,32 @@ class ControlPlane:
             start_new_session=True,  # own process group: stop() kills it and its children
             preexec_fn=_die_with_parent,
         )
-        process = Process(name, popen, log_path, log)
+        process = Process(name, popen, log_path, log, list(args))
         self.processes.append(process)
         return process
+
+    def restart_apiserver(self) -> float:
+        """Stop kube-apiserver and start it again with the same flags (etcd keeps the state):
+        every client's connections and watches break. Seconds until it is ready again."""
+        index, old = next(
+            (i, p) for i, p in enumerate(self.processes) if p.name == "kube-apiserver"
+        )
+        started = time.monotonic()
+        old.stop()
+        self.processes.remove(old)
+        new = self._spawn("kube-apiserver", old.args)
+        self.processes.remove(new)
+        self.processes.insert(index, new)  # stop() keeps the reverse start order
+        assert self.admin is not None
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
+        wait_for(
+            "kube-apiserver /readyz after a restart",
+            lambda: _http_ok(f"{self.server}/readyz", context),
+            START_TIMEOUT,
+            new.check_alive,
+        )
+        return time.monotonic() - started
 
     def _start(self, nodes: int) -> None:
         pki_dir = self.workdir / "pki"
