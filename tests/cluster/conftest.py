@@ -28,20 +28,27 @@ os.environ.setdefault("LLMOPS_RECONCILE_SECONDS", "1")
 
 
 @pytest.fixture(scope="session")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    existing = os.environ.get("LLMOPS_TEST_KUBECONFIG")
-    if existing:
-        yield Path(existing)
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane | None]:
+    """The control plane the tests start (None when LLMOPS_TEST_KUBECONFIG names a cluster)."""
+    if os.environ.get("LLMOPS_TEST_KUBECONFIG"):
+        yield None
         return
     workdir = tmp_path_factory.mktemp("control-plane")
     with ControlPlane.start(workdir) as plane:
         try:
             # The in-process operator and the llmops client find the cluster here.
             os.environ["KUBECONFIG"] = str(plane.kubeconfig)
-            yield plane.kubeconfig
+            yield plane
         except BaseException:
             print(plane.logs_tail())
             raise
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: ControlPlane | None) -> Path:
+    if control_plane is None:
+        return Path(os.environ["LLMOPS_TEST_KUBECONFIG"])
+    return control_plane.kubeconfig
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kubelet import create, finished_dataset, wait_phase
+from kubelet import condition, create, finished_dataset, get, wait_phase
 from kubernetes import client
 from test_trainingrun_controller import RUN, training_run
+
+from controlplane import ControlPlane, wait_for
 
 HERE = Path(__file__).resolve().parent
 SELECTOR = f"llmops.dev/training-run={RUN}"
@@ -66,3 +68,37 @@ def test_killed_operator_resumes_without_duplicates(
     }
     for kind, uids in before.items():
         assert set(uids) <= set(after[kind]), f"{kind} was recreated"
+
+
+def test_the_operator_catches_up_after_the_api_server_restarts(
+    api_client: client.ApiClient, control_plane: ControlPlane | None, operator: str, volumes
+):
+    """Every watch breaks when the API server restarts: the operator's (kopf's and its watch
+    cache's) reconnect and re-list, so a run created and a run suspended just after are acted
+    on, and nothing is created twice."""
+    if control_plane is None:
+        pytest.skip("needs the control plane the tests start")
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    create(api_client, namespace, training_run())
+    wait_phase(api_client, namespace, "TrainingRun", RUN, "Running")
+    before = children(api_client, namespace)
+
+    control_plane.restart_apiserver()
+    custom = client.CustomObjectsApi(api_client)
+    custom.patch_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", RUN, {"spec": {"suspend": True}}
+    )
+    later = training_run()
+    later["metadata"]["name"] = "after-restart"
+    create(api_client, namespace, later)
+    wait_phase(api_client, namespace, "TrainingRun", RUN, "Suspended", timeout=90)
+    wait_for(
+        "the run created after the restart has its children",
+        lambda: (condition(get(api_client, namespace, "TrainingRun", "after-restart"), "Created")
+                 or {}).get("status") == "True",
+        90,
+    )  # fmt: skip
+    job = client.BatchV1Api(api_client).read_namespaced_job(f"{RUN}-workers-0", namespace)
+    assert job.spec.suspend is True
+    assert children(api_client, namespace) == before  # the first run's children, unchanged
