@@ -42,6 +42,7 @@ def make_model(
     config: GPTConfig | None = None,
     vocab_size: int = 300,
     scale: float = 1.0,
+    context_length: int = 64,
 ) -> Path:
     """The final model as the trainer writes it (`<output>/model`): GPT-2 export, tokenizer,
     llmops_model.json. `scale` multiplies the random weights, so greedy decoding of a random
@@ -53,7 +54,7 @@ def make_model(
     eos = tokenize.eos_id(tokenizer)
     config = config or GPTConfig(
         vocab_size=tokenizer.get_vocab_size(),
-        context_length=64,
+        context_length=context_length,
         num_layers=2,
         num_heads=2,
         hidden_size=32,

@@ -26,6 +26,7 @@ from llmops.api.common import (
     Resources,
     S3Location,
     Scheduling,
+    SecretKeySelector,
     Storage,
     conditions_field,
 )
@@ -84,6 +85,225 @@ class HubDatasetSource(ApiModel):
     )
 
 
+# -- language models: pseudo-labelling and augmentation ----------------------------------------
+
+TEXT_PLACEHOLDER = "{text}"
+QUESTION_PLACEHOLDER = "{question}"
+PromptTemplate = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+DEFAULT_PARAPHRASE_TEMPLATE = (
+    "Rewrite the following text in different words, keeping its meaning. Answer with the "
+    "rewritten text only.\n\n{text}"
+)
+DEFAULT_QUESTION_TEMPLATE = (
+    "Write one question that the following text answers. Answer with the question only.\n\n{text}"
+)
+DEFAULT_ANSWER_TEMPLATE = (
+    "Answer the question using the text.\n\nText:\n{text}\n\nQuestion: {question}\n\nAnswer:"
+)
+DEFAULT_PSEUDO_LABEL_TEMPLATE = "{text}"
+
+
+class LlmEndpoint(ApiModel):
+    """An OpenAI-compatible API: a ModelDeployment of this namespace or any URL, and how
+    hard to use it. Requests are cached by content hash on the Dataset's output volume, so a
+    rerun or a retried slice sends nothing it already sent."""
+
+    cel_rules = (
+        Rule(
+            cel=cel_exactly_one("modelDeployment", "url"),
+            message="exactly one of modelDeployment or url must be set",
+            check=lambda s: exactly_one(s, "model_deployment", "url"),
+        ),
+        Rule(
+            cel="has(self.modelDeployment) || has(self.model)",
+            message="model (the served model name) is needed with url",
+            check=lambda s: s.model_deployment is not None or s.model is not None,
+            field_path=".model",
+        ),
+    )
+
+    model_deployment: LocalObjectReference | None = Field(
+        default=None,
+        description=(
+            "A ModelDeployment of this namespace: its Service "
+            "(`http://<name>.<namespace>.svc:<server.port>/v1`), its served model name and, "
+            "without apiKeySecret, its `server.authTokenSecret` as the key. The Dataset waits "
+            "while it does not exist."
+        ),
+    )
+    url: Url | None = Field(
+        default=None,
+        description=(
+            "Base URL of an OpenAI-compatible API, up to and including `/v1` (e.g. "
+            "`https://api.openai.com/v1`); the requests go to `<url>/chat/completions` or "
+            "`<url>/completions`."
+        ),
+    )
+    api_key_secret: SecretKeySelector | None = Field(
+        default=None,
+        description=(
+            "Secret key holding the API key, sent as a bearer token; referenced, never "
+            "copied. Unset: none (with modelDeployment, its server.authTokenSecret)."
+        ),
+    )
+    model: str | None = Field(
+        default=None,
+        description="Model name sent in the requests; unset: the ModelDeployment's served name.",
+        min_length=1,
+        max_length=256,
+    )
+    api: Literal["chat", "completions"] = Field(
+        default="chat",
+        description=(
+            "`chat`: `/chat/completions` with the prompt as one user message (the model's chat "
+            "template applies); `completions`: `/completions` with the prompt as it is."
+        ),
+    )
+    concurrency: int = Field(
+        default=4, description="Requests in flight at once, per worker pod.", ge=1, le=256
+    )
+    requests_per_second: float | None = Field(
+        default=None,
+        description="Most requests started per second, per worker pod; unset: no limit.",
+        gt=0,
+        le=10000,
+    )
+    max_retries: int = Field(
+        default=5,
+        description=(
+            "Retries of a request answered 429 or 5xx (or not answered), with exponential "
+            "backoff and jitter, honouring `Retry-After`; then the slice fails, naming the "
+            "endpoint and the status code (the answers it got stay cached)."
+        ),
+        ge=0,
+        le=20,
+    )
+    timeout_seconds: float = Field(
+        default=120.0, description="Time limit of one request.", gt=0, le=3600
+    )
+
+
+class Generation(ApiModel):
+    """Sampling settings of generated text."""
+
+    temperature: float = Field(default=0.7, description="Sampling temperature.", ge=0, le=2)
+    max_tokens: int = Field(
+        default=256, description="Most tokens generated per answer.", ge=1, le=32768
+    )
+
+
+class Paraphrases(Generation):
+    """Paraphrases of the training documents (a pair's prompt; the response stays)."""
+
+    cel_rules = (
+        Rule(
+            cel=f"self.promptTemplate.contains('{TEXT_PLACEHOLDER}')",
+            message=f"promptTemplate must contain {TEXT_PLACEHOLDER}",
+            check=lambda s: TEXT_PLACEHOLDER in s.prompt_template,
+            field_path=".promptTemplate",
+        ),
+    )
+
+    count: int = Field(default=1, description="Paraphrases per document.", ge=1, le=16)
+    prompt_template: PromptTemplate = Field(
+        default=DEFAULT_PARAPHRASE_TEMPLATE,
+        description="The request; `{text}` is replaced by the document (a pair's prompt).",
+    )
+
+
+class QuestionAnswer(Generation):
+    """Synthetic question/answer pairs about the training documents: a question from the
+    document, then its answer from the document and the question (two requests)."""
+
+    cel_rules = (
+        Rule(
+            cel=f"self.questionTemplate.contains('{TEXT_PLACEHOLDER}')",
+            message=f"questionTemplate must contain {TEXT_PLACEHOLDER}",
+            check=lambda s: TEXT_PLACEHOLDER in s.question_template,
+            field_path=".questionTemplate",
+        ),
+        Rule(
+            cel=f"self.answerTemplate.contains('{QUESTION_PLACEHOLDER}')",
+            message=f"answerTemplate must contain {QUESTION_PLACEHOLDER}",
+            check=lambda s: QUESTION_PLACEHOLDER in s.answer_template,
+            field_path=".answerTemplate",
+        ),
+    )
+
+    count: int = Field(default=1, description="Question/answer pairs per document.", ge=1, le=16)
+    question_template: PromptTemplate = Field(
+        default=DEFAULT_QUESTION_TEMPLATE,
+        description="The request for questions; `{text}` is replaced by the document.",
+    )
+    answer_template: PromptTemplate = Field(
+        default=DEFAULT_ANSWER_TEMPLATE,
+        description=(
+            "The request for an answer; `{text}` is replaced by the document, `{question}` "
+            "by the question."
+        ),
+    )
+
+
+class LlmAugmentation(ApiModel):
+    """Synthetic supervised records from a language model, added to the training split."""
+
+    cel_rules = (
+        Rule(
+            cel="has(self.paraphrases) || has(self.questionAnswer)",
+            message="llm augmentation needs paraphrases or questionAnswer",
+            check=lambda s: s.paraphrases is not None or s.question_answer is not None,
+        ),
+    )
+
+    endpoint: LlmEndpoint = Field(description="The model that writes them.")
+    paraphrases: Paraphrases | None = Field(
+        default=None,
+        description=(
+            "Paraphrases of each document (plain text stays plain text; a pair keeps its "
+            "response). Chats are not paraphrased."
+        ),
+    )
+    question_answer: QuestionAnswer | None = Field(
+        default=None,
+        description=(
+            "Question/answer pairs about each document (a pair: its prompt and response), "
+            "written as prompt/response records (a plain-text Dataset becomes a mixed one)."
+        ),
+    )
+
+
+class PseudoLabel(Generation):
+    """Responses for a source of prompts, generated by a model and kept when it is confident."""
+
+    cel_rules = (
+        Rule(
+            cel=f"self.promptTemplate.contains('{TEXT_PLACEHOLDER}')",
+            message=f"promptTemplate must contain {TEXT_PLACEHOLDER}",
+            check=lambda s: TEXT_PLACEHOLDER in s.prompt_template,
+            field_path=".promptTemplate",
+        ),
+    )
+
+    endpoint: LlmEndpoint = Field(description="The model that answers the prompts.")
+    prompt_template: PromptTemplate = Field(
+        default=DEFAULT_PSEUDO_LABEL_TEMPLATE,
+        description="The request; `{text}` is replaced by the prompt. The prompt stays as read.",
+    )
+    min_mean_logprob: float = Field(
+        default=-1.0,
+        description=(
+            "Keep a response only when the mean log-probability of its tokens (the endpoint's "
+            "`logprobs`) is at least this; -1 keeps answers of perplexity up to e. Dropped "
+            "prompts are counted as `low-confidence`."
+        ),
+        ge=-100,
+        le=0,
+    )
+    temperature: float = Field(
+        default=0.0, description="Sampling temperature (0: greedy).", ge=0, le=2
+    )
+
+
 class DataSource(ApiModel):
     """One input of the corpus: where it is, how it is encoded, and how much of it to mix in."""
 
@@ -92,6 +312,15 @@ class DataSource(ApiModel):
             cel=cel_exactly_one("path", "volume", "urls", "s3", "hf"),
             message="exactly one of path, volume, urls, s3 or hf must be set",
             check=lambda s: exactly_one(s, "path", "volume", "urls", "s3", "hf"),
+        ),
+        Rule(
+            cel="!has(self.pseudoLabel) || (!has(self.promptField) && !has(self.messagesField))",
+            message="pseudoLabel reads prompts from textField (or plain text): no promptField, "
+            "responseField or messagesField",
+            check=lambda s: (
+                s.pseudo_label is None or (s.prompt_field is None and s.messages_field is None)
+            ),
+            field_path=".pseudoLabel",
         ),
         Rule(
             cel="has(self.promptField) == has(self.responseField)",
@@ -220,6 +449,15 @@ class DataSource(ApiModel):
         gt=0,
         le=1000,
     )
+    pseudo_label: PseudoLabel | None = Field(
+        default=None,
+        description=(
+            "The documents are prompts without responses: a model answers each (after the "
+            "cleaning steps), and the pair is kept when the answer's mean token "
+            "log-probability reaches minMeanLogprob. The pairs are supervised records, marked "
+            "synthetic in the statistics and the dataset card."
+        ),
+    )
     split: SplitName | None = Field(
         default=None,
         description=(
@@ -231,8 +469,13 @@ class DataSource(ApiModel):
 
     @property
     def supervised(self) -> bool:
-        """Prompt/response pairs or chats: the loss covers the responses only."""
-        return self.prompt_field is not None or self.messages_field is not None
+        """Prompt/response pairs (pseudo-labelled ones too) or chats: the loss covers the
+        responses only."""
+        return (
+            self.prompt_field is not None
+            or self.messages_field is not None
+            or self.pseudo_label is not None
+        )
 
 
 class Normalization(ApiModel):
@@ -419,6 +662,14 @@ class Augmentation(ApiModel):
     copies: int = Field(default=1, description="Augmented copies per document.", ge=1, le=10)
     probability: float = Field(
         default=0.1, description="Per-word (or per-sentence) perturbation probability.", ge=0, le=1
+    )
+    llm: LlmAugmentation | None = Field(
+        default=None,
+        description=(
+            "Paraphrases and question/answer pairs written by a language model for the "
+            "training split's documents (independent of `enabled`, which switches the cheap "
+            "methods). Generated records are marked synthetic in the statistics and the card."
+        ),
     )
 
 
@@ -706,6 +957,24 @@ class DatasetSpec(ApiModel):
         ),
     )
 
+    def llm_endpoints(self) -> list[tuple[str, LlmEndpoint]]:
+        """Every language model the Dataset asks, as (what for, endpoint), in a fixed order:
+        the position is the endpoint's number in the workload's environment
+        (`workload.llm_endpoint_env`)."""
+        found = [
+            (f"spec.sources[{s.name}].pseudoLabel.endpoint", s.pseudo_label.endpoint)
+            for s in self.sources
+            if s.pseudo_label is not None
+        ]
+        if self.processing.augmentation.llm is not None:
+            found.append(
+                (
+                    "spec.processing.augmentation.llm.endpoint",
+                    self.processing.augmentation.llm.endpoint,
+                )
+            )
+        return found
+
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources: list[DataSource]) -> list[DataSource]:
@@ -760,6 +1029,14 @@ class DatasetStatus(StatusModel):
         default_factory=dict, description="Share of kept documents per detected language."
     )
     vocab_size: int | None = Field(default=None, description="Vocabulary size of the tokenizer.")
+    synthetic_documents: int | None = Field(
+        default=None,
+        description=(
+            "Documents of the output written by a language model (pseudo-labelled pairs, "
+            "paraphrases, question/answer pairs), training copies included."
+        ),
+        ge=0,
+    )
     output_uri: str | None = Field(
         default=None, description="Where the shards are (`pvc://claim/path` or `s3://...`)."
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import ConfigDict, Field, ValidationError
@@ -76,6 +77,9 @@ class Env:
     NUM_SLICES = "LLMOPS_NUM_SLICES"
     VOLUMES_DIR = "LLMOPS_VOLUMES_DIR"
     REF_TOKENIZER = "LLMOPS_REF_TOKENIZER"
+    # Where the answers of language models are cached (content hash -> answer): a folder on
+    # the output volume every version and slice shares.
+    LLM_CACHE_DIR = "LLMOPS_LLM_CACHE_DIR"
     # training pods
     DATA_DIR = "LLMOPS_DATA_DIR"
     DATA_URI = "LLMOPS_DATA_URI"
@@ -209,6 +213,27 @@ def trainer_env(spec: TrainingRunSpec) -> dict[str, str]:
         # lm-evaluation-harness reads task data from the tasks folder: never the Hub.
         env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     return env
+
+
+@dataclass(frozen=True)
+class LlmEndpointEnv:
+    """The variables that tell a data pod where language model number `index` of
+    `DatasetSpec.llm_endpoints()` is: its base URL and served model name when the operator
+    resolved a ModelDeployment (a `url` endpoint needs neither), its API key (a secretKeyRef)."""
+
+    url: str
+    model: str
+    api_key: str
+
+
+def llm_endpoint_env(index: int) -> LlmEndpointEnv:
+    prefix = f"LLMOPS_LLM_{index}_"
+    return LlmEndpointEnv(f"{prefix}URL", f"{prefix}MODEL", f"{prefix}API_KEY")
+
+
+# Why a data slice failed on a language model: the Dataset's Failed condition carries it, with
+# the endpoint and the HTTP status code in the message.
+LLM_ENDPOINT_FAILED = "EndpointFailed"
 
 
 def data_command(stage: str) -> list[str]:
@@ -474,6 +499,7 @@ class DataMergeReport(Record):
     exact_duplicate_ratio: float | None = None
     near_duplicate_ratio: float | None = None
     vocab_size: int | None = None
+    synthetic_documents: int | None = None
     fingerprint: str | None = None
     steps: list[StepStats] = Field(default_factory=list)
     languages: dict[str, float] = Field(default_factory=dict, description="The ten most common.")

@@ -18,9 +18,10 @@ spec and render chats with its template before the long part of the work.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from llmops.api.common import LocalObjectReference
+from llmops.api.common import LocalObjectReference, SecretKeySelector
 from llmops.api.dataset import Dataset
 from llmops.api.workload import (
     CONFIG_DIR,
@@ -34,6 +35,7 @@ from llmops.api.workload import (
     TOKENIZER_MODEL_DIR,
     Env,
     data_command,
+    llm_endpoint_env,
 )
 from llmops.builders import pods, pretrained, storage
 from llmops.builders.common import child_metadata, child_name
@@ -119,6 +121,61 @@ def _secret_env(
     ]
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What a Dataset's slices need of a ModelDeployment they ask (pseudo-labelling,
+    augmentation): its URL, its served model name and the Secret key of its token."""
+
+    url: str
+    model: str
+    auth_token_secret: SecretKeySelector | None = None
+
+
+LLM_CACHE_SUBDIR = ".llm-cache"  # on the output volume, beside the versions: all share it
+
+
+def model_deployment_names(dataset: Dataset) -> list[str]:
+    """The ModelDeployments the Dataset's language-model endpoints name, without repeats."""
+    names = [
+        e.model_deployment.name
+        for _, e in dataset.spec.llm_endpoints()
+        if e.model_deployment is not None
+    ]
+    return list(dict.fromkeys(names))
+
+
+def llm_env(
+    dataset: Dataset, deployments: Mapping[str, ServedModel] | None = None
+) -> list[dict[str, Any]]:
+    """Where each language model of the spec is (workload.llm_endpoint_env): a
+    ModelDeployment's URL and served name as resolved by the caller, the API key as a
+    secretKeyRef (the endpoint's apiKeySecret, else the deployment's authTokenSecret), and
+    the answer cache on the output volume (a claim; an S3 output keeps it in the work
+    folder)."""
+    endpoints = dataset.spec.llm_endpoints()
+    if not endpoints:
+        return []
+    env: list[dict[str, Any]] = []
+    if storage.claim_name(dataset.metadata.name, "data", dataset.spec.output) is not None:
+        env.append({"name": Env.LLM_CACHE_DIR, "value": f"{OUTPUT_DIR}/{LLM_CACHE_SUBDIR}"})
+    for index, (what, endpoint) in enumerate(endpoints):
+        names = llm_endpoint_env(index)
+        secret = endpoint.api_key_secret
+        if endpoint.model_deployment is not None:
+            served = (deployments or {}).get(endpoint.model_deployment.name)
+            if served is None:
+                raise ValueError(
+                    f"{what}: ModelDeployment {endpoint.model_deployment.name!r} is not resolved"
+                )
+            env.append({"name": names.url, "value": served.url})
+            env.append({"name": names.model, "value": served.model})
+            secret = secret or served.auth_token_secret
+        if secret is not None:
+            ref = {"name": secret.name, "key": secret.key}
+            env.append({"name": names.api_key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def hub_env(dataset: Dataset) -> list[dict[str, Any]]:
     """`HF_ENDPOINT` when the `hf` sources name a mirror; a pod has one, so they all must."""
     endpoints = {s.hf.endpoint for s in dataset.spec.sources if s.hf}
@@ -158,6 +215,7 @@ def _job(
     generation: int,
     completions: int,
     tokenizer_uri: str | None,
+    deployments: Mapping[str, ServedModel] | None = None,
 ) -> dict[str, Any]:
     spec = dataset.spec
     name = dataset.metadata.name
@@ -187,6 +245,7 @@ def _job(
         *credentials_env(dataset),
         *hub_env(dataset),
         *tokenizer_env,
+        *(llm_env(dataset, deployments) if stage == "slice" else []),
     ]
     role = f"{'slices' if stage == 'slice' else 'merge'}-{version(generation)}"
     metadata = child_metadata(
@@ -247,9 +306,16 @@ def _job(
 
 
 def slices_job(
-    body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
+    body: Mapping[str, Any],
+    dataset: Dataset,
+    generation: int,
+    tokenizer_uri: str | None = None,
+    deployments: Mapping[str, ServedModel] | None = None,
 ) -> dict[str, Any]:
-    return _job(body, dataset, "slice", generation, dataset.spec.parallelism, tokenizer_uri)
+    """`deployments`: the ModelDeployments the spec's language models name, resolved."""
+    return _job(
+        body, dataset, "slice", generation, dataset.spec.parallelism, tokenizer_uri, deployments
+    )
 
 
 def merge_job(

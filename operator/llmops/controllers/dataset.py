@@ -13,7 +13,14 @@ from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
 from llmops.controllers import common
-from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
+from llmops.decide.dataset import (
+    fail,
+    failure_of,
+    mark_processed,
+    merge_report,
+    served_models,
+    wait_for_models,
+)
 from llmops.decide.status import why_not_running
 
 KIND = "Dataset"
@@ -48,7 +55,10 @@ def _reconcile(
     tokenizer_uri = _reference_tokenizer(dataset, namespace, status)
     if tokenizer_uri is False:
         return
-    if not _slices_done(body, dataset, generation, tokenizer_uri, status):
+    deployments = _model_deployments(dataset, namespace, status)
+    if deployments is None:
+        return
+    if not _slices_done(body, dataset, generation, tokenizer_uri, deployments, status):
         return
     merge = common.ensure_child(
         KIND, build.merge_job(body, dataset, generation, tokenizer_uri), update=False
@@ -89,17 +99,32 @@ def _reference_tokenizer(
     return False
 
 
+def _model_deployments(
+    dataset: Dataset, namespace: str, status: common.StatusWriter
+) -> dict[str, build.ServedModel] | None:
+    """The ModelDeployments the spec's language models name, resolved; None while one does
+    not exist (the status says which)."""
+    names = build.model_deployment_names(dataset)
+    found = {n: common.kube().get(API_VERSION, "ModelDeployment", n, namespace) for n in names}
+    resolved, missing = served_models(dataset, namespace, found)
+    if missing:
+        wait_for_models(status, missing)
+        return None
+    return resolved
+
+
 def _slices_done(
     body: Mapping[str, Any],
     dataset: Dataset,
     generation: int,
     tokenizer_uri: str | None,
+    deployments: dict[str, build.ServedModel],
     status: common.StatusWriter,
 ) -> bool:
     """Ensure the slice Job and report its progress; True once every slice is done."""
     namespace: str = body["metadata"]["namespace"]
     try:
-        slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri)
+        slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri, deployments)
     except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
         fail(status, "UnsupportedSpec", str(error))
         return False

@@ -6,11 +6,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from llmops.api.dataset import Dataset
-from llmops.api.workload import DataMergeReport, read_record
+from llmops.api.modeldeployment import ModelDeployment
+from llmops.api.workload import LLM_ENDPOINT_FAILED, DataMergeReport, read_record
 from llmops.builders import dataset as build
+from llmops.builders import modeldeployment as md_build
 from llmops.conditions import now_rfc3339
-from llmops.decide.status import StatusDraft, model_init_failure, termination_message
+from llmops.decide.status import (
+    StatusDraft,
+    failure_report,
+    model_init_failure,
+    termination_message,
+)
+
+SLICE_STAGE = "slice"  # data_command's stage of the slice pods (their FailureReport's stage)
 
 
 def merge_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:
@@ -56,8 +67,52 @@ def fail(status: StatusDraft, reason: str, message: str) -> None:
 
 def failure_of(pods: Sequence[Mapping[str, Any]], reason: str, message: str) -> tuple[str, str]:
     """Reason and message of a failed data Job: the model initializer's own reason when a bad
-    tokenizer.fromModel source made it fail (ModelNotFound, ChecksumMismatch, ...)."""
+    tokenizer.fromModel source made it fail (ModelNotFound, ChecksumMismatch, ...), and a
+    slice's `EndpointFailed` (its message names the endpoint and the HTTP status) when a
+    language model refused or kept failing."""
     problem = model_init_failure(pods)
     if problem is not None:
         return problem.reason, f"tokenizer.fromModel: {problem.message}"
+    report = failure_report(pods, SLICE_STAGE)
+    if report is not None and report.reason == LLM_ENDPOINT_FAILED:
+        return report.reason, report.message
     return reason, message
+
+
+def served_models(
+    dataset: Dataset, namespace: str, found: Mapping[str, Mapping[str, Any] | None]
+) -> tuple[dict[str, build.ServedModel], list[str]]:
+    """(the ModelDeployments the Dataset asks, resolved to their Service URL, served name and
+    token Secret; the names of those `found` lacks). `found`: name -> the object or None."""
+    resolved: dict[str, build.ServedModel] = {}
+    missing: list[str] = []
+    for name in build.model_deployment_names(dataset):
+        body = found.get(name)
+        if body is None:
+            missing.append(name)
+            continue
+        try:
+            md = ModelDeployment.model_validate(
+                {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+            )
+        except (KeyError, ValidationError):
+            missing.append(name)
+            continue
+        resolved[name] = build.ServedModel(
+            url=md_build.url(md, namespace),
+            model=md_build.served_name(md),
+            auth_token_secret=md.spec.server.auth_token_secret,
+        )
+    return resolved, missing
+
+
+def wait_for_models(status: StatusDraft, missing: Sequence[str]) -> None:
+    """The Dataset waits for the ModelDeployments its language models name."""
+    status.set(phase="Pending")
+    names = ", ".join(repr(name) for name in missing)
+    status.condition(
+        "Created",
+        "False",
+        "WaitingForModelDeployment",
+        f"ModelDeployment {names} (a language model of the spec) does not exist",
+    )

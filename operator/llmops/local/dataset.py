@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmops.api.common import SecretKeySelector
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
 from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
@@ -29,6 +30,28 @@ def check_local(dataset: Dataset) -> None:
         raise ValueError("spec.output.s3: the local runtime writes to volumes only")
 
 
+def served_locally(ctx: Context, dataset: Dataset) -> dict[str, build.ServedModel]:
+    """The ModelDeployments the spec's language models name, as this run (or an earlier
+    `llmops run --detach`) serves them: their local URL and served name."""
+    namespace = dataset.metadata.namespace or "default"
+    served: dict[str, build.ServedModel] = {}
+    for name in build.model_deployment_names(dataset):
+        body = ctx.get("ModelDeployment", namespace, name) or {}
+        status = body.get("status") or {}
+        if not status.get("url") or status.get("phase") != "Ready":
+            raise ValueError(
+                f"ModelDeployment {name!r} is not served locally: put it in the same "
+                "`llmops run` (it starts first) or serve it with `llmops run --detach`"
+            )
+        secret = ((body.get("spec") or {}).get("server") or {}).get("authTokenSecret")
+        served[name] = build.ServedModel(
+            url=str(status["url"]),
+            model=str(status.get("model") or name),
+            auth_token_secret=SecretKeySelector.model_validate(secret) if secret else None,
+        )
+    return served
+
+
 def run(ctx: Context, body: dict[str, Any]) -> bool:
     """True when the Dataset ends Succeeded (now or in an earlier run)."""
     dataset = Dataset.model_validate(
@@ -44,7 +67,7 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
         ctx.view.update(key, note="up to date (output kept from an earlier run)")
         return True
 
-    slices = build.slices_job(body, dataset, generation)
+    slices = build.slices_job(body, dataset, generation, deployments=served_locally(ctx, dataset))
     merge = build.merge_job(body, dataset, generation)
     ctx.record_children(
         body, [build.config_map(body), build.output_claim(body, dataset), slices, merge]

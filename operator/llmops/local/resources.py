@@ -83,6 +83,16 @@ def references(doc: Mapping[str, Any]) -> list[Key]:
         ref = (spec.get("tokenizer") or {}).get("datasetRef")
         if ref:
             refs.append(("Dataset", namespace, ref["name"]))
+        # Language models it asks (pseudoLabel, augmentation.llm): served first.
+        endpoints = [
+            (s.get("pseudoLabel") or {}).get("endpoint") for s in spec.get("sources") or []
+        ]
+        llm = ((spec.get("processing") or {}).get("augmentation") or {}).get("llm") or {}
+        endpoints.append(llm.get("endpoint"))
+        for endpoint in endpoints:
+            deployment = (endpoint or {}).get("modelDeployment")
+            if deployment and ("ModelDeployment", namespace, deployment["name"]) not in refs:
+                refs.append(("ModelDeployment", namespace, deployment["name"]))
     elif doc["kind"] == "TrainingRun":
         refs.append(("Dataset", namespace, spec["datasetRef"]["name"]))
         parent = (spec.get("init") or {}).get("trainingRun")

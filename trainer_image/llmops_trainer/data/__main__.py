@@ -4,7 +4,9 @@
 
 Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-slice results; default
 <output>/.work), JOB_COMPLETION_INDEX (slice index, set by an Indexed Job) and
-LLMOPS_NUM_SLICES (slice count; default spec.parallelism). On failure the step and reason
+LLMOPS_NUM_SLICES (slice count; default spec.parallelism), LLMOPS_LLM_CACHE_DIR (answers of
+language models; default <work>/llm-cache) and LLMOPS_LLM_<i>_{URL,MODEL,API_KEY} (the
+language models of the spec, workload.llm_endpoint_env). On failure the step and reason
 go to the termination message (LLMOPS_TERMINATION_LOG), where Kubernetes shows them in the
 pod status; after a merge, the statistics the Dataset status shows go there too.
 """
@@ -20,9 +22,10 @@ import sys
 from pathlib import Path
 
 from llmops.api.dataset import Dataset
-from llmops.api.workload import DataMergeReport, Env
+from llmops.api.workload import LLM_ENDPOINT_FAILED, DataMergeReport, Env
 from llmops_trainer.data.collect import ChecksumError
-from llmops_trainer.data.pipeline import run_merge, run_slice
+from llmops_trainer.data.llm_endpoint import EndpointError
+from llmops_trainer.data.pipeline import Options, run_merge, run_slice
 from llmops_trainer.termination import write_failure, write_termination_message
 
 
@@ -45,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
             if not 0 <= index < count:
                 raise ValueError(f"JOB_COMPLETION_INDEX {index} outside 0..{count - 1}")
-            run_slice(dataset, work, index, count)
+            cache = os.environ.get(Env.LLM_CACHE_DIR)
+            run_slice(
+                dataset, work, index, count, Options(llm_cache=Path(cache) if cache else None)
+            )
         else:
             manifest = run_merge(dataset, output, work, count)
             print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, EndpointError):
+        return LLM_ENDPOINT_FAILED
     if isinstance(error, ChecksumError):
         return "ChecksumMismatch"
     if isinstance(error, FileNotFoundError):

@@ -320,7 +320,7 @@ class _HttpStream(io.RawIOBase):
             if self.length is None and self.response.headers.get("Content-Length"):
                 self.length = self.offset + int(self.response.headers["Content-Length"])
 
-        _with_retries(self.url, connect)
+        with_retries(self.url, connect)
 
     def readable(self) -> bool:
         return True
@@ -429,17 +429,30 @@ def _http_range(url: str, start: int, end: int) -> tuple[bytes, int | None]:
                 return b"", None
             raise
 
-    return _with_retries(url, fetch)
+    return with_retries(url, fetch)
 
 
 T = TypeVar("T")
 
 
-def _with_retries(url: str, attempt: Callable[[], T]) -> T:
-    """`attempt()`, retried with backoff on 5xx, 429 and connection errors; other HTTP
-    errors (a 404, a 403) are answers, raised at once."""
+def backoff(tries: int, error: Exception) -> float:
+    """Seconds before the next attempt of a download: 0.2 s doubling, at most 10."""
+    return min(2.0**tries * 0.2, 10.0)
+
+
+def with_retries(
+    url: str,
+    attempt: Callable[[], T],
+    *,
+    attempts: int = HTTP_ATTEMPTS,
+    delay: Callable[[int, Exception], float] = backoff,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`attempt()`, retried up to `attempts` times in all with `delay(tries, error)` seconds
+    between attempts on 5xx, 429 and connection errors; other HTTP errors (a 404, a 403) are
+    answers, raised at once. When every attempt failed, an OSError caused by the last error."""
     last: Exception | None = None
-    for tries in range(HTTP_ATTEMPTS):
+    for tries in range(attempts):
         try:
             return attempt()
         except urllib.error.HTTPError as error:
@@ -448,8 +461,9 @@ def _with_retries(url: str, attempt: Callable[[], T]) -> T:
             last = error
         except OSError as error:
             last = error
-        time.sleep(min(2**tries * 0.2, 10))
-    raise OSError(f"{url}: giving up after {HTTP_ATTEMPTS} attempts: {last}")
+        if tries + 1 < attempts:
+            sleep(delay(tries, last))
+    raise OSError(f"{url}: giving up after {attempts} attempts: {last}") from last
 
 
 def probe_url(url: str) -> tuple[int | None, bytes]:

@@ -38,8 +38,9 @@ from llmops_trainer.data.augment import augment
 from llmops_trainer.data.chat import ChatEncoder, Message, contents
 from llmops_trainer.data.corpus import Corpus, load_corpus
 from llmops_trainer.data.registry import Options, Registry
-from llmops_trainer.data.slice_stage import config_key
+from llmops_trainer.data.slice_stage import AUGMENT_COUNTERS, config_key
 from llmops_trainer.data.steps import CONTENTLESS, EXACT, NEAR, PIPELINE
+from llmops_trainer.data.synthetic import PARAPHRASE, PSEUDO_LABEL, QUESTION_ANSWER
 from llmops_trainer.shards import (
     MANIFEST,
     SPLITS,
@@ -81,6 +82,11 @@ class _Item:
     response: str | None
     messages: list[Message] | None
     source: str
+
+    @property
+    def plain(self) -> bool:
+        """Plain text: learned on every token (in supervised shards, MASK_TEXT)."""
+        return self.response is None and self.messages is None
 
 
 def _cross_slice_exact(corpus: Corpus) -> None:
@@ -304,9 +310,7 @@ def run_merge(
         shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Plain-text documents of a mixed dataset go into supervised shards, marked MASK_TEXT.
-    supervised = any(s.supervised for s in spec.sources)
-    mixed = supervised and not all(s.supervised for s in spec.sources)
-    plain = {s.name for s in spec.sources if not s.supervised}
+    supervised, mixed = kinds(spec)
     writers = [
         ShardWriter(output_dir, name, dtype, eos, spec.sharding.tokens_per_shard, supervised)
         for name in SPLITS
@@ -320,6 +324,7 @@ def run_merge(
     }
     kept_bytes = 0
     augmented = 0
+    synthetic: Counter[str] = Counter()
     batches: list[list[_Item]] = [[], [], []]
 
     def flush(split: int) -> None:
@@ -327,8 +332,8 @@ def run_merge(
         if not batch:
             return
         if supervised:  # pairs, chats and plain text (sources may mix them), by kind
-            texts = [b for b in batch if b.source in plain]
-            pairs = [b for b in batch if b.source not in plain and b.messages is None]
+            texts = [b for b in batch if b.plain]
+            pairs = [b for b in batch if not b.plain and b.messages is None]
             dialogues = [b.messages for b in batch if b.messages is not None]
             if dialogues and chats is None:
                 raise ValueError("chat sources (messagesField) need tokenizer.fromModel")
@@ -340,7 +345,7 @@ def run_merge(
             )
             by_chat = iter(chats.encode(dialogues) if chats is not None else [])
             for item in batch:
-                if item.source in plain:
+                if item.plain:
                     ids = next(by_text)
                     writers[split].add_text(ids)
                 else:
@@ -374,6 +379,14 @@ def run_merge(
             per_source[name]["trainDocuments"] += copies
         for _ in range(copies):
             batches[split].append(_Item(text, response, messages, name))
+        if record.get("s") == PSEUDO_LABEL:
+            synthetic[PSEUDO_LABEL] += copies
+            per_source[name]["syntheticDocuments"] += copies
+        if split == 0:  # what a model wrote from a training document
+            for made in record.get("g", ()):
+                batches[split].append(_Item(made["t"], made.get("r"), None, name))
+                synthetic[made["k"]] += 1
+                per_source[name]["syntheticDocuments"] += 1
         if split == 0 and augmentation.enabled:
             seed = int.from_bytes(corpus.hashes[index, :8].tobytes(), "little")
             methods, probability = list(augmentation.methods), augmentation.probability
@@ -394,6 +407,7 @@ def run_merge(
     stats = _stats(
         registry, corpus, infos, languages, per_source, kept_bytes, augmented, vocab, print_
     )
+    _synthetic_stats(stats, corpus, synthetic)
     for declared in spec.sources:  # what the counts were weighted with, and of which kind
         entry = stats["sources"][declared.name]
         entry["weight"] = declared.weight
@@ -477,6 +491,38 @@ def _stats(
             "bytes": sum(int(i["bytes"]) for i in corpus.inputs),
         },
         "sources": {name: dict(c) for name, c in per_source.items()},
+    }
+
+
+def kinds(spec: DatasetSpec) -> tuple[bool, bool]:
+    """(supervised, mixed) shards: supervised records among the documents (question/answer
+    pairs written by a model count), and plain text too."""
+    llm = spec.processing.augmentation.llm
+    pairs_made = llm is not None and llm.question_answer is not None
+    supervised = pairs_made or any(s.supervised for s in spec.sources)
+    return supervised, supervised and not all(s.supervised for s in spec.sources)
+
+
+def _synthetic_stats(stats: dict[str, Any], corpus: Corpus, written: Counter[str]) -> None:
+    """Documents written by a language model: in the augment step (with the slices' request
+    counts) and, with the pseudo-labelled ones, as `syntheticDocuments`."""
+    requests: Counter[str] = Counter()
+    for slice_stats in corpus.slice_stats:
+        requests.update(slice_stats.get(AUGMENT_COUNTERS, {}))
+    augment = next(s for s in stats["steps"] if s["name"] == "augment")
+    made = written[PARAPHRASE] + written[QUESTION_ANSWER]
+    augment["documentsOut"] += made
+    if requests or made:
+        augment["synthetic"] = {
+            "paraphrases": written[PARAPHRASE],
+            "questionAnswer": written[QUESTION_ANSWER],
+            "requests": dict(requests),
+        }
+    stats["syntheticDocuments"] = made + written[PSEUDO_LABEL]
+    stats["synthetic"] = {
+        "pseudoLabelled": written[PSEUDO_LABEL],
+        "paraphrases": written[PARAPHRASE],
+        "questionAnswer": written[QUESTION_ANSWER],
     }
 
 

@@ -8,6 +8,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmops.api.dataset import DatasetSpec
@@ -66,6 +67,7 @@ class Options:
     rules: QualityRules | None = None  # None: from spec.processing.filters
     detect_language: bool = True
     steps: Registry | None = None  # None: the standard pipeline (data.steps.PIPELINE)
+    llm_cache: Path | None = None  # answers of language models; None: <work>/llm-cache
     slice_bytes: int | None = None  # piece size (data.pieces); None: spec.sliceBytes
 
 
@@ -89,7 +91,9 @@ class Step:
     name: str
     field: str  # the DatasetSpec attribute that configures the step, e.g. processing.filters
     reasons: frozenset[str]  # every reason the step may drop a document for
-    build: Build | None = None  # None: the step works on the whole corpus in the merge
+    # None: no check per document in the slice's loop (the merge's near-duplicate search,
+    # the slice's language-model stage, data.synthetic)
+    build: Build | None = None
     counters: Counters | None = None
 
     def config(self, spec: DatasetSpec) -> Any:
@@ -150,6 +154,10 @@ class Checks:
                     raise ValueError(f"step {step.name!r} gave undeclared reason {reason!r}")
                 return reason
         return None
+
+    def counter(self, step: str) -> Counter[str]:
+        """The counters of the step named `step` (a step without a check keeps them too)."""
+        return self._counters[step]
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Every counting step's counters, under their stats.json key."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import Dataset, LlmEndpoint
 from llmops_trainer.data.registry import Registry
 
 
@@ -116,6 +116,47 @@ def _split(dataset: Dataset) -> str:
     return text + (f"; whole sources: {', '.join(held)}" if held else "")
 
 
+def _endpoint(endpoint: LlmEndpoint) -> str:
+    where = (
+        f"ModelDeployment `{endpoint.model_deployment.name}`"
+        if endpoint.model_deployment is not None
+        else f"`{endpoint.url}`"
+    )
+    return where + (f" (model `{endpoint.model}`)" if endpoint.model else "")
+
+
+def _synthetic(dataset: Dataset, stats: dict[str, Any]) -> str:
+    """What language models wrote, and how much of the output it is."""
+    made = stats.get("synthetic") or {}
+    parts = []
+    for source in dataset.spec.sources:
+        if source.pseudo_label is not None:
+            config = source.pseudo_label
+            parts.append(
+                f"responses of source `{source.name}` by {_endpoint(config.endpoint)}, kept at "
+                f"a mean token log-probability of at least {config.min_mean_logprob:g}"
+            )
+    llm = dataset.spec.processing.augmentation.llm
+    if llm is not None:
+        kinds = [
+            f"{config.count} {what} per training document"
+            for config, what in (
+                (llm.paraphrases, "paraphrase(s)"),
+                (llm.question_answer, "question/answer pair(s)"),
+            )
+            if config is not None
+        ]
+        parts.append(f"{' and '.join(kinds)} by {_endpoint(llm.endpoint)}")
+    if not parts:
+        return "none"
+    counts = (
+        f"{stats.get('syntheticDocuments', 0)} synthetic documents in the output: "
+        f"{made.get('pseudoLabelled', 0)} pseudo-labelled, {made.get('paraphrases', 0)} "
+        f"paraphrases, {made.get('questionAnswer', 0)} question/answer pairs"
+    )
+    return "; ".join(parts) + f" ({counts})"
+
+
 def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> str:
     spec = dataset.spec
     processing = spec.processing
@@ -129,6 +170,8 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         kind: str = source.format
         if source.messages_field:
             kind += " (chats)"
+        elif source.pseudo_label is not None:
+            kind += " (prompts, pseudo-labelled: synthetic responses)"
         elif source.prompt_field:
             kind += " (prompt/response pairs)"
         sources.append(
@@ -142,7 +185,9 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
                 str(counts.get("trainDocuments", "-")),
             ]
         )
-    mixed = len({s.supervised for s in spec.sources}) > 1
+    llm = processing.augmentation.llm
+    made_pairs = llm is not None and llm.question_answer is not None
+    mixed = len({s.supervised for s in spec.sources} | ({True} if made_pairs else set())) > 1
     steps = [["step", "documents in", "documents out", "MB in", "MB out", "dropped"]]
     for step in stats.get("steps", []):
         dropped = ", ".join(f"{k}: {v}" for k, v in step.get("dropped", {}).items()) or "-"
@@ -205,6 +250,7 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         f"permutations in {near.bands} bands, {near.shingle_size}-word shingles, "
         f"Jaccard threshold {near.threshold}).",
         f"7. Augmentation: {augmentation_text}.",
+        f"8. Synthetic data (written by language models): {_synthetic(dataset, stats)}.",
         "",
         "## Statistics",
         "",

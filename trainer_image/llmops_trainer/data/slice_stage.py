@@ -2,10 +2,14 @@
 
 It streams its pieces of the inputs (data.pieces: every slice computes the same plan of
 pieces and owners from the listing), normalizes every document, runs the registered steps
-(data.steps: exact dedup within the slice, quality filters, language, PII, ...) and computes
-MinHash signatures of the survivors. It writes, under the work folder:
+(data.steps: exact dedup within the slice, quality filters, language, PII, ...), asks
+language models for pseudo-labels and synthetic records (data.synthetic; in batches, through
+a cache on the output volume) and computes MinHash signatures of the survivors. It writes,
+under the work folder:
 
-    slice-00003/docs.jsonl        surviving documents, in input order
+    slice-00003/docs.jsonl        surviving documents, in input order (a pseudo-labelled
+                                  one marked `"s"` with its score `"lp"`; records a model
+                                  wrote from one in `"g"`)
     slice-00003/signatures.bin    uint32 MinHash rows, one per surviving document
     slice-00003/meta.npz          one row per document read: input, part, position in the
                                   part, content hash, drop reason, sizes, row in docs.jsonl
@@ -23,6 +27,7 @@ import logging
 import shutil
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,12 +43,14 @@ from llmops_trainer.data.normalize import Normalizer
 from llmops_trainer.data.pieces import make_plan, piece_size, read_piece
 from llmops_trainer.data.registry import KEPT, Document, Options
 from llmops_trainer.data.steps import PIPELINE
+from llmops_trainer.data.synthetic import BATCH, PSEUDO_LABEL, LlmStage, Pending
 from llmops_trainer.data.tokenize import model_tokenizer
 
 log = logging.getLogger("llmops.data")
 ENGINE_VERSION = 1
 DONE = "DONE"
 MINHASH_BATCH = 1024
+AUGMENT_COUNTERS = "llmAugment"  # the slice's counters of data.synthetic's augmentation
 
 
 def config_key(spec: DatasetSpec) -> str:
@@ -136,12 +143,55 @@ def run_slice(
     hasher = dedup.MinHasher(near.num_permutations, near.shingle_size) if near.enabled else None
     state = _SliceState()
     input_stats = []
+    augment_counts: Counter[str] = Counter()
+
+    llm = (
+        LlmStage(
+            spec,
+            options.llm_cache or work_dir / "llm-cache",
+            checks.counter("pseudo-label"),
+            augment_counts,
+        )
+        if LlmStage.wanted(spec)
+        else None
+    )
+    pending: list[Pending] = []
 
     with (
         (folder / "docs.jsonl").open("w", encoding="utf-8") as docs_out,
         (folder / "signatures.bin").open("wb") as signatures_out,
     ):
         signatures = _Signatures(hasher, signatures_out, state.has_signature)
+
+        def keep(item: Pending) -> None:
+            """Write a kept document (or, after its answers, drop it)."""
+            if item.reason is not None:
+                state.reasons[item.row] = state.reason(item.reason)
+                return
+            document = item.document
+            record: dict[str, Any]
+            if document.messages is not None:
+                record = {"m": document.messages, "l": document.language}
+            else:
+                record = {"t": document.text, "l": document.language}
+            if document.response is not None:
+                record["r"] = document.response
+            if item.score is not None:
+                record.update(s=PSEUDO_LABEL, lp=item.score)
+            if item.generated:
+                record["g"] = item.generated
+            docs_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            state.rows[item.row] = state.kept
+            state.kept += 1
+            signatures.add(document.combined)
+
+        def flush() -> None:
+            if llm is not None and pending:
+                llm.run(pending)
+            for item in pending:
+                keep(item)
+            pending.clear()
+
         for piece in plan.of(index):
             input_index = piece.input
             ref = inputs[input_index]
@@ -163,18 +213,11 @@ def run_slice(
                         state.reasons.append(state.reason(reason))
                         state.rows.append(-1)
                         continue
-                    record: dict[str, Any]
-                    if document.messages is not None:
-                        record = {"m": document.messages, "l": document.language}
-                    else:
-                        record = {"t": document.text, "l": document.language}
-                    if document.response is not None:
-                        record["r"] = document.response
-                    docs_out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     state.reasons.append(0)
-                    state.rows.append(state.kept)
-                    state.kept += 1
-                    signatures.add(document.combined)
+                    state.rows.append(-1)  # set when written
+                    pending.append(Pending(len(state.rows) - 1, document, ref.source))
+                    if llm is None or len(pending) >= BATCH:
+                        flush()
                 blocks, read_bytes = finish()  # hashes the rest of the piece's blocks
             input_stats.append(
                 {
@@ -188,6 +231,7 @@ def run_slice(
                     "blocks": [block.hex() for block in blocks],
                 }
             )
+        flush()
         signatures.flush()
 
     _write_meta(folder, state)
@@ -199,6 +243,7 @@ def run_slice(
         "reasons": sorted(state.reason_names, key=state.reason_names.__getitem__),
         "kept": state.kept,
         **checks.counters(),
+        **({AUGMENT_COUNTERS: dict(augment_counts)} if augment_counts else {}),
         "seconds": round(time.monotonic() - started, 3),
     }
     (folder / "stats.json").write_text(json.dumps(stats, indent=2))

@@ -26,6 +26,7 @@ from llmops_trainer.data.collect import MALFORMED_CHAT, UNREADABLE
 from llmops_trainer.data.language import UNKNOWN
 from llmops_trainer.data.pii import PiiScrubber
 from llmops_trainer.data.registry import Check, Counters, Document, Options, Registry, Step
+from llmops_trainer.data.synthetic import LOW_CONFIDENCE, NO_RESPONSE
 
 log = logging.getLogger("llmops.data")
 EMPTY = "empty"
@@ -195,6 +196,15 @@ PIPELINE = Registry(
         Step("pii", "processing.pii", frozenset(), _pii, Counters("pii", "replaced")),
         # Chats are rendered as they will be tokenized, with their contents final.
         Step("chat-template", "tokenizer", frozenset({CHAT_TEMPLATE}), _chat_template),
+        # Prompts of sources[].pseudoLabel answered by a model (data.synthetic), after the
+        # cleaning, in batches: the slice drops the answers the model was not confident of.
+        Step(
+            "pseudo-label",
+            "sources",
+            frozenset({LOW_CONFIDENCE, NO_RESPONSE}),
+            None,
+            Counters("pseudoLabel", "pseudoLabel"),
+        ),
         # Near duplicates are found in the merge, over the signatures of every slice.
         Step("dedup-near", "processing.deduplication.near", frozenset({NEAR})),
     )
