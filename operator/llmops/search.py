@@ -185,6 +185,8 @@ def tpe_point(
 
 def suggest(spec: SweepSpec, index: int, trials: Sequence[Trial]) -> Params:
     """The parameters of trial `index`, given the trials that exist."""
+    if not spec.parameters:  # crossValidation of the template alone
+        return {}
     if spec.algorithm == "grid":
         return grid_point(spec.parameters, index)
     if spec.algorithm == "random":
@@ -193,7 +195,10 @@ def suggest(spec: SweepSpec, index: int, trials: Sequence[Trial]) -> Params:
 
 
 def trial_budget(spec: SweepSpec) -> int:
-    """Trials the sweep runs in all: maxTrials, capped at the grid size for grid search."""
+    """Trials the sweep runs in all: maxTrials, capped at the grid size for grid search (one
+    without parameters: the template, cross-validated)."""
+    if not spec.parameters:
+        return 1
     if spec.algorithm == "grid":
         return min(spec.max_trials, grid_size(spec.parameters))
     return spec.max_trials

@@ -491,3 +491,45 @@ def test_a_model_deployment_serves_the_best_trial(
         ),
         30,
     )
+
+
+def test_cross_validation_runs_every_fold_and_reports_mean_and_stdev(
+    api_client: client.ApiClient, operator: str, volumes: None, max_active: Callable[[], int]
+) -> None:
+    """2 trials x 3 folds: 6 TrainingRuns, at most parallelTrials of them at once; a trial's
+    value is the mean of its folds' validation losses, with their standard deviation."""
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    manifest = sweep(parallelTrials=2, crossValidation={"folds": 3})
+    manifest["spec"]["parameters"][0]["values"] = ["0.001", "0.002"]
+    create(api_client, namespace, manifest)
+
+    losses = {(0, 0): 2.0, (0, 1): 2.2, (0, 2): 2.4, (1, 0): 1.0, (1, 1): 1.5, (1, 2): 2.0}
+    for count, (index, fold) in enumerate(sorted(losses)):
+        run = f"{name(index)}-fold-{fold}"
+        wait_for(f"{run} created", lambda run=run: run in trials(api_client, namespace), 30)
+        if count == 0:
+            time.sleep(1)  # a few reconciles: no third run while two are active
+            assert len(trials(api_client, namespace)) == 2
+        finish(api_client, namespace, run, losses[(index, fold)])
+
+    done = wait_phase(api_client, namespace, "Sweep", SWEEP, "Succeeded", timeout=30)
+    assert max_active() == 2
+    found = trials(api_client, namespace)
+    assert sorted(found) == sorted(f"{name(i)}-fold-{f}" for i, f in losses)
+    for run_name, run in found.items():
+        index, fold = int(run_name.split("-")[2]), int(run_name.split("-")[4])
+        labels = run["metadata"]["labels"]
+        assert labels["llmops.dev/trial-index"] == str(index)
+        assert labels["llmops.dev/fold-index"] == str(fold)
+        assert run["spec"]["crossValidation"] == {"folds": 3, "fold": fold}
+    status = done["status"]
+    assert status["trials"]["succeeded"] == 2 and status["trials"]["finished"] == 2
+    first, second = status["trialRecords"]
+    assert first["name"] == name(0) and first["folds"] == [2.0, 2.2, 2.4]
+    assert first["value"] == pytest.approx(2.2) and first["stdev"] == pytest.approx(0.2)
+    assert second["value"] == pytest.approx(1.5) and second["stdev"] == pytest.approx(0.5)
+    best = status["bestTrial"]
+    assert (best["name"], best["parameters"]) == (name(1), {"lr": "0.002"})
+    assert best["value"] == pytest.approx(1.5) and best["stdev"] == pytest.approx(0.5)
+    assert [e["name"] for e in status["leaderboard"]] == [name(1), name(0)]

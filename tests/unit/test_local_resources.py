@@ -90,11 +90,21 @@ def test_configmaps_in_the_files_are_kept_for_the_pods_that_mount_them() -> None
     assert found == {("default", "tasks"): tasks, ("ml", "t"): other}
 
 
-def test_a_sweep_is_refused_as_needing_a_cluster() -> None:
-    sweep = yaml.safe_load((ROOT / "examples" / "sweep.yaml").read_text())
+def test_a_training_schedule_is_refused_as_needing_a_cluster() -> None:
+    docs = yaml.safe_load_all((ROOT / "examples" / "retraining.yaml").read_text())
+    schedule = next(d for d in docs if d["kind"] == "TrainingSchedule")
     with pytest.raises(InvalidManifests) as error:
-        validate([QUICKSTART[0], sweep])
-    assert str(error.value).startswith("Sweep/gpt-small-lr: a Sweep needs a cluster")
+        validate([QUICKSTART[0], schedule])
+    name = schedule["metadata"]["name"]
+    assert str(error.value).startswith(
+        f"TrainingSchedule/{name}: a TrainingSchedule needs a cluster"
+    )
+
+
+def test_a_sweep_runs_locally_after_the_dataset_it_trains_on() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "cross-validation.yaml").read_text()))
+    resources, _ = validate(list(reversed(docs)))
+    assert [d["kind"] for d in order(resources)] == ["Dataset", "Sweep"]
 
 
 def test_cli_refuses_invalid_manifests_before_anything_starts(tmp_path: Path, capsys) -> None:

@@ -6,13 +6,18 @@ seed, and the whole schedule is a function of one integer, the number of samples
 far: optimizer step s takes positions [consumed, consumed + global batch) of that stream and
 rank r takes its own contiguous slice. Resuming from `consumed` therefore neither repeats nor
 skips a sample, and the samples of a step do not depend on the world size.
+
+k-fold cross-validation (`spec.crossValidation`) cuts the training split's samples into k
+contiguous blocks by index (`fold_bounds`); a run trains on a `Subset` of the other blocks and
+validates on its held-out block, so its sample stream never yields a held-out sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +25,16 @@ import torch
 
 from llmops_trainer.model import IGNORE_INDEX, mask_tokens
 from llmops_trainer.shards import MASK_IGNORE, MASK_TEXT, Manifest, open_mask, open_tokens
+
+Sample = tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8] | None]
+
+
+class Samples(Protocol):
+    """Samples addressed 0..len-1: a split's `Windows`, or a `Subset` of them."""
+
+    def __len__(self) -> int: ...
+    def get(self, index: int) -> Sample: ...
+    def source_index(self, index: int) -> int: ...
 
 
 class Windows:
@@ -52,6 +67,51 @@ class Windows:
         tokens = np.asarray(self.tokens[shard][span], dtype=np.int64)
         mask = self.masks[shard]
         return tokens, None if mask is None else np.array(mask[span], dtype=np.uint8)
+
+    def source_index(self, index: int) -> int:
+        """The sample's index in its split (itself)."""
+        return index
+
+
+def fold_bounds(num_samples: int, folds: int, fold: int) -> range:
+    """The sample indices of fold `fold` of `folds`: contiguous blocks whose sizes differ by
+    at most one and which together cover 0..num_samples-1 exactly once."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} is not one of 0..{folds - 1}")
+    return range(fold * num_samples // folds, (fold + 1) * num_samples // folds)
+
+
+class Subset:
+    """Some samples of a split, addressed 0..len-1 in the order given."""
+
+    def __init__(self, windows: Windows, indices: Sequence[int]) -> None:
+        self.windows = windows
+        self.context = windows.context
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, index: int) -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.windows.get(int(self.indices[index]))
+
+    def source_index(self, index: int) -> int:
+        """The sample's index in the split it was taken from."""
+        return int(self.indices[index])
+
+
+def cross_validation_split(windows: Windows, folds: int, fold: int) -> tuple[Subset, Subset]:
+    """(training samples: every fold but `fold`, held-out samples: fold `fold`) of a split."""
+    if len(windows) < folds:
+        raise ValueError(
+            f"spec.crossValidation.folds: the training split has {len(windows)} samples, "
+            f"fewer than {folds} folds; use fewer folds or a shorter context"
+        )
+    held = fold_bounds(len(windows), folds, fold)
+    rest = [*range(held.start), *range(held.stop, len(windows))]
+    return Subset(windows, rest), Subset(windows, held)
 
 
 class SampleOrder:
@@ -103,7 +163,7 @@ class Objective:
 
 
 def make_batch(
-    windows: Windows, indices: list[int], objective: Objective
+    windows: Samples, indices: list[int], objective: Objective
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels), each (len(indices), context), for the objective."""
     inputs, labels = [], []
@@ -128,7 +188,7 @@ def make_batch(
     return torch.stack(inputs), torch.stack(labels)
 
 
-def text_targets(windows: Windows, indices: list[int], objective: Objective) -> torch.Tensor:
+def text_targets(windows: Samples, indices: list[int], objective: Objective) -> torch.Tensor:
     """For the labels make_batch returns for the same samples: True where the target token
     belongs to a plain-text document (MASK_TEXT), False where it belongs to a supervised
     record, so a mixed dataset's loss splits into the two. Every target of a dataset without

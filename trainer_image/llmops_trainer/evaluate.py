@@ -16,7 +16,7 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from llmops_trainer.batches import Objective, Windows, make_batch, text_targets
+from llmops_trainer.batches import Objective, Samples, make_batch, text_targets
 from llmops_trainer.model import GPT, IGNORE_INDEX, kind_means, loss_by_kind
 from llmops_trainer.shards import MASK_RESPONSE, Manifest, open_mask, open_tokens
 
@@ -43,7 +43,7 @@ def _perplexity(loss: float) -> float:
 @torch.no_grad()
 def score_split(
     forward: Forward,
-    windows: Windows,
+    windows: Samples,
     indices: list[int],
     objective: Objective,
     micro_batch: int,
@@ -200,7 +200,7 @@ def decoder(tokenizer_path: Path) -> Callable[[list[int]], str]:
 
 def worst_passages(
     scores: SplitScores,
-    windows: Windows,
+    windows: Samples,
     decode: Callable[[list[int]], str],
     count: int = 10,
 ) -> list[dict[str, Any]]:
@@ -210,7 +210,7 @@ def worst_passages(
         tokens, _ = windows.get(index)
         report.append(
             {
-                "sample": index,
+                "sample": windows.source_index(index),
                 "loss": loss,
                 "perplexity": _perplexity(loss),
                 "text": decode(tokens.tolist()),

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmops.api.trainingrun import TrainingRun, TrainingRunSpec
+from llmops.api.trainingrun import TrainingRun, TrainingRunSpec, fold_split
 from llmops.api.workload import (
     ADAPTER_SUBDIR,
     METRICS_HISTORY_FILE,
@@ -68,7 +68,9 @@ from llmops_trainer import benchmarks, checkpoint, evaluate, hf_models, outputs
 from llmops_trainer.batches import (
     Objective,
     SampleOrder,
+    Samples,
     Windows,
+    cross_validation_split,
     eval_indices,
     make_batch,
     rank_positions,
@@ -314,9 +316,22 @@ class Trainer:
         self.total_steps = total_steps(spec, self.plan)
         self.ds_config = deepspeed_config(spec, self.plan)
         self.zero_stage = zero_stage(spec, self.plan)  # what runs; see ds_config.zero_stage
-        self.train_windows = Windows(paths.data, self.manifest, "train", spec.model.context_length)
+        # Cross-validation: train on the other folds of the training split, validate on the
+        # held-out one (`fold-<i>/<k>`) instead of the validation split.
+        self.train_windows: Samples = Windows(
+            paths.data, self.manifest, "train", spec.model.context_length
+        )
+        self.held_out: Samples | None = None
+        self.validation_split = "validation"
+        cv = spec.cross_validation
+        if cv is not None:
+            assert isinstance(self.train_windows, Windows)
+            self.train_windows, self.held_out = cross_validation_split(
+                self.train_windows, cv.folds, cv.fold
+            )
+            self.validation_split = fold_split(cv.fold, cv.folds)
         self.order = SampleOrder(len(self.train_windows), hp.seed)
-        self.validates = self._has_samples("validation")
+        self.validates = self._has_samples(self.validation_split)
         self.evaluates = self.validates or spec.evaluation.train_split
         self.model_config = GPTConfig(
             vocab_size=self.objective.model_vocab_size,
@@ -571,9 +586,10 @@ class Trainer:
             self.state.consumed_samples, plan.global_batch_size, self.world, self.rank
         )
         indices = [self.order.index(p) for p in positions]
-        if self.sample_log:
+        if self.sample_log:  # indices into the training split (across folds too)
+            samples = [self.train_windows.source_index(i) for i in indices]
             with (self.paths.output / f"samples-rank{self.rank}.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": step, "samples": indices}) + "\n")
+                handle.write(json.dumps({"step": step, "samples": samples}) + "\n")
         total = 0.0  # the engine is in training mode (evaluations switch back when done)
         by_kind = logs and self.manifest.mixed
         self._kind_sums = torch.zeros(4, dtype=torch.float64) if by_kind else None
@@ -658,8 +674,10 @@ class Trainer:
         draw = 0 if evaluation.sample == "fixed" else self.state.step // evaluation.interval_steps
         entry = MetricsEntry(step=self.state.step)
         if self.validates:
-            scores = self._score("validation", evaluation.batches, draw=draw)
-            bleu = self._bleu("validation")[0] if "bleu" in evaluation.metrics else None
+            scores = self._score(self.validation_split, evaluation.batches, draw=draw)
+            bleu = None
+            if "bleu" in evaluation.metrics and self.held_out is None:  # none on a fold
+                bleu = self._bleu("validation")[0]
             self.state.validation = ValidationScores(
                 loss=scores.loss,
                 perplexity=scores.perplexity,
@@ -710,11 +728,7 @@ class Trainer:
     ) -> evaluate.SplitScores:
         """Scores of `split` on its evaluation subset (batches.eval_indices: `draw` 0 is the
         fixed one)."""
-        context = self.spec.model.context_length
-        if split == "train":
-            windows = self.train_windows
-        else:
-            windows = Windows(self.paths.data, self.manifest, split, context)
+        windows = self._windows(split)
         count = batches * self.plan.micro_batch_size * self.world
         seed = self.spec.hyperparameters.seed + seed_offset
         indices = eval_indices(len(windows), count, seed, self.world, self.rank, draw)
@@ -815,16 +829,23 @@ class Trainer:
         self._report("Evaluating")
         # A Dataset may have no test split (split.test: 0), or an empty one: then the
         # validation split is evaluated, or nothing, and the report says which.
-        usable = [s for s in ("test", "validation") if self._has_samples(s)]
+        # A cross-validation run scores its held-out fold (`fold-<i>/<k>`).
+        candidates = ("test", "validation") if self.held_out is None else (self.validation_split,)
+        usable = [s for s in candidates if self._has_samples(s)]
         split = usable[0] if usable else "none"
         final: dict[str, Any] = {"stopReason": reason, "steps": self.state.step, "split": split}
         worst: list[dict[str, Any]] = []
         examples: list[dict[str, str]] = []
         decode = evaluate.decoder(self.paths.data / self.manifest.tokenizer)
-        if split in self.manifest.splits:
+        if split == self.validation_split and self.held_out is not None:
+            # A fold: no unigram comparison or BLEU (both read whole splits of the Dataset).
             scores = self._score(split, self.spec.evaluation.batches, keep_per_sample=True)
             final.update(loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy)
-            windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
+            worst = evaluate.worst_passages(scores, self.held_out, decode, WORST_PASSAGES)
+        elif split in self.manifest.splits:
+            scores = self._score(split, self.spec.evaluation.batches, keep_per_sample=True)
+            final.update(loss=scores.loss, perplexity=scores.perplexity, accuracy=scores.accuracy)
+            windows = self._windows(split)
             worst = evaluate.worst_passages(scores, windows, decode, WORST_PASSAGES)
             final["unigramPerplexity"] = evaluate.unigram_perplexity(
                 self.paths.data, self.manifest, "train", split
@@ -865,11 +886,21 @@ class Trainer:
         dist.barrier()
         return final
 
+    def _windows(self, split: str) -> Samples:
+        """The samples of a split: the training samples (the other folds under
+        cross-validation), the held-out fold, or a split of the Dataset."""
+        if split == "train":
+            return self.train_windows
+        if split == self.validation_split and self.held_out is not None:
+            return self.held_out
+        return Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
+
     def _has_samples(self, split: str) -> bool:
+        if split == self.validation_split and self.held_out is not None:
+            return len(self.held_out) > 0
         if split not in self.manifest.splits:
             return False
-        windows = Windows(self.paths.data, self.manifest, split, self.spec.model.context_length)
-        return len(windows) > 0
+        return len(self._windows(split)) > 0
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -32,19 +32,21 @@ from pydantic import (
 
 from llmops.api.base import ApiModel, Rule, StatusModel, nested
 from llmops.api.common import Condition, ObjectMeta, conditions_field
-from llmops.api.trainingrun import TrainingRunSpec
+from llmops.api.trainingrun import MAX_FOLDS, TrainingRunSpec
 
 ParameterType = Literal["categorical", "int", "float", "log-uniform"]
 Scalar = type[int] | type[float] | type[bool] | type[str]
 # Longest suffix a trial name gets: `-trial-499` (maxTrials is at most 500).
 MAX_TRIALS = 500
 MAX_SWEEP_NAME_LENGTH = 35
+# With crossValidation the runs append -trial-<index>-fold-<fold> (folds are at most 20).
+MAX_CV_SWEEP_NAME_LENGTH = 27
 # Per trial; with MAX_TRIALS this keeps the status well under etcd's 1.5 MB object limit.
 MAX_INTERMEDIATE_VALUES = 30
 LEADERBOARD_SIZE = 10
-# Fields a sweep does not tune: the Dataset (immutable per run) and suspend (the sweep's own
-# lever for stopping trials).
-_NOT_TUNABLE = ("datasetRef", "suspend")
+# Fields a sweep does not tune: the Dataset (immutable per run), suspend (the sweep's own
+# lever for stopping trials) and crossValidation (set by the sweep's own crossValidation).
+_NOT_TUNABLE = ("datasetRef", "suspend", "crossValidation")
 
 
 def _scalar(annotation: Any) -> Scalar | None:
@@ -334,6 +336,15 @@ class Budget(ApiModel):
     )
 
 
+class SweepCrossValidation(ApiModel):
+    """k-fold cross-validation of every trial: a trial is k TrainingRuns on the k folds of the
+    Dataset's training split, and its value the mean of their objective values."""
+
+    folds: int = Field(
+        description="Number of folds k (TrainingRuns per trial).", ge=2, le=MAX_FOLDS
+    )
+
+
 def _distinct_names(parameters: list[Parameter]) -> list[Parameter]:
     names = [p.name for p in parameters]
     paths = [p.path for p in parameters]
@@ -354,6 +365,20 @@ class SweepSpec(ApiModel):
             check=lambda s: len({p.path for p in s.parameters}) == len(s.parameters),
             field_path=".parameters",
         ),
+        Rule(
+            cel="size(self.parameters) > 0 || has(self.crossValidation)",
+            message="parameters needs at least one parameter (or set crossValidation to "
+            "cross-validate the template alone)",
+            check=lambda s: bool(s.parameters) or s.cross_validation is not None,
+            field_path=".parameters",
+        ),
+        Rule(
+            cel="!has(self.earlyStopping) || !has(self.crossValidation)",
+            message="earlyStopping cannot be combined with crossValidation (a trial's value "
+            "is the mean over its folds, known only when they all finished)",
+            check=lambda s: s.early_stopping is None or s.cross_validation is None,
+            field_path=".earlyStopping",
+        ),
     )
 
     template: TrainingRunSpec = Field(
@@ -363,8 +388,11 @@ class SweepSpec(ApiModel):
         list[Annotated[Parameter, AfterValidator(_fits_field)]],
         AfterValidator(_distinct_names),
     ] = Field(
-        description="The searched parameters.",
-        min_length=1,
+        default_factory=list,
+        description=(
+            "The searched parameters; may be empty with crossValidation (one trial: plain "
+            "k-fold cross-validation of the template)."
+        ),
         max_length=20,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -380,7 +408,13 @@ class SweepSpec(ApiModel):
     objective: Objective = nested(Objective, "The metric to optimize and its direction.")
     max_trials: int = Field(default=10, description="Trials to run in all.", ge=1, le=MAX_TRIALS)
     parallel_trials: int = Field(
-        default=1, description="Trials pending or running at the same time.", ge=1, le=100
+        default=1,
+        description=(
+            "Trials pending or running at the same time; with crossValidation, TrainingRuns "
+            "(folds) pending or running at the same time."
+        ),
+        ge=1,
+        le=100,
     )
     max_failed_trials: int = Field(
         default=3, description="Failed trials at which the sweep fails.", ge=1, le=MAX_TRIALS
@@ -390,6 +424,22 @@ class SweepSpec(ApiModel):
     )
     budget: Budget | None = Field(
         default=None, description="Accelerator-hour and wall-time limits of the whole sweep."
+    )
+    cross_validation: SweepCrossValidation | None = Field(
+        default=None,
+        description=(
+            "k-fold cross-validation: each trial runs as k TrainingRuns "
+            "`<sweep>-trial-<index>-fold-<fold>` (the template, the trial's parameters and "
+            "`crossValidation: {folds: k, fold: <fold>}`); a trial succeeds when all its folds "
+            "did, fails when one failed, and its value is the mean of the folds' objective "
+            "values (with their standard deviation in the trial record). Not with "
+            "earlyStopping."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "crossValidation is immutable"}
+            ]
+        },
     )
     suspend: bool = Field(
         default=False,
@@ -429,7 +479,23 @@ class TrialRecord(StatusModel):
     parameters: ParameterValues = Field(
         default_factory=dict, description="Parameter values by name."
     )
-    value: float | None = Field(default=None, description="Final objective value.")
+    value: float | None = Field(
+        default=None,
+        description="Final objective value (with crossValidation: the mean over the folds).",
+    )
+    folds: list[float] | None = Field(
+        default=None,
+        description=(
+            "crossValidation: the objective values of the folds that succeeded, in fold "
+            "order (all k once the trial succeeded)."
+        ),
+        max_length=MAX_FOLDS,
+    )
+    stdev: float | None = Field(
+        default=None,
+        description="crossValidation: sample standard deviation of the folds' values.",
+        ge=0,
+    )
     intermediate: list[IntermediateValue] = Field(
         default_factory=list,
         description=f"Objective values observed while running (at most {MAX_INTERMEDIATE_VALUES}).",
@@ -445,9 +511,21 @@ class BestTrial(StatusModel):
     parameters: ParameterValues = Field(
         default_factory=dict, description="Parameter values by name."
     )
-    value: float = Field(description="Objective value.")
+    value: float = Field(
+        description="Objective value (with crossValidation: the mean over the folds)."
+    )
+    stdev: float | None = Field(
+        default=None,
+        description="crossValidation: sample standard deviation of the folds' values.",
+        ge=0,
+    )
     checkpoint_uri: str | None = Field(
-        default=None, description="Its best checkpoint (or final model) to deploy or continue."
+        default=None,
+        description=(
+            "Its best checkpoint (or final model) to deploy or continue; unset with "
+            "crossValidation (each fold's model saw only part of the data: train one "
+            "TrainingRun with the best parameters)."
+        ),
     )
 
 
@@ -459,6 +537,11 @@ class LeaderboardEntry(StatusModel):
         default_factory=dict, description="Parameter values by name."
     )
     value: float = Field(description="Objective value (final, or best so far when pruned).")
+    stdev: float | None = Field(
+        default=None,
+        description="crossValidation: sample standard deviation of the folds' values.",
+        ge=0,
+    )
     state: TrialState = Field(description="Trial state.")
 
 
@@ -502,6 +585,18 @@ class Sweep(ApiModel):
                 "(trial names append -trial-<index>)"
             ),
             check=lambda s: len(s.metadata.name) <= MAX_SWEEP_NAME_LENGTH,
+            field_path=".metadata.name",
+        ),
+        Rule(
+            cel="!has(self.spec.crossValidation) || "
+            f"size(self.metadata.name) <= {MAX_CV_SWEEP_NAME_LENGTH}",
+            message=(
+                f"metadata.name must be at most {MAX_CV_SWEEP_NAME_LENGTH} characters with "
+                "spec.crossValidation (run names append -trial-<index>-fold-<fold>)"
+            ),
+            check=lambda s: (
+                s.spec.cross_validation is None or len(s.metadata.name) <= MAX_CV_SWEEP_NAME_LENGTH
+            ),
             field_path=".metadata.name",
         ),
     )

@@ -32,6 +32,19 @@ from llmops.api.common import (
 Objective = Literal["causal-lm", "masked-lm", "sft"]
 EvalMetric = Literal["perplexity", "accuracy", "bleu"]
 DEFAULT_METRICS: tuple[EvalMetric, ...] = ("perplexity",)
+MAX_FOLDS = 20
+# What a final evaluation scored: a split of the Dataset, or the held-out fold of a
+# cross-validation run (`fold-<i>/<k>`).
+EvaluatedSplit = Annotated[
+    str, StringConstraints(pattern=r"^(test|validation|none|fold-[0-9]{1,2}/[0-9]{1,2})$")
+]
+
+
+def fold_split(fold: int, folds: int) -> str:
+    """The split name of a cross-validation run's held-out fold (`fold-1/5`)."""
+    return f"fold-{fold}/{folds}"
+
+
 CHECKPOINT_NAME = r"^(latest|best|step-[0-9]+)$"
 ModuleName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.]+$")
@@ -597,6 +610,27 @@ _WORLD = (
 )
 
 
+class CrossValidation(ApiModel):
+    """k-fold cross-validation: the Dataset's training split is cut into `folds` contiguous
+    blocks of samples; this run trains on all but block `fold` and validates on that one
+    (periodic and final evaluation), instead of on the validation split. A Sweep with
+    `crossValidation` creates the k runs of each trial."""
+
+    cel_rules = (
+        Rule(
+            cel="self.fold < self.folds",
+            message="fold must be less than folds (folds are numbered 0 to folds-1)",
+            check=lambda c: c.fold < c.folds,
+            field_path=".fold",
+        ),
+    )
+
+    folds: int = Field(description="Number of folds k.", ge=2, le=MAX_FOLDS)
+    fold: int = Field(
+        description="The held-out fold of this run, 0 to folds-1.", ge=0, le=MAX_FOLDS - 1
+    )
+
+
 class TrainingRunSpec(ApiModel):
     """Desired state of a TrainingRun."""
 
@@ -686,6 +720,19 @@ class TrainingRunSpec(ApiModel):
         },
     )
     hyperparameters: Hyperparameters = Field(description="Optimization settings.")
+    cross_validation: CrossValidation | None = Field(
+        default=None,
+        description=(
+            "Train on k-1 folds of the training split and validate on the held-out fold "
+            "(status.metrics and finalEvaluation then score that fold); unset trains on the "
+            "whole training split and validates on the validation split."
+        ),
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self == oldSelf", "message": "crossValidation is immutable"}
+            ]
+        },
+    )
     deepspeed: DeepSpeed = nested(DeepSpeed, "DeepSpeed ZeRO settings.")
     resources: TrainingResources = nested(TrainingResources, "The gang of worker pods.")
     scheduling: Scheduling = nested(Scheduling, "Placement and priority of the worker pods.")
@@ -783,11 +830,12 @@ class BenchmarkScore(StatusModel):
 class FinalEvaluation(StatusModel):
     """Evaluation on the test split after training."""
 
-    split: Literal["test", "validation", "none"] | None = Field(
+    split: EvaluatedSplit | None = Field(
         default=None,
         description=(
             "The split evaluated: `test`; `validation` when the Dataset has no test split; "
-            "`none` when it has neither (no final evaluation)."
+            "`none` when it has neither (no final evaluation); `fold-<i>/<k>`: the held-out "
+            "fold of a cross-validation run."
         ),
     )
     loss: float | None = Field(default=None, description="Test loss.")

@@ -24,7 +24,12 @@ from pydantic import ConfigDict, Field, ValidationError
 from llmops import GROUP
 from llmops.api.base import StatusModel
 from llmops.api.dataset import StepStats, TokenCounts
-from llmops.api.trainingrun import BenchmarkScore, FinalEvaluation, TrainingRunSpec
+from llmops.api.trainingrun import (
+    BenchmarkScore,
+    EvaluatedSplit,
+    FinalEvaluation,
+    TrainingRunSpec,
+)
 
 # -- entrypoints -----------------------------------------------------------------------------
 
@@ -436,7 +441,7 @@ class FinalReport(Record):
 
     stop_reason: str = Field(description="Completed, EarlyStopped.")
     steps: int = Field(description="Optimizer steps done.", ge=0)
-    split: Literal["test", "validation", "none"] | None = None  # what was evaluated
+    split: EvaluatedSplit | None = None  # what was evaluated (a fold: `fold-<i>/<k>`)
     loss: float | None = None
     perplexity: float | None = None
     accuracy: float | None = None

@@ -4,6 +4,11 @@ A trial is the template with each parameter's value set at its path. It carries 
 parameters in an annotation, its sweep and index in labels and a controller owner reference
 to the Sweep, so everything the search needs is read back from the API server: an operator
 restart loses nothing, and a trial once created keeps its parameters.
+
+With `spec.crossValidation` (k folds) a trial is k TrainingRuns `<sweep>-trial-<i>-fold-<j>`,
+each with the trial's parameters, `crossValidation: {folds: k, fold: j}` and a fold label;
+`combine` folds them back into one trial: failed when one failed, succeeded when all did,
+valued at the mean of their objective values.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +40,7 @@ from llmops.search import Params, Trial, Value, rank
 COMPONENT = "trial"
 SWEEP_LABEL = f"{GROUP}/sweep"
 INDEX_LABEL = f"{GROUP}/trial-index"
+FOLD_LABEL = f"{GROUP}/fold-index"  # crossValidation: the run's held-out fold
 PARAMETERS_ANNOTATION = f"{GROUP}/trial-parameters"
 # Set (with spec.suspend) when the early-stopping rule stops a trial.
 PRUNED_ANNOTATION = f"{GROUP}/trial-pruned"
@@ -43,8 +50,14 @@ class InvalidTrial(ValueError):
     """The template with these parameter values is no valid TrainingRun spec."""
 
 
-def trial_role(index: int) -> str:
-    return f"trial-{index}"
+def trial_role(index: int, fold: int | None = None) -> str:
+    return f"trial-{index}" if fold is None else f"trial-{index}-fold-{fold}"
+
+
+def trial_name(sweep_name: str, index: int, fold: int | None = None) -> str:
+    """The TrainingRun of a trial (of one fold of it, with crossValidation); without a fold
+    under crossValidation, the name the trial goes by in the status."""
+    return f"{sweep_name}-{trial_role(index, fold)}"
 
 
 def set_path(spec: Mapping[str, Any], path: str, value: Value) -> dict[str, Any]:
@@ -63,11 +76,15 @@ def set_path(spec: Mapping[str, Any], path: str, value: Value) -> dict[str, Any]
     return result
 
 
-def trial_spec(sweep: Sweep, params: Params) -> dict[str, Any]:
-    """The trial's TrainingRun spec: the template with the parameters applied, validated."""
+def trial_spec(sweep: Sweep, params: Params, fold: int | None = None) -> dict[str, Any]:
+    """The trial's TrainingRun spec: the template with the parameters applied (and, with
+    crossValidation, the fold it holds out), validated."""
     spec = sweep.spec.template.to_dict()
     for parameter in sweep.spec.parameters:
         spec = set_path(spec, parameter.path, params[parameter.name])
+    cv = sweep.spec.cross_validation
+    if cv is not None and fold is not None:
+        spec["crossValidation"] = {"folds": cv.folds, "fold": fold}
     try:
         TrainingRunSpec.model_validate(spec)
     except ValidationError as error:
@@ -80,15 +97,19 @@ def trial_spec(sweep: Sweep, params: Params) -> dict[str, Any]:
 
 
 def trial_manifest(
-    body: Mapping[str, Any], sweep: Sweep, index: int, params: Params
+    body: Mapping[str, Any], sweep: Sweep, index: int, params: Params, fold: int | None = None
 ) -> dict[str, Any]:
-    metadata = child_metadata(body, trial_role(index), COMPONENT, **{INDEX_LABEL: str(index)})
+    """A trial's TrainingRun; with crossValidation, the one of fold `fold`."""
+    labels = {INDEX_LABEL: str(index)}
+    if fold is not None:
+        labels[FOLD_LABEL] = str(fold)
+    metadata = child_metadata(body, trial_role(index, fold), COMPONENT, **labels)
     metadata["annotations"] = {PARAMETERS_ANNOTATION: json.dumps(params, sort_keys=True)}
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainingRun",
         "metadata": metadata,
-        "spec": trial_spec(sweep, params),
+        "spec": trial_spec(sweep, params, fold),
     }
 
 
@@ -101,8 +122,19 @@ def suspend_patch(*, pruned: bool = False, suspend: bool = True) -> dict[str, An
 
 
 @dataclass(frozen=True)
+class FoldRun:
+    """One fold's TrainingRun of a cross-validated trial."""
+
+    name: str
+    fold: int
+    state: TrialState
+    value: float | None  # its objective value, once succeeded
+
+
+@dataclass(frozen=True)
 class ObservedTrial:
-    """A trial TrainingRun as the Sweep reads it."""
+    """A trial TrainingRun as the Sweep reads it (with crossValidation: a trial's fold runs,
+    combined)."""
 
     name: str
     trial: Trial
@@ -112,6 +144,16 @@ class ObservedTrial:
     # ...plus what a running trial has spent since (its status is written once a minute):
     # what the budget compares, never written to the Sweep's status (no churn).
     unaccounted_hours: float = 0.0
+    fold: int | None = None  # a fold's run, before `combine`
+    folds: tuple[FoldRun, ...] = field(default_factory=tuple)  # a combined trial's runs
+    stdev: float | None = None  # of the folds' values, once all succeeded
+
+    def run_names(self, states: Sequence[str]) -> list[str]:
+        """The TrainingRuns of the trial in one of `states` (for a combined trial, by each
+        fold run's own state)."""
+        if self.folds:
+            return [r.name for r in self.folds if r.state in states]
+        return [self.name] if self.trial.state in states else []
 
 
 def trial_state(child: Mapping[str, Any]) -> TrialState:
@@ -138,6 +180,7 @@ def observe(
     """A trial from its TrainingRun and the record the Sweep's status kept of it; `now`
     counts a running trial's accelerator-hours up to the moment (its status lags a minute)."""
     meta = child["metadata"]
+    labels = meta.get("labels") or {}
     status = child.get("status") or {}
     hours = float(status.get("acceleratorHours") or 0.0)
     unaccounted = 0.0
@@ -157,7 +200,7 @@ def observe(
     return ObservedTrial(
         name=meta["name"],
         trial=Trial(
-            index=int((meta.get("labels") or {})[INDEX_LABEL]),
+            index=int(labels[INDEX_LABEL]),
             params=json.loads((meta.get("annotations") or {}).get(PARAMETERS_ANNOTATION, "{}")),
             state=state,
             value=float(current) if state == "Succeeded" and current is not None else None,
@@ -167,7 +210,63 @@ def observe(
         accelerator_hours=hours,
         unaccounted_hours=unaccounted,
         observation=observation,
+        fold=int(labels[FOLD_LABEL]) if FOLD_LABEL in labels else None,
     )
+
+
+def fold_state(states: Sequence[TrialState], folds: int) -> TrialState:
+    """A cross-validated trial's state from its fold runs' (`folds` of them in all, some
+    perhaps not created yet): failed when one failed, succeeded when all did, suspended when
+    one is, running when one runs, else pending."""
+    for state in ("Failed", "Pruned"):
+        if state in states:
+            return state
+    if len(states) == folds and all(s == "Succeeded" for s in states):
+        return "Succeeded"
+    if "Suspended" in states:
+        return "Suspended"
+    return "Running" if "Running" in states else "Pending"
+
+
+def mean_and_stdev(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (n - 1) of the folds' values."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def combine(
+    sweep_name: str, index: int, runs: Sequence[ObservedTrial], folds: int
+) -> ObservedTrial:
+    """One cross-validated trial from the fold runs of trial `index` that exist."""
+    ordered = sorted(runs, key=lambda r: r.fold or 0)
+    fold_runs = tuple(FoldRun(r.name, r.fold or 0, r.trial.state, r.trial.value) for r in ordered)
+    state = fold_state([r.state for r in fold_runs], folds)
+    values = [r.value for r in fold_runs if r.state == "Succeeded" and r.value is not None]
+    value = stdev = None
+    if state == "Succeeded" and len(values) == folds:
+        value, stdev = mean_and_stdev(values)
+    return ObservedTrial(
+        name=trial_name(sweep_name, index),
+        trial=Trial(index=index, params=ordered[0].trial.params, state=state, value=value),
+        checkpoint_uri=None,  # no one model: each fold's saw part of the data
+        accelerator_hours=sum(r.accelerator_hours for r in ordered),
+        observation=None,
+        unaccounted_hours=sum(r.unaccounted_hours for r in ordered),
+        folds=fold_runs,
+        stdev=stdev,
+    )
+
+
+def group_folds(
+    sweep_name: str, observed: Sequence[ObservedTrial], folds: int
+) -> list[ObservedTrial]:
+    """Fold runs combined into their trials (runs without a fold label stay as they are)."""
+    by_index: dict[int, list[ObservedTrial]] = {}
+    result = [o for o in observed if o.fold is None]
+    for o in observed:
+        if o.fold is not None:
+            by_index.setdefault(o.trial.index, []).append(o)
+    result += [combine(sweep_name, i, runs, folds) for i, runs in by_index.items()]
+    return sorted(result, key=lambda o: o.trial.index)
 
 
 def merge_intermediate(
@@ -203,6 +302,10 @@ def record(observed: ObservedTrial) -> dict[str, Any]:
     }
     if trial.value is not None:
         entry["value"] = trial.value
+    if observed.folds:
+        entry["folds"] = [r.value for r in observed.folds if r.value is not None]
+    if observed.stdev is not None:
+        entry["stdev"] = observed.stdev
     return entry
 
 
@@ -225,15 +328,14 @@ def leaderboard(observed: Sequence[ObservedTrial], direction: str) -> list[dict[
         and (value := _leaderboard_value(o.trial, direction)) is not None
     ]
     ranked = rank(scored, "maximize" if direction == "maximize" else "minimize")
-    return [
-        {
-            "name": by_index[t.index].name,
-            "parameters": show(t.params),
-            "value": t.value,
-            "state": t.state,
-        }
-        for t in ranked[:LEADERBOARD_SIZE]
-    ]
+    entries = []
+    for t in ranked[:LEADERBOARD_SIZE]:
+        found = by_index[t.index]
+        entry = {"name": found.name, "parameters": show(t.params), "value": t.value}
+        if found.stdev is not None:
+            entry["stdev"] = found.stdev
+        entries.append({**entry, "state": t.state})
+    return entries
 
 
 def best_trial(observed: Sequence[ObservedTrial], direction: str) -> dict[str, Any] | None:
@@ -250,6 +352,8 @@ def best_trial(observed: Sequence[ObservedTrial], direction: str) -> dict[str, A
         "parameters": show(best.params),
         "value": best.value,
     }
+    if found.stdev is not None:
+        entry["stdev"] = found.stdev
     if found.checkpoint_uri:
         entry["checkpointUri"] = found.checkpoint_uri
     return entry

@@ -47,6 +47,16 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
     owner = common.kube().get(API_VERSION, "Sweep", name, namespace)
     if owner is None:
         return None, "latest", f"Sweep {name!r} not found"
+    if ((owner.get("spec") or {}).get("crossValidation") or {}).get("folds"):
+        # Each fold's model saw part of the data: a trial's score belongs to no one model.
+        return (
+            None,
+            "latest",
+            (
+                f"Sweep {name!r} cross-validates: its trials have no single model to serve; "
+                "train a TrainingRun with the best trial's parameters and serve that"
+            ),
+        )
     best = ((owner.get("status") or {}).get("bestTrial") or {}).get("name")
     return best, "latest", "" if best else f"Sweep {name!r} has no best trial yet"
 

@@ -7,6 +7,12 @@ objective curves from the status records kept of them, so a decision needs nothi
 A new trial gets the next unused index and is created without updates, so a decision made
 twice (a restart, a lost status write) neither duplicates nor re-samples a trial.
 
+With `spec.crossValidation` a trial is k fold runs (`build.combine` makes one trial of
+them): `parallelTrials` then limits the fold runs pending or running at once, the missing
+folds of started trials are created before a new trial is suggested, a failed fold fails its
+trial (its other active folds are suspended), and suspending or resuming the sweep suspends
+or resumes every fold run.
+
 How a sweep ends:
 - Complete=True, reason `TrialsFinished`: maxTrials trials (capped at the grid size for grid
   search) finished (succeeded, failed or pruned) and none is running; phase Succeeded.
@@ -38,7 +44,7 @@ from llmops.api.sweep import (
 )
 from llmops.builders import sweep as build
 from llmops.decide.status import Child, Conditions, Event, finish
-from llmops.search import Trial, median_rule_prunes, suggest, trial_budget
+from llmops.search import Params, Trial, median_rule_prunes, suggest, trial_budget
 
 KIND = "Sweep"
 TERMINAL = ("Succeeded", "Failed")
@@ -97,6 +103,9 @@ def observe_trials(
         build.observe(child, metric, previous.get(child["metadata"]["name"]), now)
         for child in children
     ]
+    cv = sweep.spec.cross_validation
+    if cv is not None:
+        return build.group_folds(sweep.metadata.name, found, cv.folds)
     return sorted(found, key=lambda o: o.trial.index)
 
 
@@ -111,6 +120,7 @@ def decide(
     if new.start_time is None:
         new.start_time = now
     trials = _early_stop(sweep, observe_trials(sweep, status, observed.trials, now), decision)
+    _stop_failed_folds(decision, trials)
     active = [o for o in trials if o.trial.state in ACTIVE]
     end = ending(sweep, trials, new.start_time, now)
     if end is not None:
@@ -130,7 +140,9 @@ def decide(
     conditions.set("Suspended", "False", "Resumed")
     if not _create_trials(sweep, observed.body, trials, decision, conditions):
         return decision
-    _progress(sweep, trials, len(decision.children), new, conditions)
+    indices = {c.manifest["metadata"]["labels"][build.INDEX_LABEL] for c in decision.children}
+    created = len(indices - {str(o.trial.index) for o in trials})
+    _progress(sweep, trials, created, new, conditions)
     return decision
 
 
@@ -191,32 +203,69 @@ def _create_trials(
     conditions: Conditions,
 ) -> bool:
     """Trials to create, up to parallelTrials active and the trial budget, each at the next
-    unused index; False when a suggested spec was invalid (the sweep has failed; the trials
+    unused index (with crossValidation: fold runs, the missing folds of started trials
+    first); False when a suggested spec was invalid (the sweep has failed; the trials
     suggested before it are still created)."""
     spec = sweep.spec
     budget = trial_budget(spec)
     trials: list[Trial] = [o.trial for o in observed]
     used = {t.index for t in trials}
     # Suspended trials were just resumed: they take their slots again.
-    active = sum(t.state in (*ACTIVE, "Suspended") for t in trials)
-    while len(trials) < budget and active < spec.parallel_trials:
-        index = next(i for i in range(len(used) + 1) if i not in used)
-        params = suggest(spec, index, trials)
-        try:
-            manifest = build.trial_manifest(body, sweep, index, params)
-        except build.InvalidTrial as error:
-            now = conditions.now
-            finish(decision.status, conditions, "Failed", "InvalidTrialSpec", str(error), now)
-            return False
-        # The index is unused among the listed trials, so this creates the trial; were it
-        # there after all (a race), ensure returns it unchanged: a trial keeps its parameters.
+    slots = spec.parallel_trials - _active_runs(sweep, observed)
+    try:
+        for o in observed:  # crossValidation: folds not created yet (the limit held them)
+            if o.folds and o.trial.state in (*ACTIVE, "Suspended"):
+                slots -= _create_folds(
+                    sweep, body, o.trial.index, o.trial.params, o, slots, decision
+                )
+        while len(trials) < budget and slots > 0:
+            index = next(i for i in range(len(used) + 1) if i not in used)
+            params = suggest(spec, index, trials)
+            slots -= _create_folds(sweep, body, index, params, None, slots, decision)
+            trials.append(Trial(index=index, params=params, state="Pending"))
+            used.add(index)
+    except build.InvalidTrial as error:
+        now = conditions.now
+        finish(decision.status, conditions, "Failed", "InvalidTrialSpec", str(error), now)
+        return False
+    return True
+
+
+def _active_runs(sweep: Sweep, observed: Sequence[build.ObservedTrial]) -> int:
+    """TrainingRuns that take a parallelTrials slot: those of pending, running and (just
+    resumed) suspended trials; with crossValidation, the fold runs of such trials not
+    finished (a failed trial's suspended folds stay stopped)."""
+    taking = (*ACTIVE, "Suspended")
+    if sweep.spec.cross_validation is None:
+        return sum(1 for o in observed if o.trial.state in taking)
+    return sum(len(o.run_names(taking)) for o in observed if o.trial.state in taking)
+
+
+def _create_folds(
+    sweep: Sweep,
+    body: Mapping[str, Any],
+    index: int,
+    params: Params,
+    existing: build.ObservedTrial | None,
+    slots: int,
+    decision: Decision,
+) -> int:
+    """Create the trial's TrainingRun (with crossValidation: its missing fold runs, at most
+    `slots`); returns how many were created. Raises InvalidTrial."""
+    cv = sweep.spec.cross_validation
+    if cv is None:
+        wanted: Sequence[int | None] = [None]
+    else:
+        have = {r.fold for r in existing.folds} if existing is not None else set()
+        wanted = [f for f in range(cv.folds) if f not in have][: max(slots, 0)]
+    for fold in wanted:
+        manifest = build.trial_manifest(body, sweep, index, params, fold)
+        # The name is unused among the listed trials, so this creates the run; were it there
+        # after all (a race), ensure returns it unchanged: a trial keeps its parameters.
         decision.children.append(Child(manifest, update=False))
         name = manifest["metadata"]["name"]
         decision.events.append(Event("Normal", "TrialCreated", f"{name}: {build.show(params)}"))
-        trials.append(Trial(index=index, params=params, state="Pending"))
-        used.add(index)
-        active += 1
-    return True
+    return len(wanted)
 
 
 def _early_stop(
@@ -248,7 +297,15 @@ def _early_stop(
 
 
 def _suspend(decision: Decision, active: Sequence[build.ObservedTrial]) -> None:
-    decision.patches += [TrialPatch(o.name, build.suspend_patch()) for o in active]
+    decision.patches += [
+        TrialPatch(name, build.suspend_patch()) for o in active for name in o.run_names(ACTIVE)
+    ]
+
+
+def _stop_failed_folds(decision: Decision, observed: Sequence[build.ObservedTrial]) -> None:
+    """crossValidation: a trial with a failed fold has failed; its folds still pending or
+    running are suspended (keeping their checkpoints) rather than spending more hours."""
+    _suspend(decision, [o for o in observed if o.folds and o.trial.state == "Failed"])
 
 
 def _suspended(observed: Sequence[build.ObservedTrial]) -> list[build.ObservedTrial]:
@@ -264,9 +321,10 @@ def _suspended(observed: Sequence[build.ObservedTrial]) -> list[build.ObservedTr
 def _resume(decision: Decision, observed: Sequence[build.ObservedTrial]) -> None:
     """Trials suspended with the sweep run on when it is resumed (pruned ones stay stopped)."""
     decision.patches += [
-        TrialPatch(o.name, build.suspend_patch(suspend=False))
+        TrialPatch(name, build.suspend_patch(suspend=False))
         for o in observed
         if o.trial.state == "Suspended"
+        for name in o.run_names(("Suspended",))
     ]
 
 

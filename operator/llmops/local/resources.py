@@ -1,5 +1,5 @@
 """The manifests of a run: validated with the API models (errors name the field) and ordered
-by their references, Dataset -> TrainingRun -> ModelDeployment."""
+by their references, Dataset -> TrainingRun and Sweep -> ModelDeployment."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from llmops.api import API_VERSION, KINDS
 from llmops.local.state import DEFAULT_NAMESPACE
 
 Key = tuple[str, str, str]
-RANK = {"Dataset": 0, "TrainingRun": 1, "ModelDeployment": 2}
+RANK = {"Dataset": 0, "TrainingRun": 1, "Sweep": 1, "ModelDeployment": 2}
 
 
 class InvalidManifests(ValueError):
@@ -96,6 +96,12 @@ def references(doc: Mapping[str, Any]) -> list[Key]:
     elif doc["kind"] == "TrainingRun":
         refs.append(("Dataset", namespace, spec["datasetRef"]["name"]))
         parent = (spec.get("init") or {}).get("trainingRun")
+        if parent:
+            refs.append(("TrainingRun", namespace, parent["name"]))
+    elif doc["kind"] == "Sweep":
+        template = spec.get("template") or {}
+        refs.append(("Dataset", namespace, template["datasetRef"]["name"]))
+        parent = (template.get("init") or {}).get("trainingRun")
         if parent:
             refs.append(("TrainingRun", namespace, parent["name"]))
     elif doc["kind"] == "ModelDeployment":

@@ -11,7 +11,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from llmops.local import dataset, serving, state, training
+from llmops.local import dataset, serving, state, sweep, training
 from llmops.local.context import Context, key_of, local_gpus
 from llmops.local.resources import InvalidManifests, config_maps, order, validate
 from llmops.local.status import status_table
@@ -104,7 +104,7 @@ def run(options: RunOptions, console: Console | None = None) -> int:
             console.print(f"skipping {name}: not an llmops resource", highlight=False)
     if not ordered:
         Console(stderr=True).print(
-            "[red]error:[/] no Dataset, TrainingRun or ModelDeployment found"
+            "[red]error:[/] no Dataset, TrainingRun, Sweep or ModelDeployment found"
         )
         return EXIT_INVALID
     layout = state.Layout(options.state_dir.resolve())
@@ -128,6 +128,8 @@ def run(options: RunOptions, console: Console | None = None) -> int:
                     ok = dataset.run(ctx, body)
                 elif body["kind"] == "TrainingRun":
                     ok = training.run(ctx, body)
+                elif body["kind"] == "Sweep":
+                    ok = sweep.run(ctx, body)
                 else:
                     server = serving.run(ctx, body, serve=options.serve, detach=options.detach)
                     ok = server is not None or not options.serve
@@ -138,7 +140,10 @@ def run(options: RunOptions, console: Console | None = None) -> int:
                 view.failure(key_of(body), "", f"cannot run locally: {error}")
             if not ok:
                 break
-    console.print(status_table([ctx.objects[key_of(b)] for b in bodies]))
+    # The resources of the files, then what they made (a Sweep's trial TrainingRuns).
+    shown = [ctx.objects[key_of(b)] for b in bodies]
+    shown += [o for k, o in ctx.objects.items() if k not in {key_of(b) for b in bodies}]
+    console.print(status_table(shown))
     console.print(f"state, logs and reports: {layout.root}", highlight=False)
     if ctx.stop.is_set():
         for server in servers:

@@ -29,6 +29,7 @@ PLURALS = {
     "Dataset": "datasets",
     "TrainingRun": "trainingruns",
     "ModelDeployment": "modeldeployments",
+    "Sweep": "sweeps",
 }
 KINDS_BY_PLURAL = {plural: kind for kind, plural in PLURALS.items()}
 

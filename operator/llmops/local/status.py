@@ -27,6 +27,9 @@ SHORT_NAMES = {
     "md": "ModelDeployment",
     "modeldeployment": "ModelDeployment",
     "modeldeployments": "ModelDeployment",
+    "sw": "Sweep",
+    "sweep": "Sweep",
+    "sweeps": "Sweep",
 }
 
 
@@ -56,10 +59,25 @@ def details(body: Mapping[str, Any]) -> str:
         if status.get("estimatedRemainingSeconds") and status.get("phase") == "Running":
             parts.append(f"ETA {duration(status['estimatedRemainingSeconds'])}")
         return ", ".join(parts)
+    if kind == "Sweep":
+        return sweep_details(status)
     parts = [str(status.get("checkpoint") or "")]
     if status.get("url") and status.get("phase") == "Ready":
         parts.append(str(status["url"]))
     return " ".join(p for p in parts if p)
+
+
+def sweep_details(status: Mapping[str, Any]) -> str:
+    """Trials finished and the best value (with crossValidation: mean ± stdev of folds)."""
+    parts = []
+    trials = status.get("trials") or {}
+    if trials:
+        parts.append(f"{trials.get('finished', 0)} trial(s) finished")
+    best = status.get("bestTrial") or {}
+    if best.get("value") is not None:
+        spread = f" ± {number(best['stdev'])}" if best.get("stdev") is not None else ""
+        parts.append(f"best {best['name']}: {number(best['value'])}{spread}")
+    return ", ".join(parts)
 
 
 def last_message(body: Mapping[str, Any]) -> str:
