@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from llmops.api.modeldeployment import ModelDeployment
+from llmops.api.workload import Env, read_adapter_entries
 from llmops.builders import modeldeployment as build
 from llmops.decide.modeldeployment import report_adapters, resolve_adapters, resolve_model
 from llmops.decide.status import StatusDraft
 from llmops.local import network
 from llmops.local.context import Context, key_of
-from llmops.local.pod import container_ports
+from llmops.local.pod import LocalPod, container_ports
 from llmops.local.process import Process, tail
 
 KIND = "ModelDeployment"
@@ -60,6 +62,19 @@ def _ready(url: str) -> bool:
             return 200 <= code < 300
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _localize_adapters(pod: LocalPod) -> None:
+    """The adapters file lists folders as the container sees them; the local server sees the
+    host folders of the same mounts (as env values and arguments are rewritten)."""
+    listed = pod.env.get(Env.ADAPTERS_FILE)
+    if not listed or not Path(listed).is_file():
+        return
+    entries = [
+        entry.model_copy(update={"path": pod.mounts.host_path(entry.path) or entry.path})
+        for entry in read_adapter_entries(Path(listed).read_text())
+    ]
+    Path(listed).write_text(json.dumps([entry.to_dict() for entry in entries], indent=2))
 
 
 def stop_detached(folder: Path) -> None:
@@ -137,6 +152,7 @@ def run(ctx: Context, body: dict[str, Any], *, serve: bool, detach: bool) -> Ser
     container = template["spec"]["containers"][0]
     ports = network.allocate(container_ports(template["spec"]), prefer_same=[md.spec.server.port])
     pod = ctx.prepare_pod(body, template, f"{deployment['metadata']['name']}-0", ports=ports)
+    _localize_adapters(pod)
     path, port, allowed = _probe(container, ports)
     # The pod listens on all addresses of its own network namespace; here it shares the
     # machine's, so it is told to listen on loopback only, on the local port.
