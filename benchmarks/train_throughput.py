@@ -51,8 +51,10 @@ printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -635,13 +637,19 @@ def worker(args: argparse.Namespace) -> None:
     os.environ["LLMOPS_LOG_INTERVAL"] = str(args.window)
 
     trained: dict[str, int] = {}
+    calls = [0]
 
     def ours() -> list[float]:
-        with tempfile.TemporaryDirectory() as out:
+        # One folder for every rank, as a pod's checkpoint volume is: a checkpoint is read
+        # back whole (the final export, a LoRA checkpoint's adapter) from all ranks' files.
+        calls[0] += 1
+        out = args.data / "bench-runs" / f"ours-{calls[0]}"  # in the launcher's temp folder
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(shutil.rmtree, out, ignore_errors=True)
             paths = Paths(
                 data=args.data,
-                checkpoints=Path(out) / "ckpt",
-                output=Path(out),
+                checkpoints=out / "ckpt",
+                output=out,
                 init=None,
                 pretrained=None if pretrained is None else Path(pretrained),
             )
@@ -659,6 +667,9 @@ def worker(args: argparse.Namespace) -> None:
                 if "tokensPerSecond" in h and h["step"] > args.warmup
             ]
             del trainer
+            dist.barrier()  # every rank is done with the folder before rank 0 removes it
+            if rank != 0:
+                cleanup.pop_all()
         torch.set_num_threads(threads)  # the trainer picks its own; the baselines keep theirs
         return rates
 
