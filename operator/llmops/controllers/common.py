@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -121,16 +122,33 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
     return ensured.object
 
 
+# Events are not watched: a Job's FailedCreate events are read again at most this often.
+FAILED_CREATES_SECONDS = 15.0
+_failed_creates: dict[str, tuple[float, list[str]]] = {}  # Job uid -> (read at, messages)
+
+
 def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
     """The Job controller's FailedCreate events: why the Job has fewer pods than it wants
-    (a missing PriorityClass, a quota, a webhook); recorded nowhere in the Job's status."""
+    (a missing PriorityClass, a quota, a webhook); recorded nowhere in the Job's status.
+    Remembered for FAILED_CREATES_SECONDS: a Job waiting for its pods is reconciled every
+    few seconds, and the reason changes slowly."""
     name = job["metadata"]["name"]
+    key = str(job["metadata"].get("uid") or f"{namespace}/{name}")
+    now = time.monotonic()
+    seen = _failed_creates.get(key)
+    if seen is not None and now - seen[0] < FAILED_CREATES_SECONDS:
+        return seen[1]
     events = kube().list("v1", "Event", namespace, field_selector=f"involvedObject.name={name}")
-    return [
+    found = [
         str(e.get("message", ""))
         for e in events
         if e.get("reason") == "FailedCreate" and e.get("involvedObject", {}).get("kind") == "Job"
     ][-1:]
+    if len(_failed_creates) > 10_000:  # forget Jobs not asked about for a while
+        for stale in [k for k, (at, _) in _failed_creates.items() if now - at > 300]:
+            del _failed_creates[stale]
+    _failed_creates[key] = (now, found)
+    return found
 
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
