@@ -39,6 +39,15 @@ def children(api_client: client.ApiClient, namespace: str) -> list[str]:
     ):
         found += [f"{o.kind or type(o).__name__}/{o.metadata.name}" for o in listing
                   if o.metadata.owner_references]  # fmt: skip
+    # A Sweep's trials and a TrainingSchedule's runs are TrainingRuns it owns.
+    runs = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns"
+    )["items"]
+    found += [
+        f"TrainingRun/{run['metadata']['name']}"
+        for run in runs
+        if run["metadata"].get("ownerReferences")
+    ]
     return found
 
 
@@ -61,6 +70,11 @@ def test_every_kind_is_deleted_with_its_children(
 
     wait_for("the operator took every resource", handled, 60)
     wait_for("children exist", lambda: bool(children(api_client, namespace)), 60)
+    wait_for(
+        "the sweep's first trial exists",
+        lambda: any(c.startswith("TrainingRun/") for c in children(api_client, namespace)),
+        60,
+    )
 
     objects = client.CustomObjectsApi(api_client)
     for doc in created:
