@@ -65,9 +65,28 @@ def test_rewrite_applies_to_literals_before_expansion() -> None:
     assert "/host/data/g1" not in calls  # an expanded value is never rewritten twice
 
 
+def test_secret_and_configmap_keys_come_from_the_manifests() -> None:
+    given = {("Secret", "hub", "HF_TOKEN"): "hf_abc", ("ConfigMap", "cfg", "mode"): "fast"}
+
+    def lookup(kind: str, name: str, key: str) -> str | None:
+        return given.get((kind, name, key))
+
+    env = [
+        {"name": "T", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "HF_TOKEN"}}},
+        {"name": "M", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+        {"name": "O", "valueFrom": {"secretKeyRef": {"name": "x", "key": "k", "optional": True}}},
+        {"name": "U", "value": "$(T)-$(M)"},
+    ]
+    resolved = resolve_env({"env": env}, {}, lookup=lookup)
+    assert resolved == {"T": "hf_abc", "M": "fast", "U": "hf_abc-fast"}  # O absent: optional
+    missing = [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "KEY"}}}]
+    with pytest.raises(ValueError, match="env K: Secret 's3' with key 'KEY' is not among"):
+        resolve_env({"env": missing}, {}, lookup=lookup)
+
+
 def test_unsupported_env_sources_and_field_paths_are_named() -> None:
-    with pytest.raises(ValueError, match="secretKeyRef"):
-        resolve_env({"env": [{"name": "T", "valueFrom": {"secretKeyRef": {}}}]}, {})
+    with pytest.raises(ValueError, match="resourceFieldRef"):
+        resolve_env({"env": [{"name": "T", "valueFrom": {"resourceFieldRef": {}}}]}, {})
     with pytest.raises(ValueError, match=r"status\.podIPs"):
         field_value("status.podIPs", {})
     assert field_value("metadata.labels['app']", {"metadata": {"labels": {"app": "x"}}}) == "x"

@@ -140,13 +140,26 @@ def test_dataset_slice_pods_get_their_index_and_config_files(tmp_path: Path) -> 
     assert pod.env["LLMOPS_NUM_SLICES"] == "3"
 
 
-def test_secret_volumes_are_refused_with_the_volume_name(tmp_path: Path) -> None:
+def test_secret_volumes_are_files_only_this_user_reads(tmp_path: Path) -> None:
     spec = {
-        "volumes": [{"name": "auth", "secret": {"secretName": "s"}}],
+        "volumes": [
+            {
+                "name": "auth",
+                "secret": {"secretName": "s", "items": [{"key": "t", "path": "token"}]},
+            }
+        ],
         "containers": [{"name": "c", "volumeMounts": [{"name": "auth", "mountPath": "/a"}]}],
     }
-    with pytest.raises(ValueError, match="'auth': secret volumes"):
-        mount_table(spec, spec["containers"][0], state.Layout(tmp_path), "default", "p")
+    table = mount_table(spec, spec["containers"][0], state.Layout(tmp_path), "default", "p")
+    materialize(table, spec, {}, {"s": {"t": "s3cret", "other": "x"}})
+    token = Path(table.host_path("/a/token") or "")
+    assert token.read_text() == "s3cret" and not token.with_name("other").exists()
+    assert token.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="volume 'auth': Secret 's' is not among the manifests"):
+        materialize(table, spec, {}, {})
+    unsupported = {**spec, "volumes": [{"name": "auth", "csi": {"driver": "x"}}]}
+    with pytest.raises(ValueError, match="'auth': csi volumes"):
+        mount_table(unsupported, spec["containers"][0], state.Layout(tmp_path), "default", "p")
 
 
 def test_executables_come_from_this_interpreter() -> None:

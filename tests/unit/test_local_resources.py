@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from llmops.cli import main
-from llmops.local.resources import InvalidManifests, config_maps, order, references, validate
+from llmops.local.resources import (
+    InvalidManifests,
+    config_maps,
+    order,
+    references,
+    secrets,
+    validate,
+)
 from llmops.manifests import ManifestError, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,3 +163,18 @@ def test_cli_overrides_are_validated_like_the_manifest(tmp_path: Path, capsys) -
     assert main([*args, "--set", "tr/stdlib-gpt.spec.hyperparameters.maxSteps=-5"]) == 2
     assert "spec.hyperparameters.maxSteps" in capsys.readouterr().err
     assert not state_dir.exists()
+
+
+def test_secrets_in_the_files_are_decoded_for_the_pods() -> None:
+    import base64
+
+    encoded = base64.b64encode(b"hf_abc").decode()
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hub"},
+              "data": {"HF_TOKEN": encoded, "both": base64.b64encode(b"old").decode()},
+              "stringData": {"both": "new"}}  # fmt: skip
+    assert secrets([secret, QUICKSTART[0]]) == {
+        ("default", "hub"): {"HF_TOKEN": "hf_abc", "both": "new"}  # stringData wins
+    }
+    bad = {**secret, "data": {"x": "not base64!"}}
+    with pytest.raises(InvalidManifests, match=r"Secret/hub: data\.x is not base64"):
+        secrets([bad])

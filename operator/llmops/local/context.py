@@ -59,6 +59,7 @@ class Context:
     cwd: Path = field(default_factory=Path.cwd)
     objects: dict[Key, dict[str, Any]] = field(default_factory=dict)
     configmaps: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # decoded
     processes: list[Process] = field(default_factory=list)
 
     def kill_all(self) -> None:
@@ -121,12 +122,20 @@ class Context:
         namespace = body["metadata"]["namespace"]
         spec = template["spec"]
         configmaps = {n: c for (ns, n), c in self.configmaps.items() if ns == namespace}
+        secrets = {n: values for (ns, n), values in self.secrets.items() if ns == namespace}
         pod_dir = self.layout.pod_dir(namespace, pod_name)
+
+        def lookup(kind: str, name: str, key: str) -> str | None:
+            if kind == "Secret":
+                return secrets.get(name, {}).get(key)
+            data = (configmaps.get(name) or {}).get("data") or {}
+            value = data.get(key)
+            return None if value is None else str(value)
 
         def files(container: Mapping[str, Any], folder: Path) -> tuple[MountTable, Path]:
             """A container's mounts (folders made) and its termination message file."""
             table = volumes.mount_table(spec, container, self.layout, namespace, pod_name)
-            volumes.materialize(table, spec, configmaps)
+            volumes.materialize(table, spec, configmaps, secrets)
             termination = container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
             return table, folder / termination.lstrip("/")
 
@@ -144,6 +153,7 @@ class Context:
             index=index,
             cwd=self.cwd,
             init=init,
+            lookup=lookup,
         )
 
     def start(

@@ -70,12 +70,25 @@ def _same(value: str) -> str:
     return value
 
 
+# (kind "Secret" or "ConfigMap", name, key) -> the value, None when there is none.
+Lookup = Callable[[str, str, str], str | None]
+
+
+def no_lookup(kind: str, name: str, key: str) -> str | None:
+    return None
+
+
 def resolve_env(
-    container: Mapping[str, Any], pod: Mapping[str, Any], rewrite: Rewrite = _same
+    container: Mapping[str, Any],
+    pod: Mapping[str, Any],
+    rewrite: Rewrite = _same,
+    lookup: Lookup = no_lookup,
 ) -> dict[str, str]:
     """The container's env as the kubelet builds it: in order, each value expanded against
-    the variables before it; fieldRefs read from the pod. `rewrite` maps each literal to its
-    local form before expansion, so an expanded value is never rewritten twice."""
+    the variables before it; fieldRefs read from the pod; secretKeyRef and configMapKeyRef
+    from the Secrets and ConfigMaps given with the manifests (`lookup`). `rewrite` maps each
+    literal to its local form before expansion, so an expanded value is never rewritten
+    twice."""
     env: dict[str, str] = {}
     for entry in container.get("env") or []:
         name = entry["name"]
@@ -85,6 +98,20 @@ def resolve_env(
         source = entry.get("valueFrom") or {}
         if "fieldRef" in source:
             env[name] = field_value(source["fieldRef"]["fieldPath"], pod)
+            continue
+        for ref, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+            if ref in source:
+                selector = source[ref]
+                value = lookup(kind, str(selector.get("name")), str(selector.get("key")))
+                if value is not None:
+                    env[name] = value
+                elif not selector.get("optional"):
+                    raise ValueError(
+                        f"env {name}: {kind} {selector.get('name')!r} with key "
+                        f"{selector.get('key')!r} is not among the manifests (give it in the "
+                        "same files to run locally)"
+                    )
+                break
         else:
             kind = next(iter(source), "valueFrom")
             raise ValueError(f"env {name}: {kind} is not supported by the local runtime")

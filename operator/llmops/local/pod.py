@@ -121,6 +121,7 @@ def translate(
     index: int | None = None,
     cwd: Path | None = None,
     init: Sequence[tuple[MountTable, Path]] = (),
+    lookup: expand.Lookup = expand.no_lookup,
 ) -> LocalPod:
     """The pod's container with `mounts` and `termination_file`; `init` holds the mount
     table and termination file of each of `spec.initContainers`, in order."""
@@ -142,6 +143,7 @@ def translate(
             grace_seconds=float(spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)),
             index=index,
             cwd=cwd,
+            lookup=lookup,
         )
 
     main = local(containers[0], mounts, termination_file)
@@ -158,9 +160,10 @@ def _container(
     grace_seconds: float,
     index: int | None,
     cwd: Path | None,
+    lookup: expand.Lookup = expand.no_lookup,
 ) -> LocalPod:
     """One container (init or not) of `pod`: env, command and working folder rewritten."""
-    env = expand.resolve_env(container, pod, rewrite)
+    env = expand.resolve_env(container, pod, rewrite, lookup)
     if index is not None:
         # The Job controller sets it in every container of the pod, init containers too.
         env.setdefault("JOB_COMPLETION_INDEX", str(index))

@@ -3,6 +3,7 @@ by their references, Dataset -> TrainingRun and Sweep -> ModelDeployment."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,3 +146,22 @@ def config_maps(documents: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
         for doc in documents
         if doc.get("apiVersion") == "v1" and doc.get("kind") == "ConfigMap"
     }
+
+
+def secrets(documents: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, str]]:
+    """The Secrets among the documents, by (namespace, name): their keys and decoded values
+    (`data` is base64, `stringData` plain, as the API server merges them), for the pods that
+    mount them or name them in env."""
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for doc in documents:
+        if doc.get("apiVersion") != "v1" or doc.get("kind") != "Secret":
+            continue
+        values = {}
+        for key, encoded in (doc.get("data") or {}).items():
+            try:
+                values[key] = base64.b64decode(str(encoded), validate=True).decode()
+            except (ValueError, UnicodeDecodeError) as error:
+                raise InvalidManifests(f"{describe(doc)}: data.{key} is not base64 text") from error
+        values.update({k: str(v) for k, v in (doc.get("stringData") or {}).items()})
+        found[key_of(doc)[1:]] = values
+    return found

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from llmops.local import dataset, serving, state, sweep, training
 from llmops.local.context import Context, key_of, local_gpus
-from llmops.local.resources import InvalidManifests, config_maps, order, validate
+from llmops.local.resources import InvalidManifests, config_maps, order, secrets, validate
 from llmops.local.status import status_table
 from llmops.local.view import RunView
 from llmops.manifests import ManifestError, apply_overrides, load_manifests
@@ -99,8 +99,13 @@ def run(options: RunOptions, console: Console | None = None) -> int:
     # ConfigMaps in the files are mounted where the resources' pods name them (benchmark
     # tasks, for one); every other kind needs a cluster.
     user_config_maps = config_maps(documents)
+    try:
+        user_secrets = secrets(documents)
+    except InvalidManifests as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
     for name in skipped:
-        if not name.startswith("ConfigMap/"):
+        if not name.startswith(("ConfigMap/", "Secret/")):
             console.print(f"skipping {name}: not an llmops resource", highlight=False)
     if not ordered:
         Console(stderr=True).print(
@@ -116,6 +121,7 @@ def run(options: RunOptions, console: Console | None = None) -> int:
     for body in bodies:
         ctx.objects[key_of(body)] = body
     ctx.configmaps.update(user_config_maps)
+    ctx.secrets.update(user_secrets)
     servers: list[serving.Server] = []
     ok = True
     with Interrupts(ctx, console), view:

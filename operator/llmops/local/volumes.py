@@ -6,6 +6,7 @@ paths (/etc/llmops, /data, /output, /checkpoints, /model, /tmp, ...) to them.
 | persistentVolumeClaim | <state>/volumes/<namespace>/<claim>            (kept)     |
 | emptyDir              | <state>/pods/<namespace>/<pod>/volumes/<name>  (fresh)    |
 | configMap             | <state>/pods/<namespace>/<pod>/configmaps/<name> (files)  |
+| secret                | <state>/pods/<namespace>/<pod>/secrets/<name>  (0600)     |
 | hostPath              | the path itself                                           |
 """
 
@@ -25,7 +26,7 @@ from llmops.local.state import Layout
 class Mount:
     container_path: str
     host_path: Path
-    source: str  # persistentVolumeClaim, emptyDir, configMap, hostPath
+    source: str  # persistentVolumeClaim, emptyDir, configMap, secret, hostPath
     volume: str
     read_only: bool = False
 
@@ -70,6 +71,8 @@ def mount_table(
             source, host = "emptyDir", pod_dir / "volumes" / name
         elif "configMap" in volume:
             source, host = "configMap", pod_dir / "configmaps" / name
+        elif "secret" in volume:
+            source, host = "secret", pod_dir / "secrets" / name
         elif "hostPath" in volume:
             source, host = "hostPath", Path(volume["hostPath"]["path"])
         else:
@@ -90,10 +93,14 @@ def mount_table(
 
 
 def materialize(
-    table: MountTable, pod_spec: Mapping[str, Any], configmaps: Mapping[str, Mapping[str, Any]]
+    table: MountTable,
+    pod_spec: Mapping[str, Any],
+    configmaps: Mapping[str, Mapping[str, Any]],
+    secrets: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
-    """Create the folders: emptyDirs start empty, ConfigMap files are written from the
-    ConfigMaps (with `items` honoured), claims keep what earlier pods wrote."""
+    """Create the folders: emptyDirs start empty, ConfigMap and Secret files are written from
+    the ConfigMaps and Secrets (with `items` honoured; a Secret's files readable by this
+    user only), claims keep what earlier pods wrote."""
     volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
     for mount in table.mounts:
         if mount.source == "emptyDir":
@@ -112,5 +119,21 @@ def materialize(
                 target = mount.host_path / item["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(data[item["key"]])
+        elif mount.source == "secret":
+            ref = volumes[mount.volume]["secret"]
+            values = (secrets or {}).get(ref["secretName"])
+            if values is None:
+                raise ValueError(
+                    f"volume {mount.volume!r}: Secret {ref['secretName']!r} is not among the "
+                    "manifests (give it in the same files to run locally)"
+                )
+            shutil.rmtree(mount.host_path, ignore_errors=True)
+            mount.host_path.mkdir(parents=True, mode=0o700)
+            items = ref.get("items") or [{"key": k, "path": k} for k in values]
+            for item in items:
+                target = mount.host_path / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                target.touch(mode=0o600)
+                target.write_text(values[item["key"]])
         elif mount.source == "persistentVolumeClaim":
             mount.host_path.mkdir(parents=True, exist_ok=True)
