@@ -268,6 +268,28 @@ def test_a_client_retries_then_names_the_endpoint_and_status(tmp_path: Path) -> 
         unreachable.ask("{text}", Ask("x", 0.0, 8))
 
 
+def test_a_request_refused_for_what_it_asks_skips_its_document(tmp_path: Path) -> None:
+    """A 400 for one prompt (too long for the model) leaves that document without an answer
+    and the slice goes on; a 400 for most prompts says the configuration is wrong and fails."""
+
+    def fail(prompt: str) -> tuple[int, dict[str, str]] | None:
+        return (400, {}) if "TOO LONG" in prompt else None
+
+    with fake_endpoint(fail=fail) as fake:
+        client = Client(Target(fake.url, "m", "chat", None), Cache(tmp_path / "c"))
+        asks = [Ask(f"doc {i}" + (" TOO LONG" if i == 7 else ""), 0.0, 8) for i in range(40)]
+        answers = client.ask_all("{text}", asks)
+        assert [i for i, a in enumerate(answers) if a.refused] == [7]
+        assert answers[7].text == "" and "answered HTTP 400" in (answers[7].refused or "")
+        assert client.counts["refused"] == 1 and client.counts["answered"] == 39
+        assert sum("TOO LONG" in p for p in fake.prompts()) == 1  # a 400 is not retried
+
+        strict = Client(Target(fake.url, "m", "chat", None), Cache(tmp_path / "d"))
+        bad = [Ask(f"x {i} TOO LONG", 0.0, 8) for i in range(6)]
+        with pytest.raises(EndpointError, match=r"requests refused \(more than 10%\)"):
+            strict.ask_all("{text}", bad)
+
+
 def test_resolve_reads_what_the_operator_resolved() -> None:
     endpoint = LlmEndpoint.model_validate({"modelDeployment": {"name": "chat"}})
     names = llm_endpoint_env(1)

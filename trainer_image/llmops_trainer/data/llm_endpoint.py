@@ -9,8 +9,10 @@ atomically (a temporary file renamed into place), so slice pods writing at once 
 torn file and a rerun or a retried slice sends nothing it already got an answer for. The URL
 is not part of the key: the same model behind another address answers the same.
 
-A request that is refused (a 4xx other than 429) or still fails after its retries raises
-EndpointError, whose message names the endpoint (never the key) and the HTTP status.
+A request refused for what it asks (400, 413, 422: a prompt beyond the model's context) leaves
+its document without an answer, counted as `refused`, unless too many are (then it fails as
+below). Any other refusal (401, 403, 404, ...) or a request still failing after its retries
+raises EndpointError, whose message names the endpoint (never the key) and the HTTP status.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ BACKOFF_SECONDS = 0.5  # the first retry's delay (before jitter), doubling per r
 BACKOFF_CAP_SECONDS = 30.0
 RETRY_AFTER_CAP_SECONDS = 120.0
 DETAIL_CHARS = 300
+# A refusal of one request for what it asks (too long, a bad value in it): that document goes
+# without an answer, unless more than REFUSED_FREE requests and REFUSED_SHARE of all were
+# refused (then the configuration is wrong and the slice fails). 401, 403, 404 always fail.
+REFUSED_ALONE = frozenset({400, 413, 422})
+REFUSED_FREE = 3
+REFUSED_SHARE = 0.1
 _PLACEHOLDER = re.compile(r"\{(text|question)\}")
 
 
@@ -113,6 +121,7 @@ class Answer:
     text: str
     mean_logprob: float | None  # None when logprobs were not asked for
     cached: bool
+    refused: str | None = None  # why the endpoint refused this one request (its text is "")
 
 
 def cache_key(target: Target, template: str, ask: Ask) -> str:
@@ -262,7 +271,12 @@ class Client:
         response = self.cache.get(key)
         cached = response is not None
         if response is None:
-            response = self._post(self._body(ask))
+            try:
+                response = self._post(self._body(ask))
+            except EndpointError as error:
+                if error.status not in REFUSED_ALONE:
+                    raise
+                return self._refused(error)
             self._parse(response, ask)  # a malformed answer is not cached
             self.cache.put(key, response)
             self._count("answered")
@@ -270,6 +284,24 @@ class Client:
             self._count("cached")
         text, mean = self._parse(response, ask)
         return Answer(text, mean, cached)
+
+    def _refused(self, error: EndpointError) -> Answer:
+        """One request refused for what it asks (a prompt beyond the model's context): that
+        document goes without, and the slice goes on; unless the endpoint refuses too many,
+        which says the configuration is wrong, not a document."""
+        with self._lock:
+            self.counts["refused"] += 1
+            refused = self.counts["refused"]
+            asked = refused + self.counts["answered"] + self.counts["cached"]
+        if refused > REFUSED_FREE and refused > REFUSED_SHARE * asked:
+            raise EndpointError(
+                error.url,
+                error.status,
+                f"{refused} of {asked} requests refused (more than {REFUSED_SHARE:.0%}); the "
+                f"last: {error}",
+            )
+        log.warning("a request was refused, its document goes without: %s", error)
+        return Answer("", None, False, refused=str(error))
 
     def ask_all(self, template: str, asks: Sequence[Ask]) -> list[Answer]:
         """Answers in order, `concurrency` requests at a time. On the first failure nothing

@@ -183,7 +183,10 @@ class LlmStage:
     @staticmethod
     def _count(counter: Counter[str], answer: Answer) -> None:
         counter["asked"] += 1
-        counter["cached" if answer.cached else "answered"] += 1
+        if answer.refused is not None:
+            counter["refused"] += 1  # the endpoint refused this request; no text
+        else:
+            counter["cached" if answer.cached else "answered"] += 1
 
 
 def _ask(config: Generation, prompt: str, *, logprobs: bool = False, sample: int = 0) -> Ask:
