@@ -431,13 +431,17 @@ def _model_deployment(name: str, port: int = 8000, token: bool = False) -> dict[
 def test_the_operator_resolves_a_deployment_and_passes_keys_by_reference(tmp_path: Path) -> None:
     dataset = _dataset(tmp_path, {"endpoint": {"modelDeployment": {"name": "chat"}}})
     resolved, missing = served_models(dataset, "ns", {"chat": None})
-    assert missing == ["chat"] and not resolved
+    assert missing == ["ModelDeployment 'chat' does not exist"] and not resolved
     status = StatusDraft({"metadata": {"generation": 1}, "status": {}}, "Dataset")
     wait_for_models(status, missing)
     created = next(c for c in status.status["conditions"] if c["type"] == "Created")
     assert created["reason"] == "WaitingForModelDeployment" and "'chat'" in created["message"]
 
-    found = {"chat": _model_deployment("chat", port=9000, token=True)}
+    deploying = _model_deployment("chat", port=9000, token=True)
+    _, missing = served_models(dataset, "ns", {"chat": deploying})
+    assert missing == ["ModelDeployment 'chat' has no replica Available yet"]
+    available = {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}
+    found = {"chat": {**deploying, "status": {"conditions": [available]}}}
     resolved, missing = served_models(dataset, "ns", found)
     assert not missing
     assert resolved["chat"].url == "http://chat.ns.svc:9000/v1"

@@ -83,20 +83,29 @@ def served_models(
     dataset: Dataset, namespace: str, found: Mapping[str, Mapping[str, Any] | None]
 ) -> tuple[dict[str, build.ServedModel], list[str]]:
     """(the ModelDeployments the Dataset asks, resolved to their Service URL, served name and
-    token Secret; the names of those `found` lacks). `found`: name -> the object or None."""
+    token Secret; why the others are not usable yet: missing, or no replica Available yet, so
+    that slices never start against a server that cannot answer). `found`: name -> the object
+    or None."""
     resolved: dict[str, build.ServedModel] = {}
     missing: list[str] = []
     for name in build.model_deployment_names(dataset):
         body = found.get(name)
         if body is None:
-            missing.append(name)
+            missing.append(f"ModelDeployment {name!r} does not exist")
+            continue
+        available = any(
+            c.get("type") == "Available" and c.get("status") == "True"
+            for c in (body.get("status") or {}).get("conditions") or []
+        )
+        if not available:
+            missing.append(f"ModelDeployment {name!r} has no replica Available yet")
             continue
         try:
             md = ModelDeployment.model_validate(
                 {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
             )
         except (KeyError, ValidationError):
-            missing.append(name)
+            missing.append(f"ModelDeployment {name!r} is not valid")
             continue
         resolved[name] = build.ServedModel(
             url=md_build.url(md, namespace),
@@ -107,12 +116,12 @@ def served_models(
 
 
 def wait_for_models(status: StatusDraft, missing: Sequence[str]) -> None:
-    """The Dataset waits for the ModelDeployments its language models name."""
+    """The Dataset waits for the ModelDeployments its language models name (`missing`: why
+    each is not usable yet)."""
     status.set(phase="Pending")
-    names = ", ".join(repr(name) for name in missing)
     status.condition(
         "Created",
         "False",
         "WaitingForModelDeployment",
-        f"ModelDeployment {names} (a language model of the spec) does not exist",
+        "; ".join(missing) + " (a language model of the spec)",
     )
