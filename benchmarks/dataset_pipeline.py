@@ -11,6 +11,14 @@ kept set against datatrove's after each rule and overall.
 
     pip install -e '.[trainer,bench]'        # datatrove + spaCy (its English word tokenizer)
     python benchmarks/dataset_pipeline.py    # installs the Debian packages when missing (root)
+
+`--filters-only` compares the Gopher quality and repetition rules alone, document by
+document (datatrove's filters called directly, no pipeline), on the corpus named by
+`--kind`: `docs` (the corpus above: prose and documentation), `code` (every module of the
+Python standard library: its source, and its docstrings as one document) or `short` (a
+sample of the paragraphs of the docs corpus: short texts around the 50-word minimum).
+
+    python benchmarks/dataset_pipeline.py --filters-only --kind code
 """
 
 from __future__ import annotations
@@ -154,6 +162,103 @@ def build_corpus(target: Path) -> int:
     return target.stat().st_size
 
 
+def code_documents() -> Iterator[tuple[str, str]]:
+    """Every module of this interpreter's standard library (tests and site-packages left out):
+    its source, and its docstrings (module, classes, functions) as one document."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in ("site-packages", "test", "idlelib") or "tests" in relative.parts:
+            continue
+        source = path.read_text(errors="replace")
+        yield f"stdlib/{relative}", source
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        nodes = [tree, *ast.walk(tree)]
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docstrings = [ast.get_docstring(n) for n in nodes if isinstance(n, kinds)]
+        text = "\n\n".join(dict.fromkeys(d for d in docstrings if d))
+        if text:
+            yield f"stdlib-doc/{relative}", text
+
+
+def short_documents(corpus: Path, every: int = 20) -> Iterator[tuple[str, str]]:
+    """Every `every`-th paragraph of the docs corpus with 20 to 200 whitespace-separated words."""
+    count = 0
+    with corpus.open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            for n, paragraph in enumerate(re.split(r"\n\s*\n", record["text"])):
+                if 20 <= len(paragraph.split()) <= 200:
+                    count += 1
+                    if count % every == 0:
+                        yield f"{record['id']}#{n}", paragraph.strip()
+
+
+def build_kind(kind: str, docs: Path) -> Path:
+    """The corpus of `kind` (docs: the default corpus), built once into the cache."""
+    if kind == "docs":
+        build_corpus(docs)
+        return docs
+    target = docs.parent / f"corpus-{kind}.jsonl"
+    if not target.is_file():
+        build_corpus(docs)
+        made = code_documents() if kind == "code" else short_documents(docs)
+        partial = target.with_suffix(".partial")
+        with partial.open("w", encoding="utf-8") as out:
+            for doc_id, text in made:
+                out.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+        partial.rename(target)
+    return target
+
+
+def filter_fates(corpus: Path) -> tuple[dict[str, str], dict[str, str], float, float]:
+    """Document id -> the Gopher rule that dropped it ('' when kept), ours and datatrove's
+    (quality, then repetition), with the CPU seconds each engine took."""
+    from datatrove.data import Document as TheirDocument
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from llmops.api.dataset import QualityFilters
+    from llmops_trainer.data import filters
+
+    records = [json.loads(line) for line in corpus.open()]
+    rules = filters.QualityRules.from_spec(QualityFilters.model_validate(GOPHER_SPEC))
+
+    def our_fate(text: str) -> str:
+        if not text:  # datatrove's quality filter drops empty documents as too short
+            return "gopher_short_doc"
+        return filters.gopher_quality(text, rules) or filters.gopher_repetition(text, rules) or ""
+
+    quality, repetition = GopherQualityFilter(), GopherRepetitionFilter()
+
+    def their_fate(text: str) -> str:
+        document = TheirDocument(text=text, id="")
+        for step in (quality, repetition):
+            verdict = step.filter(document)
+            if verdict is not True:
+                return verdict[1] if isinstance(verdict, tuple) else step.name
+        return ""
+
+    our, _, our_cpu = measure(lambda: {r["id"]: our_fate(r["text"]) for r in records})
+    their, _, their_cpu = measure(lambda: {r["id"]: their_fate(r["text"]) for r in records})
+    return our, their, our_cpu, their_cpu
+
+
+def kept_agreement(our: dict[str, str], their: dict[str, str]) -> tuple[float, float, float]:
+    ours_kept = {k for k, v in our.items() if not v}
+    their_kept = {k for k, v in their.items() if not v}
+    both = len(ours_kept & their_kept)
+    precision = both / len(ours_kept) if ours_kept else 1.0
+    recall = both / len(their_kept) if their_kept else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
 def cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -180,6 +285,14 @@ def train_tokenizer(corpus: Path, target: Path) -> None:
 
 
 STAGES = ("quality", "repetition", "exact", "near")
+# Gopher's published thresholds, as datatrove's filters default to.
+GOPHER_SPEC = {
+    "minWords": 50,
+    "maxWords": 100000,
+    "maxSymbolRatio": 0.1,
+    "minAlphaWordRatio": 0.8,
+    "maxDuplicateLineRatio": 0.3,
+}
 
 
 def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
@@ -209,14 +322,7 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
                             "threshold": 1e-6,
                         },
                     },
-                    # Gopher's published thresholds, as datatrove's filters default to.
-                    "filters": {
-                        "minWords": 50,
-                        "maxWords": 100000,
-                        "maxSymbolRatio": 0.1,
-                        "minAlphaWordRatio": 0.8,
-                        "maxDuplicateLineRatio": 0.3,
-                    },
+                    "filters": GOPHER_SPEC,
                     "pii": {"enabled": False},
                 },
                 "tokenizer": {"path": str(tokenizer)},
@@ -357,8 +463,16 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path, default=CACHE / "corpus.jsonl")
     parser.add_argument("--skip-datatrove", action="store_true")
     parser.add_argument("--show-disagreements", type=int, default=3)
+    parser.add_argument(
+        "--filters-only",
+        action="store_true",
+        help="compare the Gopher quality and repetition rules alone, document by document",
+    )
+    parser.add_argument("--kind", choices=("docs", "code", "short"), default="docs")
     args = parser.parse_args()
     args.corpus.parent.mkdir(parents=True, exist_ok=True)
+    if args.filters_only:
+        return filters_only(build_kind(args.kind, args.corpus), args.show_disagreements)
     size = build_corpus(args.corpus)
     documents_count = sum(1 for _ in args.corpus.open())
     print(f"corpus: {size / 1e6:.1f} MB, {documents_count} documents ({args.corpus})")
@@ -394,6 +508,29 @@ def main() -> int:
         for (a, b), keys in sorted(mismatched.items(), key=lambda x: -len(x[1])):
             print(f"  {a:>10} vs {b:<10} {len(keys):6}  {keys[: args.show_disagreements]}")
         shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def filters_only(corpus: Path, show: int) -> int:
+    documents_count = sum(1 for _ in corpus.open())
+    size = corpus.stat().st_size
+    print(f"corpus: {size / 1e6:.1f} MB, {documents_count} documents ({corpus})")
+    print(f"machine: {os.cpu_count()} cores; {sys.version.split()[0]}")
+    our, their, our_cpu, their_cpu = filter_fates(corpus)
+    print(f"CPU seconds: llmops {our_cpu:.1f}, datatrove {their_cpu:.1f}")
+    precision, recall, f1 = kept_agreement(our, their)
+    kept = sum(1 for v in our.values() if not v), sum(1 for v in their.values() if not v)
+    print("Gopher quality + repetition, kept-set agreement (goal F1 >= 0.95):")
+    print(
+        f"  precision {precision:.4f}  recall {recall:.4f}  F1 {f1:.4f}  kept {kept[0]} / {kept[1]}"
+    )
+    mismatched: dict[tuple[str, str], list[str]] = {}
+    for key, value in our.items():
+        if value != their[key]:
+            mismatched.setdefault((value or "kept", their[key] or "kept"), []).append(key)
+    print("disagreements (ours vs datatrove): count, examples")
+    for (a, b), keys in sorted(mismatched.items(), key=lambda x: -len(x[1])):
+        print(f"  {a:>28} vs {b:<28} {len(keys):6}  {keys[:show]}")
     return 0
 
 

@@ -35,6 +35,8 @@ MAX_SOURCES = 64
 MAX_URLS = 100
 SourceFormat = Literal["text", "jsonl", "parquet"]
 SplitName = Literal["train", "validation", "test"]
+EvaluationSplit = Literal["validation", "test"]
+EVALUATION_SPLITS: tuple[EvaluationSplit, ...] = ("validation", "test")
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$", max_length=3)]
 # A relative glob over "/"-separated paths (`*`, `?`, `[...]` inside a segment; `**` spans them).
@@ -595,6 +597,20 @@ class QualityFilters(ApiModel):
             "switch off for source code, where repeated lines are normal."
         ),
     )
+    c4_lines: bool = Field(
+        default=False,
+        description=(
+            "Apply the C4 line rules (Raffel et al. 2020, datatrove's C4QualityFilter), "
+            "meant for web pages: remove citation marks ([1], [edit]) and every line that "
+            "does not end in terminal punctuation (. ! ? or a closing quote), has fewer than "
+            "3 words or a word over 1000 characters, or mentions javascript or a cookie, "
+            "privacy or terms-of-use policy; then drop the document if it contains `lorem "
+            "ipsum` or a curly bracket, or keeps fewer than 5 sentences. Kept documents keep "
+            "only their kept lines. Off by default: it drops most code and documentation. "
+            "Counted in the statistics under step filter-lines (documents dropped per rule, "
+            "linesRemoved per rule); supervised records are left alone."
+        ),
+    )
 
 
 class LanguageFilter(ApiModel):
@@ -673,6 +689,52 @@ class Augmentation(ApiModel):
     )
 
 
+class Decontamination(ApiModel):
+    """Drop training documents that share an n-gram with evaluation text."""
+
+    cel_rules = (
+        Rule(
+            cel="(has(self.against) && size(self.against) > 0) || "
+            "(has(self.files) && size(self.files) > 0)",
+            message="decontamination needs evaluation text: against (validation, test) or files",
+            check=lambda s: bool(s.against or s.files),
+        ),
+    )
+
+    ngram: int = Field(
+        default=13,
+        description=(
+            "Words per n-gram. Words are the runs of letters and digits, lower-cased (case, "
+            "punctuation and spacing do not matter); a training document sharing one n-gram "
+            "with the evaluation text is dropped (13, as GPT-3's decontamination). An "
+            "evaluation text shorter than this has no n-gram and matches nothing."
+        ),
+        ge=5,
+        le=64,
+    )
+    against: Annotated[list[EvaluationSplit], AfterValidator(distinct)] = Field(
+        default_factory=lambda: list(EVALUATION_SPLITS),
+        description=(
+            "Splits of this Dataset whose documents (after cleaning and splitting, held-out "
+            "sources too) are evaluation text."
+        ),
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    files: list[Path] = Field(
+        default_factory=list,
+        description=(
+            "Evaluation sets read by the merge pod: files or folders inside the preprocessing "
+            "image (a relative path starts at the image's working folder; `$(VAR)` expands "
+            "as in sources[].path). A `.jsonl` file gives one text per string value of each "
+            "record (question, choices and answer alike); any other file is plain text, one "
+            "text per blank-line separated paragraph. Their content is part of the Dataset's "
+            "fingerprint."
+        ),
+        max_length=64,
+    )
+
+
 class Processing(ApiModel):
     """The cleaning pipeline, in order: normalize, deduplicate, filter, language, PII, augment."""
 
@@ -682,6 +744,14 @@ class Processing(ApiModel):
     languages: LanguageFilter = nested(LanguageFilter, "Language allow-list.")
     pii: PiiScrubbing = nested(PiiScrubbing, "Personal data scrubbing.")
     augmentation: Augmentation = nested(Augmentation, "Optional data augmentation.")
+    decontamination: Decontamination | None = Field(
+        default=None,
+        description=(
+            "Drop training documents that share an n-gram of words with the validation or "
+            "test split or with evaluation files (in the merge, after splitting; counted under "
+            "step decontaminate, per source and in the dataset card). Unset: off."
+        ),
+    )
 
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")

@@ -3,8 +3,11 @@
 The rules follow Gopher (Rae et al. 2021, table A1) as implemented by datatrove and NeMo
 Curator. The Dataset API's QualityFilters set the thresholds it exposes (its defaults are the
 only defaults); the ones it does not expose are the module constants below.
-Words are counted the way a rule-based word tokenizer splits English: runs of word characters
-(with inner apostrophes) and single punctuation marks (an ellipsis is one token).
+Words are the tokens of spaCy's rule-based English tokenizer, as datatrove's Gopher filters
+count them, from a port without spaCy (data.words): `--`, `3.11` and `e.g.` are one token,
+`don't` two. As in datatrove, the word-count and word-length rules count the tokens with a
+character other than punctuation; the ratios divide by every token; a word is alphabetic
+when it has a letter.
 The repetition rules work on integer n-gram hashes in numpy, and the exact (sequential)
 duplicated-n-gram scan only runs when a cheap upper bound says it could matter.
 """
@@ -14,14 +17,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
 
 from llmops.api.dataset import QualityFilters
+from llmops_trainer.data.words import PUNCTUATION, split_words
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
-_TOKEN = re.compile(r"(\w+(?:['\u2019]\w+)*)|\.\.\.|[^\w\s]")
+_ALPHA = re.compile(r"[^\W\d_]")
 _PARAGRAPHS = re.compile(r"\n{2,}")
 _LINES = re.compile(r"\n+")
 _BULLETS = ("\u2022", "-")
@@ -53,7 +58,7 @@ DUP_LINE_CHAR_FRAC = 0.2
 DUP_PARA_CHAR_FRAC = 0.2
 TOP_N_GRAMS = ((2, 0.2), (3, 0.18), (4, 0.16))
 DUP_N_GRAMS = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
-# C4 line rules: the API has no switch for them, so they run only when a caller asks.
+# C4 line rules (spec.processing.filters.c4Lines) thresholds.
 C4_MIN_SENTENCES = 5
 C4_MIN_WORDS_PER_LINE = 3
 C4_MAX_WORD_LENGTH = 1000
@@ -133,7 +138,7 @@ class QualityRules:
             dup_n_grams=DUP_N_GRAMS,
             quality=spec.quality,
             repetition=spec.repetition,
-            c4_lines=False,
+            c4_lines=spec.c4_lines,
             c4_min_sentences=C4_MIN_SENTENCES,
             c4_min_words_per_line=C4_MIN_WORDS_PER_LINE,
             c4_max_word_length=C4_MAX_WORD_LENGTH,
@@ -150,10 +155,16 @@ class FilterResult:
     detail: dict[str, int] = field(default_factory=dict)
 
 
+@lru_cache(maxsize=4)
+def _tokens(text: str) -> tuple[str, ...]:
+    """The words of a document, split once for both Gopher filters."""
+    return tuple(split_words(text))
+
+
 def gopher_quality(text: str, rules: QualityRules, english: bool = True) -> str | None:
-    tokens = _TOKEN.findall(text)
+    tokens = _tokens(text)
     n_tokens = len(tokens)
-    words = [t for t in tokens if t]
+    words = [t for t in tokens if not PUNCTUATION.issuperset(t)]
     n_words = len(words)
     if rules.min_words and n_words < rules.min_words:
         return "gopher_short_doc"
@@ -182,15 +193,14 @@ def gopher_quality(text: str, rules: QualityRules, english: bool = True) -> str 
         if ending / len(lines) > rules.max_ellipsis_lines_ratio:
             return "gopher_too_many_end_ellipsis"
     if rules.min_alpha_word_ratio:
-        # A word token without a letter is (almost always) a number.
-        alpha = n_words - sum(1 for w in words if w.isdigit())
+        alpha = sum(1 for t in tokens if _ALPHA.search(t))
         if alpha / n_tokens < rules.min_alpha_word_ratio:
             return "gopher_below_alpha_threshold"
     # Stop words are English; a document detected as another language skips the rule.
     if (
         english
         and rules.min_stop_words
-        and len(STOP_WORDS.intersection(words)) < (rules.min_stop_words)
+        and len(STOP_WORDS.intersection(tokens)) < (rules.min_stop_words)
     ):
         return "gopher_enough_stop_words"
     return None
@@ -228,7 +238,7 @@ def gopher_repetition(text: str, rules: QualityRules) -> str | None:
         return "dup_line_frac"
     if rules.dup_line_char_frac is not None and chars / length > rules.dup_line_char_frac:
         return "dup_line_char_frac"
-    tokens = [m.group() for m in _TOKEN.finditer(text)]
+    tokens = _tokens(text)
     if len(tokens) < 2:
         return None
     vocabulary: dict[str, int] = {}

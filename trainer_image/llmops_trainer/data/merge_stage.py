@@ -4,7 +4,9 @@ It orders every document by (input, position), so the result does not depend on 
 of slices, finds exact duplicates across slices and near-duplicates with LSH over all
 signatures, trains, builds or loads the tokenizer, splits by document (a seeded hash of the
 content, or the position in the stream; a source with a split of its own goes there whole),
-tokenizes in parallel and writes shards, tokenizer, manifest and dataset card.
+drops the training documents that share an n-gram with the validation or test split or with
+evaluation files (processing.decontamination), tokenizes in parallel and writes shards,
+tokenizer, manifest and dataset card.
 
 With `tokenizer.fromModel` the tokenizer is the model's: its `tokenizer.json` encodes the
 text, its end-of-sequence token separates documents, its chat template renders chats (with
@@ -32,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llmops.api.dataset import Dataset, DatasetSpec
-from llmops_trainer.data import dedup, report
+from llmops_trainer.data import decontaminate, dedup, report
 from llmops_trainer.data import tokenize as tok
 from llmops_trainer.data.augment import augment
 from llmops_trainer.data.chat import ChatEncoder, Message, contents
@@ -138,6 +140,54 @@ def _near(corpus: Corpus, spec: DatasetSpec) -> None:
 
     drop = dedup.near_duplicates(keys, near.threshold, similarity)
     corpus.codes[candidates[drop]] = corpus.code(NEAR)
+
+
+def _decontaminate(
+    corpus: Corpus, spec: DatasetSpec, split_of: npt.NDArray[np.int8]
+) -> dict[str, Any] | None:
+    """Drops (code `contaminated`, out of every split) the training documents sharing an
+    n-gram with the documents of the `against` splits or the evaluation files; the splits
+    of the other documents stay as assigned. Returns the step's counters, None when off."""
+    config = spec.processing.decontamination
+    if config is None:
+        return None
+    index = decontaminate.NgramIndex(config.ngram)
+    wanted = np.isin(split_of, [SPLITS.index(name) for name in config.against])
+    for _, record in corpus.documents(wanted):
+        index.add(_text(record))
+    split_texts = index.texts
+    for text in decontaminate.file_texts(config.files):
+        index.add(text)
+    code = corpus.code(decontaminate.CONTAMINATED)
+    source_of = corpus.source_index()
+    by_source = {s.name: 0 for s in spec.sources}
+    positions: list[int] = []
+    texts: list[str] = []
+
+    def flush() -> None:
+        hits = np.asarray(positions, dtype=np.int64)[index.matches(texts)]
+        corpus.codes[hits] = code
+        split_of[hits] = -1
+        for position in hits.tolist():
+            by_source[spec.sources[int(source_of[position])].name] += 1
+        positions.clear()
+        texts.clear()
+
+    if len(index):
+        for position, record in corpus.documents(split_of == 0):
+            positions.append(position)
+            texts.append(_text(record))
+            if len(texts) >= TOKENIZE_BATCH:
+                flush()
+        flush()
+    log.info("decontamination: %d training documents dropped", sum(by_source.values()))
+    return {
+        "ngram": config.ngram,
+        "splitTexts": split_texts,
+        "fileTexts": index.texts - split_texts,
+        "ngrams": len(index),
+        "bySource": by_source,
+    }
 
 
 def _splits(corpus: Corpus, spec: DatasetSpec, kept: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
@@ -263,7 +313,11 @@ def run_merge(
     key = config_key(spec)
     corpus = load_corpus(work_dir, count, key)
     model = tok.model_tokenizer(spec) if spec.tokenizer.from_model is not None else None
-    print_ = fingerprint(key, corpus.inputs, _model_digest(model) if model else "")
+    decontamination = spec.processing.decontamination
+    extra = _model_digest(model) if model else ""
+    if decontamination is not None and decontamination.files:
+        extra += decontaminate.files_digest(decontamination.files)
+    print_ = fingerprint(key, corpus.inputs, extra)
     manifest_path = output_dir / MANIFEST
     if manifest_path.is_file():
         existing = read_manifest(output_dir)
@@ -274,6 +328,10 @@ def run_merge(
     if spec.processing.deduplication.exact:  # off means off: duplicates across slices stay
         _cross_slice_exact(corpus)
     _near(corpus, spec)
+    kept = np.flatnonzero(corpus.codes == 0)
+    split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
+    split_of[kept] = _splits(corpus, spec, kept)
+    contamination = _decontaminate(corpus, spec, split_of)
 
     # Every document's fate, for audits and for comparing engines (benchmarks/).
     np.savez(
@@ -283,9 +341,6 @@ def run_merge(
         codes=corpus.codes,
         reasons=np.array(corpus.reasons),
     )
-    kept = np.flatnonzero(corpus.codes == 0)
-    split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
-    split_of[kept] = _splits(corpus, spec, kept)
     if model is not None:
         tokenizer, vocab, eos = model.tokenizer, model.vocab_size, model.eos_id
     else:
@@ -408,6 +463,14 @@ def run_merge(
         registry, corpus, infos, languages, per_source, kept_bytes, augmented, vocab, print_
     )
     _synthetic_stats(stats, corpus, synthetic)
+    if contamination is not None:
+        by_source = contamination.pop("bySource")
+        step = next(
+            s for s in stats["steps"] if s["name"] == registry.step_of(decontaminate.CONTAMINATED)
+        )
+        step["decontamination"] = contamination
+        for name, count in by_source.items():
+            stats["sources"][name]["contaminatedDocuments"] = count
     for declared in spec.sources:  # what the counts were weighted with, and of which kind
         entry = stats["sources"][declared.name]
         entry["weight"] = declared.weight

@@ -157,6 +157,28 @@ def _synthetic(dataset: Dataset, stats: dict[str, Any]) -> str:
     return "; ".join(parts) + f" ({counts})"
 
 
+def _decontamination(dataset: Dataset, stats: dict[str, Any]) -> str:
+    config = dataset.spec.processing.decontamination
+    if config is None:
+        return "off"
+    step = next((s for s in stats.get("steps", []) if "decontamination" in s), None)
+    against = [*config.against, *(f"`{f}`" for f in config.files)]
+    text = f"{config.ngram}-grams of words shared with {', '.join(against)}"
+    if step is None:
+        return text
+    counts = step["decontamination"]
+    per_source = ", ".join(
+        f"{name} {entry.get('contaminatedDocuments', 0)}"
+        for name, entry in stats.get("sources", {}).items()
+    )
+    dropped = step["documentsIn"] - step["documentsOut"]
+    return (
+        f"{text} ({counts['splitTexts']} split and {counts['fileTexts']} file texts, "
+        f"{counts['ngrams']} distinct n-grams): {dropped} training documents dropped "
+        f"({per_source})"
+    )
+
+
 def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> str:
     spec = dataset.spec
     processing = spec.processing
@@ -242,7 +264,8 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         f"{processing.filters.min_words} words, symbol ratio at most "
         f"{processing.filters.max_symbol_ratio}, alphabetic words at least "
         f"{processing.filters.min_alpha_word_ratio}, duplicate lines at most "
-        f"{processing.filters.max_duplicate_line_ratio}.",
+        f"{processing.filters.max_duplicate_line_ratio}; C4 line rules "
+        f"{'on' if processing.filters.c4_lines else 'off'}.",
         f"4. Languages allowed: {allow} (confidence at least "
         f"{processing.languages.min_confidence}).",
         f"5. PII scrubbing: {pii}.",
@@ -251,6 +274,7 @@ def dataset_card(dataset: Dataset, stats: dict[str, Any], fingerprint: str) -> s
         f"Jaccard threshold {near.threshold}).",
         f"7. Augmentation: {augmentation_text}.",
         f"8. Synthetic data (written by language models): {_synthetic(dataset, stats)}.",
+        f"9. Decontamination: {_decontamination(dataset, stats)}.",
         "",
         "## Statistics",
         "",

@@ -47,7 +47,7 @@ from llmops_trainer.data.synthetic import BATCH, PSEUDO_LABEL, LlmStage, Pending
 from llmops_trainer.data.tokenize import model_tokenizer
 
 log = logging.getLogger("llmops.data")
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: Gopher words counted as spaCy's English tokenizer splits them
 DONE = "DONE"
 MINHASH_BATCH = 1024
 AUGMENT_COUNTERS = "llmAugment"  # the slice's counters of data.synthetic's augmentation

@@ -23,6 +23,7 @@ from llmops.api.dataset import (
 from llmops_trainer.data import filters, tokenize
 from llmops_trainer.data.chat import ASSISTANT, ChatEncoder, ChatTemplateError, contents
 from llmops_trainer.data.collect import MALFORMED_CHAT, UNREADABLE
+from llmops_trainer.data.decontaminate import CONTAMINATED
 from llmops_trainer.data.language import UNKNOWN
 from llmops_trainer.data.pii import PiiScrubber
 from llmops_trainer.data.registry import Check, Counters, Document, Options, Registry, Step
@@ -207,5 +208,8 @@ PIPELINE = Registry(
         ),
         # Near duplicates are found in the merge, over the signatures of every slice.
         Step("dedup-near", "processing.deduplication.near", frozenset({NEAR})),
+        # Training documents sharing an n-gram with evaluation text, found in the merge once
+        # the splits are known (data.decontaminate).
+        Step("decontaminate", "processing.decontamination", frozenset({CONTAMINATED})),
     )
 )
