@@ -7,7 +7,9 @@ refilled by moving the last one. The layers' own weights and rotary embedding ar
 the same operations as `transformers` (tests hold the logits to the models' own forward), in
 fewer calls: the projections reading one input are one matmul over their stacked weights
 (the modules' weights become views of it), RMSNorm is `F.rms_norm`, and the rotation is
-computed once per step for all the layers. The attention over the cache is ours: prompts of
+computed once for all positions when the model is loaded (a lookup per step; per step for
+the rotary kinds that depend on the sequence's length). A base-model layer runs from tensors
+gathered once (`_Plain`), with no module calls. The attention over the cache is ours: prompts of
 one length and decoding steps with every row at one position need no mask (SDPA's fused
 kernels); a decoding query's heads sharing a key/value head attend as one. Grouped-query
 attention keeps the cache at the key/value head count. LoRA adapters (serve/adapters.py) are
@@ -140,6 +142,8 @@ class DecoderKVCacheModel:
         ]
         self._shapes = shapes
         self._dtype = dtype
+        self._plain = [self._plain_of(index) for index in range(len(self.layers))]
+        self._table = self._rotary_table()
         # Slot i + 1 holds an adapter's updates; a dropped slot (an adapter replaced by a
         # newer version, once no sequence uses it) is None. Slots are never reused.
         self.adapters: list[Updates | None] = []
@@ -164,6 +168,41 @@ class DecoderKVCacheModel:
     def drop_adapter(self, slot: int) -> None:
         """Free a slot no sequence uses any more."""
         self.adapters[slot - 1] = None
+
+    def _plain_of(self, index: int) -> _Plain | None:
+        """The tensors of layer `index` for the base model's path, or None when the layer
+        needs its modules (a Qwen3 head norm, another norm or MLP, a bias on some of q/k/v)."""
+        layer = self.layers[index]
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = self._qkv[index], self._gate_up[index]
+        norm1, norm2 = _rms_of(layer.input_layernorm), _rms_of(layer.post_attention_layernorm)
+        if qkv is None or gate_up is None or norm1 is None or norm2 is None:
+            return None
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+            return None
+        act = mlp.act_fn
+        silu = type(act).__name__ in ("SiLU", "SiLUActivation")  # both call F.silu
+        o, down = attn.o_proj, mlp.down_proj
+        return _Plain(
+            norm1, qkv, (o.weight, o.bias), norm2, gate_up, (down.weight, down.bias),
+            F.silu if silu else act,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _rotary_table(self) -> Rotary | None:
+        """`_rotary` of every position (context, head_dim), computed by the model's own
+        rotary embedding (elementwise per position, so a lookup gives the same values); None
+        for the kinds whose frequencies depend on the batch's positions (dynamic, longrope)."""
+        rotary = self.decoder.rotary_emb
+        kind = getattr(rotary, "rope_type", "default")
+        if not isinstance(kind, str) or "dynamic" in kind or kind == "longrope":
+            return None
+        probe = torch.zeros(1, device=self.device, dtype=self._dtype)  # its dtype and device
+        positions = torch.arange(self.context_length, device=self.device)[None]
+        cos, sin = rotary(probe, positions)
+        half = sin.shape[-1] // 2
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos[0], signed[0]
 
     def _groups(self, adapters: Sequence[int] | None) -> Groups:
         if not adapters or not any(adapters):
@@ -254,6 +293,28 @@ class DecoderKVCacheModel:
         up = self._linear(index, "mlp.up_proj", mlp.up_proj, h, groups)
         return self._linear(index, "mlp.down_proj", mlp.down_proj, mlp.act_fn(gate) * up, groups)
 
+    def _plain_layer(
+        self, index: int, x: torch.Tensor, rotary: Rotary, store: Any, read: Any, mask: Mask
+    ) -> torch.Tensor:
+        """`_layer` of the base model from the tensors of `_Plain`: the same operations,
+        without the modules' calls and attribute lookups."""
+        plain = self._plain[index]
+        assert plain is not None
+        batch, length, _ = x.shape
+        heads, kv_heads = self.heads, self.kv_heads
+        cos, sin = rotary
+        qkv = F.linear(_rms(x, *plain.norm1), *plain.qkv).view(batch, length, -1, self.head_dim)
+        qk = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        store(index, k, v)
+        k, v = read(index, k, v)
+        y = self._attend(q, k, v, mask).transpose(1, 2).reshape(batch, length, -1)
+        x = x + F.linear(y, *plain.o)
+        gate, up = F.linear(_rms(x, *plain.norm2), *plain.gate_up).chunk(2, dim=-1)
+        out: torch.Tensor = x + F.linear(plain.act(gate) * up, *plain.down)
+        return out
+
     def _layer(
         self,
         index: int,
@@ -264,6 +325,8 @@ class DecoderKVCacheModel:
         mask: Mask,
         groups: Groups,
     ) -> torch.Tensor:
+        if not groups and self._plain[index] is not None:
+            return self._plain_layer(index, x, rotary, store, read, mask)
         layer = self.layers[index]
         attn = layer.self_attn
         q, k, v = self._project(index, attn, _norm(layer.input_layernorm, x), rotary, groups)
@@ -339,6 +402,9 @@ class DecoderKVCacheModel:
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> Rotary:
         """The model's rotary embedding at positions (batch, length) as `_rotate` takes it:
         over (batch, length, heads, head_dim), with the sine's first half negated."""
+        if self._table is not None:
+            cos_table, sin_table = self._table
+            return cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
         cos, sin = self.decoder.rotary_emb(x, positions)
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
@@ -373,6 +439,32 @@ class DecoderKVCacheModel:
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
 
 
+# An RMSNorm as `_rms` takes it: (weight, epsilon).
+Norm = tuple[torch.Tensor, float]
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """A decoder layer's tensors for the base model's path (`DecoderKVCacheModel._plain_layer`):
+    the two norms, the fused q/k/v and gate/up projections, o and down, the activation."""
+
+    norm1: Norm
+    qkv: Fused
+    o: Fused
+    norm2: Norm
+    gate_up: Fused
+    down: Fused
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rms_of(module: Any) -> Norm | None:
+    """The families' RMSNorm as (weight, epsilon); None for another norm (`_norm`)."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None or not type(module).__name__.endswith("RMSNorm"):
+        return None
+    return module.weight, eps
+
+
 def _fuse(parent: Any, names: Sequence[str]) -> Fused | None:
     """One weight (and bias) for linear modules of one input, stacked along their outputs;
     each module's weight (and bias) becomes a view of its rows, so nothing is copied. None
@@ -403,11 +495,15 @@ def _gated(mlp: Any) -> bool:
 def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
     """The families' RMSNorm (weight * normalised x, normalised in float32) with one fused
     kernel instead of the module's six operations; other norms through the module."""
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None or not type(module).__name__.endswith("RMSNorm"):
+    norm = _rms_of(module)
+    if norm is None:
         out: torch.Tensor = module(x)
         return out
-    weight: torch.Tensor = module.weight
+    return _rms(x, *norm)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with weight: normalised in float32, then weighted in x's dtype."""
     if x.dtype == weight.dtype == torch.float32:  # nothing to convert: the weight fused too
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     normalised = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
