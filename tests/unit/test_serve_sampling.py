@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmops_trainer.serve.protocol import SamplingParams
-from llmops_trainer.serve.sampling import MIN_LOGPROB, adjust, logprobs_of, sample
+from llmops_trainer.serve.sampling import MIN_LOGPROB, TokenCounts, adjust, logprobs_of, sample
 
 pytestmark = pytest.mark.unit
 
@@ -17,22 +17,33 @@ pytestmark = pytest.mark.unit
 def test_penalties_follow_openais_formula() -> None:
     logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
     params = SamplingParams(5, presence_penalty=0.5, frequency_penalty=0.25)
-    adjusted = adjust(logits, params, [3, 3, 1])
+    adjusted = adjust(logits, params, TokenCounts(4, [3, 3, 1]))
     # logit - count * frequency - (count > 0) * presence
     assert adjusted.tolist() == [1.0, 2.0 - 0.25 - 0.5, 3.0, 4.0 - 0.5 - 0.5]
     assert logits.tolist() == [1.0, 2.0, 3.0, 4.0]  # the model's logits are untouched
 
 
+def test_token_counts_follow_the_output_as_it_grows() -> None:
+    params = SamplingParams(5, frequency_penalty=1.0)
+    counts = TokenCounts(4)
+    for token in [2, 2, 0, 2]:
+        counts.add(token)
+    assert adjust(torch.zeros(4), params, counts).tolist() == [-1.0, 0.0, -3.0, 0.0]
+    counts.add(7)  # an id past the logits (a padded vocabulary) is ignored, not an error
+    assert counts.counts.tolist() == [1, 0, 3, 0]
+
+
 def test_logit_bias_adds_to_the_named_tokens() -> None:
     params = SamplingParams(5, logit_bias=((0, 100.0), (3, -100.0)))
-    assert adjust(torch.zeros(4), params, []).tolist() == [100.0, 0.0, 0.0, -100.0]
+    assert adjust(torch.zeros(4), params, None).tolist() == [100.0, 0.0, 0.0, -100.0]
 
 
 def test_greedy_rows_with_penalties_and_without_share_a_batch() -> None:
     logits = torch.tensor([[0.0, 5.0, 4.9], [0.0, 5.0, 4.9]])
     plain = SamplingParams(5, temperature=0.0)
     penalised = SamplingParams(5, temperature=0.0, frequency_penalty=1.0)
-    assert sample(logits, [plain, penalised], [None, None], [[1], [1]]) == [1, 2]
+    counts = [TokenCounts(3, [1]), TokenCounts(3, [1])]
+    assert sample(logits, [plain, penalised], [None, None], counts) == [1, 2]
 
 
 def test_seeded_sampling_uses_the_rows_generator() -> None:

@@ -38,7 +38,7 @@ from llmops_trainer.serve.batching import Scheduler
 from llmops_trainer.serve.decoder_cache import DecoderKVCacheModel, Prefill, padded
 from llmops_trainer.serve.metrics import ServingMetrics
 from llmops_trainer.serve.protocol import SamplingParams
-from llmops_trainer.serve.sampling import TokenLogprob, logprobs_of, sample
+from llmops_trainer.serve.sampling import TokenCounts, TokenLogprob, logprobs_of, sample
 from llmops_trainer.serve.text import (
     ChatTemplate,
     IncrementalDecoder,
@@ -221,6 +221,7 @@ class Generation:
     adapter: int = 0  # the model's adapter slot serving it, fixed when it is admitted
     stopper: StopMatcher = field(init=False)
     pending: list[TokenLogprob] = field(default_factory=list)  # not yet sent with a Delta
+    output_counts: TokenCounts | None = None  # kept only when penalties need them
     cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
@@ -660,7 +661,12 @@ class Engine:
 
     def _accept(self, batch: list[Generation], logits: torch.Tensor) -> None:
         params = [g.params for g in batch]
-        outputs = [g.output_ids for g in batch] if any(p.penalised for p in params) else None
+        outputs = None
+        if any(p.penalised for p in params):
+            for g in batch:
+                if g.params.penalised and g.output_counts is None:
+                    g.output_counts = TokenCounts(logits.shape[-1], g.output_ids)
+            outputs = [g.output_counts for g in batch]
         tokens = sample(logits, params, [g.generator for g in batch], outputs)
         scored = [row for row, p in enumerate(params) if p.logprobs is not None]
         entries: dict[int, TokenLogprob] = {}
@@ -681,6 +687,8 @@ class Engine:
 
     def _append(self, g: Generation, token: int, now: float, entry: TokenLogprob | None) -> None:
         g.output_ids.append(token)
+        if g.output_counts is not None:
+            g.output_counts.add(token)
         if entry is not None:
             g.pending.append(entry)
             g.cumulative_logprob += entry.logprob

@@ -39,7 +39,23 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def adjust(logits: torch.Tensor, params: SamplingParams, output: Sequence[int]) -> torch.Tensor:
+class TokenCounts:
+    """How often each token id occurs in a generation's output, kept up to date token by
+    token, so the penalties cost the same at the thousandth token as at the first."""
+
+    def __init__(self, vocab_size: int, tokens: Sequence[int] = ()) -> None:
+        self.counts = torch.zeros(vocab_size, dtype=torch.int32)
+        for token in tokens:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        if 0 <= token < self.counts.shape[0]:
+            self.counts[token] += 1
+
+
+def adjust(
+    logits: torch.Tensor, params: SamplingParams, output: TokenCounts | None
+) -> torch.Tensor:
     """One row's logits (vocab,) with the request's logit bias and OpenAI's penalties on the
     tokens generated so far: logit - count * frequency_penalty - (count > 0) * presence."""
     logits = logits.clone()
@@ -47,11 +63,11 @@ def adjust(logits: torch.Tensor, params: SamplingParams, output: Sequence[int]) 
         ids = torch.tensor([t for t, _ in params.logit_bias], device=logits.device)
         bias = torch.tensor([b for _, b in params.logit_bias], device=logits.device)
         logits.index_add_(0, ids, bias.to(logits.dtype))
-    if output and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(
-            torch.tensor(output, device=logits.device), minlength=logits.shape[-1]
-        )[: logits.shape[-1]].to(logits.dtype)
-        logits -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+    if output is not None and (params.presence_penalty or params.frequency_penalty):
+        counts = output.counts[: logits.shape[-1]].to(device=logits.device, dtype=logits.dtype)
+        logits[: counts.shape[0]] -= (
+            counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+        )
     return logits
 
 
@@ -59,17 +75,17 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    outputs: Sequence[Sequence[int]] | None = None,
+    outputs: Sequence[TokenCounts | None] | None = None,
 ) -> list[int]:
     """One token per row of logits (batch, vocab). Each request draws from its own generator,
-    so a seeded request gives the same tokens whatever else is in the batch. `outputs` are
+    so a seeded request gives the same tokens whatever else is in the batch. `outputs` count
     the tokens each row generated so far (for the penalties)."""
     # max's indices: argmax's (the first maximum of each row), in a third of the time on CPU.
     chosen = logits.max(dim=-1).indices.tolist()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.greedy and not p.penalised:
             continue
-        scores = adjust(logits[row].float(), p, outputs[row] if outputs else ())
+        scores = adjust(logits[row].float(), p, outputs[row] if outputs else None)
         if p.greedy:
             chosen[row] = int(scores.argmax().item())
             continue
