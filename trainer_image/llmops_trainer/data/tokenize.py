@@ -71,7 +71,7 @@ def train(texts: Iterable[str], config: TokenizerTraining) -> Tokenizer:
 
 def byte_level(config: ByteTokenizer) -> Tokenizer:
     """256 byte tokens (id = byte value), then the special tokens; nothing to train."""
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     tokenizer = Tokenizer(models.BPE({alphabet[b]: b for b in range(256)}, []))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -80,7 +80,7 @@ def byte_level(config: ByteTokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """GPT-2's printable character for each byte (what byte-level BPE vocabularies hold)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
     printable += range(ord("\u00ae"), ord("\u00ff") + 1)

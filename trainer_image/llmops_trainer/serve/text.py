@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from llmops_trainer.data.tokenize import byte_alphabet
+
 # Chat messages are rendered as `role: content` lines and the model continues after
 # `assistant:`; a model fine-tuned on this layout learns to stop before the next turn, and the
 # server stops there anyway, so an untuned model cannot speak for the user.
@@ -36,15 +38,7 @@ class TextTokenizer(Protocol):
 
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's byte -> printable character table of byte-level BPE."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return {char: b for b, char in table.items()}
+    return {char: b for b, char in enumerate(byte_alphabet())}
 
 
 class HFTokenizer:
