@@ -1,5 +1,6 @@
-"""The Dataset controller on the real control plane: slice and merge Jobs, status from the
-merge step's report, versions on spec change, failure reporting, retain policy."""
+"""The Dataset controller on the real control plane: the chain of slice, dedup and merge
+Jobs, status from the merge step's report, versions on spec change, failure reporting (naming
+the stage), retain policy."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator
     slices = batch.read_namespaced_job(f"{NAME}-slices-g1", namespace)
     assert (slices.spec.completion_mode, slices.spec.completions) == ("Indexed", 3)
     assert slices.status.succeeded == 3
+    dedup = batch.read_namespaced_job(f"{NAME}-dedup-g1", namespace)
+    assert (dedup.spec.completion_mode, dedup.spec.completions) == ("Indexed", 3)
+    assert dedup.spec.template.spec.containers[0].command[-2:] == ["--stage", "dedup"]
+    assert dedup.status.succeeded == 3
+    stages = {s["name"]: s for s in done["status"]["stages"]}
+    assert [s["state"] for s in stages.values()] == ["Complete"] * 3
+    assert stages["dedup"]["succeeded"] == 3 and stages["merge"]["job"] == f"{NAME}-merge-g1"
     merge = batch.read_namespaced_job(f"{NAME}-merge-g1", namespace)
     container = merge.spec.template.spec.containers[0]
     assert container.command[-2:] == ["--stage", "merge"]
@@ -71,7 +79,7 @@ def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator
         "version 1 jobs removed",
         lambda: (
             {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
-            == {f"{NAME}-slices-g2", f"{NAME}-merge-g2"}
+            == {f"{NAME}-slices-g2", f"{NAME}-dedup-g2", f"{NAME}-merge-g2"}
         ),
         60,
     )
@@ -156,6 +164,54 @@ def test_failed_slice_fails_the_dataset_with_the_reason(
     failed = get(api_client, namespace, "Dataset", NAME)
     assert condition(failed, "Failed")["reason"] == "SliceFailed"
     assert failed["status"]["conditions"]
+
+
+def test_each_stage_waits_for_the_one_before_and_a_failed_stage_is_named(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    namespace = operator
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset(parallelism=2, scheduling=HOLD_SCHEDULING))
+
+    def running(stage: str) -> list[str]:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"llmops.dev/stage={stage}")
+        return [p.metadata.name for p in pods.items if p.status.phase == "Running"]
+
+    wait_for("slice pods running", lambda: len(running("slice")) == 2, 60)
+    status = wait_status(api_client, namespace, "Dataset", NAME, "slicing", stage="slice")["status"]
+    assert [s["state"] for s in status["stages"]] == ["Running", "Pending", "Pending"]
+    jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
+    assert jobs == {f"{NAME}-slices-g1"}  # nothing after the slices before they complete
+    end_pod(core, namespace, running("slice")[0], exit_code=0)
+    wait_for("one slice done", lambda: len(running("slice")) == 1, 30)
+    assert f"{NAME}-dedup-g1" not in {
+        j.metadata.name for j in batch.list_namespaced_job(namespace).items
+    }
+    end_pod(core, namespace, running("slice")[0], exit_code=0)
+
+    wait_for("dedup pods running", lambda: len(running("dedup")) == 2, 60)
+    status = wait_status(api_client, namespace, "Dataset", NAME, "deduplicating", stage="dedup")[
+        "status"
+    ]
+    assert condition({"status": status}, "Running")["reason"] == "Deduplicating"
+
+    def fail_dedup_pods() -> bool:  # every try of a dedup group crashes
+        for name in running("dedup"):
+            end_pod(core, namespace, name, exit_code=1)
+        return (get(api_client, namespace, "Dataset", NAME).get("status") or {}).get(
+            "phase"
+        ) == "Failed"
+
+    wait_for("Dataset failed", fail_dedup_pods, 90)
+    failed = get(api_client, namespace, "Dataset", NAME)
+    assert condition(failed, "Failed")["reason"] == "DedupFailed"
+    assert condition(failed, "Failed")["message"].startswith("stage dedup: ")
+    assert failed["status"]["stage"] == "dedup"
+    assert [s["state"] for s in failed["status"]["stages"]] == ["Complete", "Failed", "Pending"]
+    events = core.list_namespaced_event(namespace).items
+    assert any(e.reason == "DedupFailed" and e.type == "Warning" for e in events)
+    jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
+    assert f"{NAME}-merge-g1" not in jobs
 
 
 def test_delete_policy_removes_the_claim_with_the_dataset(

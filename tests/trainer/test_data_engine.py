@@ -1,4 +1,5 @@
-"""The whole engine on a few MB, as the Job runs it: slice pods, then the merge, as processes."""
+"""The whole engine on a few MB, as the Jobs run it: slice pods, dedup pods, then the merge,
+as processes."""
 
 from __future__ import annotations
 
@@ -66,6 +67,13 @@ def test_engine_end_to_end(tmp_path: Path) -> None:
             check=True,
             timeout=600,
             env={**env, "JOB_COMPLETION_INDEX": str(index)},
+        )
+    for group in range(SLICES):  # the dedup Job: one pod per group of bands, min(3, 16)
+        subprocess.run(
+            [*command, "--stage", "dedup"],
+            check=True,
+            timeout=600,
+            env={**env, "JOB_COMPLETION_INDEX": str(group)},
         )
     subprocess.run([*command, "--stage", "merge"], check=True, timeout=600, env=env)
 

@@ -20,7 +20,7 @@ import pytest
 from fixtures.fake_hub import COMMIT, FakeHub, Repo, serve
 from fixtures.tiny_llama import build
 
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import Dataset, dedup_groups
 from llmops.api.workload import FailureReport, read_record
 from llmops.builders import dataset as ds_build
 from llmops_trainer.shards import open_tokens, read_manifest, verify
@@ -135,7 +135,7 @@ def _pod_env(body: dict[str, Any], tmp_path: Path) -> dict[str, str]:
 
 
 def _run(tmp_path: Path, body: dict[str, Any], *, merge: bool = True) -> list[int]:
-    """The slice pods side by side, then (if they all succeed) the merge pod."""
+    """The slice pods side by side, then (if they all succeed) the dedup pods and the merge."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "dataset.json"
     config.write_text(json.dumps(body))
@@ -149,6 +149,10 @@ def _run(tmp_path: Path, body: dict[str, Any], *, merge: bool = True) -> list[in
     ]
     codes = [p.wait(timeout=300) for p in slices]
     if merge and codes == [0] * SLICES:
+        for group in range(dedup_groups(Dataset.model_validate(body).spec)):
+            dedup = [*command, "--stage", "dedup"]
+            index = {"JOB_COMPLETION_INDEX": str(group)}
+            codes.append(subprocess.run(dedup, env={**env, **index}, timeout=300).returncode)
         codes.append(
             subprocess.run([*command, "--stage", "merge"], env=env, timeout=300).returncode
         )
@@ -168,7 +172,8 @@ def test_chats_from_a_private_hub_dataset(
         source["messagesField"] = "messages"
     body = _body(sources, {"fromModel": {"uri": str(model)}})
 
-    assert _run(tmp_path, body) == [0] * (SLICES + 1)
+    groups = dedup_groups(Dataset.model_validate(body).spec)
+    assert _run(tmp_path, body) == [0] * (SLICES + groups + 1)  # slices, dedup groups, merge
 
     output = tmp_path / "out"
     manifest = read_manifest(output)

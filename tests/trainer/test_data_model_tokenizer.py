@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import Dataset, dedup_groups
 from llmops.api.workload import FailureReport, read_record
 from llmops.builders import dataset as ds_build
 from llmops_trainer.shards import Manifest, open_mask, open_tokens, read_manifest, verify
@@ -58,7 +58,8 @@ def _body(sources: list[dict[str, Any]], model: Path, **spec: Any) -> dict[str, 
 def _run(
     tmp_path: Path, body: dict[str, Any], check: bool = True
 ) -> tuple[Path, list[subprocess.CompletedProcess[bytes]]]:
-    """Slice pods (side by side), then the merge pod, each a process with the pod's env."""
+    """Slice pods (side by side), the dedup pods, then the merge pod, each a process with
+    the pod's env."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "dataset.json"
     config.write_text(json.dumps(body))
@@ -85,6 +86,11 @@ def _run(
         subprocess.CompletedProcess(p.args, p.wait(timeout=300), None, p.stderr.read())  # type: ignore[union-attr]
         for p in slices
     ]
+    if all(p.returncode == 0 for p in done):
+        for group in range(dedup_groups(Dataset.model_validate(body).spec)):
+            dedup = [*command, "--stage", "dedup"]
+            index = {"JOB_COMPLETION_INDEX": str(group)}
+            done.append(subprocess.run(dedup, env={**env, **index}, capture_output=True))
     if all(p.returncode == 0 for p in done):
         done.append(subprocess.run([*command, "--stage", "merge"], env=env, capture_output=True))
     if check:

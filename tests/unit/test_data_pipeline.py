@@ -152,6 +152,12 @@ def test_cli_stages(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for index in ("1", "0"):
         monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
         assert main(["--config", str(config), "--stage", "slice"]) == 0
+    assert main(["--config", str(config), "--stage", "merge"]) == 1  # dedup not done yet
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # one dedup pod (parallelism 1)
+    assert main(["--config", str(config), "--stage", "dedup"]) == 1
+    assert json.loads((tmp_path / "termination").read_text())["stage"] == "dedup"
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    assert main(["--config", str(config), "--stage", "dedup"]) == 0
     assert main(["--config", str(config), "--stage", "merge"]) == 0
     manifest = read_manifest(tmp_path / "out")
     assert manifest.stats["documents"] == 40
@@ -188,3 +194,25 @@ def test_switching_deduplication_off_keeps_every_copy(
     assert everything.stats["documents"] == kept.stats["documents"] + 2  # the copy, the near one
     steps = {s["name"]: s for s in everything.stats["steps"]}
     assert not steps["dedup-exact"].get("dropped") and not steps["dedup-near"].get("dropped")
+
+
+def test_dedup_pods_do_not_change_the_output(corpus: Path, tmp_path: Path) -> None:
+    """The dedup stage's band groups (and hash ranges) over any number of pods and slices
+    make the same removal decisions, so the same shards, as one process."""
+    dataset = _dataset([{"name": "s", "path": str(corpus)}])
+    one = run_local(dataset, tmp_path / "one", 1, groups=1)
+    many = run_local(dataset, tmp_path / "many", 3, groups=5)
+    assert one.splits == many.splits  # shard checksums included
+    assert one.stats["steps"] == many.stats["steps"]
+    work = tmp_path / "many" / ".work" / "dedup"
+    removed = [np.load(work / f"removed-{i:05d}.npz") for i in range(3)]
+    assert sum(len(r["exact"]) for r in removed) == 1
+    assert sum(len(r["near"]) for r in removed) == 1
+    assert sorted(p.name for p in work.glob("group-*.done")) == [
+        f"group-{g:05d}.done" for g in range(5)
+    ]
+    # A rerun skips every finished group and the cluster step.
+    before = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    again = run_local(dataset, tmp_path / "many", 3, groups=5)
+    assert again.fingerprint == many.fingerprint
+    assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == before

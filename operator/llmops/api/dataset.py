@@ -1054,6 +1054,32 @@ class DatasetSpec(ApiModel):
         return sources
 
 
+DATA_STAGES = ("slice", "dedup", "merge")  # a version's Jobs, in order
+
+
+def dedup_groups(spec: DatasetSpec) -> int:
+    """Pods of the dedup stage: one per group of LSH bands (at most `parallelism`, at most
+    one per band), which also share the exact-duplicate hashes. The output does not depend
+    on it."""
+    near = spec.processing.deduplication.near
+    return max(1, min(spec.parallelism, near.bands)) if near.enabled else spec.parallelism
+
+
+class StageProgress(StatusModel):
+    """One stage of a version's processing: its Job and how far its pods got."""
+
+    name: Literal["slice", "dedup", "merge"] = Field(
+        description="slice (per slice), dedup (per group of LSH bands) or merge."
+    )
+    job: str = Field(default="", description="The stage's Job.")
+    completions: int = Field(default=0, description="Pods the stage needs to succeed.", ge=0)
+    succeeded: int = Field(default=0, description="Pods that succeeded.", ge=0)
+    failed: int = Field(default=0, description="Pod failures so far (retried ones too).", ge=0)
+    state: Literal["Pending", "Running", "Complete", "Failed"] = Field(
+        default="Pending", description="Pending until its Job exists, then its outcome."
+    )
+
+
 class StepStats(StatusModel):
     """Documents in and out of one pipeline step."""
 
@@ -1080,6 +1106,16 @@ class DatasetStatus(StatusModel):
         default=None, description="The .metadata.generation last acted on.", ge=0
     )
     conditions: list[Condition] = conditions_field()
+    stage: str | None = Field(
+        default=None,
+        description="The stage of the current version running now (slice, dedup, merge).",
+    )
+    stages: list[StageProgress] = Field(
+        default_factory=list,
+        description="Per-stage progress of the current version, in order.",
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     steps: list[StepStats] = Field(
         default_factory=list,
         description="Per-step document counts, in pipeline order.",

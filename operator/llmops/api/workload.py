@@ -129,7 +129,7 @@ OWNER_LABELS = {
 }
 ROLE_LABEL = f"{GROUP}/role"
 GENERATION_LABEL = f"{GROUP}/generation"  # the Dataset version a data Job processes
-STAGE_LABEL = f"{GROUP}/stage"  # slice or merge
+STAGE_LABEL = f"{GROUP}/stage"  # slice, dedup or merge (dataset.DATA_STAGES)
 MODEL_URI_ANNOTATION = f"{GROUP}/model-uri"  # the model a serving pod template loads
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"  # the local runtime's record of a spec
 LICENSE_ANNOTATION = f"{GROUP}/license"  # a Dataset's license (`.<source>` for one source)
@@ -242,7 +242,7 @@ LLM_ENDPOINT_FAILED = "EndpointFailed"
 
 
 def data_command(stage: str) -> list[str]:
-    """argv of a data pod; `stage` is `slice` or `merge`."""
+    """argv of a data pod; `stage` is `slice`, `dedup` or `merge`."""
     return [
         "python",
         "-m",

@@ -1,14 +1,23 @@
-"""Dataset -> its children: config, output claim, and two Jobs per version.
+"""Dataset -> its children: config, output claim, and a chain of Jobs per version.
 
-Processing runs in two Jobs rather than one with stages: an Indexed Job whose pods each take a
-deterministic slice of the inputs (`JOB_COMPLETION_INDEX`), then a single merge Job that
-removes duplicates across slices, tokenizes, splits and shards. Kubernetes then tracks, retries
-and reports each part on its own, and a rerun of the slice Job skips finished slices.
+Processing runs as one Job per stage (DATA_STAGES), each started when the one before has
+completed, each stage's output on the Dataset's volume (or S3) for the next:
+
+1. `slices`: an Indexed Job whose pods each take a deterministic slice of the inputs
+   (`JOB_COMPLETION_INDEX`): collect, normalise, filter, hash, MinHash;
+2. `dedup`: an Indexed Job of `dedup_groups(spec)` pods, each over one group of LSH bands
+   (and one range of content hashes) of every slice: the buckets of near duplicates and
+   the later exact copies;
+3. `merge`: one pod that joins the buckets into clusters and per-slice removal lists, then
+   splits, trains the tokenizer, tokenizes and writes shards, stats and the card.
+
+Kubernetes then tracks, retries (a failed index alone) and reports each part on its own,
+and a rerun of a stage skips its finished pieces.
 
 Each version of the spec (its metadata.generation) writes to its own folder `g<generation>`
 on the output volume, so reprocessing never overwrites data a TrainingRun may still read.
 
-With `tokenizer.fromModel`, every pod of both Jobs first runs the model initializer with
+With `tokenizer.fromModel`, every slice and merge pod first runs the model initializer with
 `--tokenizer-only`: it verifies the model's tokenizer files in place (an image path, a
 read-only claim) or downloads only those into the pod's scratch space, and the engine finds
 them through Env.PRETRAINED_DIR. The slices need them too: they check the model against the
@@ -22,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmops.api.common import LocalObjectReference, SecretKeySelector
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import DATA_STAGES, Dataset, dedup_groups
 from llmops.api.workload import (
     CONFIG_DIR,
     DATASET_CONFIG_FILE,
@@ -58,8 +67,15 @@ def slices_job_name(name: str, generation: int) -> str:
     return child_name(name, f"slices-{version(generation)}")
 
 
+def dedup_job_name(name: str, generation: int) -> str:
+    return child_name(name, f"dedup-{version(generation)}")
+
+
 def merge_job_name(name: str, generation: int) -> str:
     return child_name(name, f"merge-{version(generation)}")
+
+
+ROLES = {"slice": "slices", "dedup": "dedup", "merge": "merge"}  # stage -> Job name part
 
 
 def output_uri(dataset: Dataset, generation: int) -> str:
@@ -230,7 +246,7 @@ def _job(
             "reference-tokenizer", tokenizer_uri, REFERENCE_TOKENIZER_DIR
         )
         tokenizer_env = [{"name": Env.REF_TOKENIZER, "value": path or tokenizer_uri}]
-    model = tokenizer_model(dataset)
+    model = tokenizer_model(dataset) if stage != "dedup" else None
     if model is not None:  # an open-weights model's tokenizer, fetched by the initializer
         tokenizer_volumes, tokenizer_mounts = model.volumes, model.mounts
         tokenizer_env = model.env
@@ -247,7 +263,7 @@ def _job(
         *tokenizer_env,
         *(llm_env(dataset, deployments) if stage == "slice" else []),
     ]
-    role = f"{'slices' if stage == 'slice' else 'merge'}-{version(generation)}"
+    role = f"{ROLES[stage]}-{version(generation)}"
     metadata = child_metadata(
         body,
         role,
@@ -296,7 +312,7 @@ def _job(
     }
     if model is not None:
         job_spec["template"]["spec"]["initContainers"] = [model.init_container]
-    if stage == "slice":
+    if stage in ("slice", "dedup"):  # a failed slice or group is retried alone
         job_spec.update(
             completionMode="Indexed", backoffLimitPerIndex=RETRIES_PER_SLICE, maxFailedIndexes=0
         )
@@ -318,8 +334,29 @@ def slices_job(
     )
 
 
+def dedup_job(body: Mapping[str, Any], dataset: Dataset, generation: int) -> dict[str, Any]:
+    """One pod per group of LSH bands (`dedup_groups`); they need no tokenizer."""
+    return _job(body, dataset, "dedup", generation, dedup_groups(dataset.spec), None)
+
+
 def merge_job(
     body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
 ) -> dict[str, Any]:
     """`tokenizer_uri`: the referenced Dataset's tokenizer, when the spec reuses one."""
     return _job(body, dataset, "merge", generation, 1, tokenizer_uri)
+
+
+def stage_jobs(
+    body: Mapping[str, Any],
+    dataset: Dataset,
+    generation: int,
+    tokenizer_uri: str | None = None,
+    deployments: Mapping[str, ServedModel] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """(stage, Job) of every stage of a version, in the order they run (DATA_STAGES)."""
+    jobs = {
+        "slice": slices_job(body, dataset, generation, tokenizer_uri, deployments),
+        "dedup": dedup_job(body, dataset, generation),
+        "merge": merge_job(body, dataset, generation, tokenizer_uri),
+    }
+    return [(stage, jobs[stage]) for stage in DATA_STAGES]

@@ -1,5 +1,6 @@
-"""Dataset controller: runs the slice and merge Jobs of the current spec version and reports
-their outcome, with the merge step's statistics, in the Dataset status."""
+"""Dataset controller: runs the chain of stage Jobs of the current spec version (slice,
+dedup, merge: each created once the one before has completed) and reports the stage, each
+stage's progress and the outcome, with the merge step's statistics, in the Dataset status."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from llmops.builders import dataset as build
 from llmops.conditions import now_rfc3339
 from llmops.controllers import common
 from llmops.decide.dataset import (
+    RUNNING_REASONS,
+    advance,
     fail,
     failure_of,
     mark_processed,
     merge_report,
     served_models,
+    stage_failed,
+    stage_message,
     wait_for_models,
 )
 from llmops.decide.status import why_not_running
@@ -58,19 +63,55 @@ def _reconcile(
     deployments = _model_deployments(dataset, namespace, status)
     if deployments is None:
         return
-    if not _slices_done(body, dataset, generation, tokenizer_uri, deployments, status):
+    try:
+        stages = build.stage_jobs(body, dataset, generation, tokenizer_uri, deployments)
+    except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
+        fail(status, "UnsupportedSpec", str(error))
         return
-    merge = common.ensure_child(
-        KIND, build.merge_job(body, dataset, generation, tokenizer_uri), update=False
+    # Observe every stage's Job, decide which one runs next, create it if it is missing.
+    kube = common.kube()
+    observed = {
+        job["metadata"]["name"]: kube.get("batch/v1", "Job", job["metadata"]["name"], namespace)
+        for _, job in stages
+    }
+    step = advance(stages, observed)
+    if step.create is not None:
+        observed[step.create["metadata"]["name"]] = common.ensure_child(
+            KIND, step.create, update=False
+        )
+        step = advance(stages, observed)
+    status.condition(
+        "Created",
+        "True",
+        "JobsCreated",
+        f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
     )
-    failure = common.job_failure(merge)
-    if failure:
-        fail(status, *failure_of(_pods(merge, namespace), "MergeFailed", failure))
-    elif not common.is_complete(merge):
-        status.set(phase="Running")
-        status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
-    else:
+    status.set(stage=step.stage, stages=[item.to_dict() for item in step.progress])
+    if step.done:
+        merge = observed[step.progress[-1].job] or {}
         mark_processed(status, dataset, generation, merge_report(_pods(merge, namespace)))
+        return
+    assert step.stage is not None
+    current = next(item for item in step.progress if item.name == step.stage)
+    job = observed[current.job] or {}
+    if step.failure is not None:
+        reason, message = stage_failed(step.stage, step.failure)
+        fail(status, *failure_of(_pods(job, namespace), reason, message))
+        return
+    progress = stage_message(current)
+    # Pods that exist are "active" even when nothing can schedule them: say why.
+    problem = why_not_running(_pods(job, namespace), common.failed_creates(job, namespace))
+    if problem:
+        status.set(phase="Pending")
+        not_schedulable = f"{build.ROLES[step.stage].capitalize()}NotSchedulable"
+        status.condition("Running", "False", not_schedulable, f"{progress}: {problem}")
+        return
+    active = (job.get("status") or {}).get("active", 0)
+    started = active or current.succeeded or step.stage != step.progress[0].name
+    status.set(phase="Running" if started else "Pending")
+    status.condition(
+        "Running", "True" if active else "False", RUNNING_REASONS[step.stage], progress
+    )
 
 
 def _delete_stale_jobs(name: str, namespace: str, generation: int) -> None:
@@ -111,48 +152,6 @@ def _model_deployments(
         wait_for_models(status, missing)
         return None
     return resolved
-
-
-def _slices_done(
-    body: Mapping[str, Any],
-    dataset: Dataset,
-    generation: int,
-    tokenizer_uri: str | None,
-    deployments: dict[str, build.ServedModel],
-    status: common.StatusWriter,
-) -> bool:
-    """Ensure the slice Job and report its progress; True once every slice is done."""
-    namespace: str = body["metadata"]["namespace"]
-    try:
-        slices_manifest = build.slices_job(body, dataset, generation, tokenizer_uri, deployments)
-    except ValueError as error:  # a spec the workload cannot be given (e.g. two S3 Secrets)
-        fail(status, "UnsupportedSpec", str(error))
-        return False
-    slices = common.ensure_child(KIND, slices_manifest, update=False)
-    status.condition(
-        "Created",
-        "True",
-        "JobsCreated",
-        f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
-    )
-    failure = common.job_failure(slices)
-    if failure:
-        fail(status, *failure_of(_pods(slices, namespace), "SliceFailed", failure))
-        return False
-    if common.is_complete(slices):
-        return True
-    active = (slices.get("status") or {}).get("active", 0)
-    done = (slices.get("status") or {}).get("succeeded", 0)
-    progress = f"{done}/{dataset.spec.parallelism} slices done"
-    # Pods that exist are "active" even when nothing can schedule them: say why.
-    problem = why_not_running(_pods(slices, namespace), common.failed_creates(slices, namespace))
-    if problem:
-        status.set(phase="Pending")
-        status.condition("Running", "False", "SlicesNotSchedulable", f"{progress}: {problem}")
-        return False
-    status.set(phase="Running" if active or done else "Pending")
-    status.condition("Running", "True" if active else "False", "Slicing", progress)
-    return False
 
 
 def _pods(job: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:

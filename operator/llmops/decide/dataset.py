@@ -1,14 +1,16 @@
-"""Dataset outcomes shared by the controller and the local runtime: a processed version's
-status from the merge step's report, and a failed version."""
+"""Dataset outcomes shared by the controller and the local runtime: which stage's Job runs
+next, per-stage progress, a processed version's status from the merge step's report, and a
+failed version (the condition's reason names the failed stage)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import Dataset, StageProgress
 from llmops.api.modeldeployment import ModelDeployment
 from llmops.api.workload import LLM_ENDPOINT_FAILED, DataMergeReport, read_record
 from llmops.builders import dataset as build
@@ -17,11 +19,90 @@ from llmops.conditions import now_rfc3339
 from llmops.decide.status import (
     StatusDraft,
     failure_report,
+    is_complete,
+    job_failure,
     model_init_failure,
     termination_message,
 )
 
 SLICE_STAGE = "slice"  # data_command's stage of the slice pods (their FailureReport's stage)
+# Per stage: the reason of a Failed condition and of the Running condition while it runs.
+FAILED_REASONS = {"slice": "SliceFailed", "dedup": "DedupFailed", "merge": "MergeFailed"}
+RUNNING_REASONS = {"slice": "Slicing", "dedup": "Deduplicating", "merge": "Merging"}
+WHAT = {
+    "slice": "slices done",
+    "dedup": "dedup groups done (LSH buckets, exact copies)",
+    "merge": "merge done (clusters, splits, tokenizer, shards)",
+}
+
+
+def progress_of(
+    stage: str, manifest: Mapping[str, Any], job: Mapping[str, Any] | None
+) -> StageProgress:
+    """A stage's progress from its Job (None: not created yet)."""
+    completions = int(manifest["spec"].get("completions") or 1)
+    observed = (job or {}).get("status") or {}
+    state = "Pending"
+    if job is not None:
+        state = "Failed" if job_failure(job) else "Complete" if is_complete(job) else "Running"
+    return StageProgress.model_validate(
+        {
+            "name": stage,
+            "job": manifest["metadata"]["name"],
+            "completions": completions,
+            "succeeded": int(observed.get("succeeded") or 0),
+            "failed": int(observed.get("failed") or 0),
+            "state": state,
+        }
+    )
+
+
+@dataclass
+class Advance:
+    """What a version's chain of Jobs needs now: `create` the Job of the first stage not
+    complete when it does not exist yet (each stage starts only after the one before has
+    completed); `stage` is that stage (None once all are complete); `failure` the message
+    of its Job's failure; `progress` every stage's."""
+
+    stage: str | None = None
+    create: dict[str, Any] | None = None
+    failure: str | None = None
+    progress: list[StageProgress] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.stage is None and self.failure is None
+
+
+def advance(
+    stages: Sequence[tuple[str, dict[str, Any]]], observed: Mapping[str, Mapping[str, Any] | None]
+) -> Advance:
+    """`stages`: (stage, Job manifest) in order (build.stage_jobs); `observed`: Job name ->
+    the Job as it is (None when it does not exist)."""
+    out = Advance()
+    for stage, manifest in stages:
+        job = observed.get(manifest["metadata"]["name"])
+        if out.stage is not None:  # a later stage: not started before this one completes
+            job = None
+        out.progress.append(progress_of(stage, manifest, job))
+        if out.stage is not None or is_complete(job):
+            continue
+        out.stage = stage
+        if job is None:
+            out.create = manifest
+        else:
+            out.failure = job_failure(job)
+    return out
+
+
+def stage_message(item: StageProgress) -> str:
+    """e.g. `2/3 slices done`."""
+    return f"{item.succeeded}/{item.completions} {WHAT.get(item.name, 'done')}"
+
+
+def stage_failed(stage: str, message: str) -> tuple[str, str]:
+    """Reason and message of a failed stage's Failed condition (and Warning event)."""
+    return FAILED_REASONS.get(stage, "ProcessingFailed"), f"stage {stage}: {message}"
 
 
 def merge_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:

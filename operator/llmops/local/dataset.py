@@ -1,5 +1,5 @@
-"""A Dataset, locally: the slice Job (all indexes) then the merge Job, from the operator's
-builders, with the status the Dataset controller would write."""
+"""A Dataset, locally: the chain of stage Jobs (slice, dedup, merge; all indexes of each),
+from the operator's builders, with the status the Dataset controller would write."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from typing import Any
 from llmops.api.common import SecretKeySelector
 from llmops.api.dataset import Dataset
 from llmops.builders import dataset as build
-from llmops.decide.dataset import fail, failure_of, mark_processed, merge_report
+from llmops.decide.dataset import (
+    RUNNING_REASONS,
+    fail,
+    failure_of,
+    mark_processed,
+    merge_report,
+    progress_of,
+    stage_failed,
+    stage_message,
+)
 from llmops.decide.status import StatusDraft
 from llmops.local.common import copy_if_exists, host_path, timestamp
 from llmops.local.context import Context, key_of
@@ -67,10 +76,10 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
         ctx.view.update(key, note="up to date (output kept from an earlier run)")
         return True
 
-    slices = build.slices_job(body, dataset, generation, deployments=served_locally(ctx, dataset))
-    merge = build.merge_job(body, dataset, generation)
+    stages = build.stage_jobs(body, dataset, generation, deployments=served_locally(ctx, dataset))
     ctx.record_children(
-        body, [build.config_map(body), build.output_claim(body, dataset), slices, merge]
+        body,
+        [build.config_map(body), build.output_claim(body, dataset), *(j for _, j in stages)],
     )
     status.set(startTime=timestamp(), completionTime=None)
     status.condition("Complete", "False", "Processing", f"version {build.version(generation)}")
@@ -82,19 +91,31 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
         f"{dataset.spec.parallelism} slice(s), version {build.version(generation)}",
     )
     status.set(phase="Running")
-    status.condition("Running", "True", "Slicing", f"0/{dataset.spec.parallelism} slices done")
-    ctx.save(body, status.status)
 
-    result = _run(ctx, body, slices)
-    if not result.succeeded:
-        return _stopped(ctx, body, status, result, "SliceFailed")
-    status.condition("Running", "True", "Merging", "deduplicating, tokenizing, sharding")
-    ctx.save(body, status.status)
-    result = _run(ctx, body, merge)
-    if not result.succeeded:
-        return _stopped(ctx, body, status, result, "MergeFailed")
+    # The stages in order, each Job once the one before has succeeded, as the controller
+    # runs them (decide.dataset.advance), with the same per-stage progress in the status.
+    progress = [progress_of(stage, job, None) for stage, job in stages]
+    result: JobResult | None = None
+    for number, (stage, job) in enumerate(stages):
+        progress[number] = progress[number].model_copy(update={"state": "Running"})
+        status.set(stage=stage, stages=[item.to_dict() for item in progress])
+        status.condition("Running", "True", RUNNING_REASONS[stage], stage_message(progress[number]))
+        ctx.save(body, status.status)
+        result = _run(ctx, body, job)
+        completions = progress[number].completions
+        progress[number] = progress[number].model_copy(
+            update={
+                "state": "Complete" if result.succeeded else "Failed",
+                "succeeded": completions if result.succeeded else 0,
+            }
+        )
+        status.set(stages=[item.to_dict() for item in progress])
+        if not result.succeeded:
+            return _stopped(ctx, body, status, result, stage)
+    assert result is not None
 
     # From here on, what the Dataset controller does when the merge Job completes.
+    status.set(stage=None)
     mark_processed(status, dataset, generation, merge_report(result.pod_objects()))
     ctx.save(body, status.status)
     kind, namespace, name = key
@@ -119,14 +140,15 @@ def _run(ctx: Context, body: dict[str, Any], job: dict[str, Any]) -> JobResult:
 
 
 def _stopped(
-    ctx: Context, body: dict[str, Any], status: StatusDraft, result: JobResult, reason: str
+    ctx: Context, body: dict[str, Any], status: StatusDraft, result: JobResult, stage: str
 ) -> bool:
     if result.interrupted:
         status.set(phase="Pending")
         status.condition("Running", "False", "Interrupted", "stopped; `llmops run` resumes")
         ctx.save(body, status.status)
         return False
-    fail(status, *failure_of(result.pod_objects(), reason, result.failure or "failed"))
+    reason, message = stage_failed(stage, result.failure or "failed")
+    fail(status, *failure_of(result.pod_objects(), reason, message))
     ctx.save(body, status.status)
     if result.failed_pod is not None:
         log = Path(result.failed_pod.log_file)

@@ -1,12 +1,13 @@
 """Entrypoint of the preprocessing Job's containers.
 
-    python -m llmops_trainer.data --config /etc/llmops/dataset.json --stage slice|merge
+    python -m llmops_trainer.data --config /etc/llmops/dataset.json --stage slice|dedup|merge
 
 Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-slice results; default
-<output>/.work), JOB_COMPLETION_INDEX (slice index, set by an Indexed Job) and
-LLMOPS_NUM_SLICES (slice count; default spec.parallelism), LLMOPS_LLM_CACHE_DIR (answers of
-language models; default <work>/llm-cache) and LLMOPS_LLM_<i>_{URL,MODEL,API_KEY} (the
-language models of the spec, workload.llm_endpoint_env). On failure the step and reason
+<output>/.work), JOB_COMPLETION_INDEX (the slice, or the dedup group, of an Indexed Job's
+pod; the dedup stage has `dedup_groups(spec)` of them) and LLMOPS_NUM_SLICES (slice count;
+default spec.parallelism), LLMOPS_LLM_CACHE_DIR (answers of language models; default
+<work>/llm-cache) and LLMOPS_LLM_<i>_{URL,MODEL,API_KEY} (the language models of the spec,
+workload.llm_endpoint_env). On failure the step and reason
 go to the termination message (LLMOPS_TERMINATION_LOG), where Kubernetes shows them in the
 pod status; after a merge, the statistics the Dataset status shows go there too.
 """
@@ -21,18 +22,18 @@ import os
 import sys
 from pathlib import Path
 
-from llmops.api.dataset import Dataset
+from llmops.api.dataset import Dataset, dedup_groups
 from llmops.api.workload import LLM_ENDPOINT_FAILED, DataMergeReport, Env
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.llm_endpoint import EndpointError
-from llmops_trainer.data.pipeline import Options, run_merge, run_slice
+from llmops_trainer.data.pipeline import Options, run_dedup, run_merge, run_slice
 from llmops_trainer.termination import write_failure, write_termination_message
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmops_trainer.data")
     parser.add_argument("--config", required=True, type=Path, help="the Dataset object as JSON")
-    parser.add_argument("--stage", required=True, choices=("slice", "merge"))
+    parser.add_argument("--stage", required=True, choices=("slice", "dedup", "merge"))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get(Env.LOG_LEVEL, "INFO"),
@@ -44,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(os.environ.get(Env.OUTPUT_DIR, "/data"))
         work = Path(os.environ.get(Env.WORK_DIR, str(output / ".work")))
         count = int(os.environ.get(Env.NUM_SLICES, dataset.spec.parallelism))
+        index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
         if args.stage == "slice":
-            index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
             if not 0 <= index < count:
                 raise ValueError(f"JOB_COMPLETION_INDEX {index} outside 0..{count - 1}")
             cache = os.environ.get(Env.LLM_CACHE_DIR)
             run_slice(
                 dataset, work, index, count, Options(llm_cache=Path(cache) if cache else None)
             )
+        elif args.stage == "dedup":
+            run_dedup(dataset, work, index, dedup_groups(dataset.spec), count)
         else:
             manifest = run_merge(dataset, output, work, count)
             print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))

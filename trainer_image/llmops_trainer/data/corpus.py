@@ -26,6 +26,7 @@ class Corpus:
 
     slices: list[Path]
     slice_of: npt.NDArray[np.int64]
+    meta_index: npt.NDArray[np.int64]  # row of the slice's meta.npz
     input_of: npt.NDArray[np.int64]
     position_of: npt.NDArray[np.int64]
     rows: npt.NDArray[np.int64]
@@ -73,6 +74,26 @@ class Corpus:
             for handle in handles:
                 handle.close()
 
+    def global_positions(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(offsets, lookup): the global index of row `i` of slice `s`'s meta.npz is
+        `lookup[offsets[s] + i]`."""
+        count = len(self.slices)
+        sizes = np.bincount(self.slice_of, minlength=count)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        lookup = np.empty(len(self.slice_of), dtype=np.int64)
+        lookup[offsets[self.slice_of] + self.meta_index] = np.arange(len(self.slice_of))
+        return offsets, lookup
+
+    def signed(self) -> npt.NDArray[np.bool_]:
+        """Which documents have a MinHash signature (kept by their slice, with shingles)."""
+        sizes = [len(flags) for flags in self.has_signature]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        flags = np.concatenate([*self.has_signature, np.zeros(1, dtype=bool)])
+        written = self.rows >= 0
+        out = np.zeros(len(self.rows), dtype=bool)
+        out[written] = flags[offsets[self.slice_of[written]] + self.rows[written]]
+        return out
+
     def source_index(self) -> npt.NDArray[np.int64]:
         """The source of every document."""
         lookup = np.zeros(max((i["index"] for i in self.inputs), default=0) + 1, dtype=np.int64)
@@ -86,7 +107,7 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
     folders = [slice_dir(work_dir, i) for i in range(count)]
     names: dict[str, int] = {KEPT: 0}
     parts: dict[str, list[Any]] = {
-        k: [] for k in ("slice", "inp", "part", "pos", "code", "hash", "raw", "out", "rows")
+        k: [] for k in ("slice", "idx", "inp", "part", "pos", "code", "hash", "raw", "out", "rows")
     }
     has_signature, pieces, slice_stats = [], [], []
     plans = set()
@@ -99,6 +120,7 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
         meta = np.load(folder / "meta.npz")
         local = np.array([names.setdefault(n, len(names)) for n in stats["reasons"]])
         parts["slice"].append(np.full(len(meta["reasons"]), number))
+        parts["idx"].append(np.arange(len(meta["reasons"])))
         parts["inp"].append(meta["inputs"])
         parts["part"].append(meta["parts"])
         parts["pos"].append(meta["positions"])
@@ -120,6 +142,7 @@ def load_corpus(work_dir: Path, count: int, key: str) -> Corpus:
     return Corpus(
         slices=folders,
         slice_of=joined["slice"][order].astype(np.int64),
+        meta_index=joined["idx"][order].astype(np.int64),
         input_of=input_of,
         position_of=_positions(input_of),
         rows=joined["rows"][order],

@@ -111,13 +111,17 @@ class MinHasher:
         return values
 
 
-def band_keys(signatures: npt.NDArray[np.uint32], bands: int) -> U64:
-    """One 64-bit key per (document, band): equal keys mean an identical band."""
+def band_keys(
+    signatures: npt.NDArray[np.uint32], bands: int, which: npt.NDArray[np.int64] | None = None
+) -> U64:
+    """One 64-bit key per (document, band): equal keys mean an identical band. `which`:
+    only these bands (the columns of the result, in that order)."""
     rows = signatures.shape[1] // bands
     mix = np.random.default_rng(7).integers(0, 2**63, rows, dtype=np.uint64) * 2 + 1
-    keys = np.zeros((signatures.shape[0], bands), dtype=np.uint64)
+    chosen = np.arange(bands) if which is None else np.asarray(which)
+    keys = np.zeros((signatures.shape[0], len(chosen)), dtype=np.uint64)
     for r in range(rows):
-        column = signatures[:, r::rows][:, :bands].astype(np.uint64)
+        column = signatures[:, r::rows][:, :bands][:, chosen].astype(np.uint64)
         keys = (keys ^ (column + np.uint64(r))) * mix[r]
     return keys
 

@@ -1,9 +1,10 @@
-"""Merge stage: one pod, after every slice has finished.
+"""Merge stage: one pod, after every slice and dedup group has finished.
 
-It orders every document by (input, position), so the result does not depend on the number
-of slices, finds exact duplicates across slices and near-duplicates with LSH over all
-signatures, trains, builds or loads the tokenizer, splits by document (a seeded hash of the
-content, or the position in the stream; a source with a split of its own goes there whole),
+It joins the dedup groups' buckets into clusters and removal lists (data.dedup_stage),
+orders every document by (input, position), so the result does not depend on the number
+of slices, drops the exact copies across slices and the near duplicates, trains, builds or
+loads the tokenizer, splits by document (a seeded hash of the content, or the position in
+the stream; a source with a split of its own goes there whole),
 drops the training documents that share an n-gram with the validation or test split or with
 evaluation files (processing.decontamination), tokenizes in parallel and writes shards,
 tokenizer, manifest and dataset card.
@@ -33,12 +34,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from llmops.api.dataset import Dataset, DatasetSpec
-from llmops_trainer.data import decontaminate, dedup, report
+from llmops.api.dataset import Dataset, DatasetSpec, dedup_groups
+from llmops_trainer.data import decontaminate, report
 from llmops_trainer.data import tokenize as tok
 from llmops_trainer.data.augment import augment
 from llmops_trainer.data.chat import ChatEncoder, Message, contents
 from llmops_trainer.data.corpus import Corpus, load_corpus
+from llmops_trainer.data.dedup_stage import removal_list, run_cluster
 from llmops_trainer.data.registry import Options, Registry
 from llmops_trainer.data.slice_stage import AUGMENT_COUNTERS, config_key
 from llmops_trainer.data.steps import CONTENTLESS, EXACT, NEAR, PIPELINE
@@ -91,55 +93,24 @@ class _Item:
         return self.response is None and self.messages is None
 
 
-def _cross_slice_exact(corpus: Corpus) -> None:
-    """The first copy (in global order) of every content hash stays; a later copy is an
-    exact duplicate even if its slice dropped it for another reason (other than having no
-    content: empty and unreadable records are not copies of each other)."""
-    exact = corpus.code(EXACT)
-    skip = [exact, *(corpus.code(reason) for reason in CONTENTLESS)]
-    candidates = np.flatnonzero(~np.isin(corpus.codes, skip))
-    if not len(candidates):
-        return
-    keys = np.ascontiguousarray(corpus.hashes[candidates]).view("V16").ravel()
-    _, first = np.unique(keys, return_index=True)
-    later = np.ones(len(candidates), dtype=bool)
-    later[first] = False
-    corpus.codes[candidates[later]] = exact
-
-
-def _near(corpus: Corpus, spec: DatasetSpec) -> None:
-    near = spec.processing.deduplication.near
-    if not near.enabled:
-        return
-    kept = np.flatnonzero(corpus.codes == 0)
-    slices, rows = corpus.slice_of[kept], corpus.rows[kept]
-    flags = np.array(
-        [corpus.has_signature[s][r] for s, r in zip(slices.tolist(), rows.tolist(), strict=True)],
-        dtype=bool,
-    )
-    candidates, slices, rows = kept[flags], slices[flags], rows[flags]
-    if len(candidates) < 2:
-        return
-    maps = corpus.signature_maps(near.num_permutations)
-
-    def gather(positions: npt.NDArray[np.int64]) -> npt.NDArray[np.uint32]:
-        out = np.empty((len(positions), near.num_permutations), dtype=np.uint32)
-        for number, matrix in enumerate(maps):
-            mask = slices[positions] == number
-            if mask.any():
-                out[mask] = matrix[rows[positions[mask]]]
-        return out
-
-    keys = np.empty((len(candidates), near.bands), dtype=np.uint64)
-    for start in range(0, len(candidates), 65536):
-        block = np.arange(start, min(start + 65536, len(candidates)))
-        keys[block] = dedup.band_keys(gather(block), near.bands)
-
-    def similarity(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        return dedup.jaccard_estimate(gather(a), gather(b))
-
-    drop = dedup.near_duplicates(keys, near.threshold, similarity)
-    corpus.codes[candidates[drop]] = corpus.code(NEAR)
+def _deduplicate(corpus: Corpus, spec: DatasetSpec, work_dir: Path) -> None:
+    """Applies the dedup stage's removal lists (data.dedup_stage): exact copies across
+    slices first (the first copy in global order of every content hash stays, even if its
+    slice dropped it for another reason), then near duplicates among the rest."""
+    config = spec.processing.deduplication
+    offsets, lookup = corpus.global_positions()
+    exact_at, near_at = [], []
+    for number in range(len(corpus.slices)):
+        removed = np.load(removal_list(work_dir, number))
+        exact_at.append(lookup[offsets[number] + removed["exact"]])
+        near_at.append(lookup[offsets[number] + removed["near"]])
+    if config.exact:  # off means off: duplicates across slices stay
+        exact = corpus.code(EXACT)
+        for reason in CONTENTLESS:
+            corpus.code(reason)
+        corpus.codes[np.concatenate(exact_at)] = exact
+    if config.near.enabled and np.count_nonzero((corpus.codes == 0) & corpus.signed()) >= 2:
+        corpus.codes[np.concatenate(near_at)] = corpus.code(NEAR)
 
 
 def _decontaminate(
@@ -306,8 +277,15 @@ def weighted_copies(weight: float, heads: npt.NDArray[np.uint64]) -> npt.NDArray
 
 
 def run_merge(
-    dataset: Dataset, output_dir: Path, work_dir: Path, count: int, options: Options | None = None
+    dataset: Dataset,
+    output_dir: Path,
+    work_dir: Path,
+    count: int,
+    options: Options | None = None,
+    groups: int | None = None,
 ) -> Manifest:
+    """After the slices and the dedup groups (`groups`: their number, by default the
+    Job's, `dedup_groups`): joins the groups' clusters, then splits, tokenizes and shards."""
     spec = dataset.spec
     registry = (options or Options()).steps or PIPELINE
     key = config_key(spec)
@@ -325,9 +303,8 @@ def run_merge(
             log.info("merge already done (fingerprint %s), skipping", print_[:12])
             return existing
     started = time.monotonic()
-    if spec.processing.deduplication.exact:  # off means off: duplicates across slices stay
-        _cross_slice_exact(corpus)
-    _near(corpus, spec)
+    run_cluster(dataset, work_dir, count, groups or dedup_groups(spec))
+    _deduplicate(corpus, spec, work_dir)
     kept = np.flatnonzero(corpus.codes == 0)
     split_of = np.full(len(corpus.codes), -1, dtype=np.int8)
     split_of[kept] = _splits(corpus, spec, kept)
