@@ -1,6 +1,6 @@
-"""The Dataset controller on the real control plane: the chain of slice, dedup and merge
-Jobs, status from the merge step's report, versions on spec change, failure reporting (naming
-the stage), retain policy."""
+"""The Dataset controller on the real control plane: the chain of slice, dedup, prepare,
+tokenize and finalize Jobs, status from the finalize step's report, versions on spec change,
+failure reporting (naming the stage), retain policy."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def dataset(**spec: Any) -> dict[str, Any]:
     }
 
 
-def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator: str, volumes):
+def test_stage_chain_then_succeeded(api_client: client.ApiClient, operator: str, volumes):
     namespace = operator
     batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
     create(api_client, namespace, dataset())
@@ -46,11 +46,18 @@ def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator
     assert dedup.spec.template.spec.containers[0].command[-2:] == ["--stage", "dedup"]
     assert dedup.status.succeeded == 3
     stages = {s["name"]: s for s in done["status"]["stages"]}
-    assert [s["state"] for s in stages.values()] == ["Complete"] * 3
-    assert stages["dedup"]["succeeded"] == 3 and stages["merge"]["job"] == f"{NAME}-merge-g1"
-    merge = batch.read_namespaced_job(f"{NAME}-merge-g1", namespace)
-    container = merge.spec.template.spec.containers[0]
-    assert container.command[-2:] == ["--stage", "merge"]
+    assert list(stages) == ["slice", "dedup", "prepare", "tokenize", "finalize"]
+    assert [s["state"] for s in stages.values()] == ["Complete"] * 5
+    assert stages["dedup"]["succeeded"] == 3 and stages["tokenize"]["succeeded"] == 3
+    assert stages["finalize"]["job"] == f"{NAME}-finalize-g1"
+    tokenize = batch.read_namespaced_job(f"{NAME}-tokenize-g1", namespace)
+    assert (tokenize.spec.completion_mode, tokenize.spec.completions) == ("Indexed", 3)
+    assert tokenize.spec.template.spec.containers[0].command[-2:] == ["--stage", "tokenize"]
+    prepare = batch.read_namespaced_job(f"{NAME}-prepare-g1", namespace)
+    assert prepare.spec.completions == 1
+    final = batch.read_namespaced_job(f"{NAME}-finalize-g1", namespace)
+    container = final.spec.template.spec.containers[0]
+    assert container.command[-2:] == ["--stage", "finalize"]
     env = {e.name: e.value for e in container.env}
     assert env["LLMOPS_OUTPUT_DIR"] == "/output/g1"
     assert env["LLMOPS_NUM_SLICES"] == "3"
@@ -79,25 +86,30 @@ def test_slices_then_merge_then_succeeded(api_client: client.ApiClient, operator
         "version 1 jobs removed",
         lambda: (
             {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
-            == {f"{NAME}-slices-g2", f"{NAME}-dedup-g2", f"{NAME}-merge-g2"}
+            == {
+                f"{NAME}-{stage}-g2"
+                for stage in ("slices", "dedup", "prepare", "tokenize", "finalize")
+            }
         ),
         60,
     )
 
 
-def test_merge_report_becomes_status(api_client: client.ApiClient, operator: str, volumes):
+def test_finalize_report_becomes_status(api_client: client.ApiClient, operator: str, volumes):
     namespace = operator
     core = client.CoreV1Api(api_client)
     create(api_client, namespace, dataset(parallelism=1))
     wait_for(
-        "merge pod",
+        "finalize pod",
         lambda: (
-            core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-merge-g1").items
+            core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-finalize-g1").items
         ),
         60,
     )
     # kwok completes the pod without a message; write the one the engine leaves.
-    pod = core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-merge-g1").items[0]
+    pod = core.list_namespaced_pod(namespace, label_selector=f"job-name={NAME}-finalize-g1").items[
+        0
+    ]
     report = {
         "documents": 900,
         "totalTokens": 123456,
@@ -111,7 +123,7 @@ def test_merge_report_becomes_status(api_client: client.ApiClient, operator: str
     }
     statuses = [
         {
-            "name": "merge",
+            "name": "finalize",
             "image": "x",
             "imageID": "",
             "ready": False,
@@ -179,7 +191,7 @@ def test_each_stage_waits_for_the_one_before_and_a_failed_stage_is_named(
 
     wait_for("slice pods running", lambda: len(running("slice")) == 2, 60)
     status = wait_status(api_client, namespace, "Dataset", NAME, "slicing", stage="slice")["status"]
-    assert [s["state"] for s in status["stages"]] == ["Running", "Pending", "Pending"]
+    assert [s["state"] for s in status["stages"]] == ["Running"] + ["Pending"] * 4
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
     assert jobs == {f"{NAME}-slices-g1"}  # nothing after the slices before they complete
     end_pod(core, namespace, running("slice")[0], exit_code=0)
@@ -207,11 +219,17 @@ def test_each_stage_waits_for_the_one_before_and_a_failed_stage_is_named(
     assert condition(failed, "Failed")["reason"] == "DedupFailed"
     assert condition(failed, "Failed")["message"].startswith("stage dedup: ")
     assert failed["status"]["stage"] == "dedup"
-    assert [s["state"] for s in failed["status"]["stages"]] == ["Complete", "Failed", "Pending"]
+    assert [s["state"] for s in failed["status"]["stages"]] == [
+        "Complete",
+        "Failed",
+        "Pending",
+        "Pending",
+        "Pending",
+    ]
     events = core.list_namespaced_event(namespace).items
     assert any(e.reason == "DedupFailed" and e.type == "Warning" for e in events)
     jobs = {j.metadata.name for j in batch.list_namespaced_job(namespace).items}
-    assert f"{NAME}-merge-g1" not in jobs
+    assert f"{NAME}-prepare-g1" not in jobs
 
 
 def test_delete_policy_removes_the_claim_with_the_dataset(

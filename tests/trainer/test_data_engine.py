@@ -75,7 +75,15 @@ def test_engine_end_to_end(tmp_path: Path) -> None:
             timeout=600,
             env={**env, "JOB_COMPLETION_INDEX": str(group)},
         )
-    subprocess.run([*command, "--stage", "merge"], check=True, timeout=600, env=env)
+    subprocess.run([*command, "--stage", "prepare"], check=True, timeout=600, env=env)
+    for pod in range(SLICES):  # the tokenize Job: one pod per slice, units spread over them
+        subprocess.run(
+            [*command, "--stage", "tokenize"],
+            check=True,
+            timeout=600,
+            env={**env, "JOB_COMPLETION_INDEX": str(pod)},
+        )
+    subprocess.run([*command, "--stage", "finalize"], check=True, timeout=600, env=env)
 
     manifest = read_manifest(output)
     assert verify(output, manifest) == []
@@ -92,6 +100,9 @@ def test_engine_end_to_end(tmp_path: Path) -> None:
     assert manifest.dtype == "uint16" and 256 < manifest.vocab_size <= 2000
     split_tokens = {name: split.tokens for name, split in manifest.splits.items()}
     assert split_tokens == stats["tokens"] and min(split_tokens.values()) > 0
+    # About 800 KB of text per tokenize unit: the training split comes from several units.
+    units = {shard.path.split("-")[1] for shard in manifest.splits["train"].shards}
+    assert len(units) > 1
     tokenizer = Tokenizer.from_file(str(output / manifest.tokenizer))
     first = open_tokens(output, manifest, manifest.splits["train"].shards[0])
     end = int(np.flatnonzero(np.asarray(first) == manifest.eos_token_id)[0])

@@ -1,5 +1,5 @@
 """A Dataset whose sources are a Hugging Face Hub dataset repository, as the Jobs run it:
-slice pods, then the merge, as processes, with the Hub variables the builder gives the pods
+slice pods, then the later stages, as processes, with the Hub variables the builder gives the pods
 (HF_ENDPOINT, and HF_TOKEN as the kubelet fills it from the Secret), against a local fake
 of the Hub holding a private repository with chats in parquet and jsonl."""
 
@@ -134,8 +134,9 @@ def _pod_env(body: dict[str, Any], tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _run(tmp_path: Path, body: dict[str, Any], *, merge: bool = True) -> list[int]:
-    """The slice pods side by side, then (if they all succeed) the dedup pods and the merge."""
+def _run(tmp_path: Path, body: dict[str, Any], *, rest: bool = True) -> list[int]:
+    """The slice pods side by side, then (if they all succeed) the dedup pods, the prepare
+    pod, the tokenize pods and the finalize pod."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "dataset.json"
     config.write_text(json.dumps(body))
@@ -148,14 +149,16 @@ def _run(tmp_path: Path, body: dict[str, Any], *, merge: bool = True) -> list[in
         for index in range(SLICES)
     ]
     codes = [p.wait(timeout=300) for p in slices]
-    if merge and codes == [0] * SLICES:
+    if rest and codes == [0] * SLICES:
         for group in range(dedup_groups(Dataset.model_validate(body).spec)):
             dedup = [*command, "--stage", "dedup"]
             index = {"JOB_COMPLETION_INDEX": str(group)}
             codes.append(subprocess.run(dedup, env={**env, **index}, timeout=300).returncode)
-        codes.append(
-            subprocess.run([*command, "--stage", "merge"], env=env, timeout=300).returncode
-        )
+        for stage, pods in (("prepare", 1), ("tokenize", SLICES), ("finalize", 1)):
+            for pod in range(pods):
+                index = {"JOB_COMPLETION_INDEX": str(pod)}
+                run = [*command, "--stage", stage]
+                codes.append(subprocess.run(run, env={**env, **index}, timeout=300).returncode)
     return codes
 
 
@@ -173,7 +176,8 @@ def test_chats_from_a_private_hub_dataset(
     body = _body(sources, {"fromModel": {"uri": str(model)}})
 
     groups = dedup_groups(Dataset.model_validate(body).spec)
-    assert _run(tmp_path, body) == [0] * (SLICES + groups + 1)  # slices, dedup groups, merge
+    # slices, dedup groups, prepare, tokenize pods, finalize
+    assert _run(tmp_path, body) == [0] * (SLICES + groups + 1 + SLICES + 1)
 
     output = tmp_path / "out"
     manifest = read_manifest(output)
@@ -219,7 +223,7 @@ def test_an_unknown_repository_is_the_pod_failure_report(hub: FakeHub, tmp_path:
     sources = [_hf_source("web", hub.url, repo="org/no-such-data", format="jsonl")]
     body = _body(sources, {"train": {"vocabSize": 300}})
 
-    assert _run(tmp_path, body, merge=False) == [1] * SLICES
+    assert _run(tmp_path, body, rest=False) == [1] * SLICES
 
     report = read_record(FailureReport, (tmp_path / "termination-log").read_text())
     assert report is not None and report.stage == "slice"

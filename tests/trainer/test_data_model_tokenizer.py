@@ -1,6 +1,6 @@
-"""The engine with `tokenizer.fromModel`, as the Jobs run it (slice pods, then the merge, as
-processes, with the env the builder gives the pods): chats from jsonl and parquet rendered
-with the model's chat template and masked to the assistant's turns, plain text in the
+"""The engine with `tokenizer.fromModel`, as the Jobs run it (slice pods, then the later
+stages, as processes, with the env the builder gives the pods): chats from jsonl and parquet
+rendered with the model's chat template and masked to the assistant's turns, plain text in the
 model's vocabulary, and vocabularies too big for uint16 tokens."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _body(sources: list[dict[str, Any]], model: Path, **spec: Any) -> dict[str, 
 def _run(
     tmp_path: Path, body: dict[str, Any], check: bool = True
 ) -> tuple[Path, list[subprocess.CompletedProcess[bytes]]]:
-    """Slice pods (side by side), the dedup pods, then the merge pod, each a process with
-    the pod's env."""
+    """Slice pods (side by side), the dedup pods, the prepare pod, the tokenize pods and the
+    finalize pod, each a process with the pod's env."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "dataset.json"
     config.write_text(json.dumps(body))
@@ -91,8 +91,12 @@ def _run(
             dedup = [*command, "--stage", "dedup"]
             index = {"JOB_COMPLETION_INDEX": str(group)}
             done.append(subprocess.run(dedup, env={**env, **index}, capture_output=True))
-    if all(p.returncode == 0 for p in done):
-        done.append(subprocess.run([*command, "--stage", "merge"], env=env, capture_output=True))
+    for stage, pods in (("prepare", 1), ("tokenize", SLICES), ("finalize", 1)):
+        for pod in range(pods):
+            if all(p.returncode == 0 for p in done):
+                index = {"JOB_COMPLETION_INDEX": str(pod)}
+                run = [*command, "--stage", stage]
+                done.append(subprocess.run(run, env={**env, **index}, capture_output=True))
     if check:
         for process in done:
             assert process.returncode == 0, process.stderr.decode()[-3000:]

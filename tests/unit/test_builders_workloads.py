@@ -94,11 +94,11 @@ def test_config_map_carries_the_resource_for_the_trainer():
 def test_dataset_jobs_are_versioned_by_generation_and_claim_follows_retain_policy():
     dataset = Dataset.model_validate(DATASET)
     slices = ds_build.slices_job(DATASET, dataset, 4)
-    merge = ds_build.merge_job(DATASET, dataset, 4)
+    final = ds_build.finalize_job(DATASET, dataset, 4)
     assert slices["metadata"]["name"] == "corpus-slices-g4"
     assert (slices["spec"]["completionMode"], slices["spec"]["completions"]) == ("Indexed", 4)
-    assert merge["metadata"]["name"] == "corpus-merge-g4" and merge["spec"]["completions"] == 1
-    env = {e["name"]: e["value"] for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert final["metadata"]["name"] == "corpus-finalize-g4" and final["spec"]["completions"] == 1
+    env = {e["name"]: e["value"] for e in final["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LLMOPS_OUTPUT_DIR"] == "/output/g4"
     assert ds_build.output_uri(dataset, 4) == "pvc://corpus-data/g4"
     claim = ds_build.output_claim(DATASET, dataset)
@@ -247,7 +247,12 @@ def test_dataset_pods_fetch_a_remote_model_tokenizer_with_an_initializer():
     body, dataset = _chat_dataset(
         {"uri": "hf://org/chat-7b@v1", "credentialsSecret": {"name": "hf-token"}}
     )
-    for job in (ds_build.slices_job(body, dataset, 4), ds_build.merge_job(body, dataset, 4)):
+    for job in (
+        ds_build.slices_job(body, dataset, 4),
+        ds_build.prepare_job(body, dataset, 4),
+        ds_build.tokenize_job(body, dataset, 4),
+        ds_build.finalize_job(body, dataset, 4),
+    ):
         pod = job["spec"]["template"]["spec"]
         (init,) = pod["initContainers"]
         assert init["name"] == "model-init"
@@ -280,7 +285,7 @@ def test_dataset_pods_fetch_a_remote_model_tokenizer_with_an_initializer():
 
 def test_dataset_pods_read_a_model_tokenizer_on_a_claim_in_place():
     body, dataset = _chat_dataset({"uri": "pvc://models/qwen/instruct"})
-    pod = ds_build.merge_job(body, dataset, 4)["spec"]["template"]["spec"]
+    pod = ds_build.tokenize_job(body, dataset, 4)["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["pretrained"]["persistentVolumeClaim"] == {
         "claimName": "models",

@@ -14,6 +14,7 @@ from data_corpus import document
 
 from llmops.api.dataset import Dataset, Decontamination, QualityFilters
 from llmops_trainer.data import decontaminate, filters, run_local
+from llmops_trainer.data.pipeline import decisions as joined_decisions
 from llmops_trainer.data.steps import PIPELINE
 from llmops_trainer.data.words import split_words
 
@@ -170,7 +171,7 @@ def test_engine_drops_training_documents_copied_into_evaluation(tmp_path: Path) 
     assert "9. Decontamination: 13-grams of words shared with validation" in card
     assert "2 training documents dropped (web 2, held 0)" in card
     # Which documents: train[2] and train[7], by their positions in the input.
-    decisions = np.load(tmp_path / "clean" / ".work" / "decisions.npz")
+    decisions = joined_decisions(tmp_path / "clean" / ".work", 2)
     reasons = [str(r) for r in decisions["reasons"]]
     dropped = sorted(
         int(p)

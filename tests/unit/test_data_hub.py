@@ -92,7 +92,7 @@ def _pod_env(*sources: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
     dataset = Dataset.model_validate(body)
     env: dict[str, dict[str, Any]] = {}
-    for job in (ds_build.slices_job(body, dataset, 1), ds_build.merge_job(body, dataset, 1)):
+    for _, job in ds_build.stage_jobs(body, dataset, 1):
         (container,) = job["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in container["env"]}
         assert len(env) == len(container["env"])  # no variable twice

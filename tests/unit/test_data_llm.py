@@ -457,11 +457,11 @@ def test_the_operator_resolves_a_deployment_and_passes_keys_by_reference(tmp_pat
             "secretKeyRef": {"name": "chat-token", "key": "token"}
         }
     assert env["LLMOPS_LLM_CACHE_DIR"]["value"] == f"{build.OUTPUT_DIR}/.llm-cache"
-    merge = build.merge_job(body, dataset, 2)
-    assert not any(
-        e["name"].startswith("LLMOPS_LLM_")
-        for e in merge["spec"]["template"]["spec"]["containers"][0]["env"]
-    )
+    for job in (build.prepare_job(body, dataset, 2), build.tokenize_job(body, dataset, 2)):
+        assert not any(
+            e["name"].startswith("LLMOPS_LLM_")
+            for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+        )
     with pytest.raises(ValueError, match="ModelDeployment 'chat' is not resolved"):
         build.slices_job(body, dataset, 2)
 

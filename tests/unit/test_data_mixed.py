@@ -22,8 +22,8 @@ from llmops.decide.trainingrun import apply_progress
 from llmops_trainer.batches import Objective, Windows, make_batch, text_targets
 from llmops_trainer.data import run_local
 from llmops_trainer.data.chat import ChatEncoder, Message
-from llmops_trainer.data.merge_stage import weighted_copies
 from llmops_trainer.data.tokenize import encode, load_model
+from llmops_trainer.data.tokenize_stage import weighted_copies
 from llmops_trainer.model import IGNORE_INDEX, kind_means, loss_by_kind
 from llmops_trainer.progress import ProgressState, progress_record
 from llmops_trainer.shards import (

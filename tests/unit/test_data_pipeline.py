@@ -10,8 +10,10 @@ import pytest
 from data_corpus import document, near_copy
 
 from llmops.api.dataset import Dataset, DatasetStatus
-from llmops_trainer.data import run_local
+from llmops_trainer.data import Options, run_local
 from llmops_trainer.data.__main__ import main
+from llmops_trainer.data.pipeline import decisions, run_tokenize
+from llmops_trainer.data.prepare_stage import read_plan
 from llmops_trainer.shards import open_mask, open_tokens, read_manifest, verify
 
 
@@ -147,25 +149,32 @@ def test_cli_stages(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LLMOPS_OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.setenv("LLMOPS_NUM_SLICES", "2")
     monkeypatch.setenv("LLMOPS_TERMINATION_LOG", str(tmp_path / "termination"))
-    assert main(["--config", str(config), "--stage", "merge"]) == 1  # slices not done yet
-    assert json.loads((tmp_path / "termination").read_text())["stage"] == "merge"
+    assert main(["--config", str(config), "--stage", "prepare"]) == 1  # slices not done yet
+    assert json.loads((tmp_path / "termination").read_text())["stage"] == "prepare"
     for index in ("1", "0"):
         monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
         assert main(["--config", str(config), "--stage", "slice"]) == 0
-    assert main(["--config", str(config), "--stage", "merge"]) == 1  # dedup not done yet
+    assert main(["--config", str(config), "--stage", "prepare"]) == 1  # dedup not done yet
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")  # one dedup pod (parallelism 1)
     assert main(["--config", str(config), "--stage", "dedup"]) == 1
     assert json.loads((tmp_path / "termination").read_text())["stage"] == "dedup"
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
     assert main(["--config", str(config), "--stage", "dedup"]) == 0
-    assert main(["--config", str(config), "--stage", "merge"]) == 0
+    assert main(["--config", str(config), "--stage", "tokenize"]) == 1  # not prepared yet
+    assert main(["--config", str(config), "--stage", "prepare"]) == 0
+    assert main(["--config", str(config), "--stage", "tokenize"]) == 0  # pod 0 of 2
+    assert main(["--config", str(config), "--stage", "finalize"]) == 1  # pod 1's units left
+    assert json.loads((tmp_path / "termination").read_text())["stage"] == "finalize"
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    assert main(["--config", str(config), "--stage", "tokenize"]) == 0
+    assert main(["--config", str(config), "--stage", "finalize"]) == 0
     manifest = read_manifest(tmp_path / "out")
     assert manifest.stats["documents"] == 40
     tokens = np.concatenate(
         [open_tokens(tmp_path / "out", manifest, s) for s in manifest.splits["train"].shards]
     )
     assert (tokens == manifest.eos_token_id).sum() == manifest.splits["train"].documents
-    # A finished merge leaves the statistics the Dataset status shows, within 4096 bytes.
+    # A finished finalize step leaves the statistics the Dataset status shows, within 4096 bytes.
     text = (tmp_path / "termination").read_text()
     report = json.loads(text)
     assert len(text.encode()) <= 4096
@@ -216,3 +225,77 @@ def test_dedup_pods_do_not_change_the_output(corpus: Path, tmp_path: Path) -> No
     again = run_local(dataset, tmp_path / "many", 3, groups=5)
     assert again.fingerprint == many.fingerprint
     assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == before
+
+
+def test_tokenize_units_do_not_depend_on_slices_or_pods(corpus: Path, tmp_path: Path) -> None:
+    """Units of a few KiB of text: many units, tokenized by any number of pods over any
+    number of slices, write the same shards, in the same order, as one pod over one slice;
+    and the tokenizer trained on a small sample is the same sample's."""
+    dataset = _dataset(
+        [{"name": "s", "path": str(corpus)}],
+        processing={"decontamination": {"ngram": 8}},
+    )
+    options = Options(unit_bytes=2048, tokenizer_sample_bytes=6000)
+    one = run_local(dataset, tmp_path / "one", 1, options=options, pods=1)
+    many = run_local(dataset, tmp_path / "many", 3, options=options, pods=2)
+    assert one.splits == many.splits  # shard paths and checksums included
+    assert one.stats["steps"] == many.stats["steps"]
+    assert one.stats["tokenizerSample"] == many.stats["tokenizerSample"]
+    assert 0 < one.stats["tokenizerSample"]["bytes"] < 8000  # a sample, not the whole split
+    assert (tmp_path / "one" / "tokenizer.json").read_bytes() == (
+        tmp_path / "many" / "tokenizer.json"
+    ).read_bytes()
+    units = read_plan(tmp_path / "many" / ".work")["units"]
+    assert units > 3
+    assert len({s.path.split("-")[1] for s in many.splits["train"].shards}) > 1
+    assert verify(tmp_path / "many", many) == []
+    # The documents of each split are those of a whole-corpus run without units.
+    whole = run_local(dataset, tmp_path / "whole", 1, options=Options(tokenizer_sample_bytes=6000))
+    assert {n: s.documents for n, s in whole.splits.items()} == {
+        n: s.documents for n, s in many.splits.items()
+    }
+    assert sum(s.tokens for s in whole.splits["train"].shards) == many.splits["train"].tokens
+
+
+def test_a_failed_unit_is_redone_alone(corpus: Path, tmp_path: Path) -> None:
+    dataset = _dataset([{"name": "s", "path": str(corpus)}])
+    options = Options(unit_bytes=2048)
+    first = run_local(dataset, tmp_path / "o", 2, options=options)
+    work = tmp_path / "o" / ".work" / "tokenize"
+    lost = work / "unit-000001.done"
+    lost.unlink()
+    (tmp_path / "o" / "manifest.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("unit-*.json")}
+    again = run_local(dataset, tmp_path / "o", 2, options=options)
+    after = {p.name: p.stat().st_mtime_ns for p in work.glob("unit-*.json")}
+    assert [n for n in before if before[n] != after[n]] == ["unit-000001.json"]
+    assert again.splits == first.splits
+    assert run_tokenize_count(dataset, tmp_path / "o") == 0  # nothing left to do
+
+
+def run_tokenize_count(dataset: Dataset, output: Path) -> int:
+    return run_tokenize(dataset, output, output / ".work", 0, 1)
+
+
+def test_contiguous_split_keeps_the_stream_order_across_slices(
+    corpus: Path, tmp_path: Path
+) -> None:
+    dataset = _dataset(
+        [{"name": "s", "path": str(corpus)}],
+        split={"mode": "contiguous", "train": 0.7, "validation": 0.2, "test": 0.1},
+    )
+    one = run_local(dataset, tmp_path / "one", 1)
+    three = run_local(dataset, tmp_path / "three", 3, options=Options(unit_bytes=4096), pods=2)
+    assert {n: s.documents for n, s in one.splits.items()} == {
+        n: s.documents for n, s in three.splits.items()
+    }
+    for name in ("train", "validation", "test"):
+        a = np.concatenate([open_tokens(tmp_path / "one", one, s) for s in one.splits[name].shards])
+        b = np.concatenate(
+            [open_tokens(tmp_path / "three", three, s) for s in three.splits[name].shards]
+        )
+        assert (a == b).all()
+    joined = [decisions(tmp_path / o / ".work", n) for o, n in (("one", 1), ("three", 3))]
+    reasons = [d["reasons"][d["codes"]].tolist() for d in joined]
+    assert reasons[0] == reasons[1]
+    assert (joined[0]["positions"] == joined[1]["positions"]).all()

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from llmops.api.dataset import Dataset, DatasetSpec
 from llmops_trainer.data import run_local
-from llmops_trainer.data.merge_stage import _contiguous_split
+from llmops_trainer.data.prepare_stage import _contiguous_split
 from llmops_trainer.shards import Manifest, open_tokens
 
 

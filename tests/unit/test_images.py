@@ -108,8 +108,7 @@ def _manifests() -> list[dict[str, Any]]:
     run = TrainingRun.model_validate(tr)
     model = ModelDeployment.model_validate(md)
     return [
-        dataset_builder.slices_job(ds, dataset, 1),
-        dataset_builder.merge_job(ds, dataset, 1),
+        *(job for _, job in dataset_builder.stage_jobs(ds, dataset, 1)),
         tr_builder.worker_job(tr, run, 0, "pvc://corpus-data/g1", None),
         md_builder.deployment(md, model, 2, "pvc://models/gpt/final"),
     ]

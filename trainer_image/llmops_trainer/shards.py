@@ -5,8 +5,10 @@ the only place either side touches the format.
 
     <root>/manifest.json
     <root>/tokenizer.json                  HF `tokenizers` file
-    <root>/<split>/shard-00000.bin         tokens, little-endian uint16 or uint32
-    <root>/<split>/shard-00000.mask        supervised data only: one uint8 per token,
+    <root>/<split>/shard-000000-00000.bin  tokens, little-endian uint16 or uint32 (the
+                                           engine's units write shard-<unit>-<k>; readers
+                                           take the paths and order from the manifest)
+    <root>/<split>/shard-000000-00000.mask supervised data only: one uint8 per token,
                                            0 (MASK_IGNORE) where the token is not learned
                                            (a prompt), 1 (MASK_RESPONSE) where it is (a
                                            response), 2 (MASK_TEXT) for the tokens of a
@@ -133,8 +135,10 @@ class ShardWriter:
         eos_token_id: int,
         tokens_per_shard: int,
         supervised: bool = False,
+        prefix: str = "shard-",
     ) -> None:
         self.root = root
+        self.prefix = prefix
         self.split = split
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.eos = eos_token_id
@@ -188,14 +192,14 @@ class ShardWriter:
         if not self._pending_tokens:
             return
         index = len(self.info.shards)
-        relative = f"{self.split}/shard-{index:05d}.bin"
+        relative = f"{self.split}/{self.prefix}{index:05d}.bin"
         path = self.root / relative
         np.concatenate(self._tokens).tofile(path)
         shard = ShardInfo(
             relative, self._pending_tokens, self._pending_documents, sha256_file(path)
         )
         if self.supervised:
-            mask_relative = f"{self.split}/shard-{index:05d}.mask"
+            mask_relative = f"{self.split}/{self.prefix}{index:05d}.mask"
             np.concatenate(self._masks).tofile(self.root / mask_relative)
             shard.mask = mask_relative
             shard.mask_sha256 = sha256_file(self.root / mask_relative)

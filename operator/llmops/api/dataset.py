@@ -724,7 +724,7 @@ class Decontamination(ApiModel):
     files: list[Path] = Field(
         default_factory=list,
         description=(
-            "Evaluation sets read by the merge pod: files or folders inside the preprocessing "
+            "Evaluation sets read by the prepare pod: files or folders inside the preprocessing "
             "image (a relative path starts at the image's working folder; `$(VAR)` expands "
             "as in sources[].path). A `.jsonl` file gives one text per string value of each "
             "record (question, choices and answer alike); any other file is plain text, one "
@@ -748,8 +748,8 @@ class Processing(ApiModel):
         default=None,
         description=(
             "Drop training documents that share an n-gram of words with the validation or "
-            "test split or with evaluation files (in the merge, after splitting; counted under "
-            "step decontaminate, per source and in the dataset card). Unset: off."
+            "test split or with evaluation files (in the tokenize pods, after splitting; "
+            "counted under step decontaminate, per source and in the dataset card). Unset: off."
         ),
     )
 
@@ -759,7 +759,8 @@ SPECIAL_TOKENS_DESCRIPTION = "Special tokens added to the vocabulary (end of tex
 
 
 class TokenizerTraining(ApiModel):
-    """Train a byte-level BPE tokenizer on the training split."""
+    """Train a byte-level BPE tokenizer on the training split (a deterministic sample of it,
+    up to about 256 MiB, when it is larger)."""
 
     vocab_size: int = Field(default=8192, description="Vocabulary size.", ge=256, le=1048576)
     min_frequency: int = Field(
@@ -1054,7 +1055,7 @@ class DatasetSpec(ApiModel):
         return sources
 
 
-DATA_STAGES = ("slice", "dedup", "merge")  # a version's Jobs, in order
+DATA_STAGES = ("slice", "dedup", "prepare", "tokenize", "finalize")  # a version's Jobs, in order
 
 
 def dedup_groups(spec: DatasetSpec) -> int:
@@ -1068,8 +1069,11 @@ def dedup_groups(spec: DatasetSpec) -> int:
 class StageProgress(StatusModel):
     """One stage of a version's processing: its Job and how far its pods got."""
 
-    name: Literal["slice", "dedup", "merge"] = Field(
-        description="slice (per slice), dedup (per group of LSH bands) or merge."
+    name: Literal["slice", "dedup", "prepare", "tokenize", "finalize"] = Field(
+        description=(
+            "slice (per slice), dedup (per group of LSH bands), prepare (clusters, splits, "
+            "tokenizer), tokenize (per unit of text, shards) or finalize (manifest, card)."
+        )
     )
     job: str = Field(default="", description="The stage's Job.")
     completions: int = Field(default=0, description="Pods the stage needs to succeed.", ge=0)
@@ -1108,7 +1112,10 @@ class DatasetStatus(StatusModel):
     conditions: list[Condition] = conditions_field()
     stage: str | None = Field(
         default=None,
-        description="The stage of the current version running now (slice, dedup, merge).",
+        description=(
+            "The stage of the current version running now (slice, dedup, prepare, tokenize, "
+            "finalize)."
+        ),
     )
     stages: list[StageProgress] = Field(
         default_factory=list,

@@ -129,7 +129,7 @@ OWNER_LABELS = {
 }
 ROLE_LABEL = f"{GROUP}/role"
 GENERATION_LABEL = f"{GROUP}/generation"  # the Dataset version a data Job processes
-STAGE_LABEL = f"{GROUP}/stage"  # slice, dedup or merge (dataset.DATA_STAGES)
+STAGE_LABEL = f"{GROUP}/stage"  # dataset.DATA_STAGES: slice, dedup, ..., finalize
 MODEL_URI_ANNOTATION = f"{GROUP}/model-uri"  # the model a serving pod template loads
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"  # the local runtime's record of a spec
 LICENSE_ANNOTATION = f"{GROUP}/license"  # a Dataset's license (`.<source>` for one source)
@@ -242,7 +242,7 @@ LLM_ENDPOINT_FAILED = "EndpointFailed"
 
 
 def data_command(stage: str) -> list[str]:
-    """argv of a data pod; `stage` is `slice`, `dedup` or `merge`."""
+    """argv of a data pod; `stage` is one of dataset.DATA_STAGES."""
     return [
         "python",
         "-m",
@@ -496,7 +496,7 @@ MODEL_CARD_FILE = "model_card.md"
 
 
 class DataMergeReport(Record):
-    """The merge pod's termination message: the Dataset status fields of its statistics."""
+    """The finalize pod's termination message: the Dataset status fields of its statistics."""
 
     documents: int | None = None
     tokens: TokenCounts | None = None

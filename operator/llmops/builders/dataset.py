@@ -8,8 +8,14 @@ completed, each stage's output on the Dataset's volume (or S3) for the next:
 2. `dedup`: an Indexed Job of `dedup_groups(spec)` pods, each over one group of LSH bands
    (and one range of content hashes) of every slice: the buckets of near duplicates and
    the later exact copies;
-3. `merge`: one pod that joins the buckets into clusters and per-slice removal lists, then
-   splits, trains the tokenizer, tokenizes and writes shards, stats and the card.
+3. `prepare`: one pod that joins the buckets into clusters and per-slice removal lists,
+   splits the kept documents, indexes the evaluation n-grams and trains the tokenizer on a
+   bounded sample of the training split (or loads it), reading one slice at a time;
+4. `tokenize`: an Indexed Job of `parallelism` pods over units of the kept text (each about
+   a shard's worth, the same whatever the number of slices): decontaminate, weight,
+   augment, tokenize and write the unit's shards;
+5. `finalize`: one pod that lists every unit's shards in the manifest and writes the
+   statistics, tokenizer and card; it reads no document.
 
 Kubernetes then tracks, retries (a failed index alone) and reports each part on its own,
 and a rerun of a stage skips its finished pieces.
@@ -17,7 +23,7 @@ and a rerun of a stage skips its finished pieces.
 Each version of the spec (its metadata.generation) writes to its own folder `g<generation>`
 on the output volume, so reprocessing never overwrites data a TrainingRun may still read.
 
-With `tokenizer.fromModel`, every slice and merge pod first runs the model initializer with
+With `tokenizer.fromModel`, every pod but the dedup ones first runs the model initializer with
 `--tokenizer-only`: it verifies the model's tokenizer files in place (an image path, a
 read-only claim) or downloads only those into the pod's scratch space, and the engine finds
 them through Env.PRETRAINED_DIR. The slices need them too: they check the model against the
@@ -55,6 +61,7 @@ CONFIG_FILE = DATASET_CONFIG_FILE
 OUTPUT_DIR = DATASET_OUTPUT_DIR
 # Each pod retries a failed slice this often before the whole version is marked Failed.
 RETRIES_PER_SLICE = 2
+INDEXED = ("slice", "dedup", "tokenize")  # Indexed Jobs: one completion index per pod
 TERMINATION_MESSAGE = TERMINATION_LOG
 VOLUMES_DIR = DATASET_VOLUMES_DIR
 
@@ -71,11 +78,26 @@ def dedup_job_name(name: str, generation: int) -> str:
     return child_name(name, f"dedup-{version(generation)}")
 
 
-def merge_job_name(name: str, generation: int) -> str:
-    return child_name(name, f"merge-{version(generation)}")
+def prepare_job_name(name: str, generation: int) -> str:
+    return child_name(name, f"prepare-{version(generation)}")
 
 
-ROLES = {"slice": "slices", "dedup": "dedup", "merge": "merge"}  # stage -> Job name part
+def tokenize_job_name(name: str, generation: int) -> str:
+    return child_name(name, f"tokenize-{version(generation)}")
+
+
+def finalize_job_name(name: str, generation: int) -> str:
+    return child_name(name, f"finalize-{version(generation)}")
+
+
+# stage -> Job name part
+ROLES = {
+    "slice": "slices",
+    "dedup": "dedup",
+    "prepare": "prepare",
+    "tokenize": "tokenize",
+    "finalize": "finalize",
+}
 
 
 def output_uri(dataset: Dataset, generation: int) -> str:
@@ -287,7 +309,7 @@ def _job(
                         "env": env,
                         "resources": pods.container_resources(spec.resources),
                         "securityContext": pods.container_security_context(),
-                        # The merge step reports its statistics here for the Dataset status.
+                        # The finalize step reports its statistics here for the Dataset status.
                         "terminationMessagePath": TERMINATION_MESSAGE,
                         "terminationMessagePolicy": "File",
                         "volumeMounts": [
@@ -312,7 +334,7 @@ def _job(
     }
     if model is not None:
         job_spec["template"]["spec"]["initContainers"] = [model.init_container]
-    if stage in ("slice", "dedup"):  # a failed slice or group is retried alone
+    if stage in INDEXED:  # a failed slice, group or tokenize pod is retried alone
         job_spec.update(
             completionMode="Indexed", backoffLimitPerIndex=RETRIES_PER_SLICE, maxFailedIndexes=0
         )
@@ -339,11 +361,24 @@ def dedup_job(body: Mapping[str, Any], dataset: Dataset, generation: int) -> dic
     return _job(body, dataset, "dedup", generation, dedup_groups(dataset.spec), None)
 
 
-def merge_job(
+def prepare_job(
     body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
 ) -> dict[str, Any]:
     """`tokenizer_uri`: the referenced Dataset's tokenizer, when the spec reuses one."""
-    return _job(body, dataset, "merge", generation, 1, tokenizer_uri)
+    return _job(body, dataset, "prepare", generation, 1, tokenizer_uri)
+
+
+def tokenize_job(
+    body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
+) -> dict[str, Any]:
+    """One pod per slice; pod `p` tokenizes the units `u % parallelism == p`."""
+    return _job(body, dataset, "tokenize", generation, dataset.spec.parallelism, tokenizer_uri)
+
+
+def finalize_job(
+    body: Mapping[str, Any], dataset: Dataset, generation: int, tokenizer_uri: str | None = None
+) -> dict[str, Any]:
+    return _job(body, dataset, "finalize", generation, 1, tokenizer_uri)
 
 
 def stage_jobs(
@@ -357,6 +392,8 @@ def stage_jobs(
     jobs = {
         "slice": slices_job(body, dataset, generation, tokenizer_uri, deployments),
         "dedup": dedup_job(body, dataset, generation),
-        "merge": merge_job(body, dataset, generation, tokenizer_uri),
+        "prepare": prepare_job(body, dataset, generation, tokenizer_uri),
+        "tokenize": tokenize_job(body, dataset, generation, tokenizer_uri),
+        "finalize": finalize_job(body, dataset, generation, tokenizer_uri),
     }
     return [(stage, jobs[stage]) for stage in DATA_STAGES]

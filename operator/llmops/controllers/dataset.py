@@ -1,6 +1,7 @@
 """Dataset controller: runs the chain of stage Jobs of the current spec version (slice,
-dedup, merge: each created once the one before has completed) and reports the stage, each
-stage's progress and the outcome, with the merge step's statistics, in the Dataset status."""
+dedup, prepare, tokenize, finalize: each created once the one before has completed) and
+reports the stage, each stage's progress and the outcome, with the finalize step's
+statistics, in the Dataset status."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from llmops.decide.dataset import (
     advance,
     fail,
     failure_of,
+    final_report,
     mark_processed,
-    merge_report,
     served_models,
     stage_failed,
     stage_message,
@@ -88,8 +89,8 @@ def _reconcile(
     )
     status.set(stage=step.stage, stages=[item.to_dict() for item in step.progress])
     if step.done:
-        merge = observed[step.progress[-1].job] or {}
-        mark_processed(status, dataset, generation, merge_report(_pods(merge, namespace)))
+        final = observed[step.progress[-1].job] or {}
+        mark_processed(status, dataset, generation, final_report(_pods(final, namespace)))
         return
     assert step.stage is not None
     current = next(item for item in step.progress if item.name == step.stage)

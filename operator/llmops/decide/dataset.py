@@ -1,5 +1,5 @@
 """Dataset outcomes shared by the controller and the local runtime: which stage's Job runs
-next, per-stage progress, a processed version's status from the merge step's report, and a
+next, per-stage progress, a processed version's status from the finalize step's report, and a
 failed version (the condition's reason names the failed stage)."""
 
 from __future__ import annotations
@@ -27,12 +27,26 @@ from llmops.decide.status import (
 
 SLICE_STAGE = "slice"  # data_command's stage of the slice pods (their FailureReport's stage)
 # Per stage: the reason of a Failed condition and of the Running condition while it runs.
-FAILED_REASONS = {"slice": "SliceFailed", "dedup": "DedupFailed", "merge": "MergeFailed"}
-RUNNING_REASONS = {"slice": "Slicing", "dedup": "Deduplicating", "merge": "Merging"}
+FAILED_REASONS = {
+    "slice": "SliceFailed",
+    "dedup": "DedupFailed",
+    "prepare": "PrepareFailed",
+    "tokenize": "TokenizeFailed",
+    "finalize": "FinalizeFailed",
+}
+RUNNING_REASONS = {
+    "slice": "Slicing",
+    "dedup": "Deduplicating",
+    "prepare": "Preparing",
+    "tokenize": "Tokenizing",
+    "finalize": "Finalizing",
+}
 WHAT = {
     "slice": "slices done",
     "dedup": "dedup groups done (LSH buckets, exact copies)",
-    "merge": "merge done (clusters, splits, tokenizer, shards)",
+    "prepare": "prepare done (clusters, splits, tokenizer)",
+    "tokenize": "tokenize pods done (shards)",
+    "finalize": "finalize done (manifest, card)",
 }
 
 
@@ -105,8 +119,8 @@ def stage_failed(stage: str, message: str) -> tuple[str, str]:
     return FAILED_REASONS.get(stage, "ProcessingFailed"), f"stage {stage}: {message}"
 
 
-def merge_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:
-    """The statistics a succeeded merge pod left as its termination message."""
+def final_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:
+    """The statistics a succeeded finalize pod left as its termination message."""
     for pod in pods:
         report = read_record(DataMergeReport, termination_message(pod))
         if report is not None:
@@ -117,7 +131,7 @@ def merge_report(pods: Sequence[Mapping[str, Any]]) -> DataMergeReport | None:
 def mark_processed(
     status: StatusDraft, dataset: Dataset, generation: int, report: DataMergeReport | None
 ) -> None:
-    """The status of a version whose merge step succeeded, with the statistics it reported
+    """The status of a version whose finalize step succeeded, with the statistics it reported
     (also used by the local runtime, so both report a Dataset the same way)."""
     if report is not None:
         status.set(**report.to_dict())
@@ -134,7 +148,7 @@ def mark_processed(
         "True",
         "Processed",
         f"version {build.version(generation)} ready"
-        + ("" if report is not None else " (the merge step reported no statistics)"),
+        + ("" if report is not None else " (the finalize step reported no statistics)"),
     )
     status.condition("Ready", "True", "Processed")
 

@@ -1,5 +1,6 @@
-"""A Dataset, locally: the chain of stage Jobs (slice, dedup, merge; all indexes of each),
-from the operator's builders, with the status the Dataset controller would write."""
+"""A Dataset, locally: the chain of stage Jobs (slice, dedup, prepare, tokenize, finalize;
+all indexes of each), from the operator's builders, with the status the Dataset controller
+would write."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from llmops.decide.dataset import (
     RUNNING_REASONS,
     fail,
     failure_of,
+    final_report,
     mark_processed,
-    merge_report,
     progress_of,
     stage_failed,
     stage_message,
@@ -114,9 +115,9 @@ def run(ctx: Context, body: dict[str, Any]) -> bool:
             return _stopped(ctx, body, status, result, stage)
     assert result is not None
 
-    # From here on, what the Dataset controller does when the merge Job completes.
+    # From here on, what the Dataset controller does when the finalize Job completes.
     status.set(stage=None)
-    mark_processed(status, dataset, generation, merge_report(result.pod_objects()))
+    mark_processed(status, dataset, generation, final_report(result.pod_objects()))
     ctx.save(body, status.status)
     kind, namespace, name = key
     copy_if_exists(out / CARD, ctx.layout.resource_dir(kind, namespace, name) / "dataset_card.md")

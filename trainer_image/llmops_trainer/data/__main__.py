@@ -1,15 +1,17 @@
 """Entrypoint of the preprocessing Job's containers.
 
-    python -m llmops_trainer.data --config /etc/llmops/dataset.json --stage slice|dedup|merge
+    python -m llmops_trainer.data --config /etc/llmops/dataset.json \
+        --stage slice|dedup|prepare|tokenize|finalize
 
-Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-slice results; default
-<output>/.work), JOB_COMPLETION_INDEX (the slice, or the dedup group, of an Indexed Job's
-pod; the dedup stage has `dedup_groups(spec)` of them) and LLMOPS_NUM_SLICES (slice count;
-default spec.parallelism), LLMOPS_LLM_CACHE_DIR (answers of language models; default
-<work>/llm-cache) and LLMOPS_LLM_<i>_{URL,MODEL,API_KEY} (the language models of the spec,
-workload.llm_endpoint_env). On failure the step and reason
-go to the termination message (LLMOPS_TERMINATION_LOG), where Kubernetes shows them in the
-pod status; after a merge, the statistics the Dataset status shows go there too.
+Environment: LLMOPS_OUTPUT_DIR (dataset root), LLMOPS_WORK_DIR (per-stage results; default
+<output>/.work), JOB_COMPLETION_INDEX (the slice, the dedup group or the tokenize pod of an
+Indexed Job's pod; the dedup stage has `dedup_groups(spec)` of them, the tokenize stage one
+per slice) and LLMOPS_NUM_SLICES (slice count; default spec.parallelism),
+LLMOPS_LLM_CACHE_DIR (answers of language models; default <work>/llm-cache) and
+LLMOPS_LLM_<i>_{URL,MODEL,API_KEY} (the language models of the spec,
+workload.llm_endpoint_env). On failure the step and reason go to the termination message
+(LLMOPS_TERMINATION_LOG), where Kubernetes shows them in the pod status; after the
+finalize step, the statistics the Dataset status shows go there too.
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ from llmops.api.dataset import Dataset, dedup_groups
 from llmops.api.workload import LLM_ENDPOINT_FAILED, DataMergeReport, Env
 from llmops_trainer.data.collect import ChecksumError
 from llmops_trainer.data.llm_endpoint import EndpointError
-from llmops_trainer.data.pipeline import Options, run_dedup, run_merge, run_slice
+from llmops_trainer.data.pipeline import (
+    Options,
+    run_dedup,
+    run_finalize,
+    run_prepare,
+    run_slice,
+    run_tokenize,
+)
 from llmops_trainer.termination import write_failure, write_termination_message
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmops_trainer.data")
     parser.add_argument("--config", required=True, type=Path, help="the Dataset object as JSON")
-    parser.add_argument("--stage", required=True, choices=("slice", "dedup", "merge"))
+    parser.add_argument(
+        "--stage", required=True, choices=("slice", "dedup", "prepare", "tokenize", "finalize")
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get(Env.LOG_LEVEL, "INFO"),
@@ -55,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.stage == "dedup":
             run_dedup(dataset, work, index, dedup_groups(dataset.spec), count)
+        elif args.stage == "prepare":
+            run_prepare(dataset, output, work, count)
+        elif args.stage == "tokenize":
+            if not 0 <= index < count:
+                raise ValueError(f"JOB_COMPLETION_INDEX {index} outside 0..{count - 1}")
+            run_tokenize(dataset, output, work, index, count)
         else:
-            manifest = run_merge(dataset, output, work, count)
+            manifest = run_finalize(dataset, output, work, count)
             print(json.dumps({"fingerprint": manifest.fingerprint, "stats": manifest.stats}))
             write_termination_message(DataMergeReport.from_stats(manifest.stats).to_dict())
     except Exception as error:

@@ -7,7 +7,7 @@ by magic bytes, not by file name.
 
 An input's identity (in the fingerprint and a slice's stats.json) is its *block digest*: the
 sha256 of the concatenated sha256 digests of its 1 MiB blocks (`DIGEST_BLOCK`), so that
-slices reading different pieces of one file can each hash their blocks and the merge joins
+slices reading different pieces of one file can each hash their blocks and the prepare stage joins
 them, whatever the pieces (`input_digest` computes it for a local file).
 """
 

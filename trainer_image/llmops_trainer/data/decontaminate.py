@@ -1,9 +1,10 @@
 """Decontamination: training documents sharing an n-gram of words with evaluation text.
 
-The merge stage (where splits are known) indexes the n-grams of the evaluation text (the
+The prepare stage (where splits are known) indexes the n-grams of the evaluation text (the
 documents of the splits in `spec.processing.decontamination.against`, and the evaluation
-files) and drops every training document that contains one of them. Words are the runs of
-letters and digits, lower-cased, so case, punctuation and spacing do not hide a copy. The
+files); each tokenize unit drops every training document that contains one of them. Words
+are the runs of letters and digits, lower-cased, so case, punctuation and spacing do not
+hide a copy. The
 index holds one 64-bit hash per distinct n-gram (a sorted numpy array: 8 bytes each, however
 long the n-grams are), and the training documents are looked up in batches.
 """
@@ -90,6 +91,18 @@ class NgramIndex:
     def __len__(self) -> int:
         self._compact()
         return len(self._sorted)
+
+    def hashes(self) -> npt.NDArray[np.uint64]:
+        """The distinct n-gram hashes, sorted (to save the index)."""
+        self._compact()
+        return self._sorted
+
+    @classmethod
+    def of(cls, n: int, hashes: npt.NDArray[np.uint64]) -> NgramIndex:
+        """An index of saved, sorted hashes."""
+        index = cls(n)
+        index._sorted = np.asarray(hashes, dtype=np.uint64)
+        return index
 
     def matches(self, texts: list[str]) -> npt.NDArray[np.bool_]:
         """Whether each text shares an n-gram with the index."""

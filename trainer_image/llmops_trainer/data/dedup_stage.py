@@ -12,7 +12,7 @@ The reference design is datatrove's multi-stage MinHash. Pod `g` of `groups`:
 
 A pod holds its share of the corpus (a group of bands, a range of hashes), never all of it.
 
-The cluster step (`run_cluster`, run by the merge pod before anything else) joins them: the
+The cluster step (`run_cluster`, run by the prepare pod before anything else) joins them: the
 exact copies are removed first; the buckets, without them, become edges from each bucket's
 earliest document to the others, confirmed by the estimated Jaccard similarity when a
 threshold is set (reading only those documents' MinHash rows); a union-find over the

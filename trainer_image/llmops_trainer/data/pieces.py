@@ -17,15 +17,15 @@ Every slice computes the same `Plan` from the same input listing:
 
 Pieces go to slices largest first, each to the slice with the fewest bytes so far (ties: the
 lower slice number), which balances the bytes; the plan's digest goes into each slice's DONE
-file, so a rerun redoes a slice whose plan changed, and the merge refuses slices of different
+file, so a rerun redoes a slice whose plan changed, and the later stages refuse slices of different
 plans. The piece size is `spec.sliceBytes`; tests set a smaller one with `Options.slice_bytes`
 or the environment variable LLMOPS_SLICE_BYTES (which the operator never sets).
 
 A slice numbers its documents per part: a piece of text is one part (its start offset), a
-row group of a cut parquet input another (its index), a whole input part 0. The merge orders
+row group of a cut parquet input another (its index), a whole input part 0. The prepare stage orders
 by (input, part, position) and renumbers positions per input, so order, output and
 fingerprint do not depend on the plan. Each piece hashes the digest blocks that start in its
-byte range (reading on to the block's end), and the merge joins them into the input's block
+byte range (reading on to the block's end), and the prepare stage joins them into the input's block
 digest (data.collect).
 """
 

@@ -69,6 +69,8 @@ class Options:
     steps: Registry | None = None  # None: the standard pipeline (data.steps.PIPELINE)
     llm_cache: Path | None = None  # answers of language models; None: <work>/llm-cache
     slice_bytes: int | None = None  # piece size (data.pieces); None: spec.sliceBytes
+    unit_bytes: int | None = None  # text per tokenize unit (data.prepare_stage)
+    tokenizer_sample_bytes: int | None = None  # the tokenizer's training sample budget
 
 
 # (the step's spec field, the options, the step's counters) -> its check; None: switched off.
@@ -91,7 +93,7 @@ class Step:
     name: str
     field: str  # the DatasetSpec attribute that configures the step, e.g. processing.filters
     reasons: frozenset[str]  # every reason the step may drop a document for
-    # None: no check per document in the slice's loop (the merge's near-duplicate search,
+    # None: no check per document in the slice's loop (the dedup stage's near-duplicate search,
     # the slice's language-model stage, data.synthetic)
     build: Build | None = None
     counters: Counters | None = None

@@ -47,7 +47,7 @@ from llmops_trainer.data.synthetic import BATCH, PSEUDO_LABEL, LlmStage, Pending
 from llmops_trainer.data.tokenize import model_tokenizer
 
 log = logging.getLogger("llmops.data")
-ENGINE_VERSION = 2  # 2: Gopher words counted as spaCy's English tokenizer splits them
+ENGINE_VERSION = 3  # 2: Gopher words as spaCy splits them; 3: tokenize units, shard names
 DONE = "DONE"
 MINHASH_BATCH = 1024
 AUGMENT_COUNTERS = "llmAugment"  # the slice's counters of data.synthetic's augmentation

@@ -57,7 +57,7 @@ def _not_empty(config: Normalization, options: Options, counts: Counter[str]) ->
 
 
 def _exact(enabled: bool, options: Options, counts: Counter[str]) -> Check | None:
-    """Within the slice; the merge finds the copies that are in different slices."""
+    """Within the slice; the dedup stage finds the copies that are in different slices."""
     if not enabled:
         return None
     seen: set[bytes] = set()
@@ -206,10 +206,11 @@ PIPELINE = Registry(
             None,
             Counters("pseudoLabel", "pseudoLabel"),
         ),
-        # Near duplicates are found in the merge, over the signatures of every slice.
+        # Near duplicates are found by the dedup stage, over the signatures of every slice.
         Step("dedup-near", "processing.deduplication.near", frozenset({NEAR})),
-        # Training documents sharing an n-gram with evaluation text, found in the merge once
-        # the splits are known (data.decontaminate).
+        # Training documents sharing an n-gram with evaluation text: the prepare stage indexes
+        # the evaluation n-grams once the splits are known, the tokenize units drop them
+        # (data.decontaminate).
         Step("decontaminate", "processing.decontamination", frozenset({CONTAMINATED})),
     )
 )

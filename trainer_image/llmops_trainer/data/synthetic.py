@@ -7,7 +7,7 @@
 - augmentation (`processing.augmentation.llm`): paraphrases of each kept document (a pair's
   prompt; the response stays) and question/answer pairs about it (a question from the
   document, then its answer from the document and the question), stored with the document
-  (`"g"` in docs.jsonl); the merge adds them to the training split when the document lands
+  (`"g"` in docs.jsonl); the tokenize stage adds them to the training split when the document lands
   there. Chats and the documents of sources held out as validation or test get none.
 
 Documents arrive in batches, so the requests of a batch run `concurrency` at a time. Every
