@@ -2,8 +2,9 @@
 
 Each folder under components/ is a Go module pinning one tool:
 kube (kube-apiserver, kube-controller-manager, kube-scheduler from k8s.io/kubernetes),
-etcd (an embedded etcd server), kwok (simulated nodes), helm, and promtool (checks and
-unit-tests the chart's alerting rules).
+etcd (an embedded etcd server), kwok (simulated nodes), helm, promtool (checks and
+unit-tests the chart's alerting rules) and kueue (Kueue's controller manager, with its CRDs
+and webhook configurations from the same module).
 Binaries go to $LLMOPS_CACHE/cluster-bin/<component>-<key>/ where the key hashes the module's
 go.mod, go.sum, Go sources and the Go version, so a rebuild happens only when a pin changes.
 
@@ -32,6 +33,7 @@ BINARIES = {
     "kwok": ["kwok", "kwok-stages.yaml"],
     "helm": ["helm"],
     "promtool": ["promtool"],
+    "kueue": ["kueue", "kueue-crds.yaml", "kueue-webhooks.yaml"],
 }
 
 # Go build tags per component. promtool: leave out the service-discovery plugins (cloud SDKs)
@@ -39,7 +41,7 @@ BINARIES = {
 BUILD_TAGS = {"promtool": ["remove_all_sd"]}
 # Tools only some tests use: the control plane starts without them, and those tests fail
 # with the build command when they are missing.
-TOOLS_ONLY = {"promtool"}
+TOOLS_ONLY = {"promtool", "kueue"}
 
 # kwok's own stage definitions, taken from the pinned module: nodes become Ready and keep a
 # lease; pods become Ready; pods owned by a Job complete; deleted pods go away.
@@ -50,6 +52,11 @@ KWOK_STAGE_FILES = [
     "kustomize/stage/pod/fast/pod-complete.yaml",
     "kustomize/stage/pod/fast/pod-delete.yaml",
 ]
+
+# Kueue's manifests, taken from the pinned module as its kustomize build would install them
+# (the CRDs, and the admission webhooks its manager serves).
+KUEUE_CRD_DIR = "config/components/crd/bases"
+KUEUE_WEBHOOK_FILE = "config/components/webhook/manifests.yaml"
 
 
 # Bumped when the way a component is built changes (flags, extra files), to rebuild the cache.
@@ -94,17 +101,32 @@ def _ldflags(component: str, module: Path) -> list[str]:
     return ["-ldflags", " ".join(flags)] if flags else []
 
 
-def _write_kwok_stages(module: Path, staging: Path) -> None:
+def _module_dir(module: Path, path: str) -> Path:
     out = subprocess.run(
-        ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
+        ["go", "list", "-m", "-f", "{{.Dir}}", path],
         cwd=module,
         check=True,
         capture_output=True,
         text=True,
     )
-    source = Path(out.stdout.strip())
-    documents = [(source / name).read_text().strip() for name in KWOK_STAGE_FILES]
-    (staging / "kwok-stages.yaml").write_text("\n---\n".join(documents) + "\n")
+    return Path(out.stdout.strip())
+
+
+def _join_yaml(files: list[Path]) -> str:
+    return "\n---\n".join(path.read_text().strip() for path in files) + "\n"
+
+
+def _write_kwok_stages(module: Path, staging: Path) -> None:
+    source = _module_dir(module, "sigs.k8s.io/kwok")
+    documents = [source / name for name in KWOK_STAGE_FILES]
+    (staging / "kwok-stages.yaml").write_text(_join_yaml(documents))
+
+
+def _write_kueue_manifests(module: Path, staging: Path) -> None:
+    source = _module_dir(module, "sigs.k8s.io/kueue")
+    crds = sorted((source / KUEUE_CRD_DIR).glob("*.yaml"))
+    (staging / "kueue-crds.yaml").write_text(_join_yaml(crds))
+    (staging / "kueue-webhooks.yaml").write_text(_join_yaml([source / KUEUE_WEBHOOK_FILE]))
 
 
 def cache_root() -> Path:
@@ -198,6 +220,8 @@ def build(component: str, go: str) -> Path:
         raise SystemExit(f"error: building {component} failed")
     if component == "kwok":
         _write_kwok_stages(module, staging)
+    elif component == "kueue":
+        _write_kueue_manifests(module, staging)
     missing = [name for name in BINARIES[component] if not (staging / name).is_file()]
     if missing:
         shutil.rmtree(staging, ignore_errors=True)

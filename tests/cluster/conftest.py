@@ -19,7 +19,7 @@ from kubelet import wait_crd_established
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from controlplane import ControlPlane, wait_for
+from controlplane import KUEUE_NAMESPACE_LABEL, ControlPlane, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
@@ -98,6 +98,24 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     wait_for(f"default ServiceAccount in {name}", has_default_sa, 30)
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane: ControlPlane | None, api_client: client.ApiClient) -> None:
+    """Kueue's controller manager, started on the first test that asks for it and kept for
+    the session. It manages the Jobs of namespaces labelled KUEUE_NAMESPACE_LABEL only."""
+    if control_plane is None:
+        pytest.skip("Kueue runs in the test control plane only (LLMOPS_TEST_KUBECONFIG is set)")
+    control_plane.start_kueue()
+
+
+@pytest.fixture
+def kueue_namespace(kueue: None, api_client: client.ApiClient, namespace: str) -> str:
+    """The test's namespace, managed by Kueue."""
+    client.CoreV1Api(api_client).patch_namespace(
+        namespace, {"metadata": {"labels": {KUEUE_NAMESPACE_LABEL: "true"}}}
+    )
+    return namespace
 
 
 @pytest.fixture(scope="session")

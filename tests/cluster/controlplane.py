@@ -11,8 +11,11 @@ whatever happened inside the block.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
 import ctypes
+import datetime
 import json
 import os
 import signal
@@ -25,7 +28,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -46,6 +49,19 @@ HOLD_TOLERATION = {
     "effect": "NoSchedule",
 }
 START_TIMEOUT = 120.0
+# Kueue manages Jobs (and serves its Job webhooks) only in namespaces with this label, so
+# the rest of the suite never meets it, running or not.
+KUEUE_NAMESPACE_LABEL = "llmops.dev/kueue-managed"
+KUEUE_NAMESPACE = "kueue-system"
+# What Kueue's certificate rotator expects: its webhook Service's DNS name, the CA's name and
+# the Secret it keeps them in (its defaults); and the CRDs it converts between versions.
+KUEUE_SERVICE_DNS = f"kueue-webhook-service.{KUEUE_NAMESPACE}.svc"
+KUEUE_CA_NAME = "kueue-ca"
+KUEUE_CERT_SECRET = "kueue-webhook-server-cert"
+KUEUE_CONVERTED = ("localqueues", "clusterqueues", "workloads", "cohorts", "multikueueclusters")
+# Of Kueue's admission webhooks, those for its own API and for batch/v1 Jobs (the one
+# integration enabled here): the others would intercept every pod, Deployment, ...
+KUEUE_WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch"}
 
 
 def free_port() -> int:
@@ -392,8 +408,172 @@ class ControlPlane:
 
         wait_for("kwok nodes Ready", all_ready, START_TIMEOUT, self.processes[-1].check_alive)
 
+    # -- Kueue ------------------------------------------------------------------------------
+
+    def start_kueue(self) -> None:
+        """Kueue's controller manager (built by build_components.py) with its CRDs and the
+        admission webhooks for its API and batch/v1 Jobs, managing the Jobs of namespaces
+        labelled KUEUE_NAMESPACE_LABEL=true. Stopped with the rest of the control plane.
+
+        The API server reaches the webhooks on loopback (`url`, not a Service). Kueue's
+        internal certificate management stays on, but finds a valid certificate already in
+        its Secret: one that pki.py made for both the Service's name and 127.0.0.1, so the
+        rotator keeps it and only injects its CA where the API server needs it."""
+        if self.admin is None:
+            raise RuntimeError("the control plane is not started")
+        if "kueue" not in self.bins:
+            raise RuntimeError("kueue is not built: run `python tests/cluster/build_components.py`")
+        workdir = self.workdir / "kueue"
+        cert_dir = workdir / "certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        ca = CertificateAuthority(
+            workdir, KUEUE_CA_NAME, rsa_key=True, validity=datetime.timedelta(days=3650)
+        )
+        serving = ca.issue(
+            "webhook", KUEUE_SERVICE_DNS, server_names=[KUEUE_SERVICE_DNS, "127.0.0.1"]
+        )
+        (cert_dir / "tls.crt").write_bytes(serving.cert.read_bytes())
+        (cert_dir / "tls.key").write_bytes(serving.key.read_bytes())
+        ca_bundle = base64.b64encode(ca.cert_path.read_bytes()).decode()
+        webhook_port = free_port()
+        webhook_url = f"https://127.0.0.1:{webhook_port}"
+
+        self._api("POST", "/api/v1/namespaces", {"metadata": {"name": KUEUE_NAMESPACE}})
+        secret = {
+            "metadata": {"name": KUEUE_CERT_SECRET},
+            "data": {
+                name: base64.b64encode(path.read_bytes()).decode()
+                for name, path in (
+                    ("ca.crt", ca.cert_path),
+                    ("ca.key", ca.key_path),
+                    ("tls.crt", serving.cert),
+                    ("tls.key", serving.key),
+                )
+            },
+        }
+        self._api("POST", f"/api/v1/namespaces/{KUEUE_NAMESPACE}/secrets", secret)
+        for crd in _kueue_crds(self.bins["kueue-crds.yaml"], webhook_url, ca_bundle):
+            self._api("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+        for config in _kueue_webhooks(self.bins["kueue-webhooks.yaml"], webhook_url, ca_bundle):
+            plural = config["kind"].lower() + "s"
+            self._api("POST", f"/apis/admissionregistration.k8s.io/v1/{plural}", config)
+
+        health_port = free_port()
+        config_path = workdir / "config.yaml"
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+                    "kind": "Configuration",
+                    "namespace": KUEUE_NAMESPACE,
+                    "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+                    "metrics": {"bindAddress": "0"},
+                    "webhook": {
+                        "host": "127.0.0.1",
+                        "port": webhook_port,
+                        "certDir": str(cert_dir),
+                    },
+                    "leaderElection": {"leaderElect": False},
+                    "internalCertManagement": {
+                        "enable": True,
+                        "webhookServiceName": KUEUE_SERVICE_DNS.split(".")[0],
+                        "webhookSecretName": KUEUE_CERT_SECRET,
+                    },
+                    "managedJobsNamespaceSelector": {
+                        "matchLabels": {KUEUE_NAMESPACE_LABEL: "true"}
+                    },
+                    "integrations": {"frameworks": ["batch/job"]},
+                }
+            )
+        )
+        kueue = self._spawn(
+            "kueue",
+            [
+                f"--config={config_path}",
+                f"--kubeconfig={self.kubeconfig}",
+                # Its on-demand visibility API server would take a fixed port.
+                "--feature-gates=VisibilityOnDemand=false",
+            ],
+        )
+        wait_for(
+            "kueue /readyz",
+            lambda: _http_ok(f"http://127.0.0.1:{health_port}/readyz"),
+            START_TIMEOUT,
+            kueue.check_alive,
+        )
+        # Ready includes the certificate bootstrap; the API server calling the webhooks
+        # (a dry-run create passes both of a ResourceFlavor's) is what the tests need.
+        flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor"}
+        flavor["metadata"] = {"name": "webhook-check"}
+        wait_for(
+            "Kueue's webhooks",
+            lambda: self._api(
+                "POST", "/apis/kueue.x-k8s.io/v1beta2/resourceflavors?dryRun=All", flavor
+            ),
+            START_TIMEOUT,
+            kueue.check_alive,
+        )
+
+    def _api(self, method: str, path: str, body: dict[str, object]) -> bool:
+        """One request as the admin (True once done); an object that already exists is left
+        as it is."""
+        assert self.admin is not None
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
+        request = urllib.request.Request(
+            f"{self.server}{path}",
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, context=context, timeout=30).close()
+        except urllib.error.HTTPError as error:
+            if error.code != 409:
+                raise
+        return True
+
     def logs_tail(self) -> str:
         return "\n\n".join(f"== {p.name} ==\n{p.tail()}" for p in self.processes)
+
+
+def _kueue_crds(path: Path, url: str, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's CRDs, with the conversion webhooks its kustomize build adds, served on `url`."""
+    crds: list[dict[str, Any]] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for crd in crds:
+        if crd["spec"]["names"]["plural"] in KUEUE_CONVERTED:
+            crd["spec"]["conversion"] = {
+                "strategy": "Webhook",
+                "webhook": {
+                    "clientConfig": {"url": f"{url}/convert", "caBundle": ca_bundle},
+                    "conversionReviewVersions": ["v1"],
+                },
+            }
+    return crds
+
+
+def _kueue_webhooks(path: Path, url: str, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's webhook configurations under the names its rotator looks for, with the
+    webhooks for its own API and for Jobs, pointed at `url`. Job webhooks only see the
+    namespaces Kueue manages."""
+    configs = []
+    for source in yaml.safe_load_all(path.read_text()):
+        if not source:
+            continue
+        config = copy.deepcopy(source)
+        config["metadata"] = {"name": f"kueue-{source['metadata']['name']}"}
+        config["webhooks"] = []
+        for webhook in source["webhooks"]:
+            groups = {g for rule in webhook["rules"] for g in rule["apiGroups"]}
+            if not groups <= KUEUE_WEBHOOK_GROUPS:
+                continue
+            service = webhook["clientConfig"]["service"]
+            webhook["clientConfig"] = {"url": f"{url}{service['path']}", "caBundle": ca_bundle}
+            if "batch" in groups:
+                webhook["namespaceSelector"] = {"matchLabels": {KUEUE_NAMESPACE_LABEL: "true"}}
+            config["webhooks"].append(webhook)
+        configs.append(config)
+    return configs
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:

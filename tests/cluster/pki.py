@@ -23,10 +23,14 @@ class KeyPair:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    # RSA keys in PKCS#1 ("RSA PRIVATE KEY"), the form some Go tools insist on for a CA key.
+    pkcs1 = isinstance(key, rsa.RSAPrivateKey)
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.TraditionalOpenSSL
+            if pkcs1
+            else serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
     )
@@ -41,20 +45,36 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 
 
 class CertificateAuthority:
-    """A throwaway CA that signs the API server's serving cert and every client cert."""
+    """A throwaway CA that signs the API server's serving cert and every client cert.
 
-    def __init__(self, directory: Path) -> None:
+    `name` is also the CA's subjectAltName and `rsa_key` gives it an RSA key, for tools that
+    check their CA that way (Kueue's certificate rotator); `validity` is how long it and
+    what it issues stay valid."""
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "llmops-test-ca",
+        *,
+        rsa_key: bool = False,
+        validity: datetime.timedelta = _VALIDITY,
+    ) -> None:
         self.directory = directory
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self.validity = validity
+        self._key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            if rsa_key
+            else ec.generate_private_key(ec.SECP256R1())
+        )
         now = datetime.datetime.now(datetime.UTC)
-        self._cert = (
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(_name("llmops-test-ca"))
-            .issuer_name(_name("llmops-test-ca"))
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -70,11 +90,13 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .sign(self._key, hashes.SHA256())
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         )
+        self._cert = builder.sign(self._key, hashes.SHA256())
         self.cert_path = directory / "ca.crt"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(directory / "ca.key", self._key)
+        self.key_path = directory / "ca.key"
+        _write_key(self.key_path, self._key)
 
     def issue(
         self,
@@ -94,7 +116,7 @@ class CertificateAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + self.validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )

@@ -50,6 +50,29 @@ def test_build_targets_are_main_packages_or_tools(components: Path):
     assert build_components._build_targets(components / "kube") == ["./..."]
     assert build_components._build_targets(components / "kwok") == ["sigs.k8s.io/kwok/cmd/kwok"]
     assert build_components._build_targets(components / "helm") == ["helm.sh/helm/v3/cmd/helm"]
+    assert build_components._build_targets(components / "kueue") == ["sigs.k8s.io/kueue/cmd/kueue"]
+
+
+def test_kueue_shares_the_kubernetes_modules_of_the_control_plane():
+    """Kueue's k8s.io modules are raised to the control plane's pins, so both builds share
+    the Go module and build caches (and Kueue is built against the API it talks to)."""
+
+    def pins(component: str) -> dict[str, str]:
+        go_mod = (build_components.COMPONENTS_DIR / component / "go.mod").read_text()
+        found: dict[str, str] = {}
+        for line in go_mod.splitlines():
+            parts = line.split("//")[0].replace("=>", " ").split()
+            if parts and parts[0].startswith("k8s.io/") and parts[-1].startswith("v0.36"):
+                found[parts[0]] = parts[-1]
+        return found
+
+    kube, kueue = pins("kube"), pins("kueue")
+    assert {"k8s.io/api", "k8s.io/client-go", "k8s.io/apimachinery"} <= kueue.keys()
+    assert {name: kueue[name] for name in kueue.keys() & kube.keys()} == {
+        name: kube[name] for name in kueue.keys() & kube.keys()
+    }
+    go_mod = (build_components.COMPONENTS_DIR / "kueue" / "go.mod").read_text()
+    assert "k8s.io/kubernetes v1.36.3" in go_mod
 
 
 def test_unbuilt_component_is_reported_not_guessed(components: Path):

@@ -206,6 +206,13 @@ def test_kueue_admission_is_left_to_kueue() -> None:
     held = decided(body, first.status, job=job(suspend=True))  # suspended by Kueue's webhook
     assert held.suspend_job is None  # never unsuspended by the operator
     assert condition(held, "Running") == ("False", "WaitingForAdmission")
+    assert held.status.phase == "Queued"
+    why = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"
+    told = decided(body, first.status, job=job(suspend=True), workload=workload(pending=why))
+    message = next(c.message for c in told.status.conditions if c.type == "Running")
+    assert message == f"queued in Kueue LocalQueue 'team-a': {why}"
+    assert told.workload_active is None and told.suspend_job is None
+    # Without Kueue's Workload (no Kueue installed) the Job's own suspension is used.
     stop = run_body(scheduling={"queueName": "team-a"}, suspend=True)
     assert decided(stop, first.status, job=job(suspend=False)).suspend_job is True
     # A suspension the operator made (spec.suspend) is the operator's to lift.
@@ -213,6 +220,72 @@ def test_kueue_admission_is_left_to_kueue() -> None:
     ours["metadata"] = {"annotations": {decide.SUSPENDED_ANNOTATION: "true"}}
     assert decided(body, first.status, job=ours).suspend_job is False
     assert decide.job_patch(False)["metadata"]["annotations"] == {decide.SUSPENDED_ANNOTATION: None}
+
+
+def workload(active: bool = True, pending: str = "", evicted: str = "") -> dict[str, Any]:
+    """Kueue's Workload for the gang's Job."""
+    conditions = [{"type": "QuotaReserved", "status": "False", "message": pending}]
+    if evicted:
+        conditions.append({"type": "Evicted", "status": "True", "message": evicted})
+    return {
+        "metadata": {"name": "job-gpt-workers-0-1a2b3"},
+        "spec": {"active": active},
+        "status": {"conditions": conditions},
+    }
+
+
+def test_a_kueue_managed_gang_is_suspended_through_its_workload() -> None:
+    """Kueue unsuspends the Job of an admitted Workload whoever suspended it: a queued run
+    is stopped and resumed by deactivating and activating its Workload, never its Job."""
+    queued = {"queueName": "team-a"}
+    running = decided(run_body(scheduling=queued), job=job(), pods=[pod(0), pod(1)]).status
+    stop = decided(
+        run_body(scheduling=queued, suspend=True), running, job=job(), workload=workload()
+    )
+    assert stop.suspend_job is None
+    assert (stop.workload_name, stop.workload_active) == ("job-gpt-workers-0-1a2b3", False)
+    # Kueue evicted it and suspended the Job: suspended, not queued, and not a preemption.
+    evicted = workload(active=False, evicted="The workload is deactivated")
+    stopped = decided(
+        run_body(scheduling=queued, suspend=True), stop.status, job=job(suspend=True),
+        workload=evicted,
+    )  # fmt: skip
+    assert stopped.status.phase == "Suspended" and stopped.workload_active is None
+    assert not stopped.delete_job and stopped.status.preemption_count == 0
+    resumed = decided(
+        run_body(scheduling=queued), stopped.status, job=job(suspend=True), workload=evicted
+    )
+    assert resumed.workload_active is True and resumed.suspend_job is None
+    assert resumed.status.phase == "Queued" and not resumed.delete_job
+    # A spent budget stops a Kueue-managed gang the same way.
+    budget = {"maxAcceleratorHours": 1.0}
+    spent = TrainingRunStatus(phase="Running", accounted_until=NOW, accelerator_hours=1.0)
+    over = decided(
+        run_body(scheduling=queued, budget=budget), spent, job=job(), workload=workload()
+    )
+    assert over.status.phase == "Failed" and over.suspend_job is None
+    assert over.workload_active is False
+
+
+def test_kueue_taking_a_running_gang_back_is_a_preemption() -> None:
+    """Kueue preempts (or evicts) an admitted gang by suspending its Job again: a restart
+    from the latest checkpoint that spends no restart, the next attempt queued anew."""
+    body = run_body(scheduling={"queueName": "team-a"}, maxRestarts=0)
+    running = decided(body, job=job(), pods=[pod(0), pod(1)]).status
+    assert running.phase == "Running"
+    why = "Preempted to accommodate a workload (UID: 1234) due to prioritization"
+    taken = decided(
+        body, running, job=job(suspend=True), pods=[pod(0), pod(1)], workload=workload(evicted=why)
+    )
+    assert taken.delete_job and taken.restarted and taken.suspend_job is None
+    assert (taken.status.preemption_count, taken.status.restart_count) == (1, 0)
+    assert taken.status.phase == "Restarting"
+    assert condition(taken, "Restarting") == ("True", "Preempted")
+    assert why in next(c.message for c in taken.status.conditions if c.type == "Restarting")
+    # The next attempt's Job, held by Kueue's webhook: queued, not preempted again.
+    requeued = decided(body, taken.status, job=job(suspend=True))
+    assert requeued.job_name == "gpt-workers-1" and not requeued.delete_job
+    assert requeued.status.phase == "Queued" and requeued.status.preemption_count == 1
 
 
 def test_a_finished_run_is_left_alone() -> None:

@@ -8,7 +8,8 @@ with exactly these rules):
   TrainingRun, a ModelDeployment's TrainingSchedule); create and delete the TrainingRuns
   of a TrainingSchedule; get + create + patch (server-side apply) every child; list and delete Jobs
   (stale Dataset versions, gang restarts); list Pods and read rank 0's log; delete the
-  autoscaler kind not in use.
+  autoscaler kind not in use; read Kueue's Workloads (why a queued gang waits) and patch
+  their spec.active (how a Kueue-managed gang is suspended and resumed).
 - the watch cache: list/watch every kind it reads (children and Pods), so that reconciles
   read from memory instead of the API server.
 */}}
@@ -47,6 +48,9 @@ with exactly these rules):
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -856,8 +856,15 @@ class TrainingRunStatus(StatusModel):
     """Observed state of a TrainingRun."""
 
     phase: (
-        Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None
-    ) = Field(default=None, description="Coarse lifecycle phase.")
+        Literal["Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "Coarse lifecycle phase. Queued: the gang waits for admission by the Kueue "
+            "queue named in spec.scheduling.queueName (the Running condition says why)."
+        ),
+    )
     observed_generation: int | None = Field(
         default=None, description="The .metadata.generation last acted on.", ge=0
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import kopf
+from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 from pydantic import BaseModel, ValidationError
 
 from llmops import GROUP, VERSION
@@ -149,6 +150,24 @@ def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
             del _failed_creates[stale]
     _failed_creates[key] = (now, found)
     return found
+
+
+KUEUE_WORKLOAD = ("kueue.x-k8s.io/v1beta2", "Workload")
+
+
+def kueue_workload(job: Mapping[str, Any], namespace: str) -> dict[str, Any] | None:
+    """The Workload Kueue made for the Job (labelled with its uid); None where Kueue is not
+    installed or does not manage the Job."""
+    uid = job["metadata"].get("uid")
+    if not uid:
+        return None
+    try:
+        workloads = kube().list(
+            *KUEUE_WORKLOAD, namespace, label_selector=f"kueue.x-k8s.io/job-uid={uid}"
+        )
+    except (ResourceNotFoundError, DynamicApiError):
+        return None  # no Kueue (or no right to read it): the queue's name must do
+    return workloads[0] if workloads else None
 
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)

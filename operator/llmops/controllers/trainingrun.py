@@ -1,8 +1,9 @@
 """TrainingRun controller: keeps a gang of DeepSpeed workers running until training ends.
 
 observe (the Dataset, the parent run, the current attempt's Job, its pods, rank 0's log and
-termination message) -> `llmops.decide.trainingrun.decide` -> act (ensure children, suspend
-or delete the Job) and write the status. Level-triggered: a restarted operator carries on.
+termination message, and Kueue's Workload while Kueue holds the Job)
+-> `llmops.decide.trainingrun.decide` -> act (ensure children, suspend or delete the Job)
+and write the status. Level-triggered: a restarted operator carries on.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
     active = [p for p in pods if (p.get("status") or {}).get("phase") not in FINISHED]
     if len(active) < run.spec.resources.num_nodes:
         warnings = common.failed_creates(job, namespace)
-    return decide.Observed(body, dataset, parent, job, pods, progress, report, warnings)
+    workload = common.kueue_workload(job, namespace) if run.spec.scheduling.queue_name else None
+    return decide.Observed(body, dataset, parent, job, pods, progress, report, warnings, workload)
 
 
 def act(run: TrainingRun, decision: decide.Decision) -> None:
@@ -57,6 +59,9 @@ def act(run: TrainingRun, decision: decide.Decision) -> None:
     if decision.suspend_job is not None and decision.job_name:
         patch = decide.job_patch(decision.suspend_job)
         kube.patch("batch/v1", "Job", decision.job_name, namespace, patch)
+    if decision.workload_active is not None and decision.workload_name:
+        patch = {"spec": {"active": decision.workload_active}}
+        kube.patch(*common.KUEUE_WORKLOAD, decision.workload_name, namespace, patch)
     if decision.delete_job and decision.job_name:
         kube.delete("batch/v1", "Job", decision.job_name, namespace)
     if decision.restarted:

@@ -71,6 +71,9 @@ class Observed:
     progress: TrainingProgress | None = None  # rank 0's latest progress record
     report: TrainerReport | None = None  # rank 0's termination message, once it finished
     job_warnings: Sequence[str] = ()  # the Job's FailedCreate events, while pods are missing
+    # Kueue's Workload for the Job, where Kueue manages it (a queued run in a cluster with
+    # Kueue): why it waits, and whether it is active.
+    workload: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Decision:
     children: list[Child] = field(default_factory=list)
     job_name: str | None = None
     suspend_job: bool | None = None  # set the Job's spec.suspend to this (see job_patch)
+    workload_name: str | None = None  # Kueue's Workload for the Job
+    workload_active: bool | None = None  # set that Workload's spec.active to this
     delete_job: bool = False  # the gang must go (restart, deadline)
     restarted: bool = False
 
@@ -95,6 +100,27 @@ def job_patch(suspend: bool) -> dict[str, Any]:
 def suspended_by_operator(job: Mapping[str, Any] | None) -> bool:
     annotations = (job or {}).get("metadata", {}).get("annotations") or {}
     return bool(annotations.get(SUSPENDED_ANNOTATION))
+
+
+# Kueue's Workload conditions that say why it holds a Job, in the order they explain it best.
+KUEUE_WAITING = (("Evicted", "True"), ("QuotaReserved", "False"), ("Admitted", "False"))
+
+
+def kueue_waiting(workload: Mapping[str, Any] | None) -> str | None:
+    """Why Kueue holds the Job, in its own words (no quota left, evicted, ...)."""
+    found = {
+        (c.get("type"), c.get("status")): str(c.get("message") or "")
+        for c in ((workload or {}).get("status") or {}).get("conditions") or []
+    }
+    return next((found[key] for key in KUEUE_WAITING if found.get(key)), None)
+
+
+def held_by_kueue(run: TrainingRun, job: Mapping[str, Any] | None) -> bool:
+    """The gang's Job is queued and suspended, not by the operator: Kueue holds it until it
+    admits the workload (its webhook suspends a queued Job on creation, and it suspends an
+    admitted one again when it evicts or preempts it)."""
+    suspended = bool((job or {}).get("spec", {}).get("suspend"))
+    return bool(run.spec.scheduling.queue_name) and suspended and not suspended_by_operator(job)
 
 
 def attempt(status: TrainingRunStatus) -> int:
@@ -337,7 +363,7 @@ def _decide(
     if status.start_time is None:
         status.start_time = now
     job = observed.job
-    if _stopped(run, job, decision, conditions, now):
+    if _stopped(run, job, observed.workload, decision, conditions, now):
         return
     if is_complete(job):
         if observed.report is None:
@@ -374,6 +400,7 @@ def _children(
 def _stopped(
     run: TrainingRun,
     job: Mapping[str, Any] | None,
+    workload: Mapping[str, Any] | None,
     decision: Decision,
     conditions: Conditions,
     now: datetime.datetime,
@@ -384,7 +411,9 @@ def _stopped(
     spent = budget_exhausted(run, status, now)
     if spent:
         # Suspending the Job stops the pods with SIGTERM: the trainer checkpoints first.
-        if job is not None and not suspended:
+        if workload is not None:
+            _activate(decision, workload, False)
+        elif job is not None and not suspended:
             decision.suspend_job = True
         _finish(
             status,
@@ -398,8 +427,13 @@ def _stopped(
         return True
     # The Job controller stops the pods (SIGTERM: the trainer checkpoints) or recreates
     # them. A queued Job suspended by Kueue waits for Kueue's admission, never for us.
-    held_by_kueue = spec.scheduling.queue_name is not None and not suspended_by_operator(job)
-    if job is not None and suspended != spec.suspend and (spec.suspend or not held_by_kueue):
+    kueue_managed = spec.scheduling.queue_name is not None and not suspended_by_operator(job)
+    if workload is not None:
+        # Kueue unsuspends the Job of an admitted Workload, whoever suspended it: the gang
+        # is stopped and resumed through the Workload instead (Kueue then evicts it, which
+        # suspends the Job, or queues it again).
+        _activate(decision, workload, not spec.suspend)
+    elif job is not None and suspended != spec.suspend and (spec.suspend or not kueue_managed):
         decision.suspend_job = spec.suspend
     deadline = spec.active_deadline_seconds
     started = status.start_time
@@ -409,6 +443,13 @@ def _stopped(
         _finish(status, conditions, "Failed", "DeadlineExceeded", message, now)
         return True
     return False
+
+
+def _activate(decision: Decision, workload: Mapping[str, Any], active: bool) -> None:
+    """Set the Kueue Workload's spec.active to `active`, unless it already is."""
+    if ((workload.get("spec") or {}).get("active") is not False) != active:
+        decision.workload_name = workload["metadata"]["name"]
+        decision.workload_active = active
 
 
 def model_subdir(run: TrainingRun) -> str:
@@ -497,14 +538,22 @@ def _gang(
         conditions.set("Running", "False", "Suspended")
         return
     conditions.set("Suspended", "False", "Resumed")
-    held = bool((job or {}).get("spec", {}).get("suspend")) and not suspended_by_operator(job)
-    if spec.scheduling.queue_name and held:
-        if status.phase != "Restarting":
-            status.phase = "Pending"
+    if held_by_kueue(run, job):
         queue = spec.scheduling.queue_name
-        conditions.set(
-            "Running", "False", "WaitingForAdmission", f"queued in Kueue LocalQueue {queue!r}"
-        )
+        if status.phase == "Running":
+            # Kueue took an admitted, running gang back (preempted by a higher priority or
+            # evicted): like a preempted pod, a restart from the latest checkpoint that does
+            # not spend the restart budget. The next attempt's Job queues again.
+            status.preemption_count += 1
+            message = f"Kueue stopped the running gang (queue {queue!r}); it queues again"
+            if kueue_waiting(observed.workload):
+                message = f"{message}: {kueue_waiting(observed.workload)}"
+            return _restart(decision, conditions, "Preempted", message)
+        status.phase = "Queued"
+        why = f"queued in Kueue LocalQueue {queue!r}"
+        if kueue_waiting(observed.workload):
+            why = f"{why}: {kueue_waiting(observed.workload)}"
+        conditions.set("Running", "False", "WaitingForAdmission", why)
         return
     nodes = spec.resources.num_nodes
     running = running_pods(observed.pods)
