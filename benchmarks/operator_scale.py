@@ -71,9 +71,14 @@ def operator_child(port: int) -> int:
     urllib3.connectionpool.HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign]
     original_request = aiohttp.ClientSession._request
 
-    async def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def request(self: Any, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
         requests.labels("kopf").inc()
-        return await original_request(self, *args, **kwargs)
+        parts = str(url).split("?")[0].split("/")
+        where = parts.index("namespaces") + 2 if "namespaces" in parts else len(parts) - 1
+        resource = "/".join(parts[where : where + 1] + parts[where + 2 : where + 3])
+        watch = "watch" if "watch=" in str(url) else ""
+        by_kind.labels(f"kopf {method}{watch}", resource).inc()
+        return await original_request(self, method, url, *args, **kwargs)
 
     aiohttp.ClientSession._request = request  # type: ignore[method-assign]
     return main(["operator", "--all-namespaces", f"--metrics-port={port}", "--health-port=0"])
@@ -94,6 +99,18 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
+def calls_between(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """The llmops client's requests by method and resource, and kopf's, between scrapes."""
+    calls = {
+        k.split("{", 1)[1].rstrip("}"): int(after[k] - before.get(k, 0.0))
+        for k in after
+        if k.startswith("bench_api_calls_total{") and after[k] - before.get(k, 0.0)
+    }
+    kopf = 'bench_api_requests_total{client="kopf"}'
+    calls["kopf"] = int(after.get(kopf, 0.0) - before.get(kopf, 0.0))
+    return calls
+
+
 def steady_state(port: int, seconds: float, what: str) -> None:
     """API requests per reconcile while nothing changes (every timer still ticks)."""
     if seconds <= 0:
@@ -109,11 +126,7 @@ def steady_state(port: int, seconds: float, what: str) -> None:
     requests = delta("bench_api_requests_total")
     kopf_requests = delta('bench_api_requests_total{client="kopf"}')
     client_requests = delta('bench_api_requests_total{client="kubernetes"}')
-    calls = {
-        k.split("{", 1)[1].rstrip("}"): int(delta(k))
-        for k in after
-        if k.startswith("bench_api_calls_total{") and delta(k)
-    }
+    calls = calls_between(before, after)
     per = requests / reconciles if reconciles else float("nan")
     print(
         f"steady state {what}: {seconds:.0f}s, {reconciles:.0f} reconciles, "
@@ -526,6 +539,7 @@ def run_round(
         "all_done_s": max(done_at.values()) - started if done_at else float("nan"),
         "reconciles": reconciles,
         "requests": requests,
+        "calls": calls_between(before, after),
     }
 
 
@@ -536,7 +550,8 @@ def report(what: str, result: dict[str, Any], pid: int) -> None:
         f"creation -> children+status p50 {result['p50']:.2f}s p99 {result['p99']:.2f}s "
         f"(last after {result['all_done_s']:.1f}s); operator peak RSS {peak_rss_mb(pid):.0f} MB; "
         f"{result['requests']:.0f} API requests / {result['reconciles']:.0f} reconciles = "
-        f"{per:.1f} per reconcile",
+        f"{per:.1f} per reconcile; per resource: "
+        + ", ".join(f"{k} {v / result['count']:.2f}" for k, v in sorted(result["calls"].items())),
         flush=True,
     )
     print("json " + json.dumps({**result, "what": what}), flush=True)

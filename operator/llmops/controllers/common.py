@@ -4,6 +4,7 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import os
 import threading
@@ -40,6 +41,8 @@ log = logging.getLogger("llmops.controllers")
 M = TypeVar("M", bound=BaseModel)
 
 # How often each resource is compared with its children (level-triggered reconcile).
+# kopf's finalizer (settings.configure): its timers need one on every object.
+FINALIZER = f"{GROUP}/finalizer"
 RECONCILE_SECONDS = float(os.environ.get("LLMOPS_RECONCILE_SECONDS", "5"))
 
 _phases: dict[tuple[str, str], str] = {}  # (kind, uid) -> phase, for the RESOURCES gauge
@@ -123,8 +126,20 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
     return ensured.object
 
 
-# Events are not watched: a Job's FailedCreate events are read again at most this often.
+# Events are not watched: a Job's FailedCreate events are read again at most this often,
+# and not before the Job is this old.
 FAILED_CREATES_SECONDS = 15.0
+JOB_CONTROLLER_SECONDS = 3.0
+
+
+def _age_seconds(obj: Mapping[str, Any]) -> float:
+    created = obj["metadata"].get("creationTimestamp")
+    if not created:
+        return float("inf")
+    since = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    return (now() - since).total_seconds()
+
+
 _failed_creates: dict[str, tuple[float, list[str]]] = {}  # Job uid -> (read at, messages)
 
 
@@ -134,6 +149,8 @@ def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
     Remembered for FAILED_CREATES_SECONDS: a Job waiting for its pods is reconciled every
     few seconds, and the reason changes slowly."""
     name = job["metadata"]["name"]
+    if _age_seconds(job) < JOB_CONTROLLER_SECONDS:
+        return []  # the Job controller has not had the time to create its pods, or fail to
     key = str(job["metadata"].get("uid") or f"{namespace}/{name}")
     now = time.monotonic()
     seen = _failed_creates.get(key)
@@ -182,11 +199,9 @@ def _reconcile_alone(
     turn, and acts on the object as it is then (read afresh below), not on the stale body
     kopf handed over."""
     lock = _locks[body["metadata"]["uid"]]
-    # A change waits for the running reconcile (it then reads the object afresh); only a
-    # long wait is handed back to kopf as a retry, which kopf logs as an error.
+    # A change waits for the running reconcile (it then reads the object afresh); after a
+    # long wait it is left to the timer's next tick.
     if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
-        if retry_if_busy:
-            raise kopf.TemporaryError("another reconcile of this object is running", delay=1)
         return
     try:
         # The body kopf hands over may predate the last reconcile's own status patch (its
@@ -278,9 +293,15 @@ def stop_watch_cache(**_: Any) -> None:
     kube().stop_cache()
 
 
-def register(kind: str, plural: str, reconcile: Reconcile) -> None:
+def register(
+    kind: str,
+    plural: str,
+    reconcile: Reconcile,
+    deleted: Callable[[Mapping[str, Any]], None] | None = None,
+) -> None:
     """The handlers every kind has: a level-triggered reconcile on a timer (a restarted
-    operator simply carries on) and forgetting the resource's phase when it is deleted."""
+    operator simply carries on), an immediate one on creation and spec changes, and
+    forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted."""
 
     @kopf.timer(
         GROUP,
@@ -295,12 +316,24 @@ def register(kind: str, plural: str, reconcile: Reconcile) -> None:
 
     # The timer's first tick comes an interval after the object appears; creation and spec
     # changes (suspend, scale, a new version) are acted on at once. Both paths converge on
-    # the same state, since every write is an idempotent apply.
-    @kopf.on.create(GROUP, VERSION, plural)
-    @kopf.on.update(GROUP, VERSION, plural, field="spec")
-    def reconcile_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    # the same state, since every write is an idempotent apply. A raw event handler rather
+    # than on.create/on.update, which keep kopf's progress and the last handled spec in
+    # annotations: two more writes, and two more watch events, per object. A spec is new
+    # when the status has not observed its generation (every status write records it).
+    # kopf's own deletion handlers would do the same, and also keep the last handled spec in
+    # an annotation. (kopf's finalizer stays: its timers need it.)
+    @kopf.on.event(GROUP, VERSION, plural)
+    def reconcile_change(type: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        if type == "DELETED":
+            forget(kind, body["metadata"]["uid"])
+            if deleted is not None:
+                deleted(body)
+            return
+        if body["metadata"].get("deletionTimestamp"):
+            return
+        if FINALIZER not in (body["metadata"].get("finalizers") or []):
+            return  # kopf adds it first; acting now would race its patch (a conflict, twice)
+        observed = (body.get("status") or {}).get("observedGeneration")
+        if observed is not None and observed == body["metadata"].get("generation"):
+            return
         _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
-
-    @kopf.on.delete(GROUP, VERSION, plural, optional=True)
-    def forget_deleted(body: kopf.Body, **_: Any) -> None:
-        forget(kind, body["metadata"]["uid"])

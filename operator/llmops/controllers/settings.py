@@ -8,6 +8,7 @@ from typing import Any
 import kopf
 
 from llmops import GROUP
+from llmops.controllers.common import FINALIZER
 from llmops.controllers.kube import HANDLER_THREADS
 
 
@@ -23,7 +24,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.reporting_component = "llmops-operator"
     # Handler logs become Events only from WARNING up: a timer every few seconds must not
     # flood `kubectl describe`; the controllers post the notable transitions themselves.

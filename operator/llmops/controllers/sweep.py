@@ -117,10 +117,8 @@ def forget_metrics(namespace: str, name: str) -> None:
             SWEEP_BEST_OBJECTIVE.remove(namespace, name, metric)
 
 
-# The handler name becomes kopf's progress annotation key: it must start with a letter.
-@kopf.on.delete("llmops.dev", "v1alpha1", "sweeps", optional=True)
-def forget_sweep_metrics(body: kopf.Body, **_: Any) -> None:
+def forget_sweep_metrics(body: Mapping[str, Any]) -> None:
     forget_metrics(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-common.register(KIND, "sweeps", reconcile)
+common.register(KIND, "sweeps", reconcile, deleted=forget_sweep_metrics)

@@ -14,7 +14,6 @@ from typing import Any
 
 import kopf
 
-from llmops import GROUP, VERSION
 from llmops.api import API_VERSION
 from llmops.api.trainingrun import TrainingRun
 from llmops.api.workload import TrainerReport, last_progress, read_record
@@ -80,11 +79,10 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     common.write_status(body, KIND, decision.status, decision.events, patch)
 
 
-common.register(KIND, "trainingruns", reconcile)
-
-
-@kopf.on.delete(GROUP, VERSION, "trainingruns", optional=True)
-def forget_accelerator_hours(body: kopf.Body, **_: Any) -> None:
+def forget_accelerator_hours(body: Mapping[str, Any]) -> None:
     """A deleted run leaves the accelerator-hours gauge (its status held the total)."""
     with contextlib.suppress(KeyError):
         ACCELERATOR_HOURS.remove(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+common.register(KIND, "trainingruns", reconcile, deleted=forget_accelerator_hours)
