@@ -232,6 +232,58 @@ def test_each_stage_waits_for_the_one_before_and_a_failed_stage_is_named(
     assert f"{NAME}-prepare-g1" not in jobs
 
 
+def test_a_failed_piece_is_retried_alone(api_client: client.ApiClient, operator: str, volumes):
+    """A tokenize pod that crashes once is replaced for its index only; the other pieces
+    are not redone, and the version still succeeds."""
+    namespace = operator
+    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    create(api_client, namespace, dataset(parallelism=2, scheduling=HOLD_SCHEDULING))
+    index_key = "batch.kubernetes.io/job-completion-index"
+
+    def pods(stage: str) -> list[Any]:
+        found = core.list_namespaced_pod(namespace, label_selector=f"llmops.dev/stage={stage}")
+        return list(found.items)
+
+    def running(stage: str) -> list[Any]:
+        return [p for p in pods(stage) if p.status.phase == "Running"]
+
+    def finish(stage: str, count: int) -> None:
+        wait_for(f"{stage} pods running", lambda: len(running(stage)) == count, 60)
+        for pod in running(stage):
+            end_pod(core, namespace, pod.metadata.name, exit_code=0)
+
+    finish("slice", 2)
+    finish("dedup", 2)
+    finish("prepare", 1)
+    wait_for("tokenize pods running", lambda: len(running("tokenize")) == 2, 60)
+    first, second = sorted(running("tokenize"), key=lambda p: p.metadata.annotations[index_key])
+    end_pod(core, namespace, first.metadata.name, exit_code=1)  # index 0 crashes once
+    end_pod(core, namespace, second.metadata.name, exit_code=0)
+
+    def retried() -> list[Any]:
+        return [
+            p
+            for p in running("tokenize")
+            if p.metadata.annotations[index_key] == "0" and p.metadata.name != first.metadata.name
+        ]
+
+    wait_for("index 0 retried", lambda: bool(retried()), 60)
+    status = get(api_client, namespace, "Dataset", NAME)["status"]
+    assert status["phase"] == "Running" and status["stage"] == "tokenize"
+    end_pod(core, namespace, retried()[0].metadata.name, exit_code=0)
+    finish("finalize", 1)
+    done = wait_phase(api_client, namespace, "Dataset", NAME, "Succeeded")
+    tokenize = batch.read_namespaced_job(f"{NAME}-tokenize-g1", namespace)
+    assert (tokenize.status.succeeded, tokenize.status.failed) == (2, 1)
+    by_index: dict[str, int] = {}
+    for pod in pods("tokenize"):
+        index = pod.metadata.annotations[index_key]
+        by_index[index] = by_index.get(index, 0) + 1
+    assert by_index == {"0": 2, "1": 1}  # only the crashed piece ran again
+    stages = {s["name"]: s for s in done["status"]["stages"]}
+    assert (stages["tokenize"]["succeeded"], stages["tokenize"]["failed"]) == (2, 1)
+
+
 def test_delete_policy_removes_the_claim_with_the_dataset(
     api_client: client.ApiClient, operator: str, volumes
 ):
