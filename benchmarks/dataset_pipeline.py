@@ -19,6 +19,24 @@ Python standard library: its source, and its docstrings as one document) or `sho
 sample of the paragraphs of the docs corpus: short texts around the 50-word minimum).
 
     python benchmarks/dataset_pipeline.py --filters-only --kind code
+
+`--sizes 100,1024` runs the engine at corpus scale, each stage the way its Job runs it: one
+process per pod (`python -m llmops_trainer.data --config dataset.json --stage <stage>` with
+JOB_COMPLETION_INDEX, LLMOPS_OUTPUT_DIR, LLMOPS_WORK_DIR and LLMOPS_NUM_SLICES), two pods of a
+stage at a time, one slice per 32 MiB of corpus (the parallelism a user would set) and shards
+of 8M tokens (a tokenize unit per slice), the pipeline above. For each size (MB) it generates a
+corpus from the lines of the Debian documents that pass the Gopher rules (base documents of 20
+to 60 random lines, so none is near another) with planted copies of random documents: 5% edited
+(1, 2 or 3% of the words substituted, inserted or deleted), 1% verbatim, each a little after
+its original (seeded; cached with its ground truth). It prints, per stage and end to end, the
+pods' CPU seconds and wall time, MB/s per core (corpus bytes / the pods' CPU seconds, from each
+pod's rusage) and the peak RSS of the largest pod (its ru_maxrss; the pods are started from a
+small launcher process so that none inherits this one's size); the recall and precision of the
+duplicate removals on the planted pairs; and, for the first size, datatrove on the same corpus
+(each of its steps' CPU seconds against our stages', and its recall and precision). A table and
+a `RESULT` JSON line per size; datatrove's log goes to stderr.
+
+    python benchmarks/dataset_pipeline.py --sizes 100,1024 2>datatrove.log
 """
 
 from __future__ import annotations
@@ -331,9 +349,9 @@ def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
         }
     )
     run_local(dataset, work / "out", 1, options=Options(detect_language=False))
-    import numpy as np
+    from llmops_trainer.data.pipeline import decisions as joined_decisions
 
-    decisions = np.load(work / "out" / ".work" / "decisions.npz")
+    decisions = joined_decisions(work / "out" / ".work", 1)
     reasons = [str(r) for r in decisions["reasons"]]
     ids = [json.loads(line)["id"] for line in corpus.open()]
     fate = {}
@@ -354,7 +372,11 @@ STAGE_OF_STEP = {
 }
 
 
-def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
+def theirs(
+    corpus: Path, tokenizer: Path, work: Path, steps: dict[str, float] | None = None
+) -> dict[str, str]:
+    """Document id -> the stage that dropped it ('' when kept); `steps` gets the CPU seconds
+    of each of the pipeline's steps (1 to 6)."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import (
         MinhashDedupBuckets,
@@ -391,10 +413,13 @@ def theirs(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     def excluded(name: str) -> JsonlWriter:
         return JsonlWriter(f"{w}/excluded/{name}", compression=None)
 
-    def execute(steps: list[Any], name: str, tasks: int = 1) -> None:
+    def execute(pipeline: list[Any], name: str, tasks: int = 1) -> None:
+        started = cpu_seconds()
         LocalPipelineExecutor(
-            steps, tasks=tasks, workers=1, logging_dir=f"{w}/logs/{name}", skip_completed=False
+            pipeline, tasks=tasks, workers=1, logging_dir=f"{w}/logs/{name}", skip_completed=False
         ).run()
+        if steps is not None:
+            steps[name] = cpu_seconds() - started
 
     corpus_dir = work / "input"
     corpus_dir.mkdir(parents=True, exist_ok=True)
@@ -469,8 +494,19 @@ def main() -> int:
         help="compare the Gopher quality and repetition rules alone, document by document",
     )
     parser.add_argument("--kind", choices=("docs", "code", "short"), default="docs")
+    parser.add_argument(
+        "--sizes",
+        default="",
+        help="corpus scale: MB of each generated corpus (e.g. 100,1000), stages as the Jobs run",
+    )
+    parser.add_argument("--scratch", default="", help="folder for the runs' work (default: /tmp)")
+    parser.add_argument("--launcher", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.corpus.parent.mkdir(parents=True, exist_ok=True)
+    if args.launcher:
+        return launcher()
+    if args.sizes:
+        return scale(args)
     if args.filters_only:
         return filters_only(build_kind(args.kind, args.corpus), args.show_disagreements)
     size = build_corpus(args.corpus)
@@ -532,6 +568,498 @@ def filters_only(corpus: Path, show: int) -> int:
     for (a, b), keys in sorted(mismatched.items(), key=lambda x: -len(x[1])):
         print(f"  {a:>28} vs {b:<28} {len(keys):6}  {keys[:show]}")
     return 0
+
+
+# -- corpus scale: the stages as the Jobs run them, at two sizes ---------------------------------
+
+SCALE_SEED = 20261201
+COPY_RATE = 0.05  # share of the base documents followed, later, by an edited copy
+EXACT_RATE = 0.01  # share followed by a verbatim copy
+EDIT_RATES = (0.01, 0.02, 0.03)  # words changed, inserted or deleted per copy (drawn evenly)
+COPY_DELAY = 2000  # a copy comes 1 to this many documents after its original
+SLICE_TARGET = 32 << 20  # bytes of corpus per slice: the parallelism a user would set
+POD_SLOTS = 2  # pods of one stage running at a time
+STAGE_ORDER = ("slice", "dedup", "prepare", "tokenize", "finalize")
+
+
+def line_pool(corpus: Path) -> list[str]:
+    """The distinct lines (3 words or more, at most 1,000 characters) of the documents of
+    the Debian corpus that pass the Gopher rules (so that most generated documents do too),
+    in corpus order; cached next to the corpus."""
+    cached = corpus.parent / "scale-lines.json"
+    if cached.is_file():
+        pool: list[str] = json.loads(cached.read_text())
+        return pool
+    from llmops.api.dataset import QualityFilters
+    from llmops_trainer.data import filters
+
+    rules = filters.QualityRules.from_spec(QualityFilters.model_validate(GOPHER_SPEC))
+    seen: dict[str, None] = {}
+    with corpus.open() as handle:
+        for record in handle:
+            text = json.loads(record)["text"]
+            if not text or filters.gopher_quality(text, rules):
+                continue
+            if filters.gopher_repetition(text, rules):
+                continue
+            for line in text.splitlines():
+                line = line.strip()
+                if len(line) <= 1000 and len(line.split()) >= 3:
+                    seen.setdefault(line, None)
+    cached.write_text(json.dumps(list(seen)))
+    return list(seen)
+
+
+def edit_words(text: str, rate: float, rng: Any, vocabulary: list[str]) -> str:
+    """`text` with round(rate x words) (at least 1) distinct words each substituted, doubled
+    by a random word inserted after it, or deleted, evenly; whitespace kept."""
+    parts = re.split(r"(\s+)", text)
+    words = [i for i in range(0, len(parts), 2) if parts[i]]
+    if not words:
+        return text
+    for i in rng.sample(words, min(len(words), max(1, round(rate * len(words))))):
+        operation = rng.randrange(3)
+        if operation == 0:
+            parts[i] = rng.choice(vocabulary)
+        elif operation == 1:
+            parts[i] = f"{parts[i]} {rng.choice(vocabulary)}"
+        else:
+            parts[i] = ""
+    return "".join(parts)
+
+
+def build_scale_corpus(pool: list[str], target_bytes: int, path: Path) -> dict[str, Any]:
+    """A jsonl corpus of about `target_bytes`: base documents of 20 to 60 lines drawn at
+    random (seeded) from the Debian lines, in paragraphs of about 4 lines, so that no two
+    base documents are near each other, and planted copies (see the rates above), each 1
+    to COPY_DELAY documents after its original. Returns the ground truth: per copy, the
+    line numbers and the edit rate (0 for verbatim copies); cached next to the corpus."""
+    import heapq
+    import random
+
+    truth_path = path.with_suffix(".truth.json")
+    if path.is_file() and truth_path.is_file():
+        truth: dict[str, Any] = json.loads(truth_path.read_text())
+        return truth
+    rng = random.Random(SCALE_SEED)
+    vocabulary = sorted({w for p in pool[:: max(1, len(pool) // 20000)] for w in p.split()})
+    pending: list[tuple[int, int, str, int, float]] = []  # (due, order, text, original, rate)
+    pairs: list[list[Any]] = []
+    written, line, order = 0, 0, 0
+    partial = path.with_suffix(".partial")
+    with partial.open("w", encoding="utf-8") as out:
+
+        def emit(doc_id: str, text: str) -> None:
+            nonlocal written, line
+            record = json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n"
+            out.write(record)
+            written += len(record.encode("utf-8"))
+            line += 1
+
+        while written < target_bytes or pending:
+            if pending and (pending[0][0] <= line or written >= target_bytes):
+                _, _, text, original, rate = heapq.heappop(pending)
+                pairs.append([original, line, rate])
+                emit(f"copy/{line}/of/{original}", text)
+                continue
+            lines = rng.choices(pool, k=rng.randint(20, 60))
+            cuts = sorted(rng.sample(range(1, len(lines)), len(lines) // 4))
+            text = "\n\n".join(
+                "\n".join(lines[a:b]) for a, b in zip([0, *cuts], [*cuts, len(lines)], strict=True)
+            )
+            original = line
+            emit(f"base/{line}", text)
+            draw = rng.random()
+            if draw < COPY_RATE + EXACT_RATE:
+                rate = 0.0 if draw < EXACT_RATE else rng.choice(EDIT_RATES)
+                copy = edit_words(text, rate, rng, vocabulary) if rate else text
+                order += 1
+                due = line + rng.randint(1, COPY_DELAY)
+                heapq.heappush(pending, (due, order, copy, original, rate))
+    partial.rename(path)
+    truth = {"documents": line, "bytes": written, "pairs": pairs}
+    truth_path.write_text(json.dumps(truth))
+    return truth
+
+
+def scale_dataset(corpus: Path, tokenizer: Path, slices: int) -> dict[str, Any]:
+    """The Dataset the stages run: the pipeline the datatrove comparison runs, with
+    `slices` pods (parallelism) of SLICE_TARGET bytes each and shards of about as much."""
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {
+            "sources": [{"name": "corpus", "path": str(corpus), "format": "jsonl"}],
+            "processing": {
+                "normalization": {"unicode": "none", "collapseWhitespace": False},
+                "deduplication": {
+                    "exact": True,
+                    "near": {
+                        "numPermutations": 112,
+                        "bands": 14,
+                        "shingleSize": 5,
+                        "threshold": 1e-6,
+                    },
+                },
+                "filters": GOPHER_SPEC,
+                "pii": {"enabled": False},
+            },
+            "tokenizer": {"path": str(tokenizer)},
+            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+            # A tokenize unit is a shard's worth of text (4 bytes a token): shards of about a
+            # slice, so that every tokenize pod has a unit (the default, 100M tokens, makes
+            # units of 400 MB: one busy pod below that).
+            "sharding": {"tokensPerShard": SLICE_TARGET // 4},
+            "parallelism": slices,
+            "sliceBytes": SLICE_TARGET,
+        },
+    }
+
+
+def run_pods(
+    stage: str, indexes: list[int], config: Path, env: dict[str, str], logs: Path
+) -> list[dict[str, float]]:
+    """The pods of one stage, POD_SLOTS at a time, each `python -m llmops_trainer.data` in a
+    process of its own; per pod its CPU seconds and peak RSS (the child's rusage)."""
+    waiting = list(indexes)
+    running: dict[int, tuple[int, subprocess.Popen[bytes], float]] = {}
+    pods: list[dict[str, float]] = []
+    while waiting or running:
+        while waiting and len(running) < POD_SLOTS:
+            index = waiting.pop(0)
+            stage_arg = ("--stage", stage)
+            log = (logs / f"{stage}-{index:05d}.log").open("wb")
+            argv = [
+                sys.executable,
+                "-m",
+                "llmops_trainer.data",
+                "--config",
+                str(config),
+                *stage_arg,
+            ]
+            if not stage:  # an empty pod: the imports only
+                argv = [sys.executable, "-c", "import llmops_trainer.data.__main__"]
+            process = subprocess.Popen(
+                argv,
+                env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            log.close()
+            running[process.pid] = (index, process, time.perf_counter())
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        index, process, started = running.pop(pid)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            tail = (logs / f"{stage}-{index:05d}.log").read_text()[-3000:]
+            raise RuntimeError(f"{stage} pod {index} failed ({process.returncode}):\n{tail}")
+        pods.append(
+            {
+                "index": index,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+                "rss_mb": usage.ru_maxrss / 1024,
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+    return pods
+
+
+class Launcher:
+    """Starts the pods from a small process of its own, started before this one grows: a
+    process's peak RSS (ru_maxrss) starts at its parent's RSS when forked and survives the
+    exec, so pods forked from this process (corpus, datatrove) would report its size."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--launcher"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, **request: Any) -> list[dict[str, float]]:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        pods: list[dict[str, float]] = answer["pods"]
+        return pods
+
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def launcher() -> int:
+    """The launcher's side: one request per line (run_pods' arguments), one answer per line."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            pods = run_pods(
+                request["stage"],
+                request["indexes"],
+                Path(request["config"]),
+                request["env"],
+                Path(request["logs"]),
+            )
+            print(json.dumps({"pods": pods}), flush=True)
+        except Exception as error:  # reported to the benchmark process
+            print(json.dumps({"error": str(error)}), flush=True)
+    return 0
+
+
+def pod_baseline(pods: Launcher, scratch: Path) -> dict[str, float]:
+    """What a pod costs before any work: the interpreter and the engine's imports."""
+    (scratch / "logs").mkdir(parents=True, exist_ok=True)
+    found = pods.run(stage="", indexes=[0], config="", env=dict(os.environ), logs=str(scratch))
+    return found[0]
+
+
+def run_stages(
+    corpus: Path, tokenizer: Path, work: Path, launcher: Launcher
+) -> tuple[dict[str, Any], int]:
+    """Every stage of the engine over `corpus`, as the Jobs run them; per stage the pods'
+    figures. Returns them and the slice count."""
+    from llmops.api.dataset import Dataset, dedup_groups
+
+    size = corpus.stat().st_size
+    slices = max(1, -(-size // SLICE_TARGET))
+    spec = scale_dataset(corpus, tokenizer, slices)
+    groups = dedup_groups(Dataset.model_validate(spec).spec)
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "dataset.json"
+    config.write_text(json.dumps(spec))
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "LLMOPS_OUTPUT_DIR": str(work / "out"),
+        "LLMOPS_WORK_DIR": str(work / "out" / ".work"),
+        "LLMOPS_NUM_SLICES": str(slices),
+        "LLMOPS_TERMINATION_LOG": str(work / "termination.log"),
+    }
+    counts = {"slice": slices, "dedup": groups, "prepare": 1, "tokenize": slices, "finalize": 1}
+    stages: dict[str, Any] = {}
+    for stage in STAGE_ORDER:
+        started = time.perf_counter()
+        pods = launcher.run(
+            stage=stage,
+            indexes=list(range(counts[stage])),
+            config=str(config),
+            env=env,
+            logs=str(logs),
+        )
+        stages[stage] = {"pods": pods, "wall_s": time.perf_counter() - started}
+        print(
+            f"  {stage:<9} {len(pods):3} pods  {stages[stage]['wall_s']:7.1f} s wall  "
+            f"{sum(p['cpu_s'] for p in pods):7.1f} s CPU  "
+            f"peak RSS {max(p['rss_mb'] for p in pods):6.0f} MB  (load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+    return stages, slices
+
+
+def planted_scores(fate: list[str], truth: dict[str, Any]) -> dict[str, Any]:
+    """Recall and precision of the duplicate removals against the planted copies. `fate`:
+    per line of the corpus, 'exact' or 'near' (removed as a duplicate), 'other' (dropped by
+    another rule) or '' (kept). A pair counts when neither document was dropped by another
+    rule (a filter dropping one of them leaves no duplicate to find); it is found when
+    either document was removed as a duplicate. Precision: the duplicate removals that are
+    a planted document, over all of them."""
+    planted: set[int] = set()
+    eligible: dict[float, int] = {}
+    found: dict[float, int] = {}
+    for original, copy, rate in truth["pairs"]:
+        planted.update((original, copy))
+        if "other" in (fate[original], fate[copy]):
+            continue
+        eligible[rate] = eligible.get(rate, 0) + 1
+        if fate[original] in ("exact", "near") or fate[copy] in ("exact", "near"):
+            found[rate] = found.get(rate, 0) + 1
+    removed = [n for n, f in enumerate(fate) if f in ("exact", "near")]
+    true = sum(1 for n in removed if n in planted)
+    total_eligible = sum(eligible.values())
+    return {
+        "pairs": len(truth["pairs"]),
+        "eligible": total_eligible,
+        "recall": sum(found.values()) / total_eligible if total_eligible else 1.0,
+        "recall_by_edit_rate": {
+            f"{rate:g}": round(found.get(rate, 0) / count, 4)
+            for rate, count in sorted(eligible.items())
+        },
+        "removed_as_duplicates": len(removed),
+        "precision": true / len(removed) if removed else 1.0,
+        "false_removals": len(removed) - true,
+    }
+
+
+def our_fates(work: Path, slices: int, documents_count: int) -> list[str]:
+    from llmops_trainer.data.pipeline import decisions
+    from llmops_trainer.data.steps import EXACT, NEAR
+
+    found = decisions(work / "out" / ".work", slices)
+    reasons = [str(r) for r in found["reasons"]]
+    names = {EXACT: "exact", NEAR: "near"}
+    fate = [""] * documents_count
+    for position, code in zip(found["positions"].tolist(), found["codes"].tolist(), strict=True):
+        if code:
+            fate[position] = names.get(reasons[code], "other")
+    return fate
+
+
+def their_fates(fate_by_id: dict[str, str], corpus: Path) -> list[str]:
+    names = {"exact": "exact", "near": "near"}
+    with corpus.open() as handle:
+        ids = [json.loads(line)["id"] for line in handle]
+    return [names.get(fate_by_id[i], "other") if fate_by_id[i] else "" for i in ids]
+
+
+# Our stages against datatrove's pipeline steps (theirs(): 1 read + Gopher filters + write +
+# exact signatures, 3 exact filter + MinHash signatures, 2/4/5 the dedup joins, 6 tokenize).
+GROUPS = {
+    "filter": (("slice",), ("1", "3")),
+    "dedup": (("dedup", "prepare"), ("2", "4", "5")),
+    "tokenize": (("tokenize", "finalize"), ("6",)),
+}
+
+
+def scale(args: argparse.Namespace) -> int:
+    size_mb = [int(s) for s in args.sizes.split(",")]
+    pods = Launcher()  # first, while this process is small
+    pool_corpus = args.corpus
+    build_corpus(pool_corpus)
+    tokenizer = pool_corpus.parent / "tokenizer.json"
+    if not tokenizer.is_file():
+        train_tokenizer(pool_corpus, tokenizer)
+    pool: list[str] = []
+    cores = os.cpu_count()
+    scratch_root = Path(args.scratch) if args.scratch else None
+    with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+        baseline = pod_baseline(pods, Path(scratch))
+    print(
+        f"machine: {cores} cores; {sys.version.split()[0]}; pods {POD_SLOTS} at a time; "
+        f"slices of {SLICE_TARGET >> 20} MiB; an empty pod (imports only): "
+        f"{baseline['cpu_s']:.2f} s CPU, {baseline['rss_mb']:.0f} MB RSS"
+    )
+    results = []
+    for number, mb in enumerate(size_mb):
+        corpus = pool_corpus.parent / f"scale-{mb}MB.jsonl"
+        if not (corpus.is_file() and corpus.with_suffix(".truth.json").is_file()):
+            pool = pool or line_pool(pool_corpus)
+        truth = build_scale_corpus(pool, mb * 10**6, corpus)
+        size = corpus.stat().st_size
+        copies = sum(1 for p in truth["pairs"] if p[2])
+        print(
+            f"\ncorpus {corpus.name}: {size / 1e6:.0f} MB, {truth['documents']} documents, "
+            f"{copies} edited and {len(truth['pairs']) - copies} verbatim copies planted "
+            f"(load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
+            root = Path(scratch)
+            loads = [os.getloadavg()[0]]
+            stages, slices = run_stages(corpus, tokenizer, root / "ours", pods)
+            loads.append(os.getloadavg()[0])
+            fate = our_fates(root / "ours", slices, truth["documents"])
+            scores = planted_scores(fate, truth)
+            shutil.rmtree(root / "ours", ignore_errors=True)
+            result: dict[str, Any] = {
+                "corpus_mb": round(size / 1e6, 1),
+                "documents": truth["documents"],
+                "slices": slices,
+                "stages": {},
+                "planted": scores,
+            }
+            total_cpu = total_wall = 0.0
+            for stage, figures in stages.items():
+                cpu = sum(p["cpu_s"] for p in figures["pods"])
+                total_cpu += cpu
+                total_wall += figures["wall_s"]
+                result["stages"][stage] = {
+                    "pods": len(figures["pods"]),
+                    "cpu_s": round(cpu, 1),
+                    "wall_s": round(figures["wall_s"], 1),
+                    "mb_per_s_per_core": round(size / 1e6 / cpu, 2),
+                    "peak_rss_mb": round(max(p["rss_mb"] for p in figures["pods"])),
+                    "median_rss_mb": round(
+                        sorted(p["rss_mb"] for p in figures["pods"])[len(figures["pods"]) // 2]
+                    ),
+                }
+            result["end_to_end"] = {
+                "cpu_s": round(total_cpu, 1),
+                "wall_s": round(total_wall, 1),
+                "mb_per_s_per_core": round(size / 1e6 / total_cpu, 2),
+            }
+            run_datatrove = number == 0 and not args.skip_datatrove
+            if run_datatrove:
+                steps: dict[str, float] = {}
+                started = cpu_seconds()
+                fate_by_id = theirs(corpus, tokenizer, root / "datatrove", steps)
+                their_cpu = cpu_seconds() - started
+                loads.append(os.getloadavg()[0])
+                result["datatrove"] = {
+                    "cpu_s": round(their_cpu, 1),
+                    "mb_per_s_per_core": round(size / 1e6 / their_cpu, 2),
+                    "steps_cpu_s": {k: round(v, 1) for k, v in steps.items()},
+                    "planted": planted_scores(their_fates(fate_by_id, corpus), truth),
+                }
+                ratios = {"end_to_end": their_cpu / total_cpu}
+                for name, (mine, their_steps) in GROUPS.items():
+                    ours_cpu = sum(result["stages"][s]["cpu_s"] for s in mine)
+                    ratios[name] = sum(steps[s] for s in their_steps) / ours_cpu
+                result["ratio_to_datatrove_per_core"] = {k: round(v, 2) for k, v in ratios.items()}
+            result["load_average"] = [round(x, 1) for x in loads]
+        print_scale(result)
+        print("RESULT " + json.dumps(result), flush=True)
+        results.append(result)
+    if len(results) > 1:
+        print("\npeak RSS per pod, smallest -> largest corpus (MB):")
+        for stage in STAGE_ORDER:
+            row = " -> ".join(str(r["stages"][stage]["peak_rss_mb"]) for r in results)
+            print(f"  {stage:<9} {row}")
+    if any("datatrove" not in r for r in results) and not args.skip_datatrove:
+        print("datatrove ran on the smallest corpus only (too slow at the larger sizes here)")
+    pods.close()
+    return 0
+
+
+def print_scale(result: dict[str, Any]) -> None:
+    print(
+        f"\n{result['corpus_mb']:.0f} MB, {result['slices']} slices "
+        f"(load average {'/'.join(str(x) for x in result['load_average'])}):"
+    )
+    print(f"{'stage':<10}{'pods':>5}{'CPU s':>9}{'wall s':>9}{'MB/s/core':>11}{'RSS/pod MB':>12}")
+    for stage, s in result["stages"].items():
+        print(
+            f"{stage:<10}{s['pods']:>5}{s['cpu_s']:>9.1f}{s['wall_s']:>9.1f}"
+            f"{s['mb_per_s_per_core']:>11.2f}{s['peak_rss_mb']:>12}"
+        )
+    e = result["end_to_end"]
+    print(f"{'all':<10}{'':>5}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}{e['mb_per_s_per_core']:>11.2f}")
+    if "datatrove" in result:
+        d = result["datatrove"]
+        ratios = result["ratio_to_datatrove_per_core"]
+        print(
+            f"datatrove: {d['cpu_s']:.1f} s CPU, {d['mb_per_s_per_core']:.2f} MB/s per core; "
+            "ours / datatrove per core: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+            + "   (goal filter >= 5x)"
+        )
+    for name, p in [("llmops", result["planted"])] + (
+        [("datatrove", result["datatrove"]["planted"])] if "datatrove" in result else []
+    ):
+        print(
+            f"planted duplicates, {name}: recall {p['recall']:.4f} "
+            f"(by edit rate {p['recall_by_edit_rate']}), precision {p['precision']:.4f}, "
+            f"{p['eligible']}/{p['pairs']} pairs counted, {p['false_removals']} other "
+            "documents removed as duplicates   (goal >= 0.95)"
+        )
 
 
 if __name__ == "__main__":

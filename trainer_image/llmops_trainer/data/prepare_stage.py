@@ -357,7 +357,11 @@ def run_prepare(
     config = spec.processing.decontamination
     index = decontaminate.NgramIndex(config.ngram) if config is not None else None
     against = [SPLITS.index(n) for n in config.against] if config is not None else []
-    rate = sample_bytes(options) / kept_bytes if kept_bytes else 1.0
+    # Only a trained (or character) tokenizer reads a sample: a loaded one needs no text.
+    trains = spec.tokenizer.from_model is None and (
+        spec.tokenizer.train is not None or spec.tokenizer.char is not None
+    )
+    rate = 0.0 if not trains else sample_bytes(options) / kept_bytes if kept_bytes else 1.0
     sample: list[tuple[int, str]] = []
     reasons = [KEPT, *sorted(names - {KEPT})]
     if config is not None and decontaminate.CONTAMINATED not in reasons:
