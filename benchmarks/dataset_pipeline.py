@@ -313,41 +313,45 @@ GOPHER_SPEC = {
 }
 
 
+def comparison_dataset(corpus: Path, tokenizer: Path) -> dict[str, Any]:
+    """The Dataset that runs datatrove's pipeline: Gopher filters, exact dedup, MinHash
+    5-grams 14 x 8, the given tokenizer, everything in the training split."""
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "Dataset",
+        "metadata": {"name": "bench", "namespace": "default"},
+        "spec": {
+            "sources": [{"name": "corpus", "path": str(corpus), "format": "jsonl"}],
+            "processing": {
+                # datatrove's pipeline neither normalizes nor scrubs: nor do we here.
+                "normalization": {"unicode": "none", "collapseWhitespace": False},
+                "deduplication": {
+                    "exact": True,
+                    "near": {
+                        "numPermutations": 112,
+                        "bands": 14,
+                        "shingleSize": 5,
+                        # datatrove accepts every LSH candidate pair; the smallest threshold
+                        # the API allows does the same.
+                        "threshold": 1e-6,
+                    },
+                },
+                "filters": GOPHER_SPEC,
+                "pii": {"enabled": False},
+            },
+            "tokenizer": {"path": str(tokenizer)},
+            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+        },
+    }
+
+
 def ours(corpus: Path, tokenizer: Path, work: Path) -> dict[str, str]:
     """Document id -> the stage that dropped it ('' when kept)."""
     from llmops.api.dataset import Dataset
     from llmops_trainer.data import Options, run_local
     from llmops_trainer.data.steps import PIPELINE
 
-    dataset = Dataset.model_validate(
-        {
-            "apiVersion": "llmops.dev/v1alpha1",
-            "kind": "Dataset",
-            "metadata": {"name": "bench"},
-            "spec": {
-                "sources": [{"name": "corpus", "path": str(corpus), "format": "jsonl"}],
-                "processing": {
-                    # datatrove's pipeline neither normalizes nor scrubs: nor do we here.
-                    "normalization": {"unicode": "none", "collapseWhitespace": False},
-                    "deduplication": {
-                        "exact": True,
-                        "near": {
-                            "numPermutations": 112,
-                            "bands": 14,
-                            "shingleSize": 5,
-                            # datatrove accepts every LSH candidate pair; the smallest threshold
-                            # the API allows does the same.
-                            "threshold": 1e-6,
-                        },
-                    },
-                    "filters": GOPHER_SPEC,
-                    "pii": {"enabled": False},
-                },
-                "tokenizer": {"path": str(tokenizer)},
-                "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
-            },
-        }
-    )
+    dataset = Dataset.model_validate(comparison_dataset(corpus, tokenizer))
     run_local(dataset, work / "out", 1, options=Options(detect_language=False))
     from llmops_trainer.data.pipeline import decisions as joined_decisions
 
@@ -685,36 +689,18 @@ def build_scale_corpus(pool: list[str], target_bytes: int, path: Path) -> dict[s
 def scale_dataset(corpus: Path, tokenizer: Path, slices: int) -> dict[str, Any]:
     """The Dataset the stages run: the pipeline the datatrove comparison runs, with
     `slices` pods (parallelism) of SLICE_TARGET bytes each and shards of about as much."""
-    return {
-        "apiVersion": "llmops.dev/v1alpha1",
-        "kind": "Dataset",
-        "metadata": {"name": "bench", "namespace": "default"},
-        "spec": {
-            "sources": [{"name": "corpus", "path": str(corpus), "format": "jsonl"}],
-            "processing": {
-                "normalization": {"unicode": "none", "collapseWhitespace": False},
-                "deduplication": {
-                    "exact": True,
-                    "near": {
-                        "numPermutations": 112,
-                        "bands": 14,
-                        "shingleSize": 5,
-                        "threshold": 1e-6,
-                    },
-                },
-                "filters": GOPHER_SPEC,
-                "pii": {"enabled": False},
-            },
-            "tokenizer": {"path": str(tokenizer)},
-            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+    body = comparison_dataset(corpus, tokenizer)
+    body["spec"].update(
+        {
             # A tokenize unit is a shard's worth of text (4 bytes a token): shards of about a
             # slice, so that every tokenize pod has a unit (the default, 100M tokens, makes
             # units of 400 MB: one busy pod below that).
             "sharding": {"tokensPerShard": SLICE_TARGET // 4},
             "parallelism": slices,
             "sliceBytes": SLICE_TARGET,
-        },
-    }
+        }
+    )
+    return body
 
 
 def run_pods(
