@@ -327,9 +327,15 @@ def test_a_hub_model_is_fetched_by_an_initializer_whose_failure_fails_the_run(
     }
     create(api_client, namespace, training_run(model=model, adapter={"rank": 16}))
     job_name = f"{RUN}-workers-0"
+
     # The simulated nodes do not run init containers: the pods exist, their initializer is
-    # what the test plays.
-    wait_for("gang pods", lambda: len(gang_pods(core, namespace, job_name)) == 2, 60)
+    # what the test plays, once a node took them (kwok's report of a pod it starts would
+    # overwrite a failure played before).
+    def gang_running() -> bool:
+        found = gang_pods(core, namespace, job_name)
+        return len(found) == 2 and all(p.status.phase == "Running" for p in found)
+
+    wait_for("gang pods running", gang_running, 60)
     pods = gang_pods(core, namespace, job_name)
 
     # The token is referenced from the Secret; no value of it is in the Job the API stored.
