@@ -105,14 +105,16 @@ def release_finalizers(api_client: client.ApiClient, namespace: str) -> None:
     """Drop the operator's finalizer from what it handled in the namespace: the test's
     operator has stopped by now, and without this the namespace stays Terminating and the
     namespace controller keeps deleting it, loading the API server, for the whole session."""
+    from llmops.controllers.common import FINALIZER
+
     objects = client.CustomObjectsApi(api_client)
     for plural in PLURALS.values():
         found = objects.list_namespaced_custom_object("llmops.dev", "v1alpha1", namespace, plural)
         for item in found["items"]:
             finalizers = item["metadata"].get("finalizers") or []
-            if "llmops.dev/finalizer" not in finalizers:
+            if FINALIZER not in finalizers:
                 continue
-            kept = [f for f in finalizers if f != "llmops.dev/finalizer"]
+            kept = [f for f in finalizers if f != FINALIZER]
             with contextlib.suppress(ApiException):  # gone meanwhile
                 objects.patch_namespaced_custom_object(
                     "llmops.dev",

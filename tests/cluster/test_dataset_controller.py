@@ -30,6 +30,14 @@ def dataset(**spec: Any) -> dict[str, Any]:
     }
 
 
+def stage_pods(
+    core: client.CoreV1Api, namespace: str, stage: str, phase: str | None = None
+) -> list[Any]:
+    """The pods of a Dataset stage's Job (in `phase`, when given)."""
+    found = core.list_namespaced_pod(namespace, label_selector=f"llmops.dev/stage={stage}")
+    return [p for p in found.items if phase is None or p.status.phase == phase]
+
+
 def crash(core: client.CoreV1Api, namespace: str, pod: str) -> None:
     """The pod's container fails, unless the Job controller removed the pod meanwhile."""
     with contextlib.suppress(client.exceptions.NotFoundException):
@@ -170,11 +178,8 @@ def test_failed_slice_fails_the_dataset_with_the_reason(
 
     def fail_running_slices() -> bool:
         # Every try of every slice crashes, as a broken input would make it.
-        for pod in core.list_namespaced_pod(
-            namespace, label_selector="llmops.dev/stage=slice"
-        ).items:
-            if pod.status.phase == "Running":
-                crash(core, namespace, pod.metadata.name)
+        for pod in stage_pods(core, namespace, "slice", "Running"):
+            crash(core, namespace, pod.metadata.name)
         return (get(api_client, namespace, "Dataset", NAME).get("status") or {}).get(
             "phase"
         ) == "Failed"
@@ -193,8 +198,7 @@ def test_each_stage_waits_for_the_one_before_and_a_failed_stage_is_named(
     create(api_client, namespace, dataset(parallelism=2, scheduling=HOLD_SCHEDULING))
 
     def running(stage: str) -> list[str]:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"llmops.dev/stage={stage}")
-        return [p.metadata.name for p in pods.items if p.status.phase == "Running"]
+        return [p.metadata.name for p in stage_pods(core, namespace, stage, "Running")]
 
     wait_for("slice pods running", lambda: len(running("slice")) == 2, 60)
     status = wait_status(api_client, namespace, "Dataset", NAME, "slicing", stage="slice")["status"]
@@ -248,11 +252,10 @@ def test_a_failed_piece_is_retried_alone(api_client: client.ApiClient, operator:
     index_key = "batch.kubernetes.io/job-completion-index"
 
     def pods(stage: str) -> list[Any]:
-        found = core.list_namespaced_pod(namespace, label_selector=f"llmops.dev/stage={stage}")
-        return list(found.items)
+        return stage_pods(core, namespace, stage)
 
     def running(stage: str) -> list[Any]:
-        return [p for p in pods(stage) if p.status.phase == "Running"]
+        return stage_pods(core, namespace, stage, "Running")
 
     def finish(stage: str, count: int) -> None:
         wait_for(f"{stage} pods running", lambda: len(running(stage)) == count, 60)

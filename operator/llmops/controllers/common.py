@@ -4,7 +4,6 @@ tell the story in events, count resources by phase, pick the reconcile interval.
 from __future__ import annotations
 
 import copy
-import datetime
 import logging
 import os
 import threading
@@ -133,11 +132,8 @@ JOB_CONTROLLER_SECONDS = 3.0
 
 
 def _age_seconds(obj: Mapping[str, Any]) -> float:
-    created = obj["metadata"].get("creationTimestamp")
-    if not created:
-        return float("inf")
-    since = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-    return (now() - since).total_seconds()
+    created = parse_time(obj["metadata"].get("creationTimestamp"))
+    return float("inf") if created is None else (now() - created).total_seconds()
 
 
 _failed_creates: dict[str, tuple[float, list[str]]] = {}  # Job uid -> (read at, messages)
