@@ -26,11 +26,12 @@ parameters and optimizer-state bytes next to a full fine-tune's.
 --nanogpt is nanoGPT's shakespeare_char configuration as its README runs it on a CPU (4 layers,
 4 heads, width 128, context 64, batch 12, vocabulary 65, fp32, AdamW lr 1e-3 cosine to 1e-4 after
 100 warmup steps, beta2 0.99, clipping 1.0), the global batch of 12 split over the processes.
-It adds a second baseline, nanoGPT itself: its model (no biases, exact GELU, tied embeddings)
-and its loop (random windows of a memory-mapped token file, AdamW fused on CUDA only), DDP
-across processes. The plain loop trains our GPT (biases, GPT-2's tanh GELU) with AdamW fused
-where torch has it, so `llmops / plain` is what DeepSpeed and the trainer's bookkeeping cost,
-and `llmops / nanoGPT` is the number users compare. Without --nproc it runs 1 and then 2
+Our GPT is built with nanoGPT's layout (`bias: false`, `activation: gelu`: no biases, exact
+GELU, tied embeddings). It adds a second baseline, nanoGPT itself: its model and its loop
+(random windows of a memory-mapped token file, AdamW fused on CUDA only: a loop over the
+tensors on CPUs), DDP across processes. The plain loop trains our GPT with AdamW fused where
+torch has it, so `llmops / plain` is what DeepSpeed and the trainer's bookkeeping cost, and
+`llmops / nanoGPT` is the number users compare. Without --nproc it runs 1 and then 2
 processes and prints both. Nothing sets OMP_NUM_THREADS: torchrun sets 1 per process when it
 starts several, torch uses every core otherwise, and the trainer picks its own (see
 llmops_trainer.train.cpu_threads).
@@ -143,7 +144,7 @@ def on_gpus(args: argparse.Namespace) -> bool:
     return bool(args.gpt2_small or args.llama_1b)
 
 
-def model_spec(size: dict[str, int], pretrained: str | None) -> dict[str, Any]:
+def model_spec(size: dict[str, int], pretrained: str | None, nanogpt: bool) -> dict[str, Any]:
     if pretrained is not None:
         return {"contextLength": size["context"], "pretrained": {"uri": pretrained}}
     spec: dict[str, Any] = {
@@ -154,6 +155,8 @@ def model_spec(size: dict[str, int], pretrained: str | None) -> dict[str, Any]:
     }
     if "kv_heads" in size:
         spec.update(architecture="llama", numKeyValueHeads=size["kv_heads"])
+    if nanogpt:
+        spec.update(bias=False, activation="gelu")
     return spec
 
 
@@ -165,7 +168,7 @@ def save_random_llama(folder: Path, size: dict[str, int]) -> None:
     from llmops.api.trainingrun import ModelArchitecture
     from llmops_trainer.hf_models import llama_config
 
-    architecture = ModelArchitecture.model_validate(model_spec(size, None))
+    architecture = ModelArchitecture.model_validate(model_spec(size, None, nanogpt=False))
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config(architecture, size["vocab"])).save_pretrained(folder)
 
@@ -497,7 +500,7 @@ def worker(args: argparse.Namespace) -> None:
             "metadata": {"name": "bench"},
             "spec": {
                 "datasetRef": {"name": "bench"},
-                "model": model_spec(size, pretrained),
+                "model": model_spec(size, pretrained, args.nanogpt),
                 **({"adapter": lora} if lora else {}),
                 "hyperparameters": {"maxSteps": steps, **hyperparameters},
                 "deepspeed": {
@@ -524,6 +527,8 @@ def worker(args: argparse.Namespace) -> None:
         num_layers=size["layers"],
         num_heads=size["heads"],
         hidden_size=size["hidden"],
+        bias=spec.model.bias is not False,
+        activation=spec.model.activation or "gelu-tanh",
     )
     tokens_per_step = plan.global_batch_size * size["context"]
     threads = torch.get_num_threads()  # what torchrun / OMP_NUM_THREADS gave the baselines

@@ -124,6 +124,7 @@ class ModelShape:
     positions: int  # learned position embeddings (0 with RoPE)
     tied: bool  # the output head is the token embedding
     qkv_bias: bool = False  # Qwen2's q/k/v projections have biases
+    bias: bool = True  # gpt: biases in every linear layer and LayerNorm
     dropout: float = 0.0
 
     def linears(self) -> list[Linear]:
@@ -131,10 +132,10 @@ class ModelShape:
         h, i = self.hidden, self.intermediate
         if self.family == "gpt":
             return [
-                Linear("c_attn", h, 3 * h, True),
-                Linear("c_proj", h, h, True),
-                Linear("c_fc", h, i, True),
-                Linear("c_proj", i, h, True),
+                Linear("c_attn", h, 3 * h, self.bias),
+                Linear("c_proj", h, h, self.bias),
+                Linear("c_fc", h, i, self.bias),
+                Linear("c_proj", i, h, self.bias),
             ]
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return [
@@ -149,8 +150,8 @@ class ModelShape:
 
     @property
     def norm_parameters(self) -> int:
-        # LayerNorm has a weight and a bias, RMSNorm a weight only.
-        return (2 if self.family == "gpt" else 1) * self.hidden
+        # LayerNorm has a weight and a bias (unless built without), RMSNorm a weight only.
+        return (2 if self.family == "gpt" and self.bias else 1) * self.hidden
 
     def layer_parameters(self) -> int:
         linear = sum(x.inputs * x.outputs + (x.outputs if x.bias else 0) for x in self.linears())
@@ -196,6 +197,7 @@ def builtin_shape(spec: TrainingRunSpec, vocab: int) -> ModelShape:
             positions=m.context_length,
             tied=True,
             dropout=m.dropout,
+            bias=m.bias is not False,
         )
     # Llama's 8/3 expansion, rounded up to a multiple of 64 (llmops_trainer.hf_models).
     intermediate = m.intermediate_size or 64 * -(-(8 * m.hidden_size // 3) // 64)

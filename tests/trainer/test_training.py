@@ -183,6 +183,45 @@ def test_fine_tune_starts_at_the_parent_loss(reference: Job, job: Callable[..., 
     assert sorted(child.losses()) == [1, 2, 3, 4]  # its own step count: weights only
 
 
+def test_a_model_in_nanogpts_layout_learns_and_exports_for_transformers(
+    reference: Job, job: Callable[..., Job]
+) -> None:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from llmops_trainer.model import GPT, GPTConfig
+    from llmops_trainer.train import load_weights
+    from llmops_trainer.weights import consolidated_state_dict
+
+    model = {"bias": False, "activation": "gelu"}
+    run = job(training_run(model=model, hyperparameters={"maxSteps": 20}))
+    assert run.run() == 0, run.log.read_text()[-4000:]
+    losses = run.losses()
+    assert losses[20] < losses[1] - 1.0
+    trained = consolidated_state_dict(checkpoint.resolve(run.checkpoints / "latest"))
+    assert not [name for name in trained if name.endswith(".bias")]
+    with_biases = consolidated_state_dict(checkpoint.resolve(reference.checkpoints / "latest"))
+    assert len(trained) < len(with_biases)
+
+    # The export (GPT-2's layout with zero biases, exact GELU) computes what training left.
+    spec = training_run()["spec"]["model"]
+    config = GPTConfig(
+        vocab_size=trained["transformer.wte.weight"].shape[0],
+        context_length=spec["contextLength"],
+        num_layers=spec["numLayers"],
+        num_heads=spec["numHeads"],
+        hidden_size=spec["hiddenSize"],
+        bias=False,
+        activation="gelu",
+    )
+    ours = GPT(config).eval()
+    load_weights(ours, trained)
+    exported = GPT2LMHeadModel.from_pretrained(run.output / "model").eval()
+    tokens = torch.randint(config.vocab_size, (2, config.context_length))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), exported(tokens).logits, atol=1e-4)
+
+
 # masked-lm learns from 15% of the tokens only: a wider model, bigger batches, more steps.
 OBJECTIVES = {
     "sft": ({}, {"maxSteps": 30}),

@@ -77,6 +77,17 @@ def test_builtin_gpt_parameters_equal_hand_count_and_the_trainer_model():
     assert result.training_flops == pytest.approx(result.flops_per_token * 100 * 32)
 
 
+def test_builtin_gpt_without_biases_counts_what_the_trainer_builds():
+    from llmops_trainer.model import GPT, GPTConfig
+
+    spec = spec_of({**gpt_spec().model.model_dump(by_alias=True, exclude_none=True), "bias": False})
+    result = plan(spec, PlanOptions(vocab_size=100))
+    config = GPTConfig(
+        vocab_size=100, context_length=32, num_layers=2, num_heads=4, hidden_size=64, bias=False
+    )
+    assert numel(GPT(config)) == result.parameters < 108_544
+
+
 def test_masked_lm_adds_the_mask_token_to_the_vocabulary():
     spec = spec_of({"objective": "masked-lm", "numLayers": 1, "numHeads": 2, "hiddenSize": 32})
     assert builtin_shape(spec, 300).vocab == 301

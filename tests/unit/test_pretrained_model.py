@@ -62,6 +62,9 @@ def test_model_sources_accepted(uri: str) -> None:
         ({"objective": "masked-lm", **pretrained("/m")}, {}, "masked-lm trains the built-in"),
         ({"architecture": "llama", **pretrained("/m")}, {}, "brings its own architecture"),
         ({"numKeyValueHeads": 2}, {}, "apply to architecture llama"),
+        ({"architecture": "llama", "bias": False}, {}, "bias and activation shape a gpt"),
+        ({"activation": "gelu", **pretrained("/m")}, {}, "bias and activation shape a gpt"),
+        ({"activation": "relu"}, {}, "'gelu-tanh' or 'gelu'"),
         ({"architecture": "llama", "numHeads": 6, "numKeyValueHeads": 4}, {}, "multiple of"),
         ({}, {"adapter": {"rank": 8}}, "set model.pretrained"),
         (

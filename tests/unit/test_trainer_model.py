@@ -86,3 +86,50 @@ def test_encoders_are_not_exported_as_gpt2(tmp_path: Path) -> None:
     encoder = GPTConfig(**{**CONFIG.to_dict(), "causal": False})
     with pytest.raises(ValueError, match="causal"):
         hf_export.export(GPT(encoder).state_dict(), encoder, 0, tmp_path)
+
+
+NANOGPT_STYLE = GPTConfig(**{**CONFIG.to_dict(), "bias": False, "activation": "gelu"})
+
+
+def test_a_model_without_biases_has_none_and_uses_the_exact_gelu() -> None:
+    model = GPT(NANOGPT_STYLE)
+    assert not [name for name, _ in model.named_parameters() if name.endswith(".bias")]
+    assert model.transformer.h[0].mlp.act.approximate == "none"
+    assert GPT(CONFIG).transformer.h[0].mlp.act.approximate == "tanh"
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        GPT(GPTConfig(**{**CONFIG.to_dict(), "activation": "relu"}))
+
+
+def test_export_of_a_model_without_biases_computes_the_same_in_transformers(
+    tmp_path: Path,
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(NANOGPT_STYLE).eval()
+    hf_export.export(model.state_dict(), NANOGPT_STYLE, eos_token_id=0, folder=tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["activation_function"] == "gelu"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(50, (2, 12))
+    assert torch.allclose(model(idx), hf(idx).logits, atol=1e-5)
+    # Back in our layout: the zero biases make it a biased model with the same logits.
+    loaded, state = hf_export.load_export(tmp_path)
+    assert loaded.activation == "gelu" and loaded.bias
+    again = GPT(loaded).eval()
+    again.load_state_dict(state)
+    assert torch.allclose(model(idx), again(idx), atol=1e-6)
+
+
+def test_fine_tuning_a_model_without_biases_from_its_export(tmp_path: Path) -> None:
+    from llmops_trainer.train import load_weights
+
+    model = GPT(NANOGPT_STYLE)
+    hf_export.export(model.state_dict(), NANOGPT_STYLE, eos_token_id=0, folder=tmp_path)
+    _, state = hf_export.load_export(tmp_path)
+    again = GPT(NANOGPT_STYLE)
+    load_weights(again, state)  # the export's zero biases are dropped
+    pairs = zip(model.parameters(), again.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    state["transformer.ln_f.bias"] = torch.ones(CONFIG.hidden_size)
+    with pytest.raises(ValueError, match=r"transformer\.ln_f\.bias is not zero"):
+        load_weights(GPT(NANOGPT_STYLE), state)

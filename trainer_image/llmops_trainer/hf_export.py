@@ -22,6 +22,8 @@ CONFIG = "config.json"
 # Projections stored as Conv1D in GPT-2.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _TIED_HEAD = "lm_head.weight"
+# transformers' names of our activations (GPT2Config.activation_function).
+_HF_ACTIVATION = {"gelu-tanh": "gelu_new", "gelu": "gelu"}
 
 
 def gpt2_config(config: GPTConfig, eos_token_id: int) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def gpt2_config(config: GPTConfig, eos_token_id: int) -> dict[str, Any]:
         "n_layer": config.num_layers,
         "n_head": config.num_heads,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": _HF_ACTIVATION[config.activation],
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -63,6 +65,21 @@ def to_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return exported
 
 
+def zero_biases(config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The biases GPT-2's layout always has, as zeros, for a model built without biases:
+    with them the export computes exactly what the model does."""
+    width = config.hidden_size
+    sizes = {"ln_1": width, "attn.c_attn": 3 * width, "attn.c_proj": width, "ln_2": width}
+    sizes |= {"mlp.c_fc": 4 * width, "mlp.c_proj": width}
+    zeros = {
+        f"transformer.h.{layer}.{module}.bias": torch.zeros(size)
+        for layer in range(config.num_layers)
+        for module, size in sizes.items()
+    }
+    zeros["transformer.ln_f.bias"] = torch.zeros(width)
+    return zeros
+
+
 def from_gpt2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     restored = {
         name: tensor.t().contiguous() if name.endswith(_CONV1D) else tensor
@@ -84,7 +101,10 @@ def export(
     if not config.causal:
         raise ValueError("only causal models have a GPT-2 export")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(to_gpt2_state_dict(state_dict), str(folder / WEIGHTS), metadata={"format": "pt"})
+    exported = to_gpt2_state_dict(state_dict)
+    if not config.bias:
+        exported |= zero_biases(config)
+    save_file(exported, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / CONFIG).write_text(json.dumps(gpt2_config(config, eos_token_id), indent=2))
     generation = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -116,5 +136,8 @@ def load_export(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         num_layers=hf["n_layer"],
         num_heads=hf["n_head"],
         hidden_size=hf["n_embd"],
+        activation=next(
+            ours for ours, name in _HF_ACTIVATION.items() if name == hf["activation_function"]
+        ),
     )
     return config, from_gpt2_state_dict(load_file(str(folder / WEIGHTS)))

@@ -28,9 +28,19 @@ class GPTConfig:
     hidden_size: int = 384
     dropout: float = 0.0
     causal: bool = True  # False for masked-lm (an encoder)
+    # GPT-2 has biases in every linear layer and LayerNorm and the tanh GELU ("gelu_new");
+    # nanoGPT's small configurations drop the biases and use the exact GELU, which is
+    # cheaper per step on CPUs (the tanh form costs about 3x the exact one per element).
+    bias: bool = True
+    activation: str = "gelu-tanh"  # or "gelu" (exact)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def dropout(p: float) -> nn.Module:
+    """Dropout, or nothing when p is 0: torch's dropout still costs a kernel each way."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class SelfAttention(nn.Module):
@@ -39,9 +49,9 @@ class SelfAttention(nn.Module):
         self.num_heads = config.num_heads
         self.causal = config.causal
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.resid_dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -59,11 +69,11 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.c_fc = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=config.bias)
         # GPT-2's "gelu_new" is the tanh approximation; matching it keeps the export exact.
-        self.act = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.dropout)
+        self.act = nn.GELU(approximate="tanh" if config.activation == "gelu-tanh" else "none")
+        self.c_proj = nn.Linear(4 * config.hidden_size, config.hidden_size, bias=config.bias)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.dropout(self.c_proj(self.act(self.c_fc(x))))
@@ -75,9 +85,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size)
+        self.ln_1 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.attn = SelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.hidden_size)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +103,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.context_length, config.hidden_size)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size)
+        self.ln_f = nn.LayerNorm(config.hidden_size, bias=config.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
@@ -106,9 +116,14 @@ class Transformer(nn.Module):
         return out
 
 
+ACTIVATIONS = ("gelu-tanh", "gelu")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {config.activation!r} is not one of {ACTIVATIONS}")
         self.config = config
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

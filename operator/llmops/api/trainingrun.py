@@ -104,6 +104,17 @@ class ModelArchitecture(ApiModel):
             check=lambda s: s.pretrained is None or s.architecture == "gpt",
             field_path=".architecture",
         ),
+        Rule(
+            cel="(!has(self.bias) && !has(self.activation)) "
+            "|| (self.architecture == 'gpt' && !has(self.pretrained))",
+            message="bias and activation shape a gpt model built from scratch; a llama or a "
+            "pretrained model brings its own",
+            check=lambda s: (
+                (s.bias is None and s.activation is None)
+                or (s.architecture == "gpt" and s.pretrained is None)
+            ),
+            field_path=".bias",
+        ),
     )
 
     objective: Objective = Field(
@@ -154,6 +165,16 @@ class ModelArchitecture(ApiModel):
         default=256, description="Tokens per training sequence.", ge=8, le=1048576
     )
     dropout: float = Field(default=0.0, description="Dropout probability.", ge=0, lt=1)
+    bias: bool | None = Field(
+        default=None,
+        description="gpt: biases in the linear layers and LayerNorms (GPT-2's layout); unset "
+        "means true. `false` is nanoGPT's choice for small models: slightly faster and as good.",
+    )
+    activation: Literal["gelu-tanh", "gelu"] | None = Field(
+        default=None,
+        description="gpt: the feed-forward activation, GPT-2's tanh approximation of GELU "
+        "(`gelu-tanh`, the default) or the exact GELU (`gelu`, nanoGPT's; cheaper on CPUs).",
+    )
 
 
 class CheckpointRef(ApiModel):
