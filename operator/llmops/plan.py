@@ -676,7 +676,7 @@ def _batch(spec: TrainingRunSpec) -> tuple[int, int]:
     """(sequences per optimizer step over all processes, optimizer steps); the trainer's
     batch plan (llmops_trainer.plan) for the spec's own world size."""
     hp = spec.hyperparameters
-    world = spec.resources.num_nodes * spec.resources.procs_per_node
+    world = spec.resources.num_nodes * spec.resources.processes_per_node
     per_step = (
         hp.global_batch_size or hp.micro_batch_size * (hp.gradient_accumulation_steps or 1) * world
     )
@@ -711,7 +711,7 @@ def _memory(
     checkpointing: bool,
 ) -> Memory:
     ds, res = spec.deepspeed, spec.resources
-    world = res.num_nodes * res.procs_per_node
+    world = res.num_nodes * res.processes_per_node
     states = model_states(
         shape.parameters(),
         trainable,
@@ -726,7 +726,7 @@ def _memory(
     tokens = spec.hyperparameters.micro_batch_size * spec.model.context_length
     capacity: float | None = accelerator.memory_bytes
     if capacity is None and res.memory is not None:
-        capacity = quantity_bytes(res.memory) / res.procs_per_node
+        capacity = quantity_bytes(res.memory) / res.processes_per_node
     return Memory(
         parameters=states.parameters,
         gradients=states.gradients,
@@ -734,7 +734,7 @@ def _memory(
         activations=float(activation_bytes(shape, e, tokens, checkpointing)),
         overhead=float(accelerator.overhead_bytes),
         capacity=capacity,
-        offloaded_per_pod=states.offloaded * res.procs_per_node,
+        offloaded_per_pod=states.offloaded * res.processes_per_node,
     )
 
 
@@ -810,7 +810,7 @@ def plan(
     memory = _memory(spec, shape, trainable, accelerator, checkpointing)
 
     res = spec.resources
-    world = res.num_nodes * res.procs_per_node
+    world = res.num_nodes * res.processes_per_node
     if accelerator.name != "cpu" and res.gpus_per_node == 0:
         warnings.append(
             f"resources.gpusPerNode is 0: the run trains on CPUs, not {accelerator.label}"

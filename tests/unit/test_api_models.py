@@ -126,6 +126,27 @@ def test_global_batch_size_rule() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("resources", "processes"),
+    [({}, 1), ({"gpusPerNode": 4}, 4), ({"procsPerNode": 2}, 2), ({"numNodes": 2}, 1)],
+)
+def test_processes_per_node_unset_means_one_per_gpu_or_one(
+    resources: dict[str, int], processes: int
+) -> None:
+    """The batch rule counts what unset means: 8 x 4 GPUs is 32 per step, so 48 is refused."""
+    base: dict[str, Any] = {"datasetRef": {"name": "c"}, "resources": resources}
+    spec = TrainingRunSpec.model_validate({**base, "hyperparameters": {"maxSteps": 5}})
+    assert spec.resources.processes_per_node == processes
+    world = processes * resources.get("numNodes", 1)
+    batch = {"maxSteps": 5, "microBatchSize": 8, "globalBatchSize": 8 * world * 3}
+    TrainingRunSpec.model_validate({**base, "hyperparameters": batch})
+    if world > 1:
+        with pytest.raises(ValidationError, match="globalBatchSize"):
+            TrainingRunSpec.model_validate(
+                {**base, "hyperparameters": {**batch, "globalBatchSize": 8 * world + 8}}
+            )
+
+
 @pytest.mark.parametrize("key", list(OWNED))
 def test_overlay_keys_owned_by_typed_fields_are_refused(key: str) -> None:
     """Every refused key, nested as DeepSpeed nests it, fails naming its path; the CRD carries

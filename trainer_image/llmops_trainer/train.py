@@ -17,7 +17,7 @@ On CPUs (no GPUs in the spec):
   which oversubscribes a pod with a CPU limit, and torchrun's default for several processes is 1,
   which leaves cores idle when there are more cores than processes. An OMP_NUM_THREADS that
   whoever started torchrun set wins (torchrun's own default does not count).
-- Process count: `resources.procsPerNode`, as on GPUs (the spec always sets it). A process
+- Process count: `resources.procsPerNode`; unset means one (one per GPU on GPUs). A process
   per core with one thread each does less work per process, but adds a gradient all-reduce
   (gloo) and a lockstep that another program on the node stalls; on 2 cores and nanoGPT's
   small model it measured about 0.9x one process with 2 threads, so one process per pod is

@@ -365,18 +365,35 @@ class TrainingResources(Resources):
 
     cel_rules = (
         Rule(
-            cel="self.gpusPerNode == 0 || self.procsPerNode == self.gpusPerNode",
+            cel="!has(self.procsPerNode) || self.gpusPerNode == 0 || "
+            "self.procsPerNode == self.gpusPerNode",
             message="procsPerNode must equal gpusPerNode (one process per GPU)",
-            check=lambda s: s.gpus_per_node == 0 or s.procs_per_node == s.gpus_per_node,
+            check=lambda s: (
+                s.procs_per_node is None
+                or s.gpus_per_node == 0
+                or s.procs_per_node == s.gpus_per_node
+            ),
             field_path=".procsPerNode",
         ),
     )
 
     num_nodes: int = Field(default=1, description="Worker pods (one per node).", ge=1, le=1024)
-    procs_per_node: int = Field(default=1, description="Training processes per pod.", ge=1, le=64)
+    procs_per_node: int | None = Field(
+        default=None,
+        description="Training processes per pod. Unset means one per GPU, or one on CPUs: a "
+        "process using all the pod's cores is faster than several sharing them (no gradient "
+        "all-reduce, no lockstep).",
+        ge=1,
+        le=64,
+    )
     gpus_per_node: int = Field(
         default=0, description="GPUs (`nvidia.com/gpu`) per pod; 0 trains on CPU.", ge=0, le=16
     )
+
+    @property
+    def processes_per_node(self) -> int:
+        """procsPerNode, or what unset means."""
+        return self.procs_per_node or self.gpus_per_node or 1
 
 
 class Checkpointing(ApiModel):
@@ -594,7 +611,7 @@ class Evaluation(ApiModel):
 
 
 def _world(spec: TrainingRunSpec) -> int:
-    return spec.resources.num_nodes * spec.resources.procs_per_node
+    return spec.resources.num_nodes * spec.resources.processes_per_node
 
 
 def _batch_ok(spec: TrainingRunSpec) -> bool:
@@ -627,7 +644,9 @@ class Budget(ApiModel):
 
 
 _WORLD = (
-    "self.hyperparameters.microBatchSize * self.resources.numNodes * self.resources.procsPerNode"
+    "self.hyperparameters.microBatchSize * self.resources.numNodes * "
+    "(has(self.resources.procsPerNode) ? self.resources.procsPerNode : "
+    "(self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1))"
 )
 
 

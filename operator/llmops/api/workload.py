@@ -196,7 +196,7 @@ def torchrun_command(
     return [
         *launcher,
         f"--nnodes={resources.num_nodes}",
-        f"--nproc-per-node={resources.procs_per_node}",
+        f"--nproc-per-node={resources.processes_per_node}",
         f"--node-rank={node_rank}",
         f"--master-addr={master_addr}",
         f"--master-port={master_port}",

@@ -108,8 +108,8 @@ def gang_env(run: TrainingRun, job: str) -> list[dict[str, Any]]:
         "MASTER_ADDR": master,
         "MASTER_PORT": str(RENDEZVOUS_PORT),
         "NNODES": str(resources.num_nodes),
-        "NPROC_PER_NODE": str(resources.procs_per_node),
-        "WORLD_SIZE": str(resources.num_nodes * resources.procs_per_node),
+        "NPROC_PER_NODE": str(resources.processes_per_node),
+        "WORLD_SIZE": str(resources.num_nodes * resources.processes_per_node),
     }
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
     rank = {"valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
