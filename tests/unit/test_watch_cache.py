@@ -13,6 +13,7 @@ from llmops.controllers.cache import (
     Informer,
     Store,
     WatchCache,
+    covers,
     field_matcher,
     label_matcher,
 )
@@ -137,11 +138,29 @@ def test_label_selectors(selector: str, labels: dict[str, str], expected: bool):
     assert match({"metadata": {"labels": labels}}) is expected
 
 
-def test_set_based_selectors_and_other_fields_go_to_the_api():
+def test_set_based_selectors_and_inequalities_go_to_the_api():
     assert label_matcher("env in (a,b)") is None
-    assert field_matcher("involvedObject.name=x") is None
+    assert field_matcher("metadata.name!=a") is None
     match = field_matcher("metadata.name=a")
     assert match is not None and match(obj("a", 1)) and not match(obj("b", 1))
+
+
+def test_field_selectors_match_nested_fields():
+    failed = {"reason": "FailedCreate", "involvedObject": {"kind": "Job", "name": "j"}}
+    match = field_matcher("reason=FailedCreate,involvedObject.kind==Job,involvedObject.name=j")
+    assert match is not None and match(failed)
+    assert not match({**failed, "involvedObject": {"kind": "Job", "name": "k"}})
+    assert not match({"reason": "FailedCreate"})  # a missing field matches no value
+
+
+def test_a_store_watched_with_a_field_selector_serves_only_reads_asking_for_it():
+    watched = "reason=FailedCreate"
+    assert covers("reason=FailedCreate,involvedObject.name=j", watched)
+    assert not covers("involvedObject.name=j", watched)  # other reasons are not held
+    assert not covers(None, watched)  # nor a get by name
+    assert not covers("reason=FailedScheduling", watched)
+    assert covers(None, None) and covers("metadata.name=a", None)
+    assert not covers("metadata.name!=a", None)
 
 
 class FakeServer:
@@ -246,10 +265,17 @@ def test_write_through_is_read_at_once_and_a_later_event_of_it_changes_nothing()
     assert informer.store.get("ns", "a") is None
 
 
-def test_events_and_cluster_wide_reads_are_not_cached():
+def test_cluster_wide_reads_are_not_cached():
     cache = WatchCache(dynamic=None, resolve=lambda *_: None)
-    assert cache.store("v1", "Event", "ns") is None
     assert cache.store("v1", "ConfigMap", None) is None
+
+
+def test_an_informer_lists_and_watches_with_its_field_selector():
+    server = FakeServer([listing("10")], [[]])
+    informer = Informer("ev", server.list_fn, server.watch_fn, field_selector="reason=X")
+    informer.watch_once(informer.list_once())
+    assert server.list_params == [{"field_selector": "reason=X"}]
+    assert server.watch_params[0]["field_selector"] == "reason=X"
 
 
 def test_cached_objects_leave_out_managed_fields() -> None:

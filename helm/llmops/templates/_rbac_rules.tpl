@@ -25,8 +25,9 @@ with exactly these rules):
   verbs: ["create", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  # list: a Job's FailedCreate events say why its pods do not exist
-  verbs: ["create", "list"]
+  # list, watch: a Job's FailedCreate events say why its pods do not exist (watched with a
+  # field selector on that reason)
+  verbs: ["create", "list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch"]

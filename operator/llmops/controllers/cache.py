@@ -16,8 +16,9 @@ only namespaces where its resources live, whatever namespaces it was started for
 no RBAC beyond list/watch of what it already reads. Pods are watched with the label every
 llmops workload pod carries (`app.kubernetes.io/managed-by=llmops`, from the pod templates);
 the other kinds are watched unfiltered, since `ensure` must see a foreign object that took a
-child's name (and a Dataset may write into a claim the user made). Events and pod logs are not
-cached: they are read only when a decision needs them.
+child's name (and a Dataset may write into a claim the user made). Events are watched with a
+field selector, only the one reason a decision reads (the Job controller's FailedCreate), and
+serve only reads that ask for that reason; pod logs are not cached.
 
 The store and the event handling are plain logic (`Store`, `Informer` with injected list and
 watch functions), unit-tested with fake event streams.
@@ -38,11 +39,11 @@ log = logging.getLogger("llmops.controllers.cache")
 
 Key = tuple[str, str]  # (namespace, name)
 
-# Kinds never cached: read only when a decision needs them, and too many to keep.
-UNCACHED_KINDS = frozenset({"Event"})
 # Kinds watched with a label selector: every llmops workload pod carries this label.
 MANAGED_BY = "app.kubernetes.io/managed-by=llmops"
 SELECTORS = {("v1", "Pod"): MANAGED_BY}
+# Kinds watched with a field selector: of the events (too many to keep), the reason read.
+FIELD_SELECTORS = {("v1", "Event"): "reason=FailedCreate"}
 # Server-side watch timeout; the client gives up a little later on a silent connection.
 WATCH_SECONDS = 290
 READ_TIMEOUT = WATCH_SECONDS + 30
@@ -193,6 +194,7 @@ class Informer:
         api_version: str = "",
         kind: str = "",
         label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> None:
         self.name = name
         self.store = Store()
@@ -202,6 +204,7 @@ class Informer:
         self.api_version, self.kind = api_version, kind
         self._list, self._watch = list_fn, watch_fn
         self._selector = label_selector
+        self._fields = field_selector
         self._thread: threading.Thread | None = None
         self.response: Any = None  # the open watch response, closed by stop()
         self.relists = 0
@@ -218,7 +221,8 @@ class Informer:
                 response.shutdown()
 
     def _params(self) -> dict[str, Any]:
-        return {"label_selector": self._selector} if self._selector else {}
+        params = {"label_selector": self._selector, "field_selector": self._fields}
+        return {key: value for key, value in params.items() if value}
 
     def list_once(self) -> str | None:
         """LIST into the store; the list's resourceVersion, from which to watch."""
@@ -323,19 +327,41 @@ def label_matcher(selector: str | None) -> Callable[[Mapping[str, Any]], bool] |
     return match
 
 
-def field_matcher(selector: str | None) -> Callable[[Mapping[str, Any]], bool] | None:
-    """`metadata.name=` and `metadata.namespace=` field selectors; None for others."""
-    if not selector:
-        return lambda _: True
+def field_terms(selector: str | None) -> dict[str, str] | None:
+    """A field selector of `path=value` (or `==`) terms as {path: value}; None for what it
+    does not understand (`!=`)."""
     wanted: dict[str, str] = {}
-    for raw in selector.split(","):
+    for raw in (selector or "").split(","):
+        if not raw.strip():
+            continue
         field, sep, value = raw.strip().partition("=")
-        field = field.rstrip("=")
-        value = value.lstrip("=")
-        if not sep or field not in ("metadata.name", "metadata.namespace") or "!" in field:
+        if not sep or field.endswith("!"):
             return None
-        wanted[field.split(".")[1]] = value
-    return lambda obj: all((obj.get("metadata") or {}).get(k) == v for k, v in wanted.items())
+        wanted[field] = value.removeprefix("=")
+    return wanted
+
+
+def _field(obj: Mapping[str, Any], path: str) -> Any:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def field_matcher(selector: str | None) -> Callable[[Mapping[str, Any]], bool] | None:
+    """Equality field selectors (`metadata.name=x`, `involvedObject.name=x`, `reason=x`) as a
+    predicate over the object's fields; None for others."""
+    wanted = field_terms(selector)
+    if wanted is None:
+        return None
+    return lambda obj: all(_field(obj, path) == value for path, value in wanted.items())
+
+
+def covers(selector: str | None, watched: str | None) -> bool:
+    """Whether a read with field selector `selector` asks only for objects a watch with
+    field selector `watched` holds (every watched term is among the read's)."""
+    asked, held = field_terms(selector), field_terms(watched)
+    return asked is not None and held is not None and held.items() <= asked.items()
 
 
 def _lines(response: Any) -> Iterator[bytes]:
@@ -362,7 +388,7 @@ class WatchCache:
 
     def store(self, api_version: str, kind: str, namespace: str | None) -> Store | None:
         """The synced store of this kind in this namespace, or None (read the API)."""
-        if not namespace or kind in UNCACHED_KINDS:
+        if not namespace:
             return None
         key = (api_version, kind, namespace)
         with self._lock:
@@ -412,6 +438,7 @@ class WatchCache:
             api_version=api_version,
             kind=kind,
             label_selector=SELECTORS.get((api_version, kind)),
+            field_selector=FIELD_SELECTORS.get((api_version, kind)),
         )
         self._informers[(api_version, kind, namespace)] = informer
         informer.start()

@@ -7,7 +7,6 @@ import copy
 import logging
 import os
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -125,9 +124,7 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
     return ensured.object
 
 
-# Events are not watched: a Job's FailedCreate events are read again at most this often,
-# and not before the Job is this old.
-FAILED_CREATES_SECONDS = 15.0
+# The Job controller's pods get this long to appear (or fail to) before FailedCreate is read.
 JOB_CONTROLLER_SECONDS = 3.0
 
 
@@ -136,33 +133,19 @@ def _age_seconds(obj: Mapping[str, Any]) -> float:
     return float("inf") if created is None else (now() - created).total_seconds()
 
 
-_failed_creates: dict[str, tuple[float, list[str]]] = {}  # Job uid -> (read at, messages)
-
-
 def failed_creates(job: Mapping[str, Any], namespace: str) -> list[str]:
     """The Job controller's FailedCreate events: why the Job has fewer pods than it wants
     (a missing PriorityClass, a quota, a webhook); recorded nowhere in the Job's status.
-    Remembered for FAILED_CREATES_SECONDS: a Job waiting for its pods is reconciled every
-    few seconds, and the reason changes slowly."""
+    Read from the watch cache, which holds exactly these events (cache.FIELD_SELECTORS)."""
     name = job["metadata"]["name"]
     if _age_seconds(job) < JOB_CONTROLLER_SECONDS:
         return []  # the Job controller has not had the time to create its pods, or fail to
-    key = str(job["metadata"].get("uid") or f"{namespace}/{name}")
-    now = time.monotonic()
-    seen = _failed_creates.get(key)
-    if seen is not None and now - seen[0] < FAILED_CREATES_SECONDS:
-        return seen[1]
-    events = kube().list("v1", "Event", namespace, field_selector=f"involvedObject.name={name}")
-    found = [
-        str(e.get("message", ""))
-        for e in events
-        if e.get("reason") == "FailedCreate" and e.get("involvedObject", {}).get("kind") == "Job"
-    ][-1:]
-    if len(_failed_creates) > 10_000:  # forget Jobs not asked about for a while
-        for stale in [k for k, (at, _) in _failed_creates.items() if now - at > 300]:
-            del _failed_creates[stale]
-    _failed_creates[key] = (now, found)
-    return found
+    selector = f"reason=FailedCreate,involvedObject.kind=Job,involvedObject.name={name}"
+    events = kube().list("v1", "Event", namespace, field_selector=selector)
+    uid = job["metadata"].get("uid")
+    mine = [e for e in events if not uid or e["involvedObject"].get("uid") in (None, uid)]
+    mine.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return [str(e.get("message", "")) for e in mine][-1:]
 
 
 KUEUE_WORKLOAD = ("kueue.x-k8s.io/v1beta2", "Workload")

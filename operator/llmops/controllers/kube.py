@@ -21,7 +21,14 @@ import kubernetes
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError, ResourceNotFoundError
 
-from llmops.controllers.cache import WatchCache, field_matcher, label_matcher
+from llmops.controllers.cache import (
+    FIELD_SELECTORS,
+    Store,
+    WatchCache,
+    covers,
+    field_matcher,
+    label_matcher,
+)
 
 FIELD_MANAGER = "llmops"
 # Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
@@ -212,7 +219,7 @@ class Kube:
     def _get(
         self, resource: Any, api_version: str, kind: str, name: str, namespace: str | None
     ) -> dict[str, Any] | None:
-        store = self.cache.store(api_version, kind, namespace) if self.cache else None
+        store = self._store(api_version, kind, namespace, None)
         if store is not None:
             return store.get(namespace, name)
         try:
@@ -220,6 +227,17 @@ class Kube:
         except NotFoundError:
             return None
         return dict(found.to_dict())
+
+    def _store(
+        self, api_version: str, kind: str, namespace: str | None, field_selector: str | None
+    ) -> Store | None:
+        """The cache's store for a read, if it holds everything the read asks for (a kind
+        watched with a field selector serves only reads asking for what it watches)."""
+        if self.cache is None:
+            return None
+        if not covers(field_selector, FIELD_SELECTORS.get((api_version, kind))):
+            return None
+        return self.cache.store(api_version, kind, namespace)
 
     def list(
         self,
@@ -230,7 +248,7 @@ class Kube:
         field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
         resource = self._resource(api_version, kind)
-        store = self.cache.store(api_version, kind, namespace) if self.cache else None
+        store = self._store(api_version, kind, namespace, field_selector)
         labels, fields = label_matcher(label_selector), field_matcher(field_selector)
         if store is not None and labels is not None and fields is not None:
             return store.items(namespace, lambda o: labels(o) and fields(o))
