@@ -111,13 +111,15 @@ def calls_between(before: dict[str, float], after: dict[str, float]) -> dict[str
     return calls
 
 
-def steady_state(port: int, seconds: float, what: str) -> None:
+def steady_state(port: int, seconds: float, what: str, cpu: CpuMeter) -> None:
     """API requests per reconcile while nothing changes (every timer still ticks)."""
     if seconds <= 0:
         return
     before = scrape(port)
+    cpu.start()
     time.sleep(seconds)
     after = scrape(port)
+    print(f"steady state {what}: {cpu.line()}", flush=True)
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -134,6 +136,44 @@ def steady_state(port: int, seconds: float, what: str) -> None:
         f"kopf) = {per:.2f} per reconcile; llmops client calls: {calls}",
         flush=True,
     )
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far (/proc/<pid>/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return used
+
+
+class CpuMeter:
+    """Where the CPU went between start() and line(): each process's seconds and its share of
+    the machine (all cores) over the wall time, biggest first."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]]) -> None:
+        self.pids = pids
+        self.started, self.before = 0.0, {}
+
+    def start(self) -> None:
+        self.started, self.before = time.monotonic(), cpu_seconds(self.pids())
+
+    def line(self) -> str:
+        wall = time.monotonic() - self.started
+        after = cpu_seconds(self.pids())
+        used = {k: v - self.before.get(k, 0.0) for k, v in after.items()}
+        capacity = wall * (os.cpu_count() or 1)
+        parts = [
+            f"{name} {seconds:.1f}s ({seconds / capacity:.0%})"
+            for name, seconds in sorted(used.items(), key=lambda kv: -kv[1])
+            if seconds >= 0.05
+        ]
+        total = sum(used.values())
+        return f"CPU over {wall:.1f}s: " + ", ".join(parts) + f"; all {total / capacity:.0%}"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -207,17 +247,26 @@ def main() -> int:
             return process, port
 
         operator, port = start_operator()
+        cpu = CpuMeter(
+            lambda: {
+                "operator": operator.pid,
+                **{p.name: p.popen.pid for p in plane.processes},
+                "benchmark": os.getpid(),
+            }
+        )
         try:
             print(f"machine: {os.cpu_count()} CPUs; operator pid {operator.pid}", flush=True)
             counts = [int(c) for c in args.counts.split(",")]
             for count in counts:
                 namespace = f"scale-tr-{count}"
                 setup_namespace(core, custom, namespace)
+                cpu.start()
                 result = run_round(
                     core, custom, api, port, namespace, "trainingruns", count, training_run
                 )
                 report(f"{count} TrainingRuns", result, operator.pid)
-                steady_state(port, args.quiet, f"after {count} TrainingRuns")
+                print(f"{count} TrainingRuns: {cpu.line()}", flush=True)
+                steady_state(port, args.quiet, f"after {count} TrainingRuns", cpu)
                 if count == args.failures:
                     operator, port = operator_killed(
                         api, custom, namespace, count, operator, start_operator
@@ -226,6 +275,7 @@ def main() -> int:
             if args.deployments:
                 namespace = f"scale-md-{args.deployments}"
                 setup_namespace(core, custom, namespace)
+                cpu.start()
                 result = run_round(
                     core,
                     custom,
@@ -237,7 +287,9 @@ def main() -> int:
                     model_deployment,
                 )
                 report(f"{args.deployments} ModelDeployments", result, operator.pid)
-                steady_state(port, args.quiet, f"after {args.deployments} ModelDeployments")
+                print(f"{args.deployments} ModelDeployments: {cpu.line()}", flush=True)
+                what = f"after {args.deployments} ModelDeployments"
+                steady_state(port, args.quiet, what, cpu)
         finally:
             operator.terminate()
             operator.wait(30)
@@ -450,44 +502,92 @@ def _names(api: Any, path: str) -> set[str]:
     return {item["metadata"]["name"] for item in _items(api, path)}
 
 
-def children_ready(
-    core: Any, api: Any, namespace: str, plural: str
-) -> Callable[[dict[str, Any]], bool]:
-    """Whether one resource has all its children, from one listing per kind."""
+def reported(plural: str, obj: dict[str, Any]) -> bool:
+    """Whether the operator reported on the resource: `Created` (TrainingRun, written once its
+    children exist) or a phase (ModelDeployment)."""
+    status = obj.get("status") or {}
+    if plural == "trainingruns":
+        return any(
+            c["type"] == "Created" and c["status"] == "True" for c in status.get("conditions", [])
+        )
+    return bool(status.get("phase"))
+
+
+def children_missing(api: Any, namespace: str, plural: str, names: list[str]) -> list[str]:
+    """The resources (of `names`) some child of which does not exist, from one listing per
+    child kind."""
     ns = f"/namespaces/{namespace}"
     configs = _names(api, f"/api/v1{ns}/configmaps")
     services = _names(api, f"/api/v1{ns}/services")
     if plural == "trainingruns":
         jobs = _names(api, f"/apis/batch/v1{ns}/jobs")
-
-        def ready(obj: dict[str, Any]) -> bool:
-            name = obj["metadata"]["name"]
-            created = any(
-                c["type"] == "Created" and c["status"] == "True"
-                for c in (obj.get("status") or {}).get("conditions", [])
-            )
-            return (
-                created
-                and f"{name}-config" in configs
-                and f"{name}-headless" in services
-                and f"{name}-workers-0" in jobs
-            )
-
-        return ready
+        return [
+            n
+            for n in names
+            if f"{n}-config" not in configs
+            or f"{n}-headless" not in services
+            or f"{n}-workers-0" not in jobs
+        ]
     deployments = _names(api, f"/apis/apps/v1{ns}/deployments")
     budgets = _names(api, f"/apis/policy/v1{ns}/poddisruptionbudgets")
+    return [
+        n
+        for n in names
+        if f"{n}-config" not in configs
+        or f"{n}-server" not in deployments
+        or n not in services
+        or not any(b.startswith(n) for b in budgets)
+    ]
 
-    def md_ready(obj: dict[str, Any]) -> bool:
-        name = obj["metadata"]["name"]
-        return (
-            bool((obj.get("status") or {}).get("phase"))
-            and f"{name}-config" in configs
-            and f"{name}-server" in deployments
-            and name in services
-            and any(b.startswith(name) for b in budgets)
-        )
 
-    return md_ready
+def watch_reports(
+    api: Any, namespace: str, plural: str, count: int, done_at: dict[str, float]
+) -> threading.Thread:
+    """A thread that watches the resources and records when each was first reported on, until
+    `count` were. A watch rather than polling lists: lists of 1,000 objects several times a
+    second cost the API server (the machine under test) more than the operator does."""
+    from kubernetes import client, watch
+
+    custom = client.CustomObjectsApi(api)
+    started = threading.Event()
+
+    def listed() -> str:
+        """List (recording what is already reported); the version to watch from."""
+        listing = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        for obj in listing["items"]:
+            if obj["metadata"]["name"] not in done_at and reported(plural, obj):
+                done_at[obj["metadata"]["name"]] = time.monotonic()
+        return str(listing["metadata"]["resourceVersion"])
+
+    def run() -> None:
+        stream = watch.Watch()
+        version = listed()
+        started.set()
+        while len(done_at) < count:
+            try:
+                for event in stream.stream(
+                    custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    resource_version=version,
+                    timeout_seconds=60,
+                ):
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    name = obj["metadata"]["name"]
+                    if name not in done_at and reported(plural, obj):
+                        done_at[name] = time.monotonic()
+                    if len(done_at) >= count:
+                        stream.stop()
+            except client.ApiException:  # 410 Gone and the like: list again
+                version = listed()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    started.wait(30)
+    return thread
 
 
 def run_round(
@@ -502,7 +602,9 @@ def run_round(
 ) -> dict[str, Any]:
     before = scrape(port)
     created_at: dict[str, float] = {}
+    done_at: dict[str, float] = {}
     lock = threading.Lock()
+    watcher = watch_reports(api, namespace, plural, count, done_at)
 
     def create(index: int) -> None:
         name = f"r{index:04d}"
@@ -514,18 +616,12 @@ def run_round(
     started = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, range(count)))
-    done_at: dict[str, float] = {}
-    deadline = started + 900
-    while len(done_at) < count and time.monotonic() < deadline:
-        ready = children_ready(core, api, namespace, plural)
-        items = _items(api, f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}")
-        now = time.monotonic()
-        for obj in items:
-            name = obj["metadata"]["name"]
-            if name not in done_at and ready(obj):
-                done_at[name] = now
-        time.sleep(0.2)
+    watcher.join(900)
     after = scrape(port)
+    # Reported means its children were written first; check that they exist all the same.
+    missing = children_missing(api, namespace, plural, sorted(done_at))
+    for name in missing:
+        del done_at[name]
     latencies = [done_at[n] - created_at[n] for n in done_at]
     reconciles = after.get("llmops_operator_reconcile_duration_seconds_count", 0) - before.get(
         "llmops_operator_reconcile_duration_seconds_count", 0
@@ -534,6 +630,7 @@ def run_round(
     return {
         "count": count,
         "done": len(done_at),
+        "childrenMissing": missing,
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p99": percentile(latencies, 0.99) if latencies else float("nan"),
         "all_done_s": max(done_at.values()) - started if done_at else float("nan"),
@@ -545,8 +642,10 @@ def run_round(
 
 def report(what: str, result: dict[str, Any], pid: int) -> None:
     per = result["requests"] / result["reconciles"] if result["reconciles"] else float("nan")
+    absent = len(result["childrenMissing"])
+    missing = f" (children missing: {absent})" if absent else ""
     print(
-        f"{what}: {result['done']}/{result['count']} complete; "
+        f"{what}: {result['done']}/{result['count']} complete{missing}; "
         f"creation -> children+status p50 {result['p50']:.2f}s p99 {result['p99']:.2f}s "
         f"(last after {result['all_done_s']:.1f}s); operator peak RSS {peak_rss_mb(pid):.0f} MB; "
         f"{result['requests']:.0f} API requests / {result['reconciles']:.0f} reconciles = "

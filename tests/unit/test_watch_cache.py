@@ -15,6 +15,7 @@ from llmops.controllers.cache import (
     WatchCache,
     covers,
     field_matcher,
+    indexed_label,
     label_matcher,
 )
 
@@ -118,6 +119,21 @@ def test_items_by_namespace_and_selector():
     assert match is not None
     assert [o["metadata"]["name"] for o in store.items("ns", match)] == ["a"]
     assert len(store.items(None, match)) == 2
+
+
+def test_the_label_index_follows_changes_deletes_and_relists():
+    store = Store()
+    store.upsert(obj("a", 1, job="x"))
+    store.upsert(obj("b", 2, job="x"))
+    store.upsert(obj("a", 3, job="y"))  # relabelled
+    names = lambda job: [o["metadata"]["name"] for o in store.items("ns", None, ("job", job))]  # noqa: E731
+    assert names("x") == ["b"] and names("y") == ["a"]
+    store.remove(obj("b", 4, job="x"))
+    assert names("x") == []
+    store.replace([obj("c", 5, job="x"), obj("a", 3, job="y")], "5")
+    assert names("x") == ["c"] and names("y") == ["a"] and names("z") == []
+    assert indexed_label("a!=b,job==x") == ("job", "x")
+    assert indexed_label("env in (a,b)") is None and indexed_label(None) is None
 
 
 @pytest.mark.parametrize(
@@ -293,3 +309,13 @@ def test_cached_objects_leave_out_managed_fields() -> None:
     assert obj["metadata"]["managedFields"] == managed  # the caller's object is untouched
     store.replace([{**obj, "metadata": {**obj["metadata"], "resourceVersion": "6"}}], "6")
     assert "managedFields" not in store.get("n", "a")["metadata"]
+
+
+def test_cached_pods_leave_out_their_spec_and_written_kinds_keep_theirs() -> None:
+    store = Store()
+    pod = {**obj("p", 1), "kind": "Pod", "spec": {"containers": []}, "status": {"phase": "Running"}}
+    store.upsert(pod)
+    cached = store.get("ns", "p")
+    assert cached is not None and "spec" not in cached and cached["status"]["phase"] == "Running"
+    store.upsert({**obj("j", 2), "kind": "Job", "spec": {"suspend": True}})
+    assert store.get("ns", "j")["spec"] == {"suspend": True}  # type: ignore[index]

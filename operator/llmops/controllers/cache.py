@@ -79,23 +79,51 @@ def _key(obj: Mapping[str, Any]) -> Key:
     return (meta.get("namespace") or "", meta["name"])
 
 
+# Top-level fields of a kind that no decision reads, left out of the store: a pod's spec (its
+# containers, env and volumes, the Job's template again) is most of its size, and decisions
+# read only a pod's metadata and status. Kinds the operator writes keep everything: `ensure`
+# compares the live object with the manifest.
+UNREAD_FIELDS = {"Pod": ("spec",)}
+
+
 def _trimmed(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The object without metadata.managedFields, which nothing here reads and which is often
-    the largest part of it (client-go's informers commonly drop it too)."""
-    kept = dict(obj)
+    the largest part of it (client-go's informers commonly drop it too), nor UNREAD_FIELDS."""
+    kept = {k: v for k, v in obj.items() if k not in UNREAD_FIELDS.get(obj.get("kind", ""), ())}
     meta = kept.get("metadata")
     if isinstance(meta, Mapping) and "managedFields" in meta:
         kept["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
     return kept
 
 
+def _labels(obj: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+    return ((obj.get("metadata") or {}).get("labels") or {}).items()
+
+
 class Store:
-    """Objects by (namespace, name), newest resourceVersion wins."""
+    """Objects by (namespace, name), newest resourceVersion wins; indexed by label, so that
+    reading a Job's pods does not scan every pod of the namespace."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._objects: dict[Key, dict[str, Any]] = {}
         self._tombstones: dict[Key, tuple[int | None, float]] = {}
+        self._by_label: dict[tuple[str, str], set[Key]] = {}
+
+    def _put(self, key: Key, obj: dict[str, Any]) -> None:
+        self._drop(key)
+        self._objects[key] = obj
+        for label in _labels(obj):
+            self._by_label.setdefault(label, set()).add(key)
+
+    def _drop(self, key: Key) -> None:
+        old = self._objects.pop(key, None)
+        for label in _labels(old or {}):
+            keys = self._by_label.get(label)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_label[label]
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -106,12 +134,22 @@ class Store:
         return copy.deepcopy(found) if found is not None else None
 
     def items(
-        self, namespace: str | None = None, match: Callable[[Mapping[str, Any]], bool] | None = None
+        self,
+        namespace: str | None = None,
+        match: Callable[[Mapping[str, Any]], bool] | None = None,
+        label: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Copies of the objects in `namespace` that `match`, by name; `label` (a key and
+        value every match carries) narrows the candidates through the index."""
         with self._lock:
+            if label is None:
+                candidates: Iterable[tuple[Key, dict[str, Any]]] = self._objects.items()
+            else:
+                keys = self._by_label.get(label, ())
+                candidates = [(key, self._objects[key]) for key in keys]
             found = [
                 obj
-                for (ns, _), obj in self._objects.items()
+                for (ns, _), obj in candidates
                 if (namespace is None or ns == namespace) and (match is None or match(obj))
             ]
         return [copy.deepcopy(obj) for obj in sorted(found, key=lambda o: o["metadata"]["name"])]
@@ -126,7 +164,7 @@ class Store:
                 return False
             if current is None and self._deleted_after(key, obj):
                 return False
-            self._objects[key] = _trimmed(obj)
+            self._put(key, _trimmed(obj))
             self._tombstones.pop(key, None)
             return True
 
@@ -139,7 +177,7 @@ class Store:
             gone, now = resource_version(obj), resource_version(current or {})
             if current is not None and gone is not None and now is not None and gone < now:
                 return False
-            self._objects.pop(key, None)
+            self._drop(key)
             self._tombstones[key] = (gone, time.monotonic())
             return True
 
@@ -167,7 +205,9 @@ class Store:
                 version_now = resource_version(current)
                 if version_now is not None and version_now > listed:
                     fresh[key] = current  # written through after the list was taken
-            self._objects = fresh
+            self._objects, self._by_label = {}, {}
+            for key, obj in fresh.items():
+                self._put(key, obj)
 
     def _deleted_after(self, key: Key, obj: Mapping[str, Any]) -> bool:
         tombstone = self._tombstones.get(key)
@@ -285,6 +325,16 @@ class Informer:
                 log.warning("watch %s: %s; listing again in %.1fs", self.name, error, backoff)
                 self.stopped.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def indexed_label(selector: str | None) -> tuple[str, str] | None:
+    """The first `k=v` (or `k==v`) term of a label selector: what Store.items narrows by."""
+    for raw in (selector or "").split(","):
+        term = raw.strip()
+        if "=" in term and "!=" not in term and "(" not in term and " " not in term:
+            key, _, value = term.partition("=")
+            return key, value.removeprefix("=")
+    return None
 
 
 def label_matcher(selector: str | None) -> Callable[[Mapping[str, Any]], bool] | None:
