@@ -292,7 +292,11 @@ def main() -> int:
                 steady_state(port, args.quiet, what, cpu)
         finally:
             operator.terminate()
-            operator.wait(30)
+            try:
+                operator.wait(30)
+            except subprocess.TimeoutExpired:  # still finishing a backlog of handlers
+                operator.kill()
+                operator.wait(30)
     return 0
 
 
