@@ -61,11 +61,7 @@ def operator_child(port: int) -> int:
 
     def urlopen(self: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
         requests.labels("kubernetes").inc()
-        parts = url.split("?")[0].split("/")
-        where = parts.index("namespaces") + 2 if "namespaces" in parts else len(parts) - 1
-        resource = "/".join(parts[where : where + 1] + parts[where + 2 : where + 3])
-        watch = "watch" if "watch=" in url else ""
-        by_kind.labels(method + watch, resource).inc()
+        by_kind.labels(*call_labels(method, url)).inc()
         return original_urlopen(self, method, url, *args, **kwargs)
 
     urllib3.connectionpool.HTTPConnectionPool.urlopen = urlopen  # type: ignore[method-assign]
@@ -73,15 +69,19 @@ def operator_child(port: int) -> int:
 
     async def request(self: Any, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
         requests.labels("kopf").inc()
-        parts = str(url).split("?")[0].split("/")
-        where = parts.index("namespaces") + 2 if "namespaces" in parts else len(parts) - 1
-        resource = "/".join(parts[where : where + 1] + parts[where + 2 : where + 3])
-        watch = "watch" if "watch=" in str(url) else ""
-        by_kind.labels(f"kopf {method}{watch}", resource).inc()
+        by_kind.labels(*call_labels(f"kopf {method}", str(url))).inc()
         return await original_request(self, method, url, *args, **kwargs)
 
     aiohttp.ClientSession._request = request  # type: ignore[method-assign]
     return main(["operator", "--all-namespaces", f"--metrics-port={port}", "--health-port=0"])
+
+
+def call_labels(method: str, url: str) -> tuple[str, str]:
+    """(method, plus `watch` for a watch; the resource, with its subresource) of a request."""
+    parts = url.split("?")[0].split("/")
+    where = parts.index("namespaces") + 2 if "namespaces" in parts else len(parts) - 1
+    resource = "/".join(parts[where : where + 1] + parts[where + 2 : where + 3])
+    return method + ("watch" if "watch=" in url else ""), resource
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -262,7 +262,7 @@ def main() -> int:
                 setup_namespace(core, custom, namespace)
                 cpu.start()
                 result = run_round(
-                    core, custom, api, port, namespace, "trainingruns", count, training_run
+                    custom, api, port, namespace, "trainingruns", count, training_run
                 )
                 report(f"{count} TrainingRuns", result, operator.pid)
                 print(f"{count} TrainingRuns: {cpu.line()}", flush=True)
@@ -277,7 +277,6 @@ def main() -> int:
                 setup_namespace(core, custom, namespace)
                 cpu.start()
                 result = run_round(
-                    core,
                     custom,
                     api,
                     port,
@@ -595,7 +594,6 @@ def watch_reports(
 
 
 def run_round(
-    core: Any,
     custom: Any,
     api: Any,
     port: int,

@@ -527,8 +527,8 @@ def worker(args: argparse.Namespace) -> None:
         num_layers=size["layers"],
         num_heads=size["heads"],
         hidden_size=size["hidden"],
-        bias=spec.model.bias is not False,
-        activation=spec.model.activation or "gelu-tanh",
+        bias=spec.model.with_biases,
+        activation=spec.model.activation_function,
     )
     tokens_per_step = plan.global_batch_size * size["context"]
     threads = torch.get_num_threads()  # what torchrun / OMP_NUM_THREADS gave the baselines

@@ -197,7 +197,7 @@ def builtin_shape(spec: TrainingRunSpec, vocab: int) -> ModelShape:
             positions=m.context_length,
             tied=True,
             dropout=m.dropout,
-            bias=m.bias is not False,
+            bias=m.with_biases,
         )
     # Llama's 8/3 expansion, rounded up to a multiple of 64 (llmops_trainer.hf_models).
     intermediate = m.intermediate_size or 64 * -(-(8 * m.hidden_size // 3) // 64)

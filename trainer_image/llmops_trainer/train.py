@@ -347,8 +347,8 @@ class Trainer:
             hidden_size=spec.model.hidden_size,
             dropout=spec.model.dropout,
             causal=spec.model.objective != "masked-lm",
-            bias=spec.model.bias is not False,
-            activation=spec.model.activation or "gelu-tanh",
+            bias=spec.model.with_biases,
+            activation=spec.model.activation_function,
         )
         # Models from transformers: an open-weights checkpoint or a llama built from the spec.
         self.transformers = spec.model.pretrained is not None or spec.model.architecture == "llama"

@@ -176,6 +176,16 @@ class ModelArchitecture(ApiModel):
         "(`gelu-tanh`, the default) or the exact GELU (`gelu`, nanoGPT's; cheaper on CPUs).",
     )
 
+    @property
+    def with_biases(self) -> bool:
+        """bias, or what unset means (GPT-2's layout, with biases)."""
+        return self.bias is not False
+
+    @property
+    def activation_function(self) -> Literal["gelu-tanh", "gelu"]:
+        """activation, or what unset means (GPT-2's tanh GELU)."""
+        return self.activation or "gelu-tanh"
+
 
 class CheckpointRef(ApiModel):
     """A checkpoint of another TrainingRun."""
