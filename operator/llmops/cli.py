@@ -70,7 +70,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         start_http_server(args.metrics_port, addr=args.bind_address)
     kopf.configure(verbose=args.verbose)
     if not args.verbose:
-        # kopf logs every successful timer run at INFO; keep the log for what matters.
+        # kopf logs every successful handler run at INFO; keep the log for what matters.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         standalone=True,  # one replica (Recreate), so no peering between operators

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from kubelet import PLURALS, wait_crd_established
+from kubelet import wait_crd_established
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -98,32 +98,6 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     wait_for(f"default ServiceAccount in {name}", has_default_sa, 30)
     yield name
     core.delete_namespace(name)
-    release_finalizers(api_client, name)
-
-
-def release_finalizers(api_client: client.ApiClient, namespace: str) -> None:
-    """Drop the operator's finalizer from what it handled in the namespace: the test's
-    operator has stopped by now, and without this the namespace stays Terminating and the
-    namespace controller keeps deleting it, loading the API server, for the whole session."""
-    from llmops.controllers.common import FINALIZER
-
-    objects = client.CustomObjectsApi(api_client)
-    for plural in PLURALS.values():
-        found = objects.list_namespaced_custom_object("llmops.dev", "v1alpha1", namespace, plural)
-        for item in found["items"]:
-            finalizers = item["metadata"].get("finalizers") or []
-            if FINALIZER not in finalizers:
-                continue
-            kept = [f for f in finalizers if f != FINALIZER]
-            with contextlib.suppress(ApiException):  # gone meanwhile
-                objects.patch_namespaced_custom_object(
-                    "llmops.dev",
-                    "v1alpha1",
-                    namespace,
-                    plural,
-                    item["metadata"]["name"],
-                    {"metadata": {"finalizers": kept or None}},
-                )
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Every kind can be deleted while the operator runs, with and without children: the
-resource goes (kopf's finalizer is released) and its children are garbage-collected."""
+"""Every kind can be deleted, with and without children: the resource goes at once (the
+operator puts no finalizer on it) and its children are garbage-collected."""
 
 from __future__ import annotations
 
@@ -61,14 +61,19 @@ def test_every_kind_is_deleted_with_its_children(
     assert kinds == set(PLURALS)
 
     def handled() -> bool:
-        # The operator has seen each one (kopf's finalizer is on it) and made what it can.
+        # The operator has reconciled each one (its status observed the spec).
         return all(
-            "finalizers"
-            in get(api_client, namespace, doc["kind"], doc["metadata"]["name"])["metadata"]
+            "observedGeneration"
+            in (
+                get(api_client, namespace, doc["kind"], doc["metadata"]["name"]).get("status") or {}
+            )
             for doc in created
         )
 
     wait_for("the operator took every resource", handled, 60)
+    for doc in created:
+        live = get(api_client, namespace, doc["kind"], doc["metadata"]["name"])
+        assert not live["metadata"].get("finalizers"), live["metadata"]
     wait_for("children exist", lambda: bool(children(api_client, namespace)), 60)
     wait_for(
         "the sweep's first trial exists",
@@ -142,3 +147,40 @@ def test_a_served_checkpoint_claim_outlives_its_training_run(
         "llmops.dev", "v1alpha1", namespace, "modeldeployments", "served"
     )
     wait_for("the claim collected with its last user", lambda: not claim_exists(), 90)
+
+
+def test_the_finalizer_of_earlier_versions_is_taken_off(
+    api_client: client.ApiClient, operator: str
+) -> None:
+    """Resources an earlier operator handled carry its finalizer: this one releases it, so
+    deleting them does not wait for an operator."""
+    from llmops.controllers.settings import FINALIZER
+
+    namespace = operator
+    finished_dataset(api_client, namespace, "corpus")
+    run = next(d for d in examples() if d["kind"] == "TrainingRun")
+    run["spec"]["datasetRef"] = {"name": "corpus"}
+    run["metadata"]["finalizers"] = [FINALIZER, "example.com/kept"]
+    name = run["metadata"]["name"]
+    create(api_client, namespace, run)
+
+    def finalizers() -> list[str]:
+        return list(
+            get(api_client, namespace, "TrainingRun", name)["metadata"].get("finalizers") or []
+        )
+
+    wait_for("the old finalizer released", lambda: finalizers() == ["example.com/kept"], 60)
+    objects = client.CustomObjectsApi(api_client)
+    objects.patch_namespaced_custom_object(
+        "llmops.dev",
+        "v1alpha1",
+        namespace,
+        "trainingruns",
+        name,
+        {"metadata": {"finalizers": None}},
+    )
+    objects.delete_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns", name
+    )
+    wait_for("the run gone", lambda: not objects.list_namespaced_custom_object(
+        "llmops.dev", "v1alpha1", namespace, "trainingruns")["items"], 30)  # fmt: skip

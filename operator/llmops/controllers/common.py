@@ -19,12 +19,14 @@ from llmops import GROUP, VERSION
 from llmops.api.base import StatusModel
 from llmops.controllers.cache import resource_version
 from llmops.controllers.kube import (
+    RESYNC_THREADS,
     ChildConflict,
     ChildRejected,
     ChildTerminating,
     Kube,
     default_kube,
 )
+from llmops.controllers.resync import Resync
 from llmops.decide.status import Event, StatusDraft, status_patch
 
 # Shared with the decisions: the clock and the reading of child objects.
@@ -39,8 +41,6 @@ log = logging.getLogger("llmops.controllers")
 M = TypeVar("M", bound=BaseModel)
 
 # How often each resource is compared with its children (level-triggered reconcile).
-# kopf's finalizer (settings.configure): its timers need one on every object.
-FINALIZER = f"{GROUP}/finalizer"
 RECONCILE_SECONDS = float(os.environ.get("LLMOPS_RECONCILE_SECONDS", "5"))
 
 _phases: dict[tuple[str, str], str] = {}  # (kind, uid) -> phase, for the RESOURCES gauge
@@ -117,8 +117,6 @@ def ensure_child(kind: str, manifest: Mapping[str, Any], *, update: bool = True)
         ensured = kube().ensure(manifest, update=update)
     except ChildTerminating as error:
         raise kopf.TemporaryError(str(error), delay=5) from error
-    except ChildConflict as error:
-        raise kopf.PermanentError(str(error)) from error
     if ensured.created:
         CHILDREN_CREATED.labels(kind=kind, child_kind=manifest["kind"]).inc()
     return ensured.object
@@ -171,15 +169,20 @@ BUSY_WAIT_SECONDS = 30.0
 
 
 def _reconcile_alone(
-    kind: str, reconcile: Reconcile, body: kopf.Body, patch: kopf.Patch, *, retry_if_busy: bool
+    kind: str,
+    reconcile: Reconcile,
+    body: Mapping[str, Any],
+    patch: kopf.Patch,
+    *,
+    retry_if_busy: bool,
 ) -> None:
-    """One reconcile of an object at a time: kopf runs timers and change handlers side by
-    side. A busy timer tick is skipped (the next one comes soon); a change handler waits its
+    """One reconcile of an object at a time: the resync and kopf's change handlers run side
+    by side. A busy resync is skipped (the next one comes soon); a change handler waits its
     turn, and acts on the object as it is then (read afresh below), not on the stale body
     kopf handed over."""
     lock = _locks[body["metadata"]["uid"]]
     # A change waits for the running reconcile (it then reads the object afresh); after a
-    # long wait it is left to the timer's next tick.
+    # long wait it is left to the next resync.
     if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
         return
     try:
@@ -192,9 +195,10 @@ def _reconcile_alone(
             with observe_reconcile(kind):
                 try:
                     reconcile(fresh, patch)
-                except ChildRejected as error:
-                    # Retrying the same spec cannot help: say so in the status and an event,
-                    # and let the next spec change (or the regular timer) try again.
+                except (ChildRejected, ChildConflict) as error:
+                    # A child the API server refused, or whose name a foreign object holds:
+                    # retrying cannot help until the spec (or the foreign object) changes. Say
+                    # so in the status and an event; the next change or resync tries again.
                     log.warning("%s %s: %s", kind, fresh["metadata"]["name"], error)
                     _invalid_child(kind, fresh, patch, str(error))
                 else:
@@ -206,7 +210,7 @@ def _reconcile_alone(
         lock.release()
 
 
-def _newest(body: kopf.Body, kind: str) -> dict[str, Any] | None:
+def _newest(body: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     """The object as it is now: read from the watch cache (which has this operator's own
     status writes) or the API, unless kopf's body is newer still (a spec change whose event
     reached kopf before the cache)."""
@@ -259,16 +263,21 @@ Reconcile = Callable[[Mapping[str, Any], kopf.Patch], None]
 
 # The watch cache runs with the operator, so clients without it (the CLI, tests) read the API.
 WATCH_CACHE = os.environ.get("LLMOPS_WATCH_CACHE", "1") not in ("0", "false", "off")
+# Every resource is reconciled again each RECONCILE_SECONDS, by threads of its own (kopf's
+# run the change handlers).
+RESYNC = Resync(RECONCILE_SECONDS, workers=RESYNC_THREADS)
 
 
 @kopf.on.startup()
 def start_watch_cache(**_: Any) -> None:
     if WATCH_CACHE:
         kube().start_cache()
+    RESYNC.start()
 
 
 @kopf.on.cleanup()
 def stop_watch_cache(**_: Any) -> None:
+    RESYNC.stop()
     kube().stop_cache()
 
 
@@ -278,41 +287,39 @@ def register(
     reconcile: Reconcile,
     deleted: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> None:
-    """The handlers every kind has: a level-triggered reconcile on a timer (a restarted
-    operator simply carries on), an immediate one on creation and spec changes, and
+    """The handlers every kind has: a level-triggered reconcile every interval (`RESYNC`; a
+    restarted operator simply carries on), an immediate one on creation and spec changes, and
     forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted."""
 
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        plural,
-        interval=RECONCILE_SECONDS,
-        initial_delay=0,
-        backoff=RECONCILE_SECONDS * 2,
-    )
-    def reconcile_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def resync(body: dict[str, Any]) -> None:
+        patch = kopf.Patch()
         _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=False)
 
-    # The timer's first tick comes an interval after the object appears; creation and spec
-    # changes (suspend, scale, a new version) are acted on at once. Both paths converge on
-    # the same state, since every write is an idempotent apply. A raw event handler rather
-    # than on.create/on.update, which keep kopf's progress and the last handled spec in
-    # annotations: two more writes, and two more watch events, per object. A spec is new
-    # when the status has not observed its generation (every status write records it).
-    # kopf's own deletion handlers would do the same, and also keep the last handled spec in
-    # an annotation. (kopf's finalizer stays: its timers need it.)
+    RESYNC.handle(kind, resync)
+
+    # Creation and spec changes (suspend, scale, a new version) are acted on at once, not at
+    # the next resync. Both paths converge on the same state, since every write is an
+    # idempotent apply. A raw event handler rather than on.create/on.update, which keep kopf's
+    # progress and the last handled spec in annotations: two more writes, and two more watch
+    # events, per object; kopf's deletion handlers would keep the spec too and need kopf's
+    # finalizer. A spec is new when the status has not observed its generation (every status
+    # write records it). No handler here needs a finalizer, so kopf adds none (and removes
+    # the one earlier versions of the operator added).
     @kopf.on.event(GROUP, VERSION, plural)
     def reconcile_change(type: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        RESYNC.adopt_context()
+        uid = body["metadata"]["uid"]
         if type == "DELETED":
-            forget(kind, body["metadata"]["uid"])
+            RESYNC.schedule.forget(uid)
+            forget(kind, uid)
             if deleted is not None:
                 deleted(body)
             return
+        RESYNC.seen(kind, body)
         if body["metadata"].get("deletionTimestamp"):
             return
-        if FINALIZER not in (body["metadata"].get("finalizers") or []):
-            return  # kopf adds it first; acting now would race its patch (a conflict, twice)
         observed = (body.get("status") or {}).get("observedGeneration")
         if observed is not None and observed == body["metadata"].get("generation"):
             return
         _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
+        RESYNC.schedule.postpone(uid)

@@ -34,6 +34,8 @@ from llmops.controllers.cache import (
 FIELD_MANAGER = "llmops"
 # Handlers run in a thread pool of this size (kopf's settings.execution.max_workers).
 HANDLER_THREADS = 16
+# Threads of the periodic reconcile (common.RESYNC); most of its reconciles write nothing.
+RESYNC_THREADS = 8
 # How long a kind the cluster does not serve is remembered as missing.
 MISSING_TTL = 5.0
 
@@ -309,5 +311,5 @@ def default_kube() -> Kube:
     configuration = kubernetes.client.Configuration.get_default_copy()
     # One connection per handler thread: urllib3's default pool of 4 would make kopf's
     # workers queue for a socket under load.
-    configuration.connection_pool_maxsize = HANDLER_THREADS
+    configuration.connection_pool_maxsize = HANDLER_THREADS + RESYNC_THREADS
     return Kube(kubernetes.client.ApiClient(configuration))

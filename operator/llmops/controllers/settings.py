@@ -8,8 +8,11 @@ from typing import Any
 import kopf
 
 from llmops import GROUP
-from llmops.controllers.common import FINALIZER
 from llmops.controllers.kube import HANDLER_THREADS
+
+# The finalizer earlier versions of the operator had kopf put on every resource (kopf's timers
+# need one). No handler needs it now; kopf, knowing its name, takes it off where it is left.
+FINALIZER = f"{GROUP}/finalizer"
 
 
 @kopf.on.startup()
@@ -26,7 +29,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = FINALIZER
     settings.posting.reporting_component = "llmops-operator"
-    # Handler logs become Events only from WARNING up: a timer every few seconds must not
+    # Handler logs become Events only from WARNING up: a handler run on every change must not
     # flood `kubectl describe`; the controllers post the notable transitions themselves.
     settings.posting.level = logging.WARNING
     settings.posting.event_name_prefix = "llmops-"
