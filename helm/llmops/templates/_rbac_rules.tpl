@@ -1,8 +1,8 @@
 {{/*
 What the operator does, verb by verb (tests/cluster/test_security.py runs the controllers
 with exactly these rules):
-- kopf: list/watch the kinds, patch them (its progress annotations and finalizer) and
-  their status; create Events on them.
+- kopf: list/watch the kinds, patch them (taking off the finalizer earlier versions put)
+  and their status; create Events on them.
 - sweeps: create the trial TrainingRuns (server-side apply) and patch their spec.suspend.
 - controllers: read the kinds they reference (a TrainingRun's Dataset, a ModelDeployment's
   TrainingRun, a ModelDeployment's TrainingSchedule); create and delete the TrainingRuns
