@@ -200,6 +200,13 @@ def main() -> int:
         help="after the round of this many runs: SIGKILL the operator, then restart the API "
         "server, and check that everything converges (0: skip)",
     )
+    parser.add_argument(
+        "--instant",
+        type=int,
+        default=200,
+        help="last, with the operator stopped: this many runs whose children and status this "
+        "process writes the moment each run exists, the same writes as the operator's (0: skip)",
+    )
     parser.add_argument("--operator-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.operator_child:
@@ -289,6 +296,20 @@ def main() -> int:
                 print(f"{args.deployments} ModelDeployments: {cpu.line()}", flush=True)
                 what = f"after {args.deployments} ModelDeployments"
                 steady_state(port, args.quiet, what, cpu)
+            if args.instant:
+                operator.terminate()
+                operator.wait(60)
+                namespace = f"scale-instant-{args.instant}"
+                setup_namespace(core, custom, namespace)
+                cpu.start()
+                writes = InstantOperator(api, namespace)
+                result = run_round(
+                    custom, api, 0, namespace, "trainingruns", args.instant, training_run, writes
+                )
+                what = f"{args.instant} TrainingRuns, instant operator (the bound)"
+                writes.pool.shutdown()
+                report(what, result, None)
+                print(f"{what}: {cpu.line()}", flush=True)
         finally:
             operator.terminate()
             try:
@@ -593,6 +614,87 @@ def watch_reports(
     return thread
 
 
+class InstantOperator:
+    """A bound on what any operator could do here: for each run, the moment it exists, the
+    operator's own decision (`llmops.decide.trainingrun.decide` on the run and its Dataset)
+    handed to a pool of as many threads as the operator's handlers, which write it at once:
+    the children as server-side applies, the status patch, the events. No read, no watch
+    delay, no kopf: the time it takes is the API server's and the rest of the cluster's, and
+    what the operator adds is the difference."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        import copy
+
+        from kubernetes import client
+
+        from llmops.controllers.kube import HANDLER_THREADS
+
+        configuration = copy.copy(api.configuration)
+        configuration.connection_pool_maxsize = HANDLER_THREADS  # as the operator's client
+        self.api, self.namespace = client.ApiClient(configuration), namespace
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/datasets"
+        self.dataset = next(d for d in _items(api, path) if d["metadata"]["name"] == "corpus")
+        self.pool = ThreadPoolExecutor(HANDLER_THREADS)
+
+    def __call__(self, body: dict[str, Any]) -> None:
+        self.pool.submit(self.write, body)
+
+    def _call(self, method: str, path: str, body: Any, content_type: str) -> None:
+        request = self.api.param_serialize(
+            method,
+            path,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request)
+        text = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {text[:500]!r}")
+
+    def write(self, body: dict[str, Any]) -> None:
+        from llmops.api.trainingrun import TrainingRun
+        from llmops.decide import trainingrun as decide
+        from llmops.decide.status import now
+
+        run = TrainingRun.model_validate(body)
+        decision = decide.decide(run, run.status, decide.Observed(body, self.dataset), now())
+        meta = body["metadata"]
+        apply = "application/apply-patch+yaml"
+        for child in decision.children:
+            manifest = child.manifest
+            group = manifest["apiVersion"]
+            base = f"/api/{group}" if "/" not in group else f"/apis/{group}"
+            plural = PLURALS[manifest["kind"]]
+            path = f"{base}/namespaces/{self.namespace}/{plural}/{manifest['metadata']['name']}"
+            self._call("PATCH", f"{path}?fieldManager=llmops&force=true", manifest, apply)
+        status = {**decision.status.to_dict(), "observedGeneration": meta["generation"]}
+        runs = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/trainingruns"
+        merge = "application/merge-patch+json"
+        self._call("PATCH", f"{runs}/{meta['name']}/status", {"status": status}, merge)
+        for event in decision.events:
+            reference = {k: body[k] for k in ("apiVersion", "kind")}
+            reference.update({k: meta[k] for k in ("name", "namespace", "uid")})
+            posted = {
+                "metadata": {"generateName": f"{meta['name']}."},
+                "involvedObject": reference,
+                "reason": event.reason,
+                "message": event.message,
+                "type": event.type,
+                "source": {"component": "llmops-operator"},
+            }
+            events = f"/api/v1/namespaces/{self.namespace}/events"
+            self._call("POST", events, posted, "application/json")
+
+
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Job": "jobs",
+}
+
+
 def run_round(
     custom: Any,
     api: Any,
@@ -601,8 +703,9 @@ def run_round(
     plural: str,
     count: int,
     make: Callable[[str], dict[str, Any]],
+    after_create: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    before = scrape(port)
+    before = scrape(port) if port else {}
     created_at: dict[str, float] = {}
     done_at: dict[str, float] = {}
     lock = threading.Lock()
@@ -611,15 +714,17 @@ def run_round(
     def create(index: int) -> None:
         name = f"r{index:04d}"
         started = time.monotonic()
-        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, make(name))
+        made = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, make(name))
         with lock:
             created_at[name] = started
+        if after_create is not None:
+            after_create(made)
 
     started = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, range(count)))
     watcher.join(900)
-    after = scrape(port)
+    after = scrape(port) if port else {}
     # Reported means its children were written first; check that they exist all the same.
     missing = children_missing(api, namespace, plural, sorted(done_at))
     for name in missing:
@@ -642,14 +747,15 @@ def run_round(
     }
 
 
-def report(what: str, result: dict[str, Any], pid: int) -> None:
+def report(what: str, result: dict[str, Any], pid: int | None) -> None:
     per = result["requests"] / result["reconciles"] if result["reconciles"] else float("nan")
+    rss = peak_rss_mb(pid) if pid else float("nan")
     absent = len(result["childrenMissing"])
     missing = f" (children missing: {absent})" if absent else ""
     print(
         f"{what}: {result['done']}/{result['count']} complete{missing}; "
         f"creation -> children+status p50 {result['p50']:.2f}s p99 {result['p99']:.2f}s "
-        f"(last after {result['all_done_s']:.1f}s); operator peak RSS {peak_rss_mb(pid):.0f} MB; "
+        f"(last after {result['all_done_s']:.1f}s); operator peak RSS {rss:.0f} MB; "
         f"{result['requests']:.0f} API requests / {result['reconciles']:.0f} reconciles = "
         f"{per:.1f} per reconcile; per resource: "
         + ", ".join(f"{k} {v / result['count']:.2f}" for k, v in sorted(result["calls"].items())),
