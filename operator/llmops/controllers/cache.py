@@ -27,9 +27,9 @@ watch functions), unit-tested with fake event streams.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -86,6 +86,13 @@ def _key(obj: Mapping[str, Any]) -> Key:
 UNREAD_FIELDS = {"Pod": ("spec",)}
 
 
+def json_copy(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of JSON data: what the store hands out and takes in, so that no caller
+    shares its objects. Through pickle, four times as fast as copy.deepcopy on a Job."""
+    copied: dict[str, Any] = pickle.loads(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    return copied
+
+
 def _trimmed(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The object without metadata.managedFields, which nothing here reads and which is often
     the largest part of it (client-go's informers commonly drop it too), nor UNREAD_FIELDS."""
@@ -131,7 +138,7 @@ class Store:
     def get(self, namespace: str | None, name: str) -> dict[str, Any] | None:
         with self._lock:
             found = self._objects.get((namespace or "", name))
-        return copy.deepcopy(found) if found is not None else None
+        return json_copy(found) if found is not None else None
 
     def items(
         self,
@@ -152,7 +159,7 @@ class Store:
                 for (ns, _), obj in candidates
                 if (namespace is None or ns == namespace) and (match is None or match(obj))
             ]
-        return [copy.deepcopy(obj) for obj in sorted(found, key=lambda o: o["metadata"]["name"])]
+        return [json_copy(obj) for obj in sorted(found, key=lambda o: o["metadata"]["name"])]
 
     def upsert(self, obj: Mapping[str, Any]) -> bool:
         """An object added or modified (a watch event or the operator's own write); False
@@ -498,7 +505,7 @@ class WatchCache:
         """The operator wrote `obj` (as the server returned it)."""
         informer = self._informer_of(obj)
         if informer is not None and obj is not None:
-            informer.store.upsert(copy.deepcopy(dict(obj)))  # the caller keeps its own
+            informer.store.upsert(json_copy(obj))  # the caller keeps its own
 
     def deleted(self, obj: Mapping[str, Any] | None) -> None:
         """The operator deleted `obj` (its last state, as the server returned it)."""

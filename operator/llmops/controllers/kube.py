@@ -68,6 +68,13 @@ def _rejection_message(error: DynamicApiError) -> str:
     return str(body.get("message") or error.reason)
 
 
+def plain(_client: Any, data: Any) -> Any:
+    """The dynamic client's responses as the JSON they are (`serializer=plain`): its
+    ResourceInstance wraps every nested field in an object, only for callers to convert it
+    back (a tenth of the operator's CPU when creating runs at scale)."""
+    return data
+
+
 class Ensured(NamedTuple):
     object: dict[str, Any]
     created: bool
@@ -177,13 +184,14 @@ class Kube:
                 namespace=meta.get("namespace"),
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
+                serializer=plain,
             )
         except DynamicApiError as error:
             if error.status in _REJECTIONS:
                 message = _rejection_message(error)
                 raise ChildRejected(manifest["kind"], meta["name"], message) from error
             raise
-        return Ensured(self._written(dict(applied.to_dict())), created=existing is None)
+        return Ensured(self._written(applied), created=existing is None)
 
     def patch(
         self, api_version: str, kind: str, name: str, namespace: str | None, body: Mapping[str, Any]
@@ -195,8 +203,9 @@ class Kube:
             namespace=namespace,
             content_type="application/merge-patch+json",
             field_manager=FIELD_MANAGER,
+            serializer=plain,
         )
-        return self._written(dict(patched.to_dict()))
+        return self._written(patched)
 
     def patch_status(
         self, api_version: str, kind: str, name: str, namespace: str, status: Mapping[str, Any]
@@ -209,10 +218,11 @@ class Kube:
                 namespace=namespace,
                 content_type="application/merge-patch+json",
                 field_manager=FIELD_MANAGER,
+                serializer=plain,
             )
         except NotFoundError:
             return None
-        return self._written(dict(patched.to_dict()))
+        return self._written(patched)
 
     def pod_log_tail(self, name: str, namespace: str, lines: int = 100) -> str | None:
         """The end of a pod's log, or None where the node serves no logs."""
@@ -235,10 +245,10 @@ class Kube:
         if store is not None:
             return store.get(namespace, name)
         try:
-            found = resource.get(name=name, namespace=namespace)
+            found: dict[str, Any] = resource.get(name=name, namespace=namespace, serializer=plain)
         except NotFoundError:
             return None
-        return dict(found.to_dict())
+        return found
 
     def _store(
         self, api_version: str, kind: str, namespace: str | None, field_selector: str | None
@@ -266,9 +276,13 @@ class Kube:
             match = lambda o: labels(o) and fields(o)  # noqa: E731
             return store.items(namespace, match, indexed_label(label_selector))
         found = resource.get(
-            namespace=namespace, label_selector=label_selector, field_selector=field_selector
+            namespace=namespace,
+            label_selector=label_selector,
+            field_selector=field_selector,
+            serializer=plain,
         )
-        return [dict(item.to_dict()) for item in found.items]
+        items: list[dict[str, Any]] = found["items"]
+        return items
 
     def delete(
         self,
@@ -287,12 +301,12 @@ class Kube:
             return False
         try:
             gone = self._resource(api_version, kind).delete(
-                name=name, namespace=namespace, propagation_policy=propagation
+                name=name, namespace=namespace, propagation_policy=propagation, serializer=plain
             )
         except (NotFoundError, ResourceNotFoundError):
             return False
         if self.cache is not None:
-            last = gone.to_dict() if hasattr(gone, "to_dict") else {}
+            last = gone if isinstance(gone, dict) else {}
             if last.get("kind") != kind:  # a Status, not the object: forget it by name
                 last = {"apiVersion": api_version, "kind": kind, "metadata": {}}
                 last["metadata"] = {"name": name, "namespace": namespace}
