@@ -311,11 +311,19 @@ def test_cached_objects_leave_out_managed_fields() -> None:
     assert "managedFields" not in store.get("n", "a")["metadata"]
 
 
-def test_cached_pods_leave_out_their_spec_and_written_kinds_keep_theirs() -> None:
+def test_cached_pods_leave_out_their_spec_jobs_their_template_other_kinds_keep_all() -> None:
     store = Store()
     pod = {**obj("p", 1), "kind": "Pod", "spec": {"containers": []}, "status": {"phase": "Running"}}
     store.upsert(pod)
     cached = store.get("ns", "p")
     assert cached is not None and "spec" not in cached and cached["status"]["phase"] == "Running"
-    store.upsert({**obj("j", 2), "kind": "Job", "spec": {"suspend": True}})
+    template = {"spec": {"containers": [{"name": "trainer"}]}}
+    job = {**obj("j", 2), "kind": "Job", "spec": {"suspend": True, "template": template}}
+    store.upsert(job)
     assert store.get("ns", "j")["spec"] == {"suspend": True}  # type: ignore[index]
+    assert job["spec"]["template"] == template  # the caller's object is untouched
+    store.upsert({**obj("j2", 3), "kind": "Job"})  # a Job without a spec stays one
+    assert "spec" not in store.get("ns", "j2")  # type: ignore[operator]
+    config = {**obj("c", 4), "kind": "ConfigMap", "data": {"config.json": "{}"}}
+    store.upsert(config)
+    assert store.get("ns", "c") == config

@@ -79,11 +79,15 @@ def _key(obj: Mapping[str, Any]) -> Key:
     return (meta.get("namespace") or "", meta["name"])
 
 
-# Top-level fields of a kind that no decision reads, left out of the store: a pod's spec (its
-# containers, env and volumes, the Job's template again) is most of its size, and decisions
-# read only a pod's metadata and status. Kinds the operator writes keep everything: `ensure`
-# compares the live object with the manifest.
-UNREAD_FIELDS = {"Pod": ("spec",)}
+# Fields of a kind that no decision reads, left out of the store (paths of keys): a pod's spec
+# (its containers, env and volumes, the Job's template again) is most of its size, and
+# decisions read only a pod's metadata and status; a Job's pod template is most of its size,
+# and every Job is ensured without update (immutable), so the live template is never compared.
+# Other kinds the operator writes keep everything: `ensure` compares them with the manifest.
+UNREAD_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Pod": (("spec",),),
+    "Job": (("spec", "template"),),
+}
 
 
 def json_copy(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,13 +97,23 @@ def json_copy(obj: Mapping[str, Any]) -> dict[str, Any]:
     return copied
 
 
+def _without(obj: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """`obj` without the key at `path` (new dicts along the path only)."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {k: v for k, v in obj.items() if k != head}
+    inner = obj.get(head)
+    if not isinstance(inner, Mapping):
+        return dict(obj)
+    return {**obj, head: _without(inner, rest)}
+
+
 def _trimmed(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The object without metadata.managedFields, which nothing here reads and which is often
     the largest part of it (client-go's informers commonly drop it too), nor UNREAD_FIELDS."""
-    kept = {k: v for k, v in obj.items() if k not in UNREAD_FIELDS.get(obj.get("kind", ""), ())}
-    meta = kept.get("metadata")
-    if isinstance(meta, Mapping) and "managedFields" in meta:
-        kept["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    kept = _without(obj, ("metadata", "managedFields"))
+    for path in UNREAD_FIELDS.get(obj.get("kind", ""), ()):
+        kept = _without(kept, path)
     return kept
 
 
