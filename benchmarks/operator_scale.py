@@ -197,6 +197,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", default="50,100,200")
     parser.add_argument("--deployments", type=int, default=50)
+    parser.add_argument(
+        "--sweeps",
+        type=int,
+        default=50,
+        help=f"Sweeps of {SWEEP_TRIALS} trials, {SWEEP_PARALLEL} at a time, created at once",
+    )
     parser.add_argument("--quiet", type=float, default=15.0, help="steady-state seconds")
     parser.add_argument(
         "--failures",
@@ -308,6 +314,16 @@ def main() -> int:
                 print(f"{args.deployments} ModelDeployments: {cpu.line()}", flush=True)
                 what = f"after {args.deployments} ModelDeployments"
                 steady_state(port, args.quiet, what, cpu)
+            if args.sweeps:
+                namespace = f"scale-sw-{args.sweeps}"
+                setup_namespace(core, custom, namespace)
+                cpu.start()
+                result = run_round(custom, api, port, namespace, "sweeps", args.sweeps, sweep)
+                what = f"{args.sweeps} Sweeps ({args.sweeps * SWEEP_PARALLEL} trials running)"
+                report(what, result, operator.pid)
+                print(f"{what}: {cpu.line()}", flush=True)
+                trials_created(api, namespace, args.sweeps * SWEEP_PARALLEL, cpu)
+                steady_state(port, args.quiet, f"after {args.sweeps} Sweeps", cpu)
         finally:
             operator.terminate()
             try:
@@ -513,6 +529,51 @@ def training_run(name: str) -> dict[str, Any]:
     }
 
 
+SWEEP_TRIALS, SWEEP_PARALLEL = 20, 4
+
+
+def sweep(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Sweep",
+        "metadata": {"name": name},
+        "spec": {
+            "algorithm": "random",
+            "objective": {"metric": "validationLoss", "direction": "minimize"},
+            "maxTrials": SWEEP_TRIALS,
+            "parallelTrials": SWEEP_PARALLEL,
+            "parameters": [
+                {
+                    "name": "lr",
+                    "path": "hyperparameters.learningRate",
+                    "type": "log-uniform",
+                    "min": 0.0001,
+                    "max": 0.003,
+                }
+            ],
+            "template": training_run(name)["spec"],
+        },
+    }
+
+
+def trials_created(api: Any, namespace: str, count: int, cpu: CpuMeter) -> None:
+    """After a Sweep round: how long until every trial running has its children and Created."""
+    from controlplane import wait_for
+
+    def created() -> int:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/trainingruns"
+        return sum(reported("trainingruns", run) for run in _items(api, path))
+
+    wait_for(f"{count} trials with their children", lambda: created() >= count, 600)
+    missing = children_missing(api, namespace, "trainingruns", sorted(
+        run["metadata"]["name"] for run in _items(
+            api, f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/trainingruns")))  # fmt: skip
+    print(
+        f"every one of the {count} trials Created (children missing: {len(missing)}): {cpu.line()}",
+        flush=True,
+    )
+
+
 def model_deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -544,6 +605,9 @@ def reported(plural: str, obj: dict[str, Any]) -> bool:
         return any(
             c["type"] == "Created" and c["status"] == "True" for c in status.get("conditions", [])
         )
+    if plural == "sweeps":  # its first trials exist
+        trials = status.get("trials") or {}
+        return sum(v for k, v in trials.items() if k != "finished") >= SWEEP_PARALLEL
     return bool(status.get("phase"))
 
 
@@ -551,6 +615,10 @@ def children_missing(api: Any, namespace: str, plural: str, names: list[str]) ->
     """The resources (of `names`) some child of which does not exist, from one listing per
     child kind."""
     ns = f"/namespaces/{namespace}"
+    if plural == "sweeps":  # its first trials (TrainingRuns labelled with the sweep) exist
+        runs = _items(api, f"/apis/{GROUP}/{VERSION}{ns}/trainingruns")
+        sweeps = [(run["metadata"].get("labels") or {}).get(f"{GROUP}/sweep") for run in runs]
+        return [n for n in names if sweeps.count(n) < SWEEP_PARALLEL]
     configs = _names(api, f"/api/v1{ns}/configmaps")
     services = _names(api, f"/api/v1{ns}/services")
     if plural == "trainingruns":

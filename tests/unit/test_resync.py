@@ -36,14 +36,15 @@ def test_a_new_object_is_due_at_once_then_every_interval() -> None:
     schedule = Schedule(5.0, clock)
     assert schedule.seen(run("a", "u1")) is True
     assert schedule.seen(run("a", "u1")) is False  # known: its due time is kept
-    assert schedule.take_due() == [run("a", "u1")]
-    assert schedule.take_due() == []  # handed out: not again until it is back
+    token, due = schedule.take_due()
+    assert due == [run("a", "u1")]
+    assert schedule.take_due()[1] == []  # handed out: not again until it is back
     assert schedule.seconds_to_next() is None
-    schedule.reconciled("u1")
-    assert schedule.take_due() == []
+    schedule.reconciled("u1", token)
+    assert schedule.take_due()[1] == []
     assert schedule.seconds_to_next() == 5.0
     clock.now += 5.0
-    assert schedule.take_due() == [run("a", "u1")]
+    assert schedule.take_due()[1] == [run("a", "u1")]
 
 
 def test_due_objects_come_oldest_first_and_errors_push_them_back() -> None:
@@ -52,11 +53,12 @@ def test_due_objects_come_oldest_first_and_errors_push_them_back() -> None:
     schedule.seen(run("a", "u1"))
     clock.now += 1
     schedule.seen(run("b", "u2"))
-    assert [t.name for t in schedule.take_due()] == ["a", "b"]
-    schedule.reconciled("u1", after=60.0)
-    schedule.reconciled("u2")
+    token, due = schedule.take_due()
+    assert [t.name for t in due] == ["a", "b"]
+    schedule.reconciled("u1", token, after=60.0)
+    schedule.reconciled("u2", token)
     clock.now += 5.0
-    assert [t.name for t in schedule.take_due()] == ["b"]
+    assert [t.name for t in schedule.take_due()[1]] == ["b"]
     assert schedule.seconds_to_next() == 55.0
 
 
@@ -64,13 +66,46 @@ def test_a_change_handler_postpones_and_forgetting_removes() -> None:
     clock = Clock()
     schedule = Schedule(5.0, clock)
     schedule.seen(run("a", "u1"))
-    schedule.postpone("u1")  # the change handler just reconciled it
-    assert schedule.take_due() == []
+    schedule.reconciled("u1", schedule.token(), handed_out=False)  # a change handler's
+    assert schedule.take_due()[1] == []
     clock.now += 5.0
     schedule.forget("u1")
-    assert schedule.take_due() == [] and len(schedule) == 0
-    schedule.reconciled("u1")  # a reconcile that ends after the deletion brings nothing back
+    assert schedule.take_due()[1] == [] and len(schedule) == 0
+    schedule.reconciled("u1", 0)  # a reconcile that ends after the deletion brings nothing back
     assert len(schedule) == 0 and schedule.seconds_to_next() is None
+
+
+def test_a_nudge_makes_an_object_due_now_or_again_once_back() -> None:
+    clock = Clock()
+    schedule = Schedule(5.0, clock)
+    schedule.seen(run("sweep", "s1"))
+    token, _ = schedule.take_due()
+    schedule.reconciled("s1", token)
+    assert schedule.take_due()[1] == []
+    assert schedule.nudge("s1") is True  # a trial changed
+    assert schedule.nudge("unknown") is False
+    token, due = schedule.take_due()
+    assert due == [run("sweep", "s1")]
+    assert schedule.nudge("s1")  # while it is being reconciled (it may have read before)
+    schedule.reconciled("s1", token)
+    token, due = schedule.take_due()
+    assert due == [run("sweep", "s1")]  # so once more, at once
+    schedule.reconciled("s1", token)
+    assert schedule.take_due()[1] == []  # and then not before the interval
+
+
+def test_a_busy_object_keeps_its_nudge_for_the_change_handler_to_settle() -> None:
+    clock = Clock()
+    schedule = Schedule(5.0, clock)
+    schedule.seen(run("sweep", "s1"))
+    handler_token = schedule.token()  # a change handler begins
+    schedule.nudge("s1")  # a trial it creates appears
+    token, due = schedule.take_due()
+    assert due == [run("sweep", "s1")]
+    schedule.reconciled("s1", token, after=0.5, ran=False)  # the loop found it busy
+    assert schedule.seconds_to_next() == 0.5
+    schedule.reconciled("s1", handler_token, handed_out=False)  # the handler ends
+    assert schedule.take_due()[1] == [run("sweep", "s1")]  # the trial is counted at once
 
 
 def test_target_comes_from_the_body_and_back() -> None:
@@ -98,7 +133,7 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
     calls: dict[str, int] = {}
     lock = threading.Lock()
 
-    def handler(obj: dict[str, Any]) -> None:
+    def handler(obj: dict[str, Any]) -> bool:
         name = obj["metadata"]["name"]
         with lock:
             calls[name] = calls.get(name, 0) + 1
@@ -106,6 +141,7 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
             raise kopf.TemporaryError("wait", delay=30)
         if name == "broken":
             raise RuntimeError("boom")
+        return True
 
     resync = Resync(0.2, workers=2)
     resync.handle("TrainingRun", handler)

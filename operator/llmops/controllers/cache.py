@@ -515,11 +515,13 @@ class WatchCache:
         informer.start()
         return informer
 
-    def written(self, obj: Mapping[str, Any] | None) -> None:
-        """The operator wrote `obj` (as the server returned it)."""
+    def written(self, obj: Mapping[str, Any] | None) -> bool:
+        """The operator wrote `obj` (as the server returned it), or learnt of it before the
+        cache did; False when the store holds it already, or newer, or saw it deleted."""
         informer = self._informer_of(obj)
         if informer is not None and obj is not None:
-            informer.store.upsert(json_copy(obj))  # the caller keeps its own
+            return informer.store.upsert(json_copy(obj))  # the caller keeps its own
+        return False
 
     def deleted(self, obj: Mapping[str, Any] | None) -> None:
         """The operator deleted `obj` (its last state, as the server returned it)."""

@@ -175,22 +175,22 @@ def _reconcile_alone(
     patch: kopf.Patch,
     *,
     retry_if_busy: bool,
-) -> None:
+) -> bool:
     """One reconcile of an object at a time: the resync and kopf's change handlers run side
-    by side. A busy resync is skipped (the next one comes soon); a change handler waits its
+    by side. A busy resync is skipped (False; it looks again soon); a change handler waits its
     turn, and acts on the object as it is then (read afresh below), not on the stale body
     kopf handed over."""
     lock = _locks[body["metadata"]["uid"]]
     # A change waits for the running reconcile (it then reads the object afresh); after a
     # long wait it is left to the next resync.
     if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
-        return
+        return False
     try:
         # The body kopf hands over may predate the last reconcile's own status patch (its
         # watch event can still be on the way); acting on it could undo a finished run.
         fresh = _newest(body, kind)
         if fresh is None:
-            return  # deleted meanwhile
+            return True  # deleted meanwhile
         try:
             with observe_reconcile(kind):
                 try:
@@ -208,22 +208,24 @@ def _reconcile_alone(
             _write_now(fresh, patch)
     finally:
         lock.release()
+    return True
 
 
 def _newest(body: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     """The object as it is now: read from the watch cache (which has this operator's own
-    status writes) or the API, unless kopf's body is newer still (a spec change whose event
-    reached kopf before the cache)."""
+    status writes) or the API, unless kopf's body is newer still (a spec change, or a new
+    object, whose event reached kopf before the cache). None when it is gone (or a resync's
+    bare reference finds nothing)."""
     client, meta = kube(), body["metadata"]
     fresh = client.get(body["apiVersion"], kind, meta["name"], meta["namespace"])
-    if fresh is None or client.cache is None:
+    if client.cache is None:
         return fresh
-    handed, cached = resource_version(body), resource_version(fresh)
-    if handed is not None and cached is not None and handed > cached:
-        newer = copy.deepcopy(dict(body))
-        client.cache.written(newer)
-        return newer
-    return fresh
+    handed = resource_version(body)
+    if handed is None or (fresh is not None and (resource_version(fresh) or 0) >= handed):
+        return fresh
+    newer = copy.deepcopy(dict(body))
+    # Not taken only if the cache saw the object deleted after this version.
+    return newer if client.cache.written(newer) else fresh
 
 
 def _write_now(body: Mapping[str, Any], patch: kopf.Patch) -> None:
@@ -291,9 +293,8 @@ def register(
     restarted operator simply carries on), an immediate one on creation and spec changes, and
     forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted."""
 
-    def resync(body: dict[str, Any]) -> None:
-        patch = kopf.Patch()
-        _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=False)
+    def resync(body: dict[str, Any]) -> bool:
+        return _reconcile_alone(kind, reconcile, body, kopf.Patch(), retry_if_busy=False)
 
     RESYNC.handle(kind, resync)
 
@@ -308,6 +309,7 @@ def register(
     @kopf.on.event(GROUP, VERSION, plural)
     def reconcile_change(type: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         RESYNC.adopt_context()
+        RESYNC.nudge_owner(body)
         uid = body["metadata"]["uid"]
         if type == "DELETED":
             RESYNC.schedule.forget(uid)
@@ -321,5 +323,6 @@ def register(
         observed = (body.get("status") or {}).get("observedGeneration")
         if observed is not None and observed == body["metadata"].get("generation"):
             return
-        _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
-        RESYNC.schedule.postpone(uid)
+        token = RESYNC.schedule.token()
+        ran = _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
+        RESYNC.schedule.reconciled(uid, token, handed_out=False, ran=ran)

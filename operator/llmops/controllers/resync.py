@@ -8,7 +8,8 @@ created resource, and a resource deleted while the operator was down stayed unti
 operator came back. Here one thread keeps a due time per object the operator has seen (kopf's
 watch reports them, so the operator's namespaces are respected) and hands due objects to a
 small pool of threads. An object just reconciled because it changed is not due again for an
-interval; a newly seen one (every object, after a restart) is due at once.
+interval; a newly seen one (every object, after a restart) is due at once, and so is one
+whose llmops child (a Sweep's trial, a TrainingSchedule's run) changed.
 
 `Schedule` is the pure part (an injected clock), unit-tested; `Resync` runs it.
 """
@@ -33,6 +34,8 @@ log = logging.getLogger("llmops.controllers.resync")
 PERMANENT_ERROR_INTERVALS = 12
 # After any other error the next try comes after this many intervals.
 ERROR_INTERVALS = 2
+# An object found busy is looked at again this soon (its nudges are kept meanwhile).
+BUSY_RETRY_SECONDS = 0.5
 # The longest the loop sleeps between looks at the schedule.
 MAX_SLEEP = 1.0
 
@@ -58,8 +61,10 @@ def target(kind: str, body: Mapping[str, Any]) -> Target:
 
 
 class Schedule:
-    """When each known object is due; an object handed out is not handed out again until
-    `reconciled` says it is back."""
+    """When each known object is due. An object handed out (`take_due`) is not handed out again
+    until `reconciled` says it is back. Nudges are numbered: a reconcile that began (its
+    `token`) before the object's last nudge may have read the state before that change, so
+    the object is due again at once."""
 
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
@@ -68,6 +73,8 @@ class Schedule:
         self._due: dict[str, float] = {}
         self._targets: dict[str, Target] = {}
         self._out: set[str] = set()
+        self._nudges = 0
+        self._nudged: dict[str, int] = {}  # uid -> number of its last nudge
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -85,30 +92,61 @@ class Schedule:
         with self._lock:
             self._targets.pop(uid, None)
             self._due.pop(uid, None)
+            self._nudged.pop(uid, None)
 
-    def reconciled(self, uid: str, after: float | None = None) -> None:
-        """A handed-out object is back: due again `after` seconds from now (an interval
-        unless said otherwise)."""
+    def token(self) -> int:
+        """Taken when a reconcile begins, given back to `reconciled`."""
         with self._lock:
-            self._out.discard(uid)
-            if uid in self._targets:
-                self._due[uid] = self.clock() + (self.interval if after is None else after)
+            return self._nudges
 
-    def postpone(self, uid: str) -> None:
-        """A change handler just reconciled the object: due again an interval from now."""
+    def nudge(self, uid: str) -> bool:
+        """Something the object controls changed: due at once (or as soon as it is back, if
+        it is handed out). False for an object not known here."""
         with self._lock:
-            if uid in self._targets:
-                self._due[uid] = self.clock() + self.interval
+            if uid not in self._targets:
+                return False
+            self._nudges += 1
+            self._nudged[uid] = self._nudges
+            if uid not in self._out:
+                self._due[uid] = min(self._due[uid], self.clock())
+            return True
 
-    def take_due(self) -> list[Target]:
-        """The objects due now, oldest first, marked as handed out."""
+    def take_due(self) -> tuple[int, list[Target]]:
+        """The objects due now, oldest first, marked as handed out, and their token."""
         now = self.clock()
         with self._lock:
             due = sorted(
                 (at, uid) for uid, at in self._due.items() if at <= now and uid not in self._out
             )
             self._out.update(uid for _, uid in due)
-            return [self._targets[uid] for _, uid in due]
+            return self._nudges, [self._targets[uid] for _, uid in due]
+
+    def reconciled(
+        self,
+        uid: str,
+        token: int,
+        after: float | None = None,
+        *,
+        handed_out: bool = True,
+        ran: bool = True,
+    ) -> None:
+        """A reconcile that began at `token` ended (one of the loop's, or a change handler's
+        with `handed_out=False`): due again `after` seconds from now (an interval unless said
+        otherwise), or at once if the object was nudged since the reconcile began. One that
+        did not run (`ran=False`: the object was busy) leaves its nudges for the next."""
+        with self._lock:
+            if handed_out:
+                self._out.discard(uid)
+            if uid not in self._targets:
+                return
+            if not ran:
+                self._due[uid] = self.clock() + (self.interval if after is None else after)
+                return
+            if self._nudged.get(uid, 0) > token:
+                self._due[uid] = self.clock()
+                return
+            self._nudged.pop(uid, None)
+            self._due[uid] = self.clock() + (self.interval if after is None else after)
 
     def seconds_to_next(self) -> float | None:
         """Until the next object not handed out is due (None when there is none)."""
@@ -117,7 +155,8 @@ class Schedule:
         return max(0.0, min(waiting) - self.clock()) if waiting else None
 
 
-Handler = Callable[[dict[str, Any]], None]
+# A handler returns False when the object was busy (a change handler reconciling it).
+Handler = Callable[[dict[str, Any]], bool]
 
 
 class Resync:
@@ -150,6 +189,15 @@ class Resync:
         if self.schedule.seen(target(kind, body)):
             self._wake.set()
 
+    def nudge_owner(self, body: Mapping[str, Any]) -> None:
+        """`body` changed (or went): its controlling owner, if it is one of the objects here
+        (a Sweep's trial, a TrainingSchedule's run), is reconciled at once rather than at its
+        next interval, as controller-runtime's Owns() does. Owners here are llmops resources
+        only: the children the watch cache sees (Jobs, pods) change too often for that."""
+        for ref in body["metadata"].get("ownerReferences") or []:
+            if ref.get("controller") and self.schedule.nudge(ref.get("uid", "")):
+                self._wake.set()
+
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
@@ -173,19 +221,23 @@ class Resync:
             while not self._stop.is_set():
                 context = self._context
                 if context is not None:
-                    for due in self.schedule.take_due():
-                        pool.submit(self._one, context, due)
+                    token, due = self.schedule.take_due()
+                    for found in due:
+                        pool.submit(self._one, context, found, token)
                 pause = self.schedule.seconds_to_next()
                 self._wake.wait(MAX_SLEEP if pause is None else min(pause, MAX_SLEEP))
                 self._wake.clear()
 
-    def _one(self, context: contextvars.Context, due: Target) -> None:
+    def _one(self, context: contextvars.Context, due: Target, token: int) -> None:
         interval = self.schedule.interval
         after: float | None = None
+        ran = True
         try:
             if self._stop.is_set():
                 return
-            context.copy().run(self.handlers[due.kind], due.body())
+            ran = context.copy().run(self.handlers[due.kind], due.body())
+            if not ran:
+                after = BUSY_RETRY_SECONDS  # a change handler has it: look again soon
         except kopf.TemporaryError as error:
             log.info("%s %s/%s: %s", due.kind, due.namespace, due.name, error)
             after = error.delay if error.delay is not None else interval * ERROR_INTERVALS
@@ -200,4 +252,4 @@ class Resync:
             log.exception("%s %s/%s: reconcile failed", due.kind, due.namespace, due.name)
             after = interval * ERROR_INTERVALS
         finally:
-            self.schedule.reconciled(due.uid, after)
+            self.schedule.reconciled(due.uid, token, after, ran=ran)
