@@ -12,6 +12,7 @@ import kopf
 from llmops.controllers.resync import (
     ERROR_INTERVALS,
     PERMANENT_ERROR_INTERVALS,
+    Outcome,
     Resync,
     Schedule,
     Target,
@@ -133,7 +134,7 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
     calls: dict[str, int] = {}
     lock = threading.Lock()
 
-    def handler(obj: dict[str, Any]) -> bool:
+    def handler(obj: dict[str, Any]) -> Outcome:
         name = obj["metadata"]["name"]
         with lock:
             calls[name] = calls.get(name, 0) + 1
@@ -141,13 +142,13 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
             raise kopf.TemporaryError("wait", delay=30)
         if name == "broken":
             raise RuntimeError("boom")
-        return True
+        return Outcome.FINISHED if name == "finished" else Outcome.DONE
 
     resync = Resync(0.2, workers=2)
     resync.handle("TrainingRun", handler)
     resync.start()
     try:
-        for name in ("ok", "temporary", "broken"):
+        for name in ("ok", "temporary", "broken", "finished"):
             resync.seen("TrainingRun", body(name))
         time.sleep(0.3)
         assert calls == {}  # no kopf context adopted yet: nothing runs
@@ -159,6 +160,7 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
         resync.stop()
     assert calls["ok"] >= 3  # every interval
     assert calls["temporary"] == 1  # its own delay (30 s) is longer than the test
+    assert calls["finished"] == 1  # a finished object comes back after minutes
     # Another error: retried after ERROR_INTERVALS intervals, so fewer times than "ok".
     assert 1 <= calls["broken"] < calls["ok"]
     assert ERROR_INTERVALS < PERMANENT_ERROR_INTERVALS

@@ -26,7 +26,7 @@ from llmops.controllers.kube import (
     Kube,
     default_kube,
 )
-from llmops.controllers.resync import Resync
+from llmops.controllers.resync import Outcome, Resync
 from llmops.decide.status import Event, StatusDraft, status_patch
 
 # Shared with the decisions: the clock and the reading of child objects.
@@ -175,22 +175,26 @@ def _reconcile_alone(
     patch: kopf.Patch,
     *,
     retry_if_busy: bool,
-) -> bool:
+    finished_phases: tuple[str, ...] = (),
+) -> Outcome:
     """One reconcile of an object at a time: the resync and kopf's change handlers run side
-    by side. A busy resync is skipped (False; it looks again soon); a change handler waits its
+    by side. A busy resync is skipped (BUSY; it looks again soon); a change handler waits its
     turn, and acts on the object as it is then (read afresh below), not on the stale body
-    kopf handed over."""
+    kopf handed over. FINISHED: the object was in one of `finished_phases` already."""
     lock = _locks[body["metadata"]["uid"]]
     # A change waits for the running reconcile (it then reads the object afresh); after a
     # long wait it is left to the next resync.
     if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
-        return False
+        return Outcome.BUSY
+    outcome = Outcome.DONE
     try:
         # The body kopf hands over may predate the last reconcile's own status patch (its
         # watch event can still be on the way); acting on it could undo a finished run.
         fresh = _newest(body, kind)
         if fresh is None:
-            return True  # deleted meanwhile
+            return outcome  # deleted meanwhile
+        if (fresh.get("status") or {}).get("phase") in finished_phases:
+            outcome = Outcome.FINISHED
         try:
             with observe_reconcile(kind):
                 try:
@@ -208,7 +212,7 @@ def _reconcile_alone(
             _write_now(fresh, patch)
     finally:
         lock.release()
-    return True
+    return outcome
 
 
 def _newest(body: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
@@ -288,13 +292,20 @@ def register(
     plural: str,
     reconcile: Reconcile,
     deleted: Callable[[Mapping[str, Any]], None] | None = None,
+    finished_phases: tuple[str, ...] = (),
 ) -> None:
     """The handlers every kind has: a level-triggered reconcile every interval (`RESYNC`; a
     restarted operator simply carries on), an immediate one on creation and spec changes, and
-    forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted."""
+    forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted.
+    `finished_phases`: phases in which the reconcile does nothing (a run that ended), so the
+    periodic one comes rarely (resync.FINISHED_INTERVAL): clusters keep many more finished
+    runs than running ones."""
 
-    def resync(body: dict[str, Any]) -> bool:
-        return _reconcile_alone(kind, reconcile, body, kopf.Patch(), retry_if_busy=False)
+    def resync(body: dict[str, Any]) -> Outcome:
+        patch = kopf.Patch()
+        return _reconcile_alone(
+            kind, reconcile, body, patch, retry_if_busy=False, finished_phases=finished_phases
+        )
 
     RESYNC.handle(kind, resync)
 
@@ -324,5 +335,5 @@ def register(
         if observed is not None and observed == body["metadata"].get("generation"):
             return
         token = RESYNC.schedule.token()
-        ran = _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
-        RESYNC.schedule.reconciled(uid, token, handed_out=False, ran=ran)
+        outcome = _reconcile_alone(kind, reconcile, body, patch, retry_if_busy=True)
+        RESYNC.schedule.reconciled(uid, token, handed_out=False, ran=outcome is not Outcome.BUSY)

@@ -17,6 +17,7 @@ whose llmops child (a Sweep's trial, a TrainingSchedule's run) changed.
 from __future__ import annotations
 
 import contextvars
+import enum
 import logging
 import threading
 import time
@@ -34,6 +35,9 @@ log = logging.getLogger("llmops.controllers.resync")
 PERMANENT_ERROR_INTERVALS = 12
 # After any other error the next try comes after this many intervals.
 ERROR_INTERVALS = 2
+# A finished object (a Succeeded or Failed run or sweep: its reconcile does nothing) is looked
+# at this rarely; a change to it still comes through kopf's event handler at once.
+FINISHED_INTERVAL = 300.0
 # An object found busy is looked at again this soon (its nudges are kept meanwhile).
 BUSY_RETRY_SECONDS = 0.5
 # The longest the loop sleeps between looks at the schedule.
@@ -155,8 +159,15 @@ class Schedule:
         return max(0.0, min(waiting) - self.clock()) if waiting else None
 
 
-# A handler returns False when the object was busy (a change handler reconciling it).
-Handler = Callable[[dict[str, Any]], bool]
+class Outcome(enum.Enum):
+    """What a handler did with the object it was handed."""
+
+    DONE = "done"  # reconciled: due again in an interval
+    FINISHED = "finished"  # reconciled, and it is finished: due again in FINISHED_INTERVAL
+    BUSY = "busy"  # a change handler was reconciling it: looked at again soon
+
+
+Handler = Callable[[dict[str, Any]], Outcome]
 
 
 class Resync:
@@ -235,9 +246,12 @@ class Resync:
         try:
             if self._stop.is_set():
                 return
-            ran = context.copy().run(self.handlers[due.kind], due.body())
-            if not ran:
+            outcome = context.copy().run(self.handlers[due.kind], due.body())
+            ran = outcome is not Outcome.BUSY
+            if outcome is Outcome.BUSY:
                 after = BUSY_RETRY_SECONDS  # a change handler has it: look again soon
+            elif outcome is Outcome.FINISHED:
+                after = FINISHED_INTERVAL
         except kopf.TemporaryError as error:
             log.info("%s %s/%s: %s", due.kind, due.namespace, due.name, error)
             after = error.delay if error.delay is not None else interval * ERROR_INTERVALS

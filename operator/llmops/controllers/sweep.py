@@ -121,4 +121,6 @@ def forget_sweep_metrics(body: Mapping[str, Any]) -> None:
     forget_metrics(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-common.register(KIND, "sweeps", reconcile, deleted=forget_sweep_metrics)
+common.register(
+    KIND, "sweeps", reconcile, deleted=forget_sweep_metrics, finished_phases=decide.TERMINAL
+)

@@ -85,4 +85,10 @@ def forget_accelerator_hours(body: Mapping[str, Any]) -> None:
         ACCELERATOR_HOURS.remove(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-common.register(KIND, "trainingruns", reconcile, deleted=forget_accelerator_hours)
+common.register(
+    KIND,
+    "trainingruns",
+    reconcile,
+    deleted=forget_accelerator_hours,
+    finished_phases=decide.TERMINAL,
+)
