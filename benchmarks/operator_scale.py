@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,7 +117,9 @@ def calls_between(before: dict[str, float], after: dict[str, float]) -> dict[str
     return calls
 
 
-def steady_state(port: int, seconds: float, what: str, cpu: CpuMeter) -> None:
+def steady_state(
+    port: int, seconds: float, what: str, cpu: CpuMeter, api: Any | None = None
+) -> None:
     """API requests per reconcile while nothing changes (every timer still ticks)."""
     if seconds <= 0:
         return
@@ -141,6 +144,19 @@ def steady_state(port: int, seconds: float, what: str, cpu: CpuMeter) -> None:
         f"kopf) = {per:.2f} per reconcile; llmops client calls: {calls}",
         flush=True,
     )
+    if api is not None:
+        phases = [
+            (run.get("status") or {}).get("phase")
+            for run in _items(api, f"/apis/{GROUP}/{VERSION}/trainingruns")
+        ]
+        running = phases.count("Running")
+        writes = calls.get('method="PATCH",resource="trainingruns/status"', 0)
+        rate = writes / running / (seconds / 60) if running else float("nan")
+        print(
+            f"steady state {what}: runs by phase {dict(Counter(phases))}; {writes} status "
+            f"writes = {rate:.2f} per running run per minute",
+            flush=True,
+        )
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
@@ -285,7 +301,7 @@ def main() -> int:
                 )
                 report(f"{count} TrainingRuns", result, operator.pid)
                 print(f"{count} TrainingRuns: {cpu.line()}", flush=True)
-                steady_state(port, args.quiet, f"after {count} TrainingRuns", cpu)
+                steady_state(port, args.quiet, f"after {count} TrainingRuns", cpu, api)
                 if count == args.instant:
                     # The same count again with the operator stopped, in the same cluster.
                     operator.terminate()
