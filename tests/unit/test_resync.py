@@ -164,3 +164,48 @@ def test_the_runner_reconciles_every_seen_object_and_backs_off_on_errors() -> No
     # Another error: retried after ERROR_INTERVALS intervals, so fewer times than "ok".
     assert 1 <= calls["broken"] < calls["ok"]
     assert ERROR_INTERVALS < PERMANENT_ERROR_INTERVALS
+
+
+def test_an_idle_object_is_looked_at_less_and_less_until_something_changes() -> None:
+    clock = Clock()
+    schedule = Schedule(5.0, clock)
+    schedule.seen(run("a", "u1"))
+    waits = []
+    for idle in (True, True, True, True, False, True):
+        token, due = schedule.take_due()
+        assert due == [run("a", "u1")]
+        schedule.reconciled("u1", token, idle=idle)
+        waits.append(schedule.seconds_to_next())
+        clock.now += waits[-1] or 0.0
+    assert waits == [5.0, 10.0, 20.0, 20.0, 5.0, 5.0]  # a change starts it over
+
+
+def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
+    resync = Resync(5.0, workers=1)
+    resync.seen("TrainingRun", body("r"))
+    cache = {
+        ("batch/v1", "Job", "ns", "r-workers-0"): {
+            "metadata": {"ownerReferences": [{"uid": "uid-r", "controller": True}]}
+        }
+    }
+    schedule = resync.schedule
+    token, _ = schedule.take_due()
+    schedule.reconciled("uid-r", token)
+    assert schedule.take_due()[1] == []
+
+    def peek(api_version: str, kind: str, namespace: str, name: str) -> Any:
+        return cache.get((api_version, kind, namespace, name))
+
+    job_ref = {"apiVersion": "batch/v1", "kind": "Job", "name": "r-workers-0", "uid": "j1"}
+    pod = {"kind": "Pod", "metadata": {"namespace": "ns", "ownerReferences": [
+        {**job_ref, "controller": True}]}}  # fmt: skip
+    resync.nudge_owner(pod, peek)
+    token, due = schedule.take_due()
+    assert [t.name for t in due] == ["r"]
+    schedule.reconciled("uid-r", token)
+    event = {"kind": "Event", "metadata": {"namespace": "ns"}, "involvedObject": job_ref}
+    resync.nudge_owner(event, peek)  # the Job controller's FailedCreate
+    assert [t.name for t in schedule.take_due()[1]] == ["r"]
+    unowned = {"kind": "Pod", "metadata": {"namespace": "ns"}}
+    resync.nudge_owner(unowned, peek)
+    resync.nudge_owner(pod, None)  # without the cache, only direct owners

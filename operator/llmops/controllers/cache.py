@@ -256,9 +256,11 @@ class Informer:
         kind: str = "",
         label_selector: str | None = None,
         field_selector: str | None = None,
+        on_change: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.name = name
         self.store = Store()
+        self.on_change = on_change  # told of each watch event that changed the store
         self.synced = threading.Event()
         self.failed = threading.Event()  # the first list failed (reads go to the API)
         self.stopped = threading.Event()
@@ -322,10 +324,16 @@ class Informer:
                 raise Gone(obj.get("message", "resourceVersion too old"))
             raise RuntimeError(f"watch error: {obj.get('message') or obj}")
         version = (obj.get("metadata") or {}).get("resourceVersion")
+        changed = False
         if kind in ("ADDED", "MODIFIED"):
-            self.store.upsert(obj)
+            changed = self.store.upsert(obj)
         elif kind == "DELETED":
-            self.store.remove(obj)
+            changed = self.store.remove(obj)
+        if changed and self.on_change is not None:
+            try:
+                self.on_change(obj)
+            except Exception:  # a listener's fault must not stop the watch
+                log.exception("%s: change listener failed", self.name)
         return str(version) if version is not None else None
 
     def run(self) -> None:
@@ -451,9 +459,17 @@ def _lines(response: Any) -> Iterator[bytes]:
 class WatchCache:
     """The informers of one process, started on the first read of a (kind, namespace)."""
 
-    def __init__(self, dynamic: Any, resolve: Callable[[str, str], Any]) -> None:
+    def __init__(
+        self,
+        dynamic: Any,
+        resolve: Callable[[str, str], Any],
+        on_change: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
         self.dynamic = dynamic  # a DynamicClient with its own connection pool
         self._resolve = resolve  # (api_version, kind) -> the discovered resource
+        # Told of every watch event that changed a store (not of the operator's own writes,
+        # which reach the store first), from the informers' threads.
+        self.on_change = on_change
         self._lock = threading.Lock()
         self._informers: dict[tuple[str, str, str], Informer] = {}
 
@@ -510,10 +526,18 @@ class WatchCache:
             kind=kind,
             label_selector=SELECTORS.get((api_version, kind)),
             field_selector=FIELD_SELECTORS.get((api_version, kind)),
+            on_change=self.on_change,
         )
         self._informers[(api_version, kind, namespace)] = informer
         informer.start()
         return informer
+
+    def peek(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object if a synced informer holds it; never starts an informer nor waits."""
+        informer = self._informers.get((api_version, kind, namespace))
+        if informer is None or not informer.synced.is_set():
+            return None
+        return informer.store.get(namespace, name)
 
     def written(self, obj: Mapping[str, Any] | None) -> bool:
         """The operator wrote `obj` (as the server returned it), or learnt of it before the

@@ -176,11 +176,13 @@ def _reconcile_alone(
     *,
     retry_if_busy: bool,
     finished_phases: tuple[str, ...] = (),
+    idle_backoff: bool = False,
 ) -> Outcome:
     """One reconcile of an object at a time: the resync and kopf's change handlers run side
     by side. A busy resync is skipped (BUSY; it looks again soon); a change handler waits its
     turn, and acts on the object as it is then (read afresh below), not on the stale body
-    kopf handed over. FINISHED: the object was in one of `finished_phases` already."""
+    kopf handed over. FINISHED: the object was in one of `finished_phases` already; IDLE (with
+    `idle_backoff`): the reconcile changed nothing in the status."""
     lock = _locks[body["metadata"]["uid"]]
     # A change waits for the running reconcile (it then reads the object afresh); after a
     # long wait it is left to the next resync.
@@ -209,6 +211,8 @@ def _reconcile_alone(
                     _invalid_child(kind, fresh, patch, None)
         finally:
             # Also when the reconcile failed part way: what it decided (and announced) stays.
+            if idle_backoff and outcome is Outcome.DONE and not patch.status:
+                outcome = Outcome.IDLE
             _write_now(fresh, patch)
     finally:
         lock.release()
@@ -274,10 +278,16 @@ WATCH_CACHE = os.environ.get("LLMOPS_WATCH_CACHE", "1") not in ("0", "false", "o
 RESYNC = Resync(RECONCILE_SECONDS, workers=RESYNC_THREADS)
 
 
+def _child_changed(obj: Mapping[str, Any]) -> None:
+    """A watch event changed a cached object: reconcile the resource controlling it now."""
+    cache = kube().cache
+    RESYNC.nudge_owner(obj, cache.peek if cache is not None else None)
+
+
 @kopf.on.startup()
 def start_watch_cache(**_: Any) -> None:
     if WATCH_CACHE:
-        kube().start_cache()
+        kube().start_cache(on_change=_child_changed)
     RESYNC.start()
 
 
@@ -293,18 +303,28 @@ def register(
     reconcile: Reconcile,
     deleted: Callable[[Mapping[str, Any]], None] | None = None,
     finished_phases: tuple[str, ...] = (),
+    idle_backoff: bool = True,
 ) -> None:
     """The handlers every kind has: a level-triggered reconcile every interval (`RESYNC`; a
     restarted operator simply carries on), an immediate one on creation and spec changes, and
     forgetting the resource's phase (and whatever `deleted` forgets) when it is deleted.
     `finished_phases`: phases in which the reconcile does nothing (a run that ended), so the
     periodic one comes rarely (resync.FINISHED_INTERVAL): clusters keep many more finished
-    runs than running ones."""
+    runs than running ones. `idle_backoff`: a reconcile that changes nothing makes the next
+    one come later (up to resync.IDLE_MAX_INTERVAL; the watch cache's events on the object's
+    children nudge it at once meanwhile); off for kinds with deadlines of their own (a
+    TrainingSchedule's cron)."""
 
     def resync(body: dict[str, Any]) -> Outcome:
         patch = kopf.Patch()
         return _reconcile_alone(
-            kind, reconcile, body, patch, retry_if_busy=False, finished_phases=finished_phases
+            kind,
+            reconcile,
+            body,
+            patch,
+            retry_if_busy=False,
+            finished_phases=finished_phases,
+            idle_backoff=idle_backoff,
         )
 
     RESYNC.handle(kind, resync)

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -117,14 +117,17 @@ class Kube:
         # The watch cache reads are served from, once the operator started it.
         self.cache: WatchCache | None = None
 
-    def start_cache(self) -> WatchCache:
+    def start_cache(
+        self, on_change: Callable[[Mapping[str, Any]], None] | None = None
+    ) -> WatchCache:
         """Serve reads from watches from now on (the operator's startup); a client of its
-        own, so that long-running watches never hold the handler threads' connections."""
+        own, so that long-running watches never hold the handler threads' connections.
+        `on_change` is told of each object a watch event changed."""
         if self.cache is None:
             configuration = copy.copy(self.api_client.configuration)
             configuration.connection_pool_maxsize = 256
             dynamic = DynamicClient(kubernetes.client.ApiClient(configuration))
-            self.cache = WatchCache(dynamic, self._resource)
+            self.cache = WatchCache(dynamic, self._resource, on_change)
         return self.cache
 
     def stop_cache(self) -> None:

@@ -38,6 +38,9 @@ ERROR_INTERVALS = 2
 # A finished object (a Succeeded or Failed run or sweep: its reconcile does nothing) is looked
 # at this rarely; a change to it still comes through kopf's event handler at once.
 FINISHED_INTERVAL = 300.0
+# An object whose reconcile changed nothing is looked at after twice the time of the last
+# look, up to this (its children's changes nudge it at once meanwhile); a change resets it.
+IDLE_MAX_INTERVAL = 20.0
 # An object found busy is looked at again this soon (its nudges are kept meanwhile).
 BUSY_RETRY_SECONDS = 0.5
 # The longest the loop sleeps between looks at the schedule.
@@ -79,6 +82,7 @@ class Schedule:
         self._out: set[str] = set()
         self._nudges = 0
         self._nudged: dict[str, int] = {}  # uid -> number of its last nudge
+        self._idle: dict[str, float] = {}  # uid -> its last idle interval
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -97,6 +101,7 @@ class Schedule:
             self._targets.pop(uid, None)
             self._due.pop(uid, None)
             self._nudged.pop(uid, None)
+            self._idle.pop(uid, None)
 
     def token(self) -> int:
         """Taken when a reconcile begins, given back to `reconciled`."""
@@ -133,11 +138,13 @@ class Schedule:
         *,
         handed_out: bool = True,
         ran: bool = True,
+        idle: bool = False,
     ) -> None:
         """A reconcile that began at `token` ended (one of the loop's, or a change handler's
         with `handed_out=False`): due again `after` seconds from now (an interval unless said
-        otherwise), or at once if the object was nudged since the reconcile began. One that
-        did not run (`ran=False`: the object was busy) leaves its nudges for the next."""
+        otherwise; `idle`: nothing changed, twice the last idle interval up to
+        IDLE_MAX_INTERVAL), or at once if the object was nudged since the reconcile began. One
+        that did not run (`ran=False`: the object was busy) leaves its nudges for the next."""
         with self._lock:
             if handed_out:
                 self._out.discard(uid)
@@ -150,6 +157,11 @@ class Schedule:
                 self._due[uid] = self.clock()
                 return
             self._nudged.pop(uid, None)
+            if idle and after is None:
+                after = min(2 * self._idle.get(uid, self.interval / 2), IDLE_MAX_INTERVAL)
+                self._idle[uid] = after
+            else:
+                self._idle.pop(uid, None)
             self._due[uid] = self.clock() + (self.interval if after is None else after)
 
     def seconds_to_next(self) -> float | None:
@@ -159,10 +171,24 @@ class Schedule:
         return max(0.0, min(waiting) - self.clock()) if waiting else None
 
 
+# Reads an object from the watch cache without an API call: (apiVersion, kind, namespace,
+# name) -> the object or None.
+Peek = Callable[[str, str, str, str], Mapping[str, Any] | None]
+
+
+def _controller_refs(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """References to what controls `body` (for an Event: to the object it is about)."""
+    refs = [r for r in body["metadata"].get("ownerReferences") or [] if r.get("controller")]
+    if body.get("kind") == "Event" and body.get("involvedObject"):
+        refs.append(body["involvedObject"])
+    return refs
+
+
 class Outcome(enum.Enum):
     """What a handler did with the object it was handed."""
 
-    DONE = "done"  # reconciled: due again in an interval
+    DONE = "done"  # reconciled, and its status changed: due again in an interval
+    IDLE = "idle"  # reconciled, nothing changed: due again after a growing interval
     FINISHED = "finished"  # reconciled, and it is finished: due again in FINISHED_INTERVAL
     BUSY = "busy"  # a change handler was reconciling it: looked at again soon
 
@@ -200,14 +226,23 @@ class Resync:
         if self.schedule.seen(target(kind, body)):
             self._wake.set()
 
-    def nudge_owner(self, body: Mapping[str, Any]) -> None:
-        """`body` changed (or went): its controlling owner, if it is one of the objects here
-        (a Sweep's trial, a TrainingSchedule's run), is reconciled at once rather than at its
-        next interval, as controller-runtime's Owns() does. Owners here are llmops resources
-        only: the children the watch cache sees (Jobs, pods) change too often for that."""
-        for ref in body["metadata"].get("ownerReferences") or []:
-            if ref.get("controller") and self.schedule.nudge(ref.get("uid", "")):
+    def nudge_owner(self, body: Mapping[str, Any], peek: Peek | None = None) -> None:
+        """`body` changed (or went): the object here that controls it is reconciled at once
+        rather than at its next look, as controller-runtime's Owns() does: a Sweep when its
+        trial changes, a TrainingRun when its Job does. One more step up through `peek` (the
+        watch cache, never an API read): a pod's Job's run; an event's involved object's
+        owner (the Job controller's FailedCreate)."""
+        for ref in _controller_refs(body):
+            if self.schedule.nudge(ref.get("uid", "")):
                 self._wake.set()
+                continue
+            if peek is None or not ref.get("kind") or not ref.get("name"):
+                continue
+            namespace = ref.get("namespace") or body["metadata"].get("namespace") or ""
+            owner = peek(ref.get("apiVersion", ""), ref["kind"], namespace, ref["name"])
+            for parent in _controller_refs(owner) if owner else ():
+                if self.schedule.nudge(parent.get("uid", "")):
+                    self._wake.set()
 
     def start(self) -> None:
         if self._thread is None:
@@ -242,7 +277,7 @@ class Resync:
     def _one(self, context: contextvars.Context, due: Target, token: int) -> None:
         interval = self.schedule.interval
         after: float | None = None
-        ran = True
+        ran, idle = True, False
         try:
             if self._stop.is_set():
                 return
@@ -252,6 +287,7 @@ class Resync:
                 after = BUSY_RETRY_SECONDS  # a change handler has it: look again soon
             elif outcome is Outcome.FINISHED:
                 after = FINISHED_INTERVAL
+            idle = outcome is Outcome.IDLE
         except kopf.TemporaryError as error:
             log.info("%s %s/%s: %s", due.kind, due.namespace, due.name, error)
             after = error.delay if error.delay is not None else interval * ERROR_INTERVALS
@@ -266,4 +302,4 @@ class Resync:
             log.exception("%s %s/%s: reconcile failed", due.kind, due.namespace, due.name)
             after = interval * ERROR_INTERVALS
         finally:
-            self.schedule.reconciled(due.uid, token, after, ran=ran)
+            self.schedule.reconciled(due.uid, token, after, ran=ran, idle=idle)

@@ -55,4 +55,5 @@ def reconcile(body: Mapping[str, Any], patch: kopf.Patch) -> None:
     common.write_status(body, KIND, decision.status, decision.events, patch)
 
 
-common.register(KIND, "trainingschedules", reconcile)
+# Its cron is a deadline of its own: looked at every interval, idle or not.
+common.register(KIND, "trainingschedules", reconcile, idle_backoff=False)
