@@ -1,7 +1,8 @@
 """Operator scale on the real control plane (tests/cluster/controlplane.py).
 
 Creates 50, 100 and 200 TrainingRuns at once (each round in its own namespace), then 50
-ModelDeployments, and prints, per round, p50/p99 of the time from creating a resource until
+ModelDeployments and 50 Sweeps (`--sweeps`; timed until each counts its first trials, then
+until every trial has its children), and prints, per round, p50/p99 of the time from creating a resource until
 all its children exist and it reports `Created` (TrainingRun) or a phase (ModelDeployment);
 the operator's peak RSS; and Kubernetes API requests per reconcile (counted inside the
 operator process, in both of its HTTP clients: kopf's aiohttp and the kubernetes client's
