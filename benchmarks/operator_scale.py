@@ -2,8 +2,9 @@
 
 Creates 50, 100 and 200 TrainingRuns at once (each round in its own namespace), then 50
 ModelDeployments and 50 Sweeps (`--sweeps`; timed until each counts its first trials, then
-until every trial has its children), and prints, per round, p50/p99 of the time from creating a resource until
-all its children exist and it reports `Created` (TrainingRun) or a phase (ModelDeployment);
+until every trial has its children), and prints, per round, p50/p99 of the time from
+creating a resource until all its children exist and it reports `Created` (TrainingRun), a
+phase (ModelDeployment) or its first trials (Sweep);
 the operator's peak RSS; and Kubernetes API requests per reconcile (counted inside the
 operator process, in both of its HTTP clients: kopf's aiohttp and the kubernetes client's
 urllib3). The operator runs as `llmops operator --all-namespaces` in a child process with the
