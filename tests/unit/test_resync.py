@@ -209,3 +209,21 @@ def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
     unowned = {"kind": "Pod", "metadata": {"namespace": "ns"}}
     resync.nudge_owner(unowned, peek)
     resync.nudge_owner(pod, None)  # without the cache, only direct owners
+
+
+def test_a_resource_read_by_reconciles_nudges_its_readers() -> None:
+    resync = Resync(5.0, workers=1)
+    resync.seen("TrainingRun", body("r"))
+    schedule = resync.schedule
+    token, _ = schedule.take_due()
+    schedule.reconciled("uid-r", token)
+    schedule.reads("uid-r", "Dataset", "ns", "corpus")  # the run waits for its Dataset
+    schedule.reads("unknown", "Dataset", "ns", "corpus")  # not an object here: ignored
+    assert schedule.readers("Dataset", "ns", "corpus") == ["uid-r"]
+    dataset = {"metadata": {"name": "other", "namespace": "ns"}}
+    resync.nudge_readers("Dataset", dataset)
+    assert schedule.take_due()[1] == []
+    resync.nudge_readers("Dataset", {"metadata": {"name": "corpus", "namespace": "ns"}})
+    assert [t.name for t in schedule.take_due()[1]] == ["r"]
+    schedule.forget("uid-r")
+    assert schedule.readers("Dataset", "ns", "corpus") == []

@@ -165,6 +165,18 @@ def kueue_workload(job: Mapping[str, Any], namespace: str) -> dict[str, Any] | N
 
 
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+_reconciling = threading.local()  # .uid: the object this thread reconciles
+
+
+def read_resource(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+    """Another llmops resource a reconcile depends on (a run's Dataset, a deployment's run),
+    read like any object; its changes then make the reconciling object due at once."""
+    uid = getattr(_reconciling, "uid", None)
+    if uid is not None:
+        RESYNC.schedule.reads(uid, kind, namespace, name)
+    return kube().get(api_version, kind, name, namespace)
+
+
 BUSY_WAIT_SECONDS = 30.0
 
 
@@ -183,7 +195,8 @@ def _reconcile_alone(
     turn, and acts on the object as it is then (read afresh below), not on the stale body
     kopf handed over. FINISHED: the object was in one of `finished_phases` already; IDLE (with
     `idle_backoff`): the reconcile changed nothing in the status."""
-    lock = _locks[body["metadata"]["uid"]]
+    uid = body["metadata"]["uid"]
+    lock = _locks[uid]
     # A change waits for the running reconcile (it then reads the object afresh); after a
     # long wait it is left to the next resync.
     if not lock.acquire(timeout=BUSY_WAIT_SECONDS if retry_if_busy else 0):
@@ -197,6 +210,7 @@ def _reconcile_alone(
             return outcome  # deleted meanwhile
         if (fresh.get("status") or {}).get("phase") in finished_phases:
             outcome = Outcome.FINISHED
+        _reconciling.uid = uid
         try:
             with observe_reconcile(kind):
                 try:
@@ -215,6 +229,7 @@ def _reconcile_alone(
                 outcome = Outcome.IDLE
             _write_now(fresh, patch)
     finally:
+        _reconciling.uid = None
         lock.release()
     return outcome
 
@@ -341,6 +356,7 @@ def register(
     def reconcile_change(type: str, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         RESYNC.adopt_context()
         RESYNC.nudge_owner(body)
+        RESYNC.nudge_readers(kind, body)
         uid = body["metadata"]["uid"]
         if type == "DELETED":
             RESYNC.schedule.forget(uid)

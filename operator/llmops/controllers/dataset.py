@@ -131,7 +131,7 @@ def _reference_tokenizer(
     reference = dataset.spec.tokenizer.dataset_ref
     if reference is None:
         return None
-    other = common.kube().get(API_VERSION, KIND, reference.name, namespace)
+    other = common.read_resource(API_VERSION, KIND, reference.name, namespace)
     tokenizer_uri = ((other or {}).get("status") or {}).get("tokenizerUri")
     if common.is_complete(other) and tokenizer_uri:
         return str(tokenizer_uri)
@@ -147,7 +147,7 @@ def _model_deployments(
     """The ModelDeployments the spec's language models name, resolved; None while one does
     not exist (the status says which)."""
     names = build.model_deployment_names(dataset)
-    found = {n: common.kube().get(API_VERSION, "ModelDeployment", n, namespace) for n in names}
+    found = {n: common.read_resource(API_VERSION, "ModelDeployment", n, namespace) for n in names}
     resolved, missing = served_models(dataset, namespace, found)
     if missing:
         wait_for_models(status, missing)

@@ -35,7 +35,7 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
         return source.training_run.name, source.training_run.policy, ""
     if source.training_schedule is not None:
         name = source.training_schedule.name
-        owner = common.kube().get(API_VERSION, "TrainingSchedule", name, namespace)
+        owner = common.read_resource(API_VERSION, "TrainingSchedule", name, namespace)
         if owner is None:
             return None, "latest", f"TrainingSchedule {name!r} not found"
         run = (owner.get("status") or {}).get("lastSucceededRun")
@@ -44,7 +44,7 @@ def followed_run(md: ModelDeployment, namespace: str) -> tuple[str | None, str, 
     # latest checkpoint while it still runs) is what those metrics describe.
     assert source.sweep is not None
     name = source.sweep.name
-    owner = common.kube().get(API_VERSION, "Sweep", name, namespace)
+    owner = common.read_resource(API_VERSION, "Sweep", name, namespace)
     if owner is None:
         return None, "latest", f"Sweep {name!r} not found"
     if ((owner.get("spec") or {}).get("crossValidation") or {}).get("folds"):
@@ -113,7 +113,7 @@ def _choose_model(
     if md.spec.model.uri is None:
         run_name, policy, waiting = followed_run(md, namespace)
         if run_name is not None:
-            run = common.kube().get(API_VERSION, "TrainingRun", run_name, namespace)
+            run = common.read_resource(API_VERSION, "TrainingRun", run_name, namespace)
     model_uri, described = (None, waiting) if waiting else resolve_model(md, run_name, policy, run)
     gate = md.spec.model.gate
     # What the Deployment serves now: needed only to keep it or to gate a change.
@@ -158,7 +158,9 @@ def _ensure_serving_objects(
     kube = common.kube()
     common.ensure_child(KIND, build.config_map(body))
     adapter_runs = {
-        a.training_run.name: kube.get(API_VERSION, "TrainingRun", a.training_run.name, namespace)
+        a.training_run.name: common.read_resource(
+            API_VERSION, "TrainingRun", a.training_run.name, namespace
+        )
         for a in md.spec.adapters
         if a.training_run is not None
     }

@@ -83,6 +83,8 @@ class Schedule:
         self._nudges = 0
         self._nudged: dict[str, int] = {}  # uid -> number of its last nudge
         self._idle: dict[str, float] = {}  # uid -> its last idle interval
+        # (kind, namespace, name) of a resource read by reconciles -> the readers' uids
+        self._readers: dict[tuple[str, str, str], set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -102,6 +104,8 @@ class Schedule:
             self._due.pop(uid, None)
             self._nudged.pop(uid, None)
             self._idle.pop(uid, None)
+            for readers in self._readers.values():
+                readers.discard(uid)
 
     def token(self) -> int:
         """Taken when a reconcile begins, given back to `reconciled`."""
@@ -119,6 +123,17 @@ class Schedule:
             if uid not in self._out:
                 self._due[uid] = min(self._due[uid], self.clock())
             return True
+
+    def reads(self, uid: str, kind: str, namespace: str, name: str) -> None:
+        """The object's reconcile reads that resource (a run its Dataset, a deployment its
+        run): a change to it nudges the object (`nudge_readers`)."""
+        with self._lock:
+            if uid in self._targets:
+                self._readers.setdefault((kind, namespace, name), set()).add(uid)
+
+    def readers(self, kind: str, namespace: str, name: str) -> list[str]:
+        with self._lock:
+            return list(self._readers.get((kind, namespace, name), ()))
 
     def take_due(self) -> tuple[int, list[Target]]:
         """The objects due now, oldest first, marked as handed out, and their token."""
@@ -243,6 +258,14 @@ class Resync:
             for parent in _controller_refs(owner) if owner else ():
                 if self.schedule.nudge(parent.get("uid", "")):
                     self._wake.set()
+
+    def nudge_readers(self, kind: str, body: Mapping[str, Any]) -> None:
+        """`body` (of `kind`) changed: the objects whose reconciles read it are due at once
+        (a run waiting for its Dataset starts as soon as the Dataset is ready)."""
+        meta = body["metadata"]
+        for uid in self.schedule.readers(kind, meta.get("namespace") or "", meta["name"]):
+            if self.schedule.nudge(uid):
+                self._wake.set()
 
     def start(self) -> None:
         if self._thread is None:

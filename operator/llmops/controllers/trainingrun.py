@@ -28,9 +28,11 @@ FINISHED = ("Succeeded", "Failed")
 
 def observe(run: TrainingRun, body: Mapping[str, Any]) -> decide.Observed:
     kube, namespace = common.kube(), body["metadata"]["namespace"]
-    dataset = kube.get(API_VERSION, "Dataset", run.spec.dataset_ref.name, namespace)
+    dataset = common.read_resource(API_VERSION, "Dataset", run.spec.dataset_ref.name, namespace)
     parent_ref = run.spec.init.training_run if run.spec.init else None
-    parent = kube.get(API_VERSION, KIND, parent_ref.name, namespace) if parent_ref else None
+    parent = (
+        common.read_resource(API_VERSION, KIND, parent_ref.name, namespace) if parent_ref else None
+    )
     job_name = decide.job_name(run, run.status)
     job = kube.get("batch/v1", "Job", job_name, namespace)
     if job is None:

@@ -36,7 +36,7 @@ def observe(schedule: TrainingSchedule, body: Mapping[str, Any]) -> decide.Obser
         if (run_name := (md.get("status") or {}).get("servedRun"))
     )
     dataset_name = schedule.spec.template.dataset_ref.name
-    dataset = kube.get(API_VERSION, "Dataset", dataset_name, namespace)
+    dataset = common.read_resource(API_VERSION, "Dataset", dataset_name, namespace)
     return decide.Observed(body, [build.Run.of(r) for r in runs], served, dataset)
 
 
