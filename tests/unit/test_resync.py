@@ -11,6 +11,7 @@ import kopf
 
 from llmops.controllers.resync import (
     ERROR_INTERVALS,
+    NUDGE_DELAY,
     PERMANENT_ERROR_INTERVALS,
     Outcome,
     Resync,
@@ -76,7 +77,7 @@ def test_a_change_handler_postpones_and_forgetting_removes() -> None:
     assert len(schedule) == 0 and schedule.seconds_to_next() is None
 
 
-def test_a_nudge_makes_an_object_due_now_or_again_once_back() -> None:
+def test_a_nudge_makes_an_object_due_soon_or_again_once_back() -> None:
     clock = Clock()
     schedule = Schedule(5.0, clock)
     schedule.seen(run("sweep", "s1"))
@@ -84,13 +85,17 @@ def test_a_nudge_makes_an_object_due_now_or_again_once_back() -> None:
     schedule.reconciled("s1", token)
     assert schedule.take_due()[1] == []
     assert schedule.nudge("s1") is True  # a trial changed
+    assert schedule.nudge("s1") is True  # and another event of the same change
     assert schedule.nudge("unknown") is False
+    assert schedule.seconds_to_next() == NUDGE_DELAY  # one reconcile for the burst
+    clock.now += NUDGE_DELAY
     token, due = schedule.take_due()
     assert due == [run("sweep", "s1")]
     assert schedule.nudge("s1")  # while it is being reconciled (it may have read before)
     schedule.reconciled("s1", token)
+    clock.now += NUDGE_DELAY
     token, due = schedule.take_due()
-    assert due == [run("sweep", "s1")]  # so once more, at once
+    assert due == [run("sweep", "s1")]  # so once more
     schedule.reconciled("s1", token)
     assert schedule.take_due()[1] == []  # and then not before the interval
 
@@ -106,7 +111,8 @@ def test_a_busy_object_keeps_its_nudge_for_the_change_handler_to_settle() -> Non
     schedule.reconciled("s1", token, after=0.5, ran=False)  # the loop found it busy
     assert schedule.seconds_to_next() == 0.5
     schedule.reconciled("s1", handler_token, handed_out=False)  # the handler ends
-    assert schedule.take_due()[1] == [run("sweep", "s1")]  # the trial is counted at once
+    clock.now += NUDGE_DELAY
+    assert schedule.take_due()[1] == [run("sweep", "s1")]  # the trial is counted next
 
 
 def test_target_comes_from_the_body_and_back() -> None:
@@ -181,7 +187,8 @@ def test_an_idle_object_is_looked_at_less_and_less_until_something_changes() -> 
 
 
 def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
-    resync = Resync(5.0, workers=1)
+    resync, clock = Resync(5.0, workers=1), Clock()
+    resync.schedule = Schedule(5.0, clock)
     resync.seen("TrainingRun", body("r"))
     cache = {
         ("batch/v1", "Job", "ns", "r-workers-0"): {
@@ -200,11 +207,13 @@ def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
     pod = {"kind": "Pod", "metadata": {"namespace": "ns", "ownerReferences": [
         {**job_ref, "controller": True}]}}  # fmt: skip
     resync.nudge_owner(pod, peek)
+    clock.now += NUDGE_DELAY
     token, due = schedule.take_due()
     assert [t.name for t in due] == ["r"]
     schedule.reconciled("uid-r", token)
     event = {"kind": "Event", "metadata": {"namespace": "ns"}, "involvedObject": job_ref}
     resync.nudge_owner(event, peek)  # the Job controller's FailedCreate
+    clock.now += NUDGE_DELAY
     assert [t.name for t in schedule.take_due()[1]] == ["r"]
     unowned = {"kind": "Pod", "metadata": {"namespace": "ns"}}
     resync.nudge_owner(unowned, peek)
@@ -212,7 +221,8 @@ def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
 
 
 def test_a_resource_read_by_reconciles_nudges_its_readers() -> None:
-    resync = Resync(5.0, workers=1)
+    resync, clock = Resync(5.0, workers=1), Clock()
+    resync.schedule = Schedule(5.0, clock)
     resync.seen("TrainingRun", body("r"))
     schedule = resync.schedule
     token, _ = schedule.take_due()
@@ -224,6 +234,7 @@ def test_a_resource_read_by_reconciles_nudges_its_readers() -> None:
     resync.nudge_readers("Dataset", dataset)
     assert schedule.take_due()[1] == []
     resync.nudge_readers("Dataset", {"metadata": {"name": "corpus", "namespace": "ns"}})
+    clock.now += NUDGE_DELAY
     assert [t.name for t in schedule.take_due()[1]] == ["r"]
     schedule.forget("uid-r")
     assert schedule.readers("Dataset", "ns", "corpus") == []

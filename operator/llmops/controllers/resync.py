@@ -41,6 +41,9 @@ FINISHED_INTERVAL = 300.0
 # An object whose reconcile changed nothing is looked at after twice the time of the last
 # look, up to this (its children's changes nudge it at once meanwhile); a change resets it.
 IDLE_MAX_INTERVAL = 20.0
+# A nudged object is due this much later, so that the burst of events one change brings (a
+# Job's status, then its pods, each scheduled) makes one reconcile, not one each.
+NUDGE_DELAY = 1.0
 # An object found busy is looked at again this soon (its nudges are kept meanwhile).
 BUSY_RETRY_SECONDS = 0.5
 # The longest the loop sleeps between looks at the schedule.
@@ -113,15 +116,15 @@ class Schedule:
             return self._nudges
 
     def nudge(self, uid: str) -> bool:
-        """Something the object controls changed: due at once (or as soon as it is back, if
-        it is handed out). False for an object not known here."""
+        """Something the object controls changed: due in NUDGE_DELAY (or that long after it
+        is back, if it is handed out). False for an object not known here."""
         with self._lock:
             if uid not in self._targets:
                 return False
             self._nudges += 1
             self._nudged[uid] = self._nudges
             if uid not in self._out:
-                self._due[uid] = min(self._due[uid], self.clock())
+                self._due[uid] = min(self._due[uid], self.clock() + NUDGE_DELAY)
             return True
 
     def reads(self, uid: str, kind: str, namespace: str, name: str) -> None:
@@ -169,7 +172,7 @@ class Schedule:
                 self._due[uid] = self.clock() + (self.interval if after is None else after)
                 return
             if self._nudged.get(uid, 0) > token:
-                self._due[uid] = self.clock()
+                self._due[uid] = self.clock() + NUDGE_DELAY
                 return
             self._nudged.pop(uid, None)
             if idle and after is None:
