@@ -214,10 +214,14 @@ def test_a_child_nudges_its_controller_and_a_pod_its_jobs_owner() -> None:
     event = {"kind": "Event", "metadata": {"namespace": "ns"}, "involvedObject": job_ref}
     resync.nudge_owner(event, peek)  # the Job controller's FailedCreate
     clock.now += NUDGE_DELAY
-    assert [t.name for t in schedule.take_due()[1]] == ["r"]
+    token, due = schedule.take_due()
+    assert [t.name for t in due] == ["r"]
+    schedule.reconciled("uid-r", token)
     unowned = {"kind": "Pod", "metadata": {"namespace": "ns"}}
     resync.nudge_owner(unowned, peek)
-    resync.nudge_owner(pod, None)  # without the cache, only direct owners
+    resync.nudge_owner(pod, None)  # without the cache, only direct owners: the Job's
+    clock.now += NUDGE_DELAY
+    assert schedule.take_due()[1] == []  # neither reached the run
 
 
 def test_a_resource_read_by_reconciles_nudges_its_readers() -> None:

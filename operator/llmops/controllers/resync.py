@@ -47,7 +47,7 @@ NUDGE_DELAY = 1.0
 # An object found busy is looked at again this soon (its nudges are kept meanwhile).
 BUSY_RETRY_SECONDS = 0.5
 # The longest the loop sleeps between looks at the schedule.
-MAX_SLEEP = 1.0
+MAX_SLEEP = NUDGE_DELAY  # no longer: nudges rely on it (they do not wake the loop)
 
 
 @dataclass(frozen=True)
@@ -244,31 +244,32 @@ class Resync:
         if self.schedule.seen(target(kind, body)):
             self._wake.set()
 
+    # A nudge does not wake the loop: the nudged object is due NUDGE_DELAY later, and the
+    # loop never sleeps longer than that (MAX_SLEEP), so waking it would only rescan the
+    # schedule once per event of a burst.
+
     def nudge_owner(self, body: Mapping[str, Any], peek: Peek | None = None) -> None:
-        """`body` changed (or went): the object here that controls it is reconciled at once
+        """`body` changed (or went): the object here that controls it is reconciled soon
         rather than at its next look, as controller-runtime's Owns() does: a Sweep when its
         trial changes, a TrainingRun when its Job does. One more step up through `peek` (the
         watch cache, never an API read): a pod's Job's run; an event's involved object's
         owner (the Job controller's FailedCreate)."""
         for ref in _controller_refs(body):
             if self.schedule.nudge(ref.get("uid", "")):
-                self._wake.set()
                 continue
             if peek is None or not ref.get("kind") or not ref.get("name"):
                 continue
             namespace = ref.get("namespace") or body["metadata"].get("namespace") or ""
             owner = peek(ref.get("apiVersion", ""), ref["kind"], namespace, ref["name"])
             for parent in _controller_refs(owner) if owner else ():
-                if self.schedule.nudge(parent.get("uid", "")):
-                    self._wake.set()
+                self.schedule.nudge(parent.get("uid", ""))
 
     def nudge_readers(self, kind: str, body: Mapping[str, Any]) -> None:
-        """`body` (of `kind`) changed: the objects whose reconciles read it are due at once
-        (a run waiting for its Dataset starts as soon as the Dataset is ready)."""
+        """`body` (of `kind`) changed: the objects whose reconciles read it are reconciled
+        soon (a run waiting for its Dataset starts as soon as the Dataset is ready)."""
         meta = body["metadata"]
         for uid in self.schedule.readers(kind, meta.get("namespace") or "", meta["name"]):
-            if self.schedule.nudge(uid):
-                self._wake.set()
+            self.schedule.nudge(uid)
 
     def start(self) -> None:
         if self._thread is None:
