@@ -461,6 +461,9 @@ def worker(args: argparse.Namespace) -> None:
         from llmops_trainer.train import without_shm_comm
 
         without_shm_comm()  # as the trainer starts (it comes after this and finds it done)
+        # The trainer stops torch asking NVML on every optimizer step (DeepSpeed's import
+        # turned it on); so do the baselines here, as nanoGPT never imports DeepSpeed.
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_gpu else "cpu")

@@ -168,6 +168,34 @@ def test_resume_on_a_different_world_size(reference: Job, job: Callable[..., Job
     assert all(sorted(samples[s]) == sorted(reference.samples()[s]) for s in range(30, 40))
 
 
+def test_one_process_steps_like_two_ranks_and_resumes_exactly(
+    reference: Job, job: Callable[..., Job]
+) -> None:
+    # One fp32 process without ZeRO steps the module and the optimizer itself (not through
+    # DeepSpeed's engine). Accumulating the global batch over 2 micro-batches must give the
+    # 2-rank curve, and a resume from its own checkpoint must continue it exactly (the
+    # optimizer moments, the schedule and the engine's step counter were saved).
+    single = reference_run(resources={"numNodes": 1, "procsPerNode": 1})
+    run = job(single)
+    assert run.run() == 0, run.log.read_text()[-4000:]
+    assert_same_curve(run, reference, range(1, REFERENCE_STEPS + 1), LOSS_TOLERANCE)
+    assert run.samples() == reference.samples()
+    # Adam hides a gradient's scale from the loss; the clipped norm does not (the mean over
+    # the micro-batches, not their sum).
+    norms = {m["step"]: m["gradNorm"] for m in run.metrics() if "gradNorm" in m}
+    expected = {m["step"]: m["gradNorm"] for m in reference.metrics() if "gradNorm" in m}
+    assert norms.keys() == expected.keys() and norms
+    for step, norm in expected.items():
+        assert norms[step] == pytest.approx(norm, rel=1e-3), f"step {step}"
+
+    resumed = job(single, name="resumed")
+    resumed.resume_from(run, 30)  # checkpoints keep the last 2: steps 30 and 40
+    assert resumed.run() == 0, resumed.log.read_text()[-4000:]
+    assert "resuming from step-30" in resumed.log.read_text()
+    assert sorted(resumed.losses()) == list(range(31, REFERENCE_STEPS + 1))
+    assert_same_curve(resumed, run, range(31, REFERENCE_STEPS + 1), LOSS_TOLERANCE)
+
+
 def test_fine_tune_starts_at_the_parent_loss(reference: Job, job: Callable[..., Job]) -> None:
     parent_final = reference.losses()[REFERENCE_STEPS]
     scratch_first = reference.losses()[1]

@@ -293,6 +293,10 @@ class Trainer:
         accelerator = get_accelerator()
         on_cpu = accelerator.device_name() == "cpu"
         if on_cpu:
+            # DeepSpeed's import makes torch answer "is CUDA available?" from NVML, which
+            # loads libnvidia-ml again each time it is asked, and torch's AdamW asks on every
+            # step. A CPU trainer has no CUDA state to protect from forks.
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
             without_shm_comm()
             torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
@@ -358,6 +362,11 @@ class Trainer:
         # DeepSpeed reports the gradient norm except without ZeRO in fp32; on that path the
         # trainer clips (ds_config.trainer_clips) and takes the norm from its clipping.
         self._plain_fp32 = trainer_clips(spec, self.plan)
+        # One process in fp32 without ZeRO: the trainer steps the module and the optimizer
+        # itself. The engine's per-step wrappers (output hooks, timers, gradient-accumulation
+        # counters, a walk of the module tree to drop the gradients) do nothing there but
+        # cost ~5% of a small model's step. DeepSpeed still saves and loads the checkpoints.
+        self._direct = self.world == 1 and self._plain_fp32
         self._grad_norm: torch.Tensor | None = None
         self._trained: list[torch.nn.Parameter] = []
         # A mixed dataset: [text loss sum, tokens, supervised loss sum, tokens] of a logged step.
@@ -470,7 +479,7 @@ class Trainer:
             self.engine.load_checkpoint(
                 str(resume.parent), tag=resume.name, load_module_strict=False
             )
-        if self.world == 1 and self._plain_fp32:
+        if self._direct:
             # Averaging gradients over one process changes nothing; DeepSpeed would still
             # flatten, all-reduce and copy them back every step.
             self.engine.enable_backward_allreduce = False
@@ -530,6 +539,7 @@ class Trainer:
         self.zero_stage = stage
         self.ds_config = deepspeed_config(self.spec, self.plan, resumes=layout)
         self._plain_fp32 = trainer_clips(self.spec, self.plan, resumes=layout)
+        self._direct = self.world == 1 and self._plain_fp32
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -607,19 +617,41 @@ class Trainer:
         for m in range(plan.accumulation):
             chunk = indices[m * plan.micro_batch_size : (m + 1) * plan.micro_batch_size]
             inputs, labels = make_batch(self.train_windows, chunk, self.objective)
-            logits = self.engine(inputs.to(self.device))
+            inputs = inputs.to(self.device)
+            logits = self.engine.module(inputs) if self._direct else self.engine(inputs)
             labels = labels.to(self.device)
             loss = lm_loss(logits, labels)
             if self._kind_sums is not None:
                 text = text_targets(self.train_windows, chunk, self.objective)
                 self._kind_sums += loss_by_kind(logits, labels, text)
-            self.engine.backward(loss)
-            if m == plan.accumulation - 1 and self._plain_fp32:
-                # Gradients are averaged over the ranks by now; DeepSpeed steps next.
+            boundary = m == plan.accumulation - 1
+            if self._direct:
+                # The mean over the micro-batches, as DeepSpeed's backward scales it.
+                (loss / plan.accumulation if plan.accumulation > 1 else loss).backward()
+            else:
+                self.engine.backward(loss)
+            if boundary and self._plain_fp32:
+                # Gradients are averaged over the ranks by now; the optimizer steps next.
                 self._clip(logs)
-            self.engine.step()
+            if not self._direct:
+                self.engine.step()
+            elif boundary:
+                self._optimizer_step()
             total += loss.item()
         return total / plan.accumulation
+
+    def _optimizer_step(self) -> None:
+        """What DeepSpeed's engine.step does at a boundary without ZeRO in fp32 (the direct
+        path): step, drop the gradients, advance the schedule and the engine's counters (a
+        checkpoint records them)."""
+        engine = self.engine
+        engine.optimizer.step()
+        for parameter in self._trained:
+            parameter.grad = None
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()
+        engine.global_steps += 1
+        engine.global_samples += self.plan.global_batch_size
 
     def _clip(self, logs: bool) -> None:
         """Clip to gradientClipping (torch's fused clip_grad_norm_, whose result is the
