@@ -117,6 +117,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--ds-config", default="{}", help="raw DeepSpeed overlay (JSON)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # A worker's share of the runs, and the round it starts at (the order alternates).
+    parser.add_argument("--runs", default="nanogpt,plain,ours", help=argparse.SUPPRESS)
+    parser.add_argument("--first-round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.lora and not args.llama_1b:
@@ -223,6 +226,39 @@ def launch(args: argparse.Namespace) -> int:
 def launch_one(
     args: argparse.Namespace, data: Path, nproc: int, steps: int, gpus: int
 ) -> tuple[int, dict[str, Any] | None]:
+    """Run the workers for one process count and report. --nanogpt runs nanoGPT in a process
+    of its own each round, as it runs for its users: without the trainer's process settings
+    (ours tunes malloc, and the plain loop shares ours's process to isolate the per-step
+    overhead)."""
+    measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
+    meta: dict[str, Any] = {}
+    if args.nanogpt:
+        plan = []
+        for round_ in range(args.rounds):
+            order = [("nanogpt",), ("plain", "ours")]
+            plan += [(runs, round_) for runs in (order if round_ % 2 == 0 else order[::-1])]
+    else:
+        plan = [(("plain", "ours"), 0)]
+    for runs, round_ in plan:
+        code, out = run_workers(args, data, nproc, steps, gpus, runs, round_)
+        if code or out is None:
+            return code or 1, None
+        for name, rates in out.pop("rates").items():
+            measured[name] += rates
+        meta.update(out)
+    return 0, report(args, meta, measured)
+
+
+def run_workers(
+    args: argparse.Namespace,
+    data: Path,
+    nproc: int,
+    steps: int,
+    gpus: int,
+    runs: tuple[str, ...],
+    first_round: int,
+) -> tuple[int, dict[str, Any] | None]:
+    """torchrun the workers for `runs`; (exit code, rank 0's MEASURED record)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -231,13 +267,15 @@ def launch_one(
         env["DS_ACCELERATOR"] = "cpu"
         if not args.nanogpt:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    rounds = 1 if args.nanogpt else args.rounds  # --nanogpt: the launcher alternates
     argv = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={port}", __file__, "--worker",
         f"--data={data}", f"--steps={steps}", f"--warmup={args.warmup}",
-        f"--window={args.window}", f"--rounds={args.rounds}",
+        f"--window={args.window}", f"--rounds={rounds}",
         f"--zero-stage={args.zero_stage}", f"--precision={args.precision}",
-        f"--ds-config={args.ds_config}",
+        f"--ds-config={args.ds_config}", f"--runs={','.join(runs)}",
+        f"--first-round={first_round}",
     ]  # fmt: skip
     flags = ("gpt2-small", "llama", "llama-1b", "lora", "nanogpt", "shm-comm")
     argv += [f"--{flag}" for flag in flags
@@ -246,12 +284,60 @@ def launch_one(
         argv.append(f"--peak-flops={args.peak_flops}")
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
-    result = None
+    measured = None
     for line in process.stdout:
-        print(line, end="", flush=True)
-        if line.startswith("RESULT "):
-            result = json.loads(line.removeprefix("RESULT "))
-    return process.wait(), result
+        if line.startswith("MEASURED "):
+            measured = json.loads(line.removeprefix("MEASURED "))
+        else:
+            print(line, end="", flush=True)
+    return process.wait(), measured
+
+
+def report(
+    args: argparse.Namespace, meta: dict[str, Any], measured: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Print the medians and ratios of one process count; the RESULT record."""
+    baseline_tps, ours_tps = median(measured["plain"]), median(measured["ours"])
+    flops, peak, world = meta.pop("flopsPerToken"), meta["peakFlopsPerProcess"], meta["processes"]
+    result = {
+        **meta,
+        "rounds": args.rounds,
+        "loadAverage": os.getloadavg()[0],
+        "baselineDdpTokensPerSecond": round(baseline_tps, 1),
+        "llmopsTokensPerSecond": round(ours_tps, 1),
+        "ratio": round(ours_tps / baseline_tps, 3),
+        "baselineMeanTokensPerSecond": round(mean_rate(measured["plain"]), 1),
+        "llmopsMeanTokensPerSecond": round(mean_rate(measured["ours"]), 1),
+        "baselineP90TokensPerSecond": round(quantile(measured["plain"], 0.9), 1),
+        "llmopsP90TokensPerSecond": round(quantile(measured["ours"], 0.9), 1),
+        "baselineMfu": round(baseline_tps * flops / (peak * world), 4),
+        "llmopsMfu": round(ours_tps * flops / (peak * world), 4),
+    }
+    print(
+        f"model: {meta['parameters']:,} parameters, {meta['tokensPerStep']} tokens/step, "
+        f"{meta['precision']}"
+    )
+    rows = [("plain PyTorch", "plain"), (f"llmops ZeRO-{args.zero_stage}", "ours")]
+    if args.nanogpt:
+        nano = median(measured["nanogpt"])
+        result["nanoGptTokensPerSecond"] = round(nano, 1)
+        result["nanoGptMeanTokensPerSecond"] = round(mean_rate(measured["nanogpt"]), 1)
+        result["nanoGptP90TokensPerSecond"] = round(quantile(measured["nanogpt"], 0.9), 1)
+        result["ratioVsNanoGpt"] = round(ours_tps / nano, 3)
+        rows.insert(0, ("nanoGPT", "nanogpt"))
+    for label, key in rows:
+        rates = measured[key]
+        print(
+            f"{label:15}: {median(rates):10.1f} tokens/s median window "
+            f"({mean_rate(rates):10.1f} mean, {quantile(rates, 0.9):10.1f} p90, "
+            f"{len(rates)} windows)"
+        )
+    print(f"MFU plain {result['baselineMfu']:.2%}, llmops {result['llmopsMfu']:.2%}")
+    print(f"ratio llmops / plain (DeepSpeed's and the trainer's overhead): {result['ratio']:.3f}")
+    if args.nanogpt:
+        print(f"ratio llmops / nanoGPT: {result['ratioVsNanoGpt']:.3f}")
+    print("RESULT " + json.dumps(result))
+    return result
 
 
 def summary(results: list[dict[str, Any]]) -> None:
@@ -464,6 +550,14 @@ def worker(args: argparse.Namespace) -> None:
         # The trainer stops torch asking NVML on every optimizer step (DeepSpeed's import
         # turned it on); so do the baselines here, as nanoGPT never imports DeepSpeed.
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    if not on_gpu and "ours" in args.runs.split(","):
+        # The trainer tunes malloc as it starts (llmops_trainer.cpu_memory). The plain loop
+        # shares its process, so it runs with the same settings from the start and
+        # `llmops / plain` stays the per-step overhead; nanoGPT runs in a process of its
+        # own, as its users run it.
+        from llmops_trainer.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if on_gpu else "cpu")
@@ -684,9 +778,10 @@ def worker(args: argparse.Namespace) -> None:
     # The runs alternate (order reversed every other round): a shared machine's load drifts.
     measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
     parameters = 0
-    for round_ in range(args.rounds):
+    wanted = args.runs.split(",")
+    for round_ in range(args.first_round, args.first_round + args.rounds):
         runs = ["nanogpt", "plain", "ours"] if args.nanogpt else ["plain", "ours", "plain"]
-        for name in runs if round_ % 2 == 0 else runs[::-1]:
+        for name in [n for n in (runs if round_ % 2 == 0 else runs[::-1]) if n in wanted]:
             if name == "nanogpt":
                 measured[name] += nanogpt()
             elif name == "plain":
@@ -694,73 +789,44 @@ def worker(args: argparse.Namespace) -> None:
                 measured[name] += rates
             else:
                 measured[name] += ours()
-    baseline_tps, ours_tps = median(measured["plain"]), median(measured["ours"])
 
-    if llama:
-        shape = hf_models.Shape(
-            "llama", size["layers"], size["hidden"], size["vocab"], size["context"]
-        )
-        flops = hf_models.flops_per_token(shape, parameters, size["context"], lora is not None)
-    else:
-        flops = flops_per_token(config, parameters)
     if rank == 0:
-        if args.nanogpt:
-            model_name = "gpt (nanoGPT shakespeare_char)"
-        else:
-            model_name = ("llama" if llama else "gpt") + ("+lora" if lora else "")
-        result = {
-            "machine": torch.cuda.get_device_name(device)
-            if on_gpu
-            else f"{os.cpu_count()} CPU cores",
-            "loadAverage": os.getloadavg()[0],
-            "processes": world,
-            "threadsPerProcess": trained["threads"],
-            "baselineThreadsPerProcess": threads,
-            "precision": precision,
-            "zeroStage": args.zero_stage,
-            "shmCommLoaded": bool(getattr(deepspeed.comm.cdb, "shm_comm_op", None)),
-            "model": model_name,
-            "parameters": parameters,
-            "trainedParameters": trained["parameters"],
-            "optimizerStateBytesRank0": trained["optimizerStateBytes"],
-            "tokensPerStep": tokens_per_step,
-            "timedSteps": args.steps,
-            "rounds": args.rounds,
-            "windowSteps": args.window,
-            "peakFlopsPerProcess": peak,
-            "baselineDdpTokensPerSecond": round(baseline_tps, 1),
-            "llmopsTokensPerSecond": round(ours_tps, 1),
-            "ratio": round(ours_tps / baseline_tps, 3),
-            "baselineMeanTokensPerSecond": round(mean_rate(measured["plain"]), 1),
-            "llmopsMeanTokensPerSecond": round(mean_rate(measured["ours"]), 1),
-            "baselineP90TokensPerSecond": round(quantile(measured["plain"], 0.9), 1),
-            "llmopsP90TokensPerSecond": round(quantile(measured["ours"], 0.9), 1),
-            "baselineMfu": round(baseline_tps * flops / (peak * world), 4),
-            "llmopsMfu": round(ours_tps * flops / (peak * world), 4),
-        }
-        print(f"model: {parameters:,} parameters, {tokens_per_step} tokens/step, {precision}")
-        rows = [("plain PyTorch", "plain"), (f"llmops ZeRO-{args.zero_stage}", "ours")]
-        if args.nanogpt:
-            nano = median(measured["nanogpt"])
-            result["nanoGptTokensPerSecond"] = round(nano, 1)
-            result["nanoGptMeanTokensPerSecond"] = round(mean_rate(measured["nanogpt"]), 1)
-            result["nanoGptP90TokensPerSecond"] = round(quantile(measured["nanogpt"], 0.9), 1)
-            result["ratioVsNanoGpt"] = round(ours_tps / nano, 3)
-            rows.insert(0, ("nanoGPT", "nanogpt"))
-        for label, key in rows:
-            rates = measured[key]
-            print(
-                f"{label:15}: {median(rates):10.1f} tokens/s median window "
-                f"({mean_rate(rates):10.1f} mean, {quantile(rates, 0.9):10.1f} p90, "
-                f"{len(rates)} windows)"
-            )
-        print(f"MFU plain {result['baselineMfu']:.2%}, llmops {result['llmopsMfu']:.2%}")
-        print(
-            f"ratio llmops / plain (DeepSpeed's and the trainer's overhead): {result['ratio']:.3f}"
-        )
-        if args.nanogpt:
-            print(f"ratio llmops / nanoGPT: {result['ratioVsNanoGpt']:.3f}")
-        print("RESULT " + json.dumps(result))
+        record: dict[str, Any] = {"rates": {k: v for k, v in measured.items() if v}}
+        if "ours" in wanted:  # what the report needs besides the rates
+            if llama:
+                shape = hf_models.Shape(
+                    "llama", size["layers"], size["hidden"], size["vocab"], size["context"]
+                )
+                flops = hf_models.flops_per_token(
+                    shape, parameters, size["context"], lora is not None
+                )
+            else:
+                flops = flops_per_token(config, parameters)
+            if args.nanogpt:
+                model_name = "gpt (nanoGPT shakespeare_char)"
+            else:
+                model_name = ("llama" if llama else "gpt") + ("+lora" if lora else "")
+            record |= {
+                "machine": torch.cuda.get_device_name(device)
+                if on_gpu
+                else f"{os.cpu_count()} CPU cores",
+                "processes": world,
+                "threadsPerProcess": trained["threads"],
+                "baselineThreadsPerProcess": threads,
+                "precision": precision,
+                "zeroStage": args.zero_stage,
+                "shmCommLoaded": bool(getattr(deepspeed.comm.cdb, "shm_comm_op", None)),
+                "model": model_name,
+                "parameters": parameters,
+                "trainedParameters": trained["parameters"],
+                "optimizerStateBytesRank0": trained["optimizerStateBytes"],
+                "tokensPerStep": tokens_per_step,
+                "timedSteps": args.steps,
+                "windowSteps": args.window,
+                "peakFlopsPerProcess": peak,
+                "flopsPerToken": flops,
+            }
+        print("MEASURED " + json.dumps(record), flush=True)
     dist.barrier()
 
 

@@ -164,3 +164,52 @@ def test_one_process_keeps_the_stage_of_the_checkpoint_it_resumes(
     assert zero_stage(s, plan, resumes) == config["zero_optimization"]["stage"] == stage
     assert trainer_clips(s, plan, resumes) is (stage == 0)
     assert config["gradient_clipping"] == (0.0 if stage == 0 else 0.5)
+
+
+# A block larger than glibc's largest automatic mmap threshold (32 MiB), smaller than ours:
+# freed and allocated again, glibc's defaults map it anew (and fault every page in again)
+# each time, while the trainer's settings keep it in the heap.
+FAULTS_SCRIPT = """
+import resource, sys
+from llmops_trainer.cpu_memory import keep_freed_memory
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory()
+size = 48 << 20
+def touch():
+    block = bytearray(size)
+    block[::4096] = bytes(len(range(0, size, 4096)))  # write to every page
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults(mode: str) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    pages = (48 << 20) // 4096
+    assert page_faults("default") > 5 * pages  # what the settings are for
+    assert page_faults("tuned") < pages // 10
+
+
+def test_malloc_settings_from_the_environment_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmops_trainer.cpu_memory import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False

@@ -76,6 +76,7 @@ from llmops_trainer.batches import (
     rank_positions,
     text_targets,
 )
+from llmops_trainer.cpu_memory import keep_freed_memory
 from llmops_trainer.ds_config import deepspeed_config, linear_lr, trainer_clips, zero_stage
 from llmops_trainer.model import GPT, GPTConfig, flops_per_token, kind_means, lm_loss, loss_by_kind
 from llmops_trainer.plan import BatchPlan, batch_plan, total_steps
@@ -297,6 +298,7 @@ class Trainer:
             # loads libnvidia-ml again each time it is asked, and torch's AdamW asks on every
             # step. A CPU trainer has no CUDA state to protect from forks.
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+            keep_freed_memory()
             without_shm_comm()
             torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
@@ -627,7 +629,8 @@ class Trainer:
             boundary = m == plan.accumulation - 1
             if self._direct:
                 # The mean over the micro-batches, as DeepSpeed's backward scales it.
-                (loss / plan.accumulation if plan.accumulation > 1 else loss).backward()
+                scaled = loss / plan.accumulation if plan.accumulation > 1 else loss
+                torch.autograd.backward(scaled)
             else:
                 self.engine.backward(loss)
             if boundary and self._plain_fp32:
