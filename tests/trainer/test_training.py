@@ -91,7 +91,8 @@ def test_killed_rank_restarts_from_checkpoint_with_the_same_curve(
 ) -> None:
     run = job(reference_run())
     run.start()
-    run.wait_for_step(15)
+    # Just past the step-10 checkpoint, polled often: 40 small steps take about a second.
+    run.wait_for_step(11, poll=0.01)
     os.kill(run.worker_pids()[1], signal.SIGKILL)  # one of the two trainer processes
     assert run.wait() != 0
     killed_at = max(run.steps())
@@ -110,7 +111,7 @@ def test_sigterm_saves_a_valid_checkpoint_and_resume_continues(
 ) -> None:
     run = job(reference_run(checkpointing={"intervalSteps": 1000}))
     run.start()
-    run.wait_for_step(5)
+    run.wait_for_step(5, poll=0.01)
     run.signal(signal.SIGTERM)
     assert run.wait() != 0  # preempted, not complete
 
