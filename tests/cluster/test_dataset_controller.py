@@ -77,7 +77,7 @@ def test_stage_chain_then_succeeded(api_client: client.ApiClient, operator: str,
     assert env["LLMOPS_OUTPUT_DIR"] == "/output/g1"
     assert env["LLMOPS_NUM_SLICES"] == "3"
     config = json.loads(
-        core.read_namespaced_config_map(f"{NAME}-config", namespace).data["dataset.json"]
+        core.read_namespaced_config_map(f"{NAME}-data-config", namespace).data["dataset.json"]
     )
     assert config["spec"]["parallelism"] == 3
     claim = core.read_namespaced_persistent_volume_claim(f"{NAME}-data", namespace)

@@ -7,7 +7,17 @@ import json
 from typing import Any
 
 import pytest
-from kubelet import claim, condition, create, custom, install_stand_in_crd, wait_phase, wait_status
+from kubelet import (
+    claim,
+    condition,
+    create,
+    custom,
+    get,
+    install_stand_in_crd,
+    mark_processed,
+    wait_phase,
+    wait_status,
+)
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -460,3 +470,62 @@ def test_a_server_that_cannot_start_says_why_in_degraded(
     assert "no config.json" in degraded()["message"]
     events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}")
     assert "ModelLoadFailed" in {e.reason for e in events.items}
+
+
+def test_a_dataset_a_run_and_a_deployment_may_share_a_name(
+    api_client: client.ApiClient, operator: str, volumes
+):
+    """examples/quickstart.yaml serves run stdlib-gpt as deployment stdlib-gpt. Each kind's
+    ConfigMap has a name of its own: one would otherwise hold the name and the other be
+    refused (InvalidChild) and never serve."""
+    namespace = operator
+    core = client.CoreV1Api(api_client)
+
+    def owners() -> dict[str, list[str]]:
+        return {
+            c.metadata.name: [o.kind for o in c.metadata.owner_references or []]
+            for c in core.list_namespaced_config_map(namespace).items
+        }
+
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Dataset",
+            "metadata": {"name": NAME},
+            "spec": {
+                "sources": [{"name": "local", "path": "data/corpus.txt"}],
+                "tokenizer": {"train": {"vocabSize": 512}},
+            },
+        },
+    )
+    wait_for("the Dataset's ConfigMap", lambda: f"{NAME}-data-config" in owners(), 30)
+    mark_processed(api_client, namespace, NAME)
+    create(
+        api_client,
+        namespace,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainingRun",
+            "metadata": {"name": NAME},
+            "spec": {
+                "datasetRef": {"name": NAME},
+                "model": {"numLayers": 2, "numHeads": 2, "hiddenSize": 64, "contextLength": 64},
+                "hyperparameters": {"maxSteps": 100, "microBatchSize": 4},
+                "resources": {"procsPerNode": 1, "cpu": "1", "memory": "1Gi"},
+            },
+        },
+    )
+    wait_for("the TrainingRun's ConfigMap", lambda: f"{NAME}-run-config" in owners(), 30)
+    claim(api_client, namespace, "models")
+    create(api_client, namespace, model_deployment(replicas=1))
+
+    ready = wait_phase(api_client, namespace, "ModelDeployment", NAME, "Ready")
+    assert (condition(ready, "InvalidChild") or {}).get("status") != "True", ready["status"]
+    found = owners()
+    assert found[f"{NAME}-config"] == ["ModelDeployment"]
+    assert found[f"{NAME}-run-config"] == ["TrainingRun"]
+    assert found[f"{NAME}-data-config"] == ["Dataset"]
+    run = get(api_client, namespace, "TrainingRun", NAME)
+    assert (condition(run, "InvalidChild") or {}).get("status") != "True", run["status"]

@@ -83,7 +83,7 @@ def test_gang_objects_wiring_and_status(api_client: client.ApiClient, operator: 
     assert condition(running, "Running")["reason"] == "GangRunning"
     assert running["status"]["observedGeneration"] == run["metadata"]["generation"]
 
-    config = core.read_namespaced_config_map(f"{RUN}-config", namespace)
+    config = core.read_namespaced_config_map(f"{RUN}-run-config", namespace)
     mounted = json.loads(config.data["trainingrun.json"])
     assert mounted["spec"]["resources"]["numNodes"] == 2
     service = core.read_namespaced_service(f"{RUN}-headless", namespace)

@@ -77,9 +77,12 @@ def child_metadata(
     }
 
 
-def config_map(body: Mapping[str, Any], file_name: str, component: str) -> dict[str, Any]:
-    """`<name>-config` holding the resource itself as JSON: the workload parses it with the
-    same API models, so a field cannot mean two things in two places."""
+def config_map(
+    body: Mapping[str, Any], file_name: str, component: str, role: str = "config"
+) -> dict[str, Any]:
+    """`<name>-<role>` holding the resource itself as JSON: the workload parses it with the
+    same API models, so a field cannot mean two things in two places. Each kind has its own
+    role, so a Dataset, a TrainingRun and a ModelDeployment may share a name."""
     config = {
         "apiVersion": body["apiVersion"],
         "kind": body["kind"],
@@ -93,6 +96,6 @@ def config_map(body: Mapping[str, Any], file_name: str, component: str) -> dict[
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": child_metadata(body, "config", component),
+        "metadata": child_metadata(body, role, component),
         "data": {file_name: json.dumps(config, indent=2, sort_keys=True)},
     }

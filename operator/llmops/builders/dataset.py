@@ -105,8 +105,12 @@ def output_uri(dataset: Dataset, generation: int) -> str:
     return f"{base}/{version(generation)}"
 
 
+# `<name>-data-config`: not `<name>-config`, which a ModelDeployment of the same name holds.
+CONFIG_ROLE = "data-config"
+
+
 def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
-    return common_config_map(body, CONFIG_FILE, COMPONENT)
+    return common_config_map(body, CONFIG_FILE, COMPONENT, CONFIG_ROLE)
 
 
 def output_claim(body: Mapping[str, Any], dataset: Dataset) -> dict[str, Any] | None:
@@ -322,7 +326,7 @@ def _job(
                     }
                 ],
                 "volumes": [
-                    {"name": "config", "configMap": {"name": child_name(name, "config")}},
+                    {"name": "config", "configMap": {"name": child_name(name, CONFIG_ROLE)}},
                     *scratch_volumes,
                     *out_volumes,
                     *source_volumes,

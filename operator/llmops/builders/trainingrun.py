@@ -62,8 +62,13 @@ def accelerator_hours(
     return hours
 
 
+# `<name>-run-config`: not `<name>-config`, which a ModelDeployment of the same name holds
+# (examples/quickstart.yaml serves run stdlib-gpt as deployment stdlib-gpt).
+CONFIG_ROLE = "run-config"
+
+
 def config_name(name: str) -> str:
-    return child_name(name, "config")
+    return child_name(name, CONFIG_ROLE)
 
 
 def service_name(name: str) -> str:
@@ -75,7 +80,7 @@ def job_name(name: str, attempt: int) -> str:
 
 
 def config_map(body: Mapping[str, Any]) -> dict[str, Any]:
-    return common_config_map(body, CONFIG_FILE, COMPONENT)
+    return common_config_map(body, CONFIG_FILE, COMPONENT, CONFIG_ROLE)
 
 
 def headless_service(body: Mapping[str, Any]) -> dict[str, Any]:
