@@ -59,20 +59,21 @@ def finished_dataset(api_client: client.ApiClient, namespace: str, name: str) ->
     """A Dataset whose processing is done: its output claim and the status its controller
     would write."""
     claim(api_client, namespace, f"{name}-data")
-    create(
-        api_client,
-        namespace,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Dataset",
-            "metadata": {"name": name},
-            "spec": {
-                "sources": [{"name": "local", "path": "data/corpus.txt"}],
-                "tokenizer": {"train": {"vocabSize": 512}},
-            },
-        },
-    )
+    create(api_client, namespace, small_dataset(name))
     return mark_processed(api_client, namespace, name)
+
+
+def small_dataset(name: str) -> dict[str, Any]:
+    """A Dataset of one local text file."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Dataset",
+        "metadata": {"name": name},
+        "spec": {
+            "sources": [{"name": "local", "path": "data/corpus.txt"}],
+            "tokenizer": {"train": {"vocabSize": 512}},
+        },
+    }
 
 
 def mark_processed(

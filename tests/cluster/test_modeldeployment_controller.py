@@ -15,6 +15,7 @@ from kubelet import (
     get,
     install_stand_in_crd,
     mark_processed,
+    small_dataset,
     wait_phase,
     wait_status,
 )
@@ -487,19 +488,7 @@ def test_a_dataset_a_run_and_a_deployment_may_share_a_name(
             for c in core.list_namespaced_config_map(namespace).items
         }
 
-    create(
-        api_client,
-        namespace,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Dataset",
-            "metadata": {"name": NAME},
-            "spec": {
-                "sources": [{"name": "local", "path": "data/corpus.txt"}],
-                "tokenizer": {"train": {"vocabSize": 512}},
-            },
-        },
-    )
+    create(api_client, namespace, small_dataset(NAME))
     wait_for("the Dataset's ConfigMap", lambda: f"{NAME}-data-config" in owners(), 30)
     mark_processed(api_client, namespace, NAME)
     create(
