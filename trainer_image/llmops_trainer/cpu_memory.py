@@ -3,7 +3,7 @@
 Every step allocates and frees the same activation and gradient tensors. With glibc's
 defaults, a block above a moving threshold is mmap'd and unmapped again when freed, and free
 memory at the top of the heap goes back to the kernel, so the next step page-faults it all
-in again: 400-1,300 faults and 1-2.5 ms of kernel time per step in nanoGPT's
+in again: 130-1,300 faults and 0.3-2.5 ms of kernel time per step in nanoGPT's
 shakespeare_char shapes, about 2.5% of the step on 2 cores. torch's CUDA allocator caches
 blocks for the same reason; on CPUs torch allocates with malloc, so the trainer sets
 malloc's two thresholds instead.
