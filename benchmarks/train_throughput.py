@@ -544,12 +544,11 @@ def worker(args: argparse.Namespace) -> None:
 
     on_gpu = get_accelerator().device_name() != "cpu"
     if not on_gpu and not args.shm_comm:
-        from llmops_trainer.train import without_shm_comm
+        from llmops_trainer.train import without_nvml_cuda_check, without_shm_comm
 
         without_shm_comm()  # as the trainer starts (it comes after this and finds it done)
-        # The trainer stops torch asking NVML on every optimizer step (DeepSpeed's import
-        # turned it on); so do the baselines here, as nanoGPT never imports DeepSpeed.
-        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        # As the trainer does, for the baselines too: nanoGPT never imports DeepSpeed.
+        without_nvml_cuda_check()
     if not on_gpu and "ours" in args.runs.split(","):
         # The trainer tunes malloc as it starts (llmops_trainer.cpu_memory). The plain loop
         # shares its process, so it runs with the same settings from the start and

@@ -242,3 +242,4 @@ def test_a_resource_read_by_reconciles_nudges_its_readers() -> None:
     assert [t.name for t in schedule.take_due()[1]] == ["r"]
     schedule.forget("uid-r")
     assert schedule.readers("Dataset", "ns", "corpus") == []
+    assert schedule._readers == {}  # a long-lived operator keeps no entry per deleted reader

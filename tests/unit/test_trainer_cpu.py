@@ -3,6 +3,9 @@ fast paths (fused AdamW, the trainer's own clipping, stage 0 on one process)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +190,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def page_faults(mode: str) -> int:
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUN"))}
     out = subprocess.run(
         [sys.executable, "-c", FAULTS_SCRIPT, mode],

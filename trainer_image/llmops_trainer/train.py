@@ -258,6 +258,13 @@ def cpu_threads(local_processes: int) -> int:
     return max(1, usable_cpus() // max(1, local_processes))
 
 
+def without_nvml_cuda_check() -> None:
+    """DeepSpeed's import makes torch answer "is CUDA available?" from NVML, which loads
+    libnvidia-ml again each time it is asked, and torch's AdamW asks on every step. A CPU
+    process has no CUDA state to protect from forks."""
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+
 def without_shm_comm() -> None:
     """Keep DeepSpeed's CPU backend from building (JIT-compiling) and loading its
     shared-memory communication op when it initializes. The op serves only
@@ -294,10 +301,7 @@ class Trainer:
         accelerator = get_accelerator()
         on_cpu = accelerator.device_name() == "cpu"
         if on_cpu:
-            # DeepSpeed's import makes torch answer "is CUDA available?" from NVML, which
-            # loads libnvidia-ml again each time it is asked, and torch's AdamW asks on every
-            # step. A CPU trainer has no CUDA state to protect from forks.
-            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+            without_nvml_cuda_check()
             keep_freed_memory()
             without_shm_comm()
             torch.set_num_threads(cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -364,11 +368,6 @@ class Trainer:
         # DeepSpeed reports the gradient norm except without ZeRO in fp32; on that path the
         # trainer clips (ds_config.trainer_clips) and takes the norm from its clipping.
         self._plain_fp32 = trainer_clips(spec, self.plan)
-        # One process in fp32 without ZeRO: the trainer steps the module and the optimizer
-        # itself. The engine's per-step wrappers (output hooks, timers, gradient-accumulation
-        # counters, a walk of the module tree to drop the gradients) do nothing there but
-        # cost ~5% of a small model's step. DeepSpeed still saves and loads the checkpoints.
-        self._direct = self.world == 1 and self._plain_fp32
         self._grad_norm: torch.Tensor | None = None
         self._trained: list[torch.nn.Parameter] = []
         # A mixed dataset: [text loss sum, tokens, supervised loss sum, tokens] of a logged step.
@@ -541,9 +540,16 @@ class Trainer:
         self.zero_stage = stage
         self.ds_config = deepspeed_config(self.spec, self.plan, resumes=layout)
         self._plain_fp32 = trainer_clips(self.spec, self.plan, resumes=layout)
-        self._direct = self.world == 1 and self._plain_fp32
 
     # -- the loop -------------------------------------------------------------------------
+
+    @property
+    def _direct(self) -> bool:
+        """One process in fp32 without ZeRO: the trainer steps the module and the optimizer
+        itself. The engine's per-step wrappers (output hooks, timers, gradient-accumulation
+        counters, a walk of the module tree to drop the gradients) do nothing there but cost
+        ~5% of a small model's step. DeepSpeed still saves and loads the checkpoints."""
+        return self.world == 1 and self._plain_fp32
 
     def train(self) -> str:
         """Train until the planned step, early stopping or SIGTERM; returns why it stopped."""

@@ -107,8 +107,10 @@ class Schedule:
             self._due.pop(uid, None)
             self._nudged.pop(uid, None)
             self._idle.pop(uid, None)
-            for readers in self._readers.values():
+            for key, readers in list(self._readers.items()):
                 readers.discard(uid)
+                if not readers:  # resources nobody reads any more are not kept
+                    del self._readers[key]
 
     def token(self) -> int:
         """Taken when a reconcile begins, given back to `reconciled`."""
