@@ -231,6 +231,7 @@ def launch_one(
     (ours tunes malloc, and the plain loop shares ours's process to isolate the per-step
     overhead)."""
     measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
+    by_round: dict[int, dict[str, list[float]]] = {}
     meta: dict[str, Any] = {}
     if args.nanogpt:
         plan = []
@@ -245,8 +246,9 @@ def launch_one(
             return code or 1, None
         for name, rates in out.pop("rates").items():
             measured[name] += rates
+            by_round.setdefault(round_, {})[name] = rates
         meta.update(out)
-    return 0, report(args, meta, measured)
+    return 0, report(args, meta, measured, by_round)
 
 
 def run_workers(
@@ -294,9 +296,15 @@ def run_workers(
 
 
 def report(
-    args: argparse.Namespace, meta: dict[str, Any], measured: dict[str, list[float]]
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    measured: dict[str, list[float]],
+    by_round: dict[int, dict[str, list[float]]],
 ) -> dict[str, Any]:
-    """Print the medians and ratios of one process count; the RESULT record."""
+    """Print the medians and ratios of one process count; the RESULT record. With several
+    rounds it also prints each round's ratios: runs next to each other in time share the
+    host's state, so on a host whose speed drifts the spread of these paired ratios says
+    how far the headline can be trusted."""
     baseline_tps, ours_tps = median(measured["plain"]), median(measured["ours"])
     flops, peak, world = meta.pop("flopsPerToken"), meta["peakFlopsPerProcess"], meta["processes"]
     result = {
@@ -336,8 +344,24 @@ def report(
     print(f"ratio llmops / plain (DeepSpeed's and the trainer's overhead): {result['ratio']:.3f}")
     if args.nanogpt:
         print(f"ratio llmops / nanoGPT: {result['ratioVsNanoGpt']:.3f}")
+    for label, key in rows[:-1]:  # the baselines
+        paired = round_ratios(by_round, key)
+        if len(paired) > 1:
+            name = "roundRatiosVsNanoGpt" if key == "nanogpt" else "roundRatiosVsPlain"
+            result[name] = [round(r, 3) for r in paired]
+            shown = ", ".join(f"{r:.3f}" for r in paired)
+            print(f"per round, llmops / {label}: {shown} (median {median(paired):.3f})")
     print("RESULT " + json.dumps(result))
     return result
+
+
+def round_ratios(by_round: dict[int, dict[str, list[float]]], baseline: str) -> list[float]:
+    """llmops over the baseline within each round (median windows), in round order."""
+    return [
+        median(runs["ours"]) / median(runs[baseline])
+        for _, runs in sorted(by_round.items())
+        if runs.get("ours") and runs.get(baseline)
+    ]
 
 
 def summary(results: list[dict[str, Any]]) -> None:
