@@ -230,7 +230,6 @@ def launch_one(
     of its own each round, as it runs for its users: without the trainer's process settings
     (ours tunes malloc, and the plain loop shares ours's process to isolate the per-step
     overhead)."""
-    measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
     by_round: dict[int, dict[str, list[float]]] = {}
     meta: dict[str, Any] = {}
     if args.nanogpt:
@@ -244,11 +243,9 @@ def launch_one(
         code, out = run_workers(args, data, nproc, steps, gpus, runs, round_)
         if code or out is None:
             return code or 1, None
-        for name, rates in out.pop("rates").items():
-            measured[name] += rates
-            by_round.setdefault(round_, {})[name] = rates
+        by_round.setdefault(round_, {}).update(out.pop("rates"))
         meta.update(out)
-    return 0, report(args, meta, measured, by_round)
+    return 0, report(args, meta, by_round)
 
 
 def run_workers(
@@ -298,13 +295,16 @@ def run_workers(
 def report(
     args: argparse.Namespace,
     meta: dict[str, Any],
-    measured: dict[str, list[float]],
     by_round: dict[int, dict[str, list[float]]],
 ) -> dict[str, Any]:
     """Print the medians and ratios of one process count; the RESULT record. With several
     rounds it also prints each round's ratios: runs next to each other in time share the
     host's state, so on a host whose speed drifts the spread of these paired ratios says
     how far the headline can be trusted."""
+    measured: dict[str, list[float]] = {"nanogpt": [], "plain": [], "ours": []}
+    for runs in by_round.values():
+        for name, rates in runs.items():
+            measured[name] += rates
     baseline_tps, ours_tps = median(measured["plain"]), median(measured["ours"])
     flops, peak, world = meta.pop("flopsPerToken"), meta["peakFlopsPerProcess"], meta["processes"]
     result = {
